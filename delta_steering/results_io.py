@@ -1,0 +1,105 @@
+"""Results on disk: atomic JSON writes, JSON reading with clear errors, and the `run` record."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .cli import UsageError
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON atomically: a temporary file in the same folder, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
+    """Write JSON lines atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a JSON file, turning a missing or malformed file into a UsageError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
+    """Read JSON lines (blank lines skipped); a bad line is a UsageError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{what} not found: {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{what} {path} line {number} is not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise UsageError(f"{what} {path} line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "numpy", "scipy")) -> dict:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def run_record(args, model_info: dict | None, started: float, **extra) -> dict:
+    """What a researcher needs to reproduce a run: command, arguments, versions, model, timing."""
+    record = {
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "args": {k: v for k, v in vars(args).items()},
+        "versions": package_versions(),
+        "model": model_info,
+        "platform": platform.platform(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - started, 2),
+    }
+    record.update(extra)
+    return record

@@ -1,0 +1,136 @@
+"""Pile documents for delta statistics and perplexity (SPEC §4).
+
+    python pile_dataset_loader.py --num_samples 5
+    python pile_dataset_loader.py --num_samples 5 --pile_path ../shared/data/pile/pile_text.jsonl
+
+From the Hub: monology/pile-uncopyrighted (streaming), then NeelNanda/pile-10k, then EleutherAI/pile.
+Locally (`--pile_path`): .jsonl / .jsonl.zst with a "text" field, .txt (one document per block
+separated by blank lines), .parquet, or a folder of such files. The same seed gives the same documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+from pathlib import Path
+
+from delta_steering.cli import UsageError, main_guard
+
+HUB_SOURCES = (
+    ("monology/pile-uncopyrighted", {"streaming": True}),
+    ("NeelNanda/pile-10k", {}),
+    ("EleutherAI/pile", {"streaming": True}),
+)
+LOCAL_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt", ".parquet")
+SHUFFLE_BUFFER = 10_000
+
+
+def _read_jsonl_texts(lines, path: Path) -> list[str]:
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            texts.append(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{path} line {number}: expected a JSON object with a \"text\" field") from None
+    return texts
+
+
+def read_local_file(path: Path) -> list[str]:
+    """Documents of one local file, by its suffix."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".jsonl.zst"):
+            import zstandard
+
+            with open(path, "rb") as f:
+                stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+                return _read_jsonl_texts(stream, path)
+        if name.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                return _read_jsonl_texts(f, path)
+        if name.endswith(".txt"):
+            blocks = path.read_text(encoding="utf-8").split("\n\n")
+            return [b.strip("\n") for b in blocks if b.strip()]
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return [str(t) for t in pq.read_table(path, columns=["text"]).column("text").to_pylist()]
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"cannot read Pile file {path}: {type(e).__name__}: {e}") from None
+    raise UsageError(f"unsupported Pile file {path}: use {', '.join(LOCAL_SUFFIXES)} or a folder of them")
+
+
+def read_local(path: str | Path) -> list[str]:
+    """Documents of a local file or of every supported file in a folder (sorted by name)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(LOCAL_SUFFIXES))
+        if not files:
+            raise UsageError(f"no Pile files ({', '.join(LOCAL_SUFFIXES)}) in folder {path}")
+        return [text for f in files for text in read_local_file(f)]
+    if not path.is_file():
+        raise UsageError(f"Pile path not found: {path}")
+    return read_local_file(path)
+
+
+def _load_hub(num_samples: int, seed: int, split: str) -> list[str]:
+    """First Hub source that answers; each failure is logged in one line."""
+    from datasets import load_dataset
+
+    for name, kwargs in HUB_SOURCES:
+        try:
+            source_split = "train" if name == "NeelNanda/pile-10k" else split
+            dataset = load_dataset(name, split=source_split, **kwargs)
+            if kwargs.get("streaming"):
+                dataset = dataset.shuffle(seed=seed, buffer_size=SHUFFLE_BUFFER)
+                return [row["text"] for row, _ in zip(dataset, range(num_samples))]
+            return list(dataset.shuffle(seed=seed).select(range(min(num_samples, len(dataset))))["text"])
+        except Exception as e:
+            print(f"pile: {name} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                  file=sys.stderr)
+    raise UsageError("no Pile source on the Hub could be reached; pass --pile_path with local "
+                     ".jsonl/.jsonl.zst/.txt/.parquet files")
+
+
+def load_pile_texts(num_samples: int, seed: int = 0, path: str | Path | None = None,
+                    split: str = "validation") -> list[str]:
+    """`num_samples` non-empty Pile documents, the same ones for the same seed.
+
+    Local files are shuffled with `seed` and the first `num_samples` taken (all of them if fewer)."""
+    if num_samples < 1:
+        raise UsageError(f"--pile_samples must be at least 1, got {num_samples}")
+    if path is None:
+        texts = _load_hub(num_samples, seed, split)
+    else:
+        texts = read_local(path)
+        random.Random(seed).shuffle(texts)
+    texts = [t for t in texts if t and t.strip()][:num_samples]
+    if not texts:
+        raise UsageError(f"no non-empty documents in {path or 'the Pile source'}")
+    return texts
+
+
+@main_guard
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num_samples", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pile_path", default=None)
+    parser.add_argument("--split", default="validation")
+    args = parser.parse_args()
+    texts = load_pile_texts(args.num_samples, args.seed, args.pile_path, args.split)
+    print(f"{len(texts)} documents, {sum(len(t) for t in texts)} characters")
+    for i, text in enumerate(texts):
+        preview = text[:100].replace("\n", " ")
+        print(f"[{i}] {len(text):>7} chars  {preview}")
+
+
+if __name__ == "__main__":
+    main()
