@@ -1,0 +1,102 @@
+"""Batched log-likelihood scoring against a naive one-sequence-at-a-time computation."""
+
+import numpy as np
+import pytest
+import torch
+
+from delta_steering.scoring import (correctness, encode_examples, encode_pair, evaluate, loglikelihoods,
+                                    summarize)
+from delta_steering.tasks import Example
+
+PAIRS = [("Question: What is the capital of France?\nAnswer:", " Paris"),
+         ("The quick brown fox ", "jumps over the lazy dog."),
+         ("", "In the beginning"),
+         ("A man is sitting on a roof. he", " starts pulling up roofing."),
+         ("1 2 3 4", " 5"), ("apples, oranges;", " bananas! cherries?"),
+         ("Write a poem about the sea.", " Do not use any commas in your response.")]
+
+
+def naive_loglikelihood(model, tokenizer, context, continuation):
+    """Independent reference: whole logits of one unpadded sequence, lm-eval's encoding."""
+    if context:
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        ctx = tokenizer(context, add_special_tokens=False).input_ids
+        whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+        cont = whole[len(ctx):]
+        ctx = whole[: len(ctx)]
+    else:
+        ctx, cont = [tokenizer.eos_token_id], tokenizer(continuation, add_special_tokens=False).input_ids
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)[0, -len(cont):]
+    target = torch.tensor(cont)
+    return logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
+
+
+def test_encode_pair_moves_trailing_space_and_prefixes_empty_context(tokenizer):
+    moved = encode_pair(tokenizer, "The quick brown fox ", "jumps")
+    assert list(moved.tokens) == tokenizer("The quick brown fox jumps", add_special_tokens=False).input_ids
+    assert tokenizer.decode(moved.tokens[-moved.n_target:]).startswith(" ")
+    empty = encode_pair(tokenizer, "", "In the beginning")
+    assert empty.tokens[0] == tokenizer.eos_token_id and empty.n_target == len(empty.tokens) - 1
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16, None])
+def test_batched_loglikelihoods_equal_naive(tiny_model, tokenizer, batch_size):
+    encoded = [encode_pair(tokenizer, c, t) for c, t in PAIRS]
+    logprob, greedy = loglikelihoods(tiny_model, tokenizer, encoded, batch_size)
+    for (c, t), lp, g in zip(PAIRS, logprob, greedy):
+        ref_lp, ref_g = naive_loglikelihood(tiny_model, tokenizer, c, t)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert g == ref_g
+
+
+def make_examples():
+    return [
+        Example("mc", 0, (("Key 1 is", " red"), ("Key 1 is", " blue")), (" red", " blue"), 1, "acc"),
+        Example("norm", 0, (("Pick", " a"), ("Pick", " a much longer choice")), ("a", "a much longer choice"), 0, "acc_norm"),
+        Example("lambada", 0, (("The quick brown fox jumps over the lazy", " dog."),), ("dog.",), 0, "greedy"),
+    ]
+
+
+def test_correctness_metrics_by_hand():
+    examples = make_examples()
+    logprob = np.array([-5.0, -4.0, -3.0, -10.0, -1.0])
+    greedy = np.array([False, False, False, False, True])
+    # acc: argmax(-5,-4)=1 correct; acc_norm: -3/1 vs -10/20 -> choice 1 wins, label 0 wrong; greedy: correct
+    assert correctness(examples, logprob, greedy).tolist() == [1.0, 0.0, 1.0]
+    summary = summarize(examples, np.array([1.0, 0.0, 1.0]))
+    assert summary["per_task"] == {"mc": 100.0, "norm": 0.0, "lambada": 100.0}
+    assert summary["accuracy"] == pytest.approx(200 / 3, abs=1e-3)
+
+
+def test_non_finite_logits_are_reported_not_scored_wrong():
+    examples = make_examples()
+    logprob = np.array([np.nan, -4.0, -3.0, -10.0, -1.0])
+    correct = correctness(examples, logprob, np.zeros(5, dtype=bool))
+    assert np.isnan(correct[0])
+    summary = summarize(examples, correct)
+    assert summary["per_task"]["mc"] is None and summary["accuracy"] is None
+    assert summary["non_finite"] == {"mc": 1}
+
+
+def test_overflowing_logits_are_detected(tiny_model, tokenizer):
+    encoded = [encode_pair(tokenizer, "The quick brown", " fox")]
+    weight = tiny_model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        tiny_model.lm_head.weight[7] = float("inf")  # as an overflowing fp16 run would produce
+    try:
+        logprob, greedy = loglikelihoods(tiny_model, tokenizer, encoded)
+    finally:
+        with torch.no_grad():
+            tiny_model.lm_head.weight.copy_(weight)
+    assert np.isnan(logprob[0]) and not greedy[0]
+
+
+def test_evaluate_is_batch_size_independent(tiny_model, tokenizer):
+    examples = make_examples() * 3
+    results = [evaluate(tiny_model, tokenizer, examples, batch_size=b) for b in (1, 4, None)]
+    assert all(np.array_equal(results[0], r) for r in results)
+    assert len(encode_examples(tokenizer, examples)) == 15

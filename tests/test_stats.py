@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from delta_steering.stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test, spearman
+
+
+def test_bootstrap_keeps_tasks_and_is_seeded():
+    groups = np.array(["a"] * 5 + ["b"] * 3)
+    idx = bootstrap_indices(groups, resamples=50, seed=3)
+    assert idx.shape == (50, 8)
+    assert np.isin(idx[:, :5], np.arange(5)).all() and np.isin(idx[:, 5:], [5, 6, 7]).all()
+    assert np.array_equal(idx, bootstrap_indices(groups, resamples=50, seed=3))
+    assert not np.array_equal(idx, bootstrap_indices(groups, resamples=50, seed=4))
+
+
+def test_paired_ci_brackets_the_observed_difference_and_matches_manual_loop():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 200).astype(float)
+    other = np.where(rng.random(200) < 0.2, 1 - base, base)
+    weights = np.full(200, 100 / 200)
+    idx = bootstrap_indices(np.zeros(200), resamples=400, seed=1)
+    lo, hi = paired_ci(base, other, weights, idx)
+    manual = [((other - base) * weights)[row].sum() for row in idx]
+    assert lo == pytest.approx(np.quantile(manual, 0.025), abs=1e-4)
+    assert hi == pytest.approx(np.quantile(manual, 0.975), abs=1e-4)
+    assert lo <= 100 * (other - base).mean() <= hi
+    assert paired_ci(base, base, weights, idx) == [0.0, 0.0]
+    assert paired_ci(base, np.full(200, np.nan), weights, idx) is None
+
+
+def test_sign_test_is_exact_binomial_on_changed_examples():
+    base = np.array([1, 1, 1, 1, 1, 1, 0, 0, 1, 0])
+    other = np.array([0, 0, 0, 0, 0, 1, 0, 1, 1, 0])  # 5 lost, 1 gained
+    assert sign_test(base, other) == pytest.approx(scipy_stats.binomtest(5, 6, 0.5).pvalue)
+    assert sign_test(base, other) == pytest.approx(14 / 64)
+    assert sign_test(base, base) == 1.0
+
+
+def test_benjamini_hochberg_against_hand_computation():
+    p = [0.01, 0.04, 0.03, 0.20, None]
+    q = benjamini_hochberg(p)
+    # sorted p .01 .03 .04 .20 times m/rank: .04 .06 .0533 .20; step-up minimum: .04 .0533 .0533 .20
+    assert q[0] == pytest.approx(0.04)
+    assert q[1] == pytest.approx(0.16 / 3) and q[2] == pytest.approx(0.16 / 3)
+    assert q[3] == pytest.approx(0.2) and q[4] is None
+
+
+def test_spearman():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 1, 1], [1, 2, 3]) is None
