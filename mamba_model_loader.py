@@ -138,8 +138,11 @@ def load_tokenizer(source: str, revision: str | None = None):
 def load_mamba_model(model_name_or_path: str, device: str = "cuda", dtype: str = "float32",
                      revision: str | None = None, tokenizer: str | None = None):
     """Return (model, tokenizer) in eval mode on `device` (CPU with a warning if CUDA is absent)."""
+    import transformers
     from transformers import MambaForCausalLM
 
+    transformers.logging.set_verbosity_error()  # not the "reference kernel fallback" notice on every layer
+    transformers.logging.disable_progress_bar()  # keep stderr for errors: one line on bad input
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     source = os.path.expanduser(model_name_or_path)

@@ -71,3 +71,50 @@ def pick_device(requested: str) -> str:
         print("warning: CUDA is not available, running on CPU (slow)", file=sys.stderr)
         return "cpu"
     return requested
+
+
+def add_model_args(parser, device: str = "cuda") -> None:
+    """--model/--device/--dtype/--batch_size/--seed, shared by the three steps."""
+    parser.add_argument("--model", default="state-spaces/mamba-130m-hf", help="Hub id or local checkpoint directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
+    parser.add_argument("--device", default=device, help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--batch_size", type=int, default=None, help="sequences per forward pass (default: fit memory)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
+
+
+def add_pile_args(parser, samples: int = 100) -> None:
+    parser.add_argument("--pile_samples", type=int, default=samples, help="Pile documents")
+    parser.add_argument("--pile_path", default=None, help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet)")
+
+
+def check_positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag} must be at least 1, got {value}")
+
+
+def load_model(args):
+    """Model and tokenizer from the common arguments, after checking batch size."""
+    from mamba_model_loader import load_mamba_model
+
+    check_positive(args.batch_size, "--batch_size")
+    return load_mamba_model(args.model, args.device, args.dtype, tokenizer=args.tokenizer)
+
+
+def check_layer(model, layer: int) -> int:
+    from .steering import num_layers
+
+    n = num_layers(model)
+    if not 0 <= layer < n:
+        raise UsageError(f"--layer {layer} out of range: the model has layers 0-{n - 1}")
+    return layer
+
+
+def check_neuron_ids(model, neurons: list[int], what: str = "--neurons") -> list[int]:
+    from .steering import num_delta_neurons
+
+    n = num_delta_neurons(model)
+    bad = [i for i in neurons if not 0 <= i < n]
+    if bad:
+        raise UsageError(f"{what}: neuron {bad[0]} out of range, the model has delta neurons 0-{n - 1}")
+    return neurons

@@ -39,3 +39,9 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is absent (real data for checks lives there)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def two_layer_model_dir(tmp_path_factory):
+    """A 2-layer tiny model, for end-to-end runs on long real-data sequences."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-2-layer"), num_hidden_layers=2)

@@ -62,3 +62,32 @@ def save_tiny(directory: Path, seed: int = 0, **overrides) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return Path(directory)
+
+
+def near_tie_task(model, tokenizer, path: Path, n: int = 24, seed: int = 0) -> Path:
+    """Write a custom task file of two-choice questions on which the model nearly ties, so that
+    steering one delta neuron flips some answers (random tiny models are otherwise too sure).
+    The gold label is the model's own preference for two thirds of the questions."""
+    import json
+    import random
+
+    from delta_steering.scoring import encode_pair, loglikelihoods
+
+    words = ("the quick brown fox jumps over lazy dog capital France Paris sea poem roof man apples "
+             "oranges bananas cherries state space model token memory").split()
+    rng = random.Random(seed)
+    candidates = []
+    while len(candidates) < 300:
+        context = " ".join(rng.choice(words) for _ in range(5))
+        a, b = rng.sample(words, 2)
+        candidates.append((context, " " + a, " " + b))
+    encoded = [encode_pair(tokenizer, c, x) for c, *choices in candidates for x in choices]
+    logprob, _ = loglikelihoods(model, tokenizer, encoded)
+    margin = logprob[0::2] - logprob[1::2]
+    chosen = sorted(range(len(candidates)), key=lambda i: abs(margin[i]))[:n]
+    with open(path, "w") as f:
+        for k, i in enumerate(chosen):
+            preferred = int(margin[i] < 0)
+            label = preferred if k % 3 else 1 - preferred
+            f.write(json.dumps({"context": candidates[i][0], "choices": list(candidates[i][1:]), "label": label}) + "\n")
+    return Path(path)

@@ -1,0 +1,134 @@
+"""Step 1: each delta neuron ablated on its own, its impact on zero-shot accuracy measured with a
+paired confidence interval and sign test, progress checkpointed so a run can resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .cli import UsageError
+from .results_io import read_json, write_json
+from .scoring import example_weights, summarize
+from .stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test
+from .sweep import Intervention, sweep_correctness
+
+HIGH_IMPACT = 2.0  # percentage points: step 2's High Impact group is impact > 2, Neutral is |impact| <= 2
+SIGNIFICANCE = 0.05
+
+
+class Checkpoint:
+    """Per-neuron correctness rows of an interrupted sweep, refused if the arguments differ."""
+
+    def __init__(self, path: Path, fingerprint: dict, overwrite: bool):
+        self.path, self.fingerprint = path, fingerprint
+        self.rows: dict[int, list[float]] = {}
+        if path.is_file() and not overwrite:
+            saved = read_json(path, "checkpoint")
+            if saved.get("fingerprint") != fingerprint:
+                differ = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
+                                if saved.get("fingerprint", {}).get(k) != fingerprint.get(k))
+                raise UsageError(f"checkpoint {path} comes from a run with different arguments "
+                                 f"({', '.join(differ)}); pass --overwrite to discard it")
+            self.rows = {int(k): v for k, v in saved["rows"].items()}
+
+    def save(self) -> None:
+        write_json(self.path, {"fingerprint": self.fingerprint, "rows": {str(k): v for k, v in self.rows.items()}})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def run_sweep(model, tokenizer, examples, encoded, layer: int, neurons: list[int], intervention: Intervention,
+              engine: str, batch_size: int | None, checkpoint: Checkpoint, chunk: int = 16) -> np.ndarray:
+    """neurons x examples correctness, resuming from and saving to the checkpoint after each chunk."""
+    todo = [n for n in neurons if n not in checkpoint.rows]
+    bar = tqdm(total=len(neurons), initial=len(neurons) - len(todo), desc=f"ablating layer {layer}", unit="neuron")
+    for start in range(0, len(todo), chunk):
+        part = todo[start: start + chunk]
+        rows = sweep_correctness(model, tokenizer, examples, layer, part, intervention, engine, batch_size, encoded)
+        checkpoint.rows.update({n: row.tolist() for n, row in zip(part, rows)})
+        checkpoint.save()
+        bar.update(len(part))
+    bar.close()
+    return np.array([checkpoint.rows[n] for n in neurons], dtype=float)
+
+
+def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons: list[int],
+                   delta_variance: list[float], seed: int) -> list[dict]:
+    """One record per neuron: ablated accuracy, impact = baseline - ablated (points), per-task
+    accuracies, paired bootstrap CI of the impact, exact sign-test p-value and BH q-value."""
+    weights = example_weights(examples)
+    indices = bootstrap_indices(np.array([e.task for e in examples]), seed=seed)
+    base_accuracy = summarize(examples, baseline)["accuracy"]
+    records = []
+    for neuron, row in zip(neurons, ablated):
+        summary = summarize(examples, row)
+        accuracy = summary["accuracy"]
+        records.append({
+            "neuron": int(neuron),
+            "impact": None if accuracy is None else round(base_accuracy - accuracy, 4),
+            "accuracy": accuracy,
+            "per_task": summary["per_task"],
+            "ci95": paired_ci(row, baseline, weights, indices),  # CI of baseline - ablated
+            "p_value": sign_test(baseline, row),
+            "examples_lost": int(np.nansum((baseline == 1) & (row == 0))),
+            "examples_gained": int(np.nansum((baseline == 0) & (row == 1))),
+            "delta_variance": float(delta_variance[neuron]),
+            **({"non_finite": summary["non_finite"]} if summary["non_finite"] else {}),
+        })
+    for record, q in zip(records, benjamini_hochberg([r["p_value"] for r in records])):
+        record["q_value"] = q
+    records.sort(key=lambda r: (r["impact"] is None, -(r["impact"] or 0.0), r["neuron"]))
+    return records
+
+
+def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, layer: int,
+                     model_name: str, tasks: list[str], validation_size: int, delta_stats: dict, **extra) -> dict:
+    """The step-1 JSON: the seed's four fields first, then what is needed to trust and reuse them."""
+    summary = summarize(examples, baseline)
+    impacts = [r for r in records if r["impact"] is not None]
+    delta_variance = [float(v) for v in delta_stats["delta_variance"]]
+    return {
+        "beneficial_neurons": sorted(r["neuron"] for r in impacts if r["impact"] >= threshold),
+        "baseline_accuracy": summary["accuracy"],
+        "criterion": f"impact >= {threshold}%",
+        "all_neuron_impacts": records,
+        "layer": layer,
+        "model": model_name,
+        "tasks": tasks,
+        "validation_size": validation_size,
+        "num_examples": {t: sum(e.task == t for e in examples) for t in summary["per_task"]},
+        "per_task_baseline": summary["per_task"],
+        "threshold": threshold,
+        "high_impact_neurons": sorted(r["neuron"] for r in impacts if r["impact"] > HIGH_IMPACT),
+        "neutral_neurons": sorted(r["neuron"] for r in impacts if abs(r["impact"]) <= HIGH_IMPACT),
+        "significant_neurons": sorted(r["neuron"] for r in records if (r["q_value"] or 1.0) < SIGNIFICANCE),
+        "delta_variance": delta_variance,
+        "dt_pre_mean": [float(v) for v in delta_stats["dt_pre_mean"]],
+        "high_variance_neurons": [int(i) for i in np.argsort(-np.array(delta_variance), kind="stable")],
+        "delta_statistics_tokens": int(delta_stats["num_tokens"]),
+        **extra,
+    }
+
+
+def print_summary(result: dict, top: int = 10) -> None:
+    records = [r for r in result["all_neuron_impacts"] if r["impact"] is not None]
+
+    def line(r):
+        ci = r["ci95"] or [float("nan")] * 2
+        return (f"  neuron {r['neuron']:>5}  impact {r['impact']:+7.2f}  [{ci[0]:+6.2f}, {ci[1]:+6.2f}]  "
+                f"acc {r['accuracy']:6.2f}  q {r['q_value']:.3g}")
+
+    print(f"\nTop {min(top, len(records))} impacts (baseline - ablated, points; 95% CI; BH q):")
+    for r in records[:top]:
+        print(line(r))
+    print(f"Lowest {min(top, len(records))} impacts:")
+    for r in records[-top:][::-1]:
+        print(line(r))
+    broken = len(result["all_neuron_impacts"]) - len(records)
+    print(f"\n{len(result['beneficial_neurons'])} beneficial ({result['criterion']}), "
+          f"{len(result['high_impact_neurons'])} high impact (> {HIGH_IMPACT}), "
+          f"{len(result['significant_neurons'])} significant (q < {SIGNIFICANCE}) of {len(result['all_neuron_impacts'])}"
+          + (f"; {broken} with non-finite logits" if broken else ""))

@@ -1,0 +1,150 @@
+"""Step 1 end to end on a tiny model: per-neuron accuracies against an independent recomputation,
+resume after interruption, and every bad input exiting 2 with one line."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import delta_steering.discovery as discovery
+from delta_steering.scoring import evaluate, summarize
+from delta_steering.tasks import load_examples
+from mamba_model_loader import load_mamba_model
+from scripts import run_main
+from tiny import near_tie_task
+
+@pytest.fixture(scope="module")
+def task_file(tiny_model_dir, tmp_path_factory):
+    model, tokenizer = load_mamba_model(str(tiny_model_dir), "cpu")
+    return near_tie_task(model, tokenizer, tmp_path_factory.mktemp("tasks") / "near_ties.jsonl")
+
+
+@pytest.fixture(scope="module")
+def pile_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pile") / "pile.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n\n"
+                    "Write a poem about the sea, with commas.\n")
+    return path
+
+
+def step1(tiny_model_dir, task_file, pile_file, out_dir, *extra):
+    argv = ["--model", tiny_model_dir, "--tasks", task_file, "--save_path", out_dir / "out.json", "--device", "cpu",
+            "--pile_path", pile_file, "--output_dir", out_dir, "--no_plots", *extra]
+    return run_main("step1_neuron_discovery", argv)
+
+
+@pytest.fixture(scope="module")
+def naive_run(tiny_model_dir, task_file, pile_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("naive")
+    assert step1(tiny_model_dir, task_file, pile_file, out, "--neurons", "0-19", "--layer", "23",
+                 "--engine", "naive") == 0
+    return json.loads((out / "out.json").read_text())
+
+
+def test_json_has_the_seed_fields_and_the_trust_fields(naive_run):
+    assert set(naive_run) >= {"beneficial_neurons", "baseline_accuracy", "criterion", "all_neuron_impacts", "layer",
+                             "model", "tasks", "validation_size", "per_task_baseline", "delta_variance",
+                             "high_variance_neurons", "run"}
+    assert naive_run["criterion"] == "impact >= -2.0%"
+    impacts = [r["impact"] for r in naive_run["all_neuron_impacts"]]
+    assert impacts == sorted(impacts, reverse=True) and len(impacts) == 20
+    assert naive_run["beneficial_neurons"] == sorted(r["neuron"] for r in naive_run["all_neuron_impacts"]
+                                                    if r["impact"] >= -2.0)
+    assert len(naive_run["delta_variance"]) == 32
+    assert naive_run["high_variance_neurons"][0] == int(np.argmax(naive_run["delta_variance"]))
+    record = naive_run["all_neuron_impacts"][0]
+    assert set(record) >= {"neuron", "impact", "accuracy", "per_task", "ci95", "p_value", "q_value"}
+    assert record["ci95"][0] <= record["impact"] <= record["ci95"][1]
+    assert naive_run["run"]["versions"]["torch"] and naive_run["run"]["args"]["layer"] == 23
+    assert any(r["impact"] != 0 for r in naive_run["all_neuron_impacts"])  # the tiny model has neurons that matter
+
+
+def test_per_neuron_accuracy_equals_direct_weight_zeroing(naive_run, tiny_model_dir, task_file):
+    model, tokenizer = load_mamba_model(str(tiny_model_dir), "cpu")
+    examples = load_examples([str(task_file)], None, "discovery", 200)
+    by_neuron = {r["neuron"]: r for r in naive_run["all_neuron_impacts"]}
+    assert naive_run["baseline_accuracy"] == summarize(examples, evaluate(model, tokenizer, examples))["accuracy"]
+    for neuron in (0, 7, 13, 19):
+        edited = copy.deepcopy(model)
+        with torch.no_grad():
+            edited.backbone.layers[23].mixer.dt_proj.weight[neuron] = 0
+            edited.backbone.layers[23].mixer.dt_proj.bias[neuron] = 0
+        accuracy = summarize(examples, evaluate(edited, tokenizer, examples))["accuracy"]
+        assert by_neuron[neuron]["accuracy"] == accuracy
+        assert by_neuron[neuron]["impact"] == pytest.approx(naive_run["baseline_accuracy"] - accuracy, abs=1e-3)
+
+
+def strip_run(result):
+    return {k: v for k, v in result.items() if k != "run"}
+
+
+def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, pile_file, tmp_path):
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-19", "--layer", "23",
+                 "--engine", "fast", "--batch_size", "3") == 0
+    fast = json.loads((tmp_path / "out.json").read_text())
+    assert {**strip_run(fast), "engine": "naive"} == strip_run(naive_run)
+
+
+def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, task_file, pile_file, tmp_path,
+                                                    monkeypatch):
+    real = discovery.sweep_correctness
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(discovery, "sweep_correctness", interrupted)
+    run = ("--neurons", "0-19", "--engine", "naive")
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 130
+    saved = json.loads((tmp_path / "step1_checkpoint.json").read_text())
+    assert len(saved["rows"]) == 16 and not (tmp_path / "out.json").exists()
+    monkeypatch.setattr(discovery, "sweep_correctness", real)
+    # a different layer must not silently reuse the checkpoint
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "22") == 2
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 0
+    resumed = json.loads((tmp_path / "out.json").read_text())
+    assert strip_run(resumed) == strip_run(naive_run)
+    assert not (tmp_path / "step1_checkpoint.json").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--layer", "24"], "--layer 24 out of range: the model has layers 0-23"),
+    (["--neurons", "0-40"], "neuron 32 out of range"),
+    (["--neurons", "3-x"], "malformed --neurons"),
+    (["--tasks", "boolq"], "unknown task 'boolq'"),
+    (["--tasks", "piqa", "--data_dir", "/nonexistent"], "piqa/validation.jsonl not found"),
+    (["--validation_size", "0"], "--validation_size must be at least 1"),
+    (["--model", "./no/such/dir"], "local model directory not found"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_model_dir, task_file, pile_file, tmp_path, capsys, extra, message):
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_empty_and_malformed_task_files_exit_2(tiny_model_dir, pile_file, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert step1(tiny_model_dir, empty, pile_file, tmp_path) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["x"], "label": 0}\n{"context": "a", "choices": "x", "label": 0}\n')
+    assert step1(tiny_model_dir, bad, pile_file, tmp_path) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "empty" in err[0] and "line 2" in err[1]
+
+
+def test_all_six_builtin_tasks_from_shared_data(shared_data, two_layer_model_dir, pile_file, tmp_path):
+    argv = ["--model", two_layer_model_dir, "--layer", "1", "--data_dir", shared_data / "tasks_hf", "--validation_size", "20",
+            "--save_path", tmp_path / "out.json", "--device", "cpu", "--pile_path", pile_file,
+            "--output_dir", tmp_path, "--neurons", "0-1", "--batch_size", "64", "--engine", "naive"]
+    assert run_main("step1_neuron_discovery", argv) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert set(result["per_task_baseline"]) == {"lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge",
+                                                "winogrande"}
+    assert all(n == 20 for n in result["num_examples"].values())
+    assert (tmp_path / "impact_ranked_L1.png").is_file()
