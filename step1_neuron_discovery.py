@@ -96,7 +96,7 @@ def main() -> None:
 
     records = neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"].tolist(), args.seed)
     result = discovery_result(examples, baseline, records, args.threshold, layer, args.model, tasks,
-                              args.validation_size, stats, ablation=args.ablation, engine=args.engine,
+                              args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation, engine=args.engine,
                               neurons_tested=len(neurons))
     result["run"] = run_record(args, describe(model), started, timings=timings)
     write_json(args.save_path, result)

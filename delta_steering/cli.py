@@ -101,12 +101,12 @@ def load_model(args):
     return load_mamba_model(args.model, args.device, args.dtype, tokenizer=args.tokenizer)
 
 
-def check_layer(model, layer: int) -> int:
+def check_layer(model, layer: int, flag: str = "--layer") -> int:
     from .steering import num_layers
 
     n = num_layers(model)
     if not 0 <= layer < n:
-        raise UsageError(f"--layer {layer} out of range: the model has layers 0-{n - 1}")
+        raise UsageError(f"{flag} {layer} out of range: the model has layers 0-{n - 1}")
     return layer
 
 

@@ -132,3 +132,56 @@ def print_summary(result: dict, top: int = 10) -> None:
           f"{len(result['high_impact_neurons'])} high impact (> {HIGH_IMPACT}), "
           f"{len(result['significant_neurons'])} significant (q < {SIGNIFICANCE}) of {len(result['all_neuron_impacts'])}"
           + (f"; {broken} with non-finite logits" if broken else ""))
+
+
+STEP1_DEFAULTS = ("discovered_neurons.json", "ablation_3_results/discovered_neurons.json")
+
+
+def locate(explicit: str | None, defaults: tuple[str, ...], what: str, flag: str) -> Path:
+    """The file given by `flag`, else the first default that exists; a UsageError lists the paths tried."""
+    tried = [explicit] if explicit else list(defaults)
+    for candidate in tried:
+        if Path(candidate).is_file():
+            return Path(candidate)
+    raise UsageError(f"{what} not found (tried {', '.join(tried)}); pass {flag} PATH")
+
+
+def same_model(a: str | None, b: str) -> bool:
+    """Model names match, comparing local directories by their real path."""
+    if a is None:
+        return True
+    if Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def load_discovery(path: Path, model, model_name: str, allow_model_mismatch: bool = False) -> dict:
+    """A validated step-1 JSON: required fields present, neuron ids within the model's layer."""
+    from .steering import num_delta_neurons, num_layers
+
+    data = read_json(path, "step-1 file")
+    records = data.get("all_neuron_impacts") if isinstance(data, dict) else None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "neuron" in r and "impact" in r
+                                                for r in records):
+        raise UsageError(f"step-1 file {path} is malformed: it needs all_neuron_impacts, a list of "
+                         "{\"neuron\", \"impact\"} records")
+    n = num_delta_neurons(model)
+    bad = [r["neuron"] for r in records if not isinstance(r["neuron"], int) or not 0 <= r["neuron"] < n]
+    if bad:
+        raise UsageError(f"step-1 file {path}: neuron {bad[0]} out of range, the model has delta neurons 0-{n - 1}")
+    layer = data.get("layer", 20)
+    if not isinstance(layer, int) or not 0 <= layer < num_layers(model):
+        raise UsageError(f"step-1 file {path}: layer {layer} out of range for this model (0-{num_layers(model) - 1})")
+    if not allow_model_mismatch and not same_model(data.get("model"), model_name):
+        raise UsageError(f"step-1 file {path} was made with model {data.get('model')!r}, not {model_name!r}; "
+                         "pass --allow_model_mismatch to use it anyway")
+    return data
+
+
+def impact_groups(data: dict) -> dict[str, list[int]]:
+    """Step 2's groups from step-1 impacts: High Impact (> 2 points) and Neutral (|impact| <= 2)."""
+    records = [r for r in data["all_neuron_impacts"] if r["impact"] is not None]
+    return {
+        "high_impact": sorted(r["neuron"] for r in records if r["impact"] > HIGH_IMPACT),
+        "neutral": sorted(r["neuron"] for r in records if abs(r["impact"]) <= HIGH_IMPACT),
+    }

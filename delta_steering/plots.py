@@ -52,3 +52,49 @@ def plot_discovery(result: dict, output_dir: str | Path) -> list[Path]:
            ylabel="impact (points)", title=f"Delta variance vs impact, layer {layer}")
     paths.append(_save(fig, out / f"variance_vs_impact_L{layer}.png"))
     return paths
+
+
+def plot_factors(result: dict, output_dir: str | Path) -> list[Path]:
+    """Step 2: accuracy vs factor per group (CI band, baseline), step-1 vs held-out impacts, perplexity by layer."""
+    out, paths = Path(output_dir), []
+    base = result["baseline_accuracy"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k, (name, group) in enumerate(result["groups"].items()):
+        rows = [r for r in group["results"] if r["accuracy"] is not None]
+        if not rows:
+            continue
+        f = np.array([r["factor"] for r in rows])
+        acc = np.array([r["accuracy"] for r in rows])
+        ci = np.array([r["ci95"] for r in rows])
+        ax.plot(f, acc, "o-", color=f"C{k}", label=f"{name} (n={len(group['neurons'])})")
+        ax.fill_between(f, base + ci[:, 0], base + ci[:, 1], color=f"C{k}", alpha=0.2)
+    ax.axhline(base, color="k", ls="--", lw=0.8, label="baseline")
+    ax.set(xscale="log", xlabel="steering factor", ylabel="held-out accuracy (%)",
+           title=f"Group amplification at layer {result['layer']} (95% CI of the change)")
+    ax.legend()
+    paths.append(_save(fig, out / "accuracy_vs_factor.png"))
+
+    ranking = [r for r in result["importance_ranking"]["neurons"]
+               if r["impact"] is not None and r["step1_impact"] is not None]
+    if ranking:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter([r["step1_impact"] for r in ranking], [r["impact"] for r in ranking], s=10)
+        ax.axhline(0, color="0.6", lw=0.6)
+        ax.axvline(0, color="0.6", lw=0.6)
+        rho = result["importance_ranking"]["spearman_step1_vs_heldout"]
+        ax.set(xlabel="step-1 impact (discovery)", ylabel="step-2 impact (held-out)",
+               title="Does the discovery replicate?" + ("" if rho is None else f"  Spearman {rho:.2f}"))
+        paths.append(_save(fig, out / "step1_vs_heldout_impact.png"))
+
+    if result.get("perplexity"):
+        ppl = result["perplexity"]
+        layers = [e["layer"] for e in ppl["layers"]]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(layers, [e["ablated"] for e in ppl["layers"]], "o-", label="ablated")
+        if ppl["factor"] is not None:
+            ax.plot(layers, [e["amplified"] for e in ppl["layers"]], "s-", label=f"amplified x{ppl['factor']:g}")
+        ax.axhline(ppl["baseline"], color="k", ls="--", lw=0.8, label="baseline")
+        ax.set(xlabel="layer", ylabel="Pile perplexity", title="High Impact neurons steered at each layer")
+        ax.legend()
+        paths.append(_save(fig, out / "perplexity_vs_layer.png"))
+    return paths
