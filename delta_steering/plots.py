@@ -98,3 +98,38 @@ def plot_factors(result: dict, output_dir: str | Path) -> list[Path]:
         ax.legend()
         paths.append(_save(fig, out / "perplexity_vs_layer.png"))
     return paths
+
+
+def plot_verification(results: dict, output_dir: str | Path) -> list[Path]:
+    """Step 3: configurations side by side (accuracy with CI, perplexity); accuracy and perplexity vs layer."""
+    out, paths = Path(output_dir), []
+    for mode, result in results.items():
+        entries = result["configurations"]
+        names = [e["name"] for e in entries]
+        base = entries[0]["accuracy"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        x = np.arange(len(entries))
+        err = np.array([[e["accuracy"] - (base + e["ci95"][0]), base + e["ci95"][1] - e["accuracy"]]
+                        for e in entries]).T.clip(min=0)
+        ax1.bar(x, [e["accuracy"] for e in entries], yerr=err, color=["0.6"] + ["C0"] * (len(entries) - 1))
+        ax1.set(xticks=x, ylabel=f"IFEval {result['ifeval_metric']} (%)", title=f"{mode}: accuracy")
+        ax1.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ppl = [e["perplexity"] if e["perplexity"] is not None else np.nan for e in entries]
+        ax2.bar(x, ppl, color=["0.6"] + ["C1"] * (len(entries) - 1))
+        ax2.set(xticks=x, ylabel="Pile perplexity", title=f"{mode}: perplexity")
+        ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        paths.append(_save(fig, out / f"{mode}_configurations.png"))
+        if mode == "layer_ablation":
+            steered = entries[1:]
+            layers = [e["layer"] for e in steered]
+            fig, ax1 = plt.subplots(figsize=(7, 4))
+            ax1.plot(layers, [e["accuracy"] for e in steered], "o-", color="C0", label="accuracy")
+            ax1.axhline(base, color="C0", ls="--", lw=0.8)
+            ax1.set(xlabel="layer", ylabel=f"IFEval {result['ifeval_metric']} (%)",
+                    title=f"Delta-sensitive steering x{result['factor']:g} by layer (dashed: baseline)")
+            ax2 = ax1.twinx()
+            ax2.plot(layers, [e["perplexity"] for e in steered], "s-", color="C1", label="perplexity")
+            ax2.axhline(entries[0]["perplexity"], color="C1", ls="--", lw=0.8)
+            ax2.set_ylabel("Pile perplexity")
+            paths.append(_save(fig, out / "layer_ablation_vs_layer.png"))
+    return paths

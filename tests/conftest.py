@@ -45,3 +45,21 @@ def shared_data():
 def two_layer_model_dir(tmp_path_factory):
     """A 2-layer tiny model, for end-to-end runs on long real-data sequences."""
     return save_tiny(tmp_path_factory.mktemp("tiny-2-layer"), num_hidden_layers=2)
+
+
+@pytest.fixture(scope="session")
+def punkt(tmp_path_factory):
+    """Make NLTK's punkt_tab findable: the real one from ../shared, else empty Punkt parameters (a
+    valid untrained tokenizer; enough for tests that do not count sentences of real data)."""
+    import nltk
+
+    folder = SHARED_DATA / "nltk_data"
+    if not (folder / "tokenizers" / "punkt_tab").is_dir():
+        folder = tmp_path_factory.mktemp("nltk_data")
+        english = folder / "tokenizers" / "punkt_tab" / "english"
+        english.mkdir(parents=True)
+        for name in ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt"):
+            (english / name).touch()
+    nltk.data.path.insert(0, str(folder))
+    yield folder
+    nltk.data.path.remove(str(folder))

@@ -5,28 +5,12 @@ import random
 
 import pytest
 
-from conftest import SHARED_DATA
 from delta_steering import ifeval
 from delta_steering.cli import UsageError
 from delta_steering.results_io import read_jsonl
 
 
-@pytest.fixture(scope="module", autouse=True)
-def punkt(tmp_path_factory):
-    """Make punkt_tab findable: the real one from ../shared, else empty Punkt parameters (a valid
-    untrained tokenizer; enough for these tests, which do not count sentences without real data)."""
-    import nltk
-
-    folder = SHARED_DATA / "nltk_data"
-    if not (folder / "tokenizers" / "punkt_tab").is_dir():
-        folder = tmp_path_factory.mktemp("nltk_data")
-        english = folder / "tokenizers" / "punkt_tab" / "english"
-        english.mkdir(parents=True)
-        for name in ("abbrev_types.txt", "collocations.tab", "ortho_context.tab", "sent_starters.txt"):
-            (english / name).touch()
-    nltk.data.path.insert(0, str(folder))
-    yield
-    nltk.data.path.remove(str(folder))
+pytestmark = pytest.mark.usefixtures("punkt")
 
 
 def row(key, ids, kwargs=None, prompt=None):

@@ -1,0 +1,165 @@
+"""Step 3: verify delta-neuron steering on instruction following (IFEval) and Pile perplexity.
+
+    python step3_steer_performance_verification.py                      # --combined
+    python step3_steer_performance_verification.py --both --num_samples 50
+    python step3_steer_performance_verification.py --score_responses responses.jsonl --ifeval_path input_data.jsonl
+
+Sets: delta-sensitive (step 1's High Impact neurons), random and high-variance sets of the same
+size; factor: step 2's optimal High Impact factor. --combined steers each set at the layer,
+--cluster_ablation ablates each set, --layer_ablation steers the delta-sensitive set at each of
+--layers, --both runs cluster and layer ablation. Every configuration is compared with the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check_layer, check_neuron_ids,
+                                check_positive, load_model, main_guard, parse_int_list)
+from delta_steering.discovery import STEP1_DEFAULTS, load_discovery, locate
+from delta_steering.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
+from delta_steering.results_io import read_json, read_jsonl, run_record, write_json, write_jsonl
+from delta_steering.steering import num_delta_neurons, num_layers, verify_steering_effect
+from delta_steering.verification import (BASELINE, configurations, entry, neuron_sets, print_summary,
+                                         response_rows, run_configuration)
+from mamba_model_loader import describe
+from pile_dataset_loader import load_pile_texts
+
+FACTORS_DEFAULT = "cluster9_ablation_results/cluster9_ablation_results_all_neurons.json"
+OUTPUT_FILES = {"combined": "combined_steering_ifeval_results.json",
+                "cluster_ablation": "cluster_ablation_ifeval_results.json",
+                "layer_ablation": "layer_ablation_ifeval_results.json"}
+TITLES = {"combined": "Combined steering", "cluster_ablation": "Cluster ablation", "layer_ablation": "Layer ablation"}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--num_samples", type=int, default=100, help="first N IFEval prompts")
+    parser.add_argument("--output_dir", default="cluster_ablation_ifeval_results")
+    modes = parser.add_argument_group("modes (default --combined)")
+    modes.add_argument("--combined", action="store_true", help="baseline and each set steered at the layer")
+    modes.add_argument("--cluster_ablation", action="store_true", help="each set ablated")
+    modes.add_argument("--layer_ablation", action="store_true", help="delta-sensitive steering at each of --layers")
+    modes.add_argument("--both", action="store_true", help="--cluster_ablation and --layer_ablation")
+    parser.add_argument("--neurons_file", default=None, help=f"step-1 JSON (default: {' or '.join(STEP1_DEFAULTS)})")
+    parser.add_argument("--factors_file", default=None, help=f"step-2 JSON (default: {FACTORS_DEFAULT})")
+    parser.add_argument("--factor", type=float, default=None, help="steering factor (overrides the step-2 file)")
+    parser.add_argument("--allow_model_mismatch", action="store_true")
+    parser.add_argument("--layer", type=int, default=None, help="default: the step-1 file's layer")
+    parser.add_argument("--layers", default="18,19,20,21,22", help="layers for --layer_ablation")
+    parser.add_argument("--ifeval_path", default=None, help="local IFEval JSONL (default: google/IFEval)")
+    parser.add_argument("--ifeval_metric", default="prompt_level_strict_acc", choices=list(METRICS))
+    parser.add_argument("--max_new_tokens", type=int, default=1280)
+    add_pile_args(parser)
+    parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--score_responses", default=None, metavar="FILE",
+                        help='score a JSONL of {"prompt", "response"}; no model is loaded')
+    return parser.parse_args()
+
+
+def chosen_modes(args) -> list[str]:
+    if args.both:
+        return ["cluster_ablation", "layer_ablation"]
+    modes = [m for m in ("combined", "cluster_ablation", "layer_ablation") if getattr(args, m)]
+    return modes or ["combined"]
+
+
+def score_file(args) -> None:
+    """--score_responses: the four IFEval metrics of a response file, printed and saved."""
+    prompts = load_ifeval_prompts(args.ifeval_path)
+    responses = match_responses(prompts, read_jsonl(args.score_responses, "response file"))
+    scores = score_responses(prompts, responses)
+    for name in METRICS:
+        print(f"{name:>24}: {scores['metrics'][name]:.2f}")
+    path = write_json(Path(args.output_dir) / f"{Path(args.score_responses).stem}_scores.json",
+                      {"response_file": args.score_responses, "ifeval_path": args.ifeval_path, **scores})
+    print(f"results: {path}")
+
+
+def steering_factor(args) -> tuple[float, str]:
+    """--factor, else step 2's optimal High Impact factor."""
+    if args.factor is not None:
+        return args.factor, "--factor"
+    path = locate(args.factors_file, (FACTORS_DEFAULT,), "step-2 file", "--factors_file (or --factor)")
+    data = read_json(path, "step-2 file")
+    factor = data.get("optimal_factors", {}).get("high_impact") if isinstance(data, dict) else None
+    if not isinstance(factor, (int, float)):
+        raise UsageError(f"step-2 file {path} has no optimal High Impact factor (optimal_factors.high_impact); "
+                         "pass --factor")
+    return float(factor), str(path)
+
+
+def model_layers(args, model, layer: int) -> list[int]:
+    """--layers filtered to the model's range, with a warning for the others."""
+    wanted = parse_int_list(args.layers, "layers")
+    kept = [l for l in wanted if 0 <= l < num_layers(model)]
+    if len(kept) < len(wanted):
+        print(f"warning: --layers {sorted(set(wanted) - set(kept))} outside the model's layers 0-{num_layers(model) - 1}"
+              " are skipped")
+    if not kept:
+        raise UsageError(f"--layers {args.layers}: none is a layer of this model (0-{num_layers(model) - 1})")
+    return kept
+
+
+@main_guard
+def main() -> None:
+    args = parse_args()
+    if args.score_responses:
+        return score_file(args)
+    started = time.time()
+    check_positive(args.num_samples, "--num_samples")
+    check_positive(args.max_new_tokens, "--max_new_tokens")
+    step1_path = locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file", "--neurons_file")
+    factor, factor_source = steering_factor(args)
+    prompts = load_ifeval_prompts(args.ifeval_path, args.num_samples)
+    model, tokenizer = load_model(args)
+    step1 = load_discovery(step1_path, model, args.model, args.allow_model_mismatch)
+    layer = check_layer(model, args.layer if args.layer is not None else step1.get("layer", 20))
+    modes = chosen_modes(args)
+    layers = model_layers(args, model, layer) if "layer_ablation" in modes else []
+    sets, warnings = neuron_sets(step1, num_delta_neurons(model), args.seed)
+    for warning in warnings:
+        print(f"warning: {warning}")
+    check_neuron_ids(model, sets["delta_sensitive"], "step-1 neurons")
+    verify_steering_effect(model, layer, sets["delta_sensitive"])
+    texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
+    print(f"{len(prompts)} IFEval prompts, {len(texts)} Pile documents; factor {factor:g} (from {factor_source}); "
+          f"delta-sensitive set of {len(sets['delta_sensitive'])} neurons at layer {layer}")
+
+    outcomes = {}  # configurations shared by modes (the baseline) run once
+
+    def outcome(configuration):
+        if configuration.name not in outcomes:
+            print(f"\n[{configuration.name}] {configuration.description}")
+            outcomes[configuration.name] = run_configuration(model, tokenizer, configuration, prompts, texts,
+                                                             args.max_new_tokens, args.batch_size)
+        return outcomes[configuration.name]
+
+    output_dir = Path(args.output_dir)
+    common = {"model": args.model, "layer": layer, "factor": factor, "factor_source": factor_source,
+              "step1_file": str(step1_path), "sets": sets, "ifeval_metric": args.ifeval_metric,
+              "num_prompts": len(prompts), "pile_documents": len(texts)}
+    results = {}
+    for mode in modes:
+        baseline = outcome(BASELINE)
+        entries = [entry(outcome(c), baseline, args.ifeval_metric, args.seed)
+                   for c in configurations(mode, sets, layer, layers, factor)]
+        for c in configurations(mode, sets, layer, layers, factor):
+            write_jsonl(output_dir / f"responses_{c.name}.jsonl", response_rows(outcomes[c.name]))
+        results[mode] = {**common, "mode": mode, "configurations": entries,
+                         "run": run_record(args, describe(model), started)}
+        path = write_json(output_dir / OUTPUT_FILES[mode], results[mode])
+        print_summary(TITLES[mode], entries, args.ifeval_metric)
+        print(f"results: {path}")
+    if not args.no_plots:
+        from delta_steering.plots import plot_verification
+
+        for plot in plot_verification(results, output_dir):
+            print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Step 3 end to end on a tiny model with local prompts: every mode's JSON, responses files, the
+sets, the factor lookup, --score_responses, and bad inputs exiting 2 with one line."""
+
+import json
+
+import pytest
+
+from delta_steering.ifeval import METRICS
+from delta_steering.verification import neuron_sets
+from scripts import run_main
+
+pytestmark = pytest.mark.usefixtures("punkt")
+
+PROMPTS = [
+    (1, "Write a short note about the sea. Do not use any commas.", ["punctuation:no_comma"], [{}]),
+    (2, "Describe a fox in all capital letters.", ["change_case:english_capital"], [{}]),
+    (3, "Tell me about Paris. Include the keyword roof.", ["keywords:existence"], [{"keywords": ["roof"]}]),
+    (4, "Write a poem. End it with the phrase 'Is there anything else?'", ["startend:end_checker"],
+     [{"end_phrase": "Is there anything else?"}]),
+    (5, "Wrap your answer about apples in double quotes.", ["startend:quotation"], [{}]),
+]
+HIGH = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def files(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("step3")
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"key": k, "prompt": p, "instruction_id_list": i,
+                                                            "kwargs": kw}) + "\n" for k, p, i, kw in PROMPTS))
+    impacts = [{"neuron": n, "impact": 3.0 + n} for n in HIGH] + [{"neuron": n, "impact": 0.1} for n in range(4, 32)]
+    variance = [float((7 * n) % 32) for n in range(32)]
+    step1 = {"all_neuron_impacts": impacts, "layer": 20, "model": str(tiny_model_dir), "delta_variance": variance,
+             "high_variance_neurons": sorted(range(32), key=lambda n: -variance[n])}
+    (root / "step1.json").write_text(json.dumps(step1))
+    (root / "step2.json").write_text(json.dumps({"optimal_factors": {"high_impact": 5.0, "neutral": 0.5}}))
+    (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
+    return root
+
+
+def step3(tiny_model_dir, files, out, *extra, **replace):
+    argv = {"--model": tiny_model_dir, "--device": "cpu", "--output_dir": out, "--neurons_file": files / "step1.json",
+            "--factors_file": files / "step2.json", "--ifeval_path": files / "prompts.jsonl", "--num_samples": 5,
+            "--max_new_tokens": 16, "--pile_path": files / "pile.txt", **replace}
+    flat = [str(x) for k, v in argv.items() if v is not None for x in (k, v)]
+    return run_main("step3_steer_performance_verification", [*flat, "--no_plots", *extra])
+
+
+@pytest.fixture(scope="module")
+def both(tiny_model_dir, files):
+    out = files / "both"
+    assert step3(tiny_model_dir, files, out, "--both", "--layers", "19,21,30") == 0
+    return out
+
+
+def test_both_writes_cluster_and_layer_results_with_every_field(both):
+    assert not (both / "combined_steering_ifeval_results.json").exists()
+    cluster = json.loads((both / "cluster_ablation_ifeval_results.json").read_text())
+    layer = json.loads((both / "layer_ablation_ifeval_results.json").read_text())
+    assert [c["name"] for c in cluster["configurations"]] == [
+        "baseline", "ablate_delta_sensitive_L20", "ablate_random_L20", "ablate_high_variance_L20"]
+    assert [c["name"] for c in layer["configurations"]] == ["baseline", "delta_sensitive_L19", "delta_sensitive_L21"]
+    for result in (cluster, layer):
+        assert result["run"]["versions"]["transformers"] and result["factor"] == 5.0
+        for c in result["configurations"]:
+            assert set(c) >= {*METRICS, "accuracy", "delta", "ci95", "perplexity", "perplexity_delta"}
+            assert c["accuracy"] == c["prompt_level_strict_acc"]
+            assert c["ci95"][0] <= c["delta"] <= c["ci95"][1] or c["ci95"][0] == c["ci95"][1] == c["delta"]
+            rows = [json.loads(line) for line in (both / f"responses_{c['name']}.jsonl").read_text().splitlines()]
+            assert len(rows) == 5 and set(rows[0]) >= {"prompt", "response", "strict", "loose"}
+    assert cluster["sets"]["delta_sensitive"] == HIGH
+    ablated = [c for c in cluster["configurations"] if c["name"] == "ablate_delta_sensitive_L20"][0]
+    assert ablated["factor"] == 0.0 and ablated["neurons"] == HIGH
+    baseline_rows = (both / "responses_baseline.jsonl").read_text()
+    steered = [(both / f"responses_{c['name']}.jsonl").read_text()
+               for c in cluster["configurations"][1:] + layer["configurations"][1:]]
+    assert any(text != baseline_rows for text in steered)  # steering changes what the model writes
+
+
+def test_combined_is_the_default_mode(tiny_model_dir, files, tmp_path):
+    assert step3(tiny_model_dir, files, tmp_path, "--factor", "2", **{"--num_samples": 2, "--max_new_tokens": 4}) == 0
+    result = json.loads((tmp_path / "combined_steering_ifeval_results.json").read_text())
+    assert [c["name"] for c in result["configurations"]] == ["baseline", "delta_sensitive_L20", "random_L20",
+                                                              "high_variance_L20"]
+    assert result["factor"] == 2.0 and result["factor_source"] == "--factor"
+
+
+def test_neuron_sets():
+    step1 = {"all_neuron_impacts": [{"neuron": n, "impact": 5.0 - n} for n in range(10)],
+             "high_variance_neurons": [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]}
+    sets, warnings = neuron_sets(step1, 10, seed=0)
+    assert sets["delta_sensitive"] == [0, 1, 2] and not warnings
+    assert len(sets["random"]) == 3 and not set(sets["random"]) & {0, 1, 2}
+    assert sets["random"] == neuron_sets(step1, 10, seed=0)[0]["random"]
+    assert sets["high_variance"] == [7, 8, 9]
+    step1["all_neuron_impacts"] = [{"neuron": n, "impact": 1.0 - n} for n in range(30)]
+    sets, warnings = neuron_sets(step1, 40, seed=0)
+    assert sets["delta_sensitive"] == list(range(20)) and "top 20" in warnings[0]
+
+
+def test_score_responses_needs_no_model(files, tmp_path, capsys):
+    responses = files / "responses.jsonl"
+    texts = ["The sea is calm and blue", "THE RED FOX RUNS QUICKLY THROUGH THE GREEN FOREST AND JUMPS OVER THE LAZY DOG", "Paris has a roof", "Nice poem. Is there anything else?",
+             '"Apples are sweet"']
+    responses.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for (_, p, *_), r in zip(PROMPTS, texts)))
+    argv = ["--score_responses", responses, "--ifeval_path", files / "prompts.jsonl", "--output_dir", tmp_path,
+            "--model", "./does/not/exist"]
+    assert run_main("step3_steer_performance_verification", argv) == 0
+    assert "prompt_level_strict_acc: 100.00" in capsys.readouterr().out
+    assert json.loads((tmp_path / "responses_scores.json").read_text())["metrics"]["inst_level_strict_acc"] == 100.0
+
+
+def test_score_responses_reproduces_gpt4_file(shared_data, tmp_path, capsys):
+    argv = ["--score_responses", shared_data / "ifeval" / "input_response_data_gpt4_20231107_145030.jsonl",
+            "--ifeval_path", shared_data / "ifeval" / "input_data.jsonl", "--output_dir", tmp_path]
+    assert run_main("step3_steer_performance_verification", argv) == 0
+    out = capsys.readouterr().out
+    assert "prompt_level_strict_acc: 77.08" in out and "inst_level_strict_acc: 83.69" in out
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys, monkeypatch):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "bad_prompts.jsonl").write_text('{"key": 1, "prompt": "x"}\n')
+    (tmp_path / "no_factor.json").write_text(json.dumps({"optimal_factors": {"high_impact": None}}))
+    cases = [
+        ({"--neurons_file": tmp_path / "missing.json"}, "missing.json"),
+        ({"--factors_file": tmp_path / "missing2.json"}, "missing2.json"),
+        ({"--neurons_file": tmp_path / "bad.json"}, "not valid JSON"),
+        ({"--factors_file": tmp_path / "no_factor.json"}, "pass --factor"),
+        ({"--ifeval_path": tmp_path / "bad_prompts.jsonl"}, "line 1"),
+        ({"--layer": 24}, "--layer 24 out of range"),
+        ({"--num_samples": 0}, "--num_samples must be at least 1"),
+    ]
+    for replace, message in cases:
+        assert step3(tiny_model_dir, files, tmp_path, **replace) == 2, message
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (message, err)
+    monkeypatch.chdir(tmp_path)
+    assert step3(tiny_model_dir, files, tmp_path, **{"--neurons_file": None}) == 2
+    assert "tried discovered_neurons.json, ablation_3_results/discovered_neurons.json" in capsys.readouterr().err
