@@ -1,0 +1,93 @@
+"""The loader: local HF checkpoints, original state-spaces checkpoints, and each bad input."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from delta_steering.cli import UsageError
+from conftest import ROOT
+from mamba_model_loader import describe, load_mamba_model
+
+
+def test_round_trip_of_a_saved_tiny_model(tiny_model_dir, tiny_model, tokenizer):
+    model, tok = load_mamba_model(str(tiny_model_dir), device="cpu")
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    assert not model.training and tok("The quick brown fox").input_ids == ids[0].tolist()
+    torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits, atol=1e-5, rtol=1e-5)
+    info = describe(model)
+    assert (info["layers"], info["delta_neurons_per_layer"], info["device"], info["dtype"]) == (24, 32, "cpu", "float32")
+    assert info["parameters"] == sum(p.numel() for p in tiny_model.parameters())
+    assert "scan" in info["ssm_backend"] or "kernels" in info["ssm_backend"]
+
+
+def test_dtype_and_cuda_fallback(tiny_model_dir, capsys):
+    model, _ = load_mamba_model(str(tiny_model_dir), device="cuda" if not torch.cuda.is_available() else "cpu",
+                                dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        assert capsys.readouterr().err.strip().splitlines() == ["warning: CUDA is not available, running on CPU (slow)"]
+    with pytest.raises(UsageError, match="unknown dtype"):
+        load_mamba_model(str(tiny_model_dir), device="cpu", dtype="float8")
+
+
+def copy_dir(src, dst, drop=()):
+    shutil.copytree(src, dst)
+    for name in drop:
+        (dst / name).unlink()
+    return dst
+
+
+def test_missing_directory_and_missing_files(tiny_model_dir, tmp_path):
+    with pytest.raises(UsageError, match="local model directory not found: ./nowhere/model"):
+        load_mamba_model("./nowhere/model", device="cpu")
+    no_tok = copy_dir(tiny_model_dir, tmp_path / "no_tok", ["tokenizer.json", "tokenizer_config.json"])
+    with pytest.raises(UsageError, match=r"is missing: tokenizer"):
+        load_mamba_model(str(no_tok), device="cpu")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+    with pytest.raises(UsageError, match=r"is missing: weights .*, tokenizer"):
+        load_mamba_model(str(bare), device="cpu")
+
+
+@pytest.mark.parametrize("model_type,message", [("gpt2", "not a Mamba-1 model (model_type 'gpt2')"),
+                                                ("llama", "model_type 'llama'"),
+                                                ("mamba2", "Mamba-2 model (model_type mamba2): not supported yet")])
+def test_other_architectures_are_refused(tiny_model_dir, tmp_path, model_type, message):
+    other = copy_dir(tiny_model_dir, tmp_path / model_type)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+    with pytest.raises(UsageError, match=re.escape(message)):
+        load_mamba_model(str(other), device="cpu")
+
+
+def test_original_format_checkpoint_is_converted(tiny_model, tiny_model_dir, tokenizer, tmp_path):
+    """Write the tiny model the way mamba_ssm saves it; the loader must give the same logits."""
+    original = tmp_path / "original"
+    original.mkdir()
+    config = tiny_model.config
+    (original / "config.json").write_text(json.dumps({
+        "d_model": config.hidden_size, "n_layer": config.num_hidden_layers, "vocab_size": config.vocab_size,
+        "ssm_cfg": {"d_state": config.state_size, "d_conv": config.conv_kernel, "expand": config.expand,
+                    "dt_rank": config.time_step_rank},
+        "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}))
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in tiny_model.state_dict().items()}
+    torch.save(state, original / "pytorch_model.bin")
+    model, tok = load_mamba_model(str(original), device="cpu", tokenizer=str(tiny_model_dir))
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert describe(model)["original_format"] is True
+
+
+def test_cli_prints_the_summary_and_exits_2_on_bad_input(tiny_model_dir):
+    ok = subprocess.run([sys.executable, "mamba_model_loader.py", str(tiny_model_dir), "--device", "cpu"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "delta_neurons_per_layer: 32" in ok.stdout
+    bad = subprocess.run([sys.executable, "mamba_model_loader.py", "./missing", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: local model directory not found: ./missing"]
