@@ -20,7 +20,8 @@ import numpy as np
 from delta_steering import delta_statistics, num_delta_neurons, verify_steering_effect
 from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check_layer, check_neuron_ids,
                                 check_positive, load_model, main_guard, parse_int_list)
-from delta_steering.discovery import Checkpoint, discovery_result, neuron_impacts, print_summary, run_sweep
+from delta_steering.discovery import (Checkpoint, attach_estimates, attribution_screen, discovery_result,
+                                      neuron_impacts, print_summary, run_sweep)
 from delta_steering.results_io import run_record, write_json
 from delta_steering.scoring import encode_examples, evaluate, summarize
 from delta_steering.sweep import ENGINES, Intervention
@@ -42,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (default: all)")
     parser.add_argument("--ablation", default="zero", choices=["zero", "mean"])
     parser.add_argument("--engine", default="fast", choices=list(ENGINES))
+    parser.add_argument("--method", default="exact", choices=["exact", "attribution"],
+                        help="attribution: first-order estimates of every neuron, then --verify_top re-measured")
+    parser.add_argument("--verify_top", type=int, default=50, help="neurons re-measured exactly after attribution")
     add_pile_args(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
     parser.add_argument("--no_plots", action="store_true")
@@ -51,7 +55,7 @@ def parse_args() -> argparse.Namespace:
 def fingerprint(args, neurons: list[int]) -> dict:
     """The arguments that change results; engine, batch size and device do not."""
     keys = ("model", "tokenizer", "dtype", "seed", "validation_size", "layer", "tasks", "data_dir", "ablation",
-            "pile_samples", "pile_path")
+            "pile_samples", "pile_path", "method", "verify_top")
     return {**{k: getattr(args, k) for k in keys}, "neurons": neurons}
 
 
@@ -60,6 +64,7 @@ def main() -> None:
     args = parse_args()
     started = time.time()
     check_positive(args.validation_size, "--validation_size")
+    check_positive(args.verify_top, "--verify_top")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     examples = load_examples(tasks, args.data_dir, "discovery", args.validation_size)
     model, tokenizer = load_model(args)
@@ -89,15 +94,28 @@ def main() -> None:
     for name, value in base["per_task"].items():
         print(f"  {name:>24}: {value:6.2f}%  ({sum(e.task == name for e in examples)} examples)")
 
+    screened = {}
+    if args.method == "attribution":
+        t = time.time()
+        estimates, neurons = attribution_screen(model, tokenizer, examples, encoded, layer, neurons, intervention,
+                                                args.batch_size, args.verify_top)
+        timings["attribution"] = round(time.time() - t, 2)
+        screened = {"attribution_estimates": estimates, "verified_neurons": neurons}
     t = time.time()
     ablated = run_sweep(model, tokenizer, examples, encoded, layer, neurons, intervention, args.engine,
                         args.batch_size, checkpoint)
     timings["sweep"] = round(time.time() - t, 2)
 
     records = neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"].tolist(), args.seed)
+    if screened:
+        screened.update(attach_estimates(records, screened["attribution_estimates"]))
+        rho = screened["spearman_margin_loss"]
+        print(f"attribution vs exact impact on {len(neurons)} verified neurons: Spearman "
+              f"{'n/a' if rho is None else f'{rho:.3f}'} (estimated margin loss), "
+              f"{screened['spearman_estimated_impact']} (estimated impact)")
     result = discovery_result(examples, baseline, records, args.threshold, layer, args.model, tasks,
-                              args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation, engine=args.engine,
-                              neurons_tested=len(neurons))
+                              args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation,
+                              engine=args.engine, method=args.method, neurons_tested=len(neurons), **screened)
     result["run"] = run_record(args, describe(model), started, timings=timings)
     write_json(args.save_path, result)
     checkpoint.remove()

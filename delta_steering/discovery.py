@@ -185,3 +185,31 @@ def impact_groups(data: dict) -> dict[str, list[int]]:
         "high_impact": sorted(r["neuron"] for r in records if r["impact"] > HIGH_IMPACT),
         "neutral": sorted(r["neuron"] for r in records if abs(r["impact"]) <= HIGH_IMPACT),
     }
+
+
+def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],
+                       intervention: Intervention, batch_size: int | None, top: int) -> tuple[list[dict], list[int]]:
+    """First-order estimates of every neuron's ablation effect (one forward and backward pass per
+    batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
+    from .fast_sweep import attribution, estimated_impacts
+
+    att = attribution(model, tokenizer, examples, encoded, layer, intervention, batch_size, progress=True)
+    impact, margin_loss = estimated_impacts(examples, att)
+    estimates = [{"neuron": n, "estimated_impact": round(float(impact[n]), 4),
+                  "estimated_margin_loss": float(margin_loss[n])} for n in neurons]
+    ranked = sorted(estimates, key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
+    return estimates, sorted(e["neuron"] for e in ranked[:top])
+
+
+def attach_estimates(records: list[dict], estimates: list[dict]) -> dict:
+    """Put each verified neuron's estimate beside its exact impact; Spearman correlations of both."""
+    from .stats import spearman
+
+    by_neuron = {e["neuron"]: e for e in estimates}
+    for record in records:
+        record.update({k: v for k, v in by_neuron[record["neuron"]].items() if k != "neuron"})
+    exact = [r for r in records if r["impact"] is not None]
+    return {
+        "spearman_estimated_impact": spearman([r["estimated_impact"] for r in exact], [r["impact"] for r in exact]),
+        "spearman_margin_loss": spearman([r["estimated_margin_loss"] for r in exact], [r["impact"] for r in exact]),
+    }

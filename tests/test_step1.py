@@ -148,3 +148,16 @@ def test_all_six_builtin_tasks_from_shared_data(shared_data, two_layer_model_dir
                                                 "winogrande"}
     assert all(n == 20 for n in result["num_examples"].values())
     assert (tmp_path / "impact_ranked_L1.png").is_file()
+
+
+def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, task_file, pile_file, tmp_path):
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-19", "--layer", "23",
+                 "--method", "attribution", "--verify_top", "5") == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert len(result["attribution_estimates"]) == 20 and len(result["verified_neurons"]) == 5
+    exact = {r["neuron"]: r for r in naive_run["all_neuron_impacts"]}
+    for record in result["all_neuron_impacts"]:
+        assert record["neuron"] in result["verified_neurons"]
+        assert record["impact"] == exact[record["neuron"]]["impact"]  # verified values are the exact ones
+        assert "estimated_impact" in record and "estimated_margin_loss" in record
+    assert "spearman_margin_loss" in result

@@ -1,0 +1,195 @@
+"""The fast sweep engine against the naive one (weight-editing `steer` + a full forward per neuron),
+and the attribution estimate against finite differences of the exact engine."""
+
+import numpy as np
+import pytest
+import torch
+
+from delta_steering.fast_sweep import (attribution, attribution_estimates, context_groups, estimated_correctness,
+                                       estimated_impacts, fast_loglikelihoods, request_scores)
+from delta_steering.scoring import correctness, encode_examples, loglikelihoods, pad_batch
+from delta_steering.steering import delta_statistics, steer
+from delta_steering.sweep import Intervention, sweep_correctness, sweep_loglikelihoods
+from delta_steering.tasks import Example
+
+NEURONS = [0, 13, 31]
+LAYERS = [0, 10, 20, 23]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to gain from threads, and on a shared machine a second
+    thread waiting for a busy core makes every op slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_examples() -> list[Example]:
+    """Multiple-choice examples whose choices share a context (and differ in length), acc_norm, and
+    single-request greedy examples, as the built-in tasks produce them."""
+    examples = [Example("mc", i, tuple((f"Question: what is {i} plus one?\nAnswer:", c) for c in choices),
+                        tuple(c.strip() for c in choices), i % 3, "acc")
+                for i, choices in enumerate([(" 1", " apples and oranges", " the fox"),
+                                             (" 2", " two", " the lazy dog jumps"),
+                                             (" three", " 3", " Paris")])]
+    examples.append(Example("norm", 0, (("Pick one:", " a"), ("Pick one:", " a much longer choice")),
+                            ("a", "a much longer choice"), 1, "acc_norm"))
+    examples.append(Example("lambada", 0, (("The quick brown fox jumps over the lazy", " dog."),), ("dog.",), 0,
+                            "greedy"))
+    examples.append(Example("lambada", 1, (("In the beginning the state space", " model"),), ("model",), 0,
+                            "greedy"))
+    return examples
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return make_examples()
+
+
+@pytest.fixture(scope="module")
+def encoded(tokenizer, examples):
+    return encode_examples(tokenizer, examples)
+
+
+@pytest.fixture(scope="module")
+def means(tiny_model, tokenizer):
+    texts = ["The quick brown fox jumps over the lazy dog.", "Question: What is the capital of France?"]
+    return {layer: tuple(float(v) for v in delta_statistics(tiny_model, tokenizer, texts, layer)["dt_pre_mean"])
+            for layer in LAYERS}
+
+
+def interventions(means, layer):
+    return {"zero": Intervention("scale", 0.0), "scale": Intervention("scale", 3.0),
+            "mean": Intervention("mean", 0.0, means[layer])}
+
+
+def test_shared_contexts_are_found(encoded):
+    sizes = sorted(len(g) for g in context_groups(encoded))
+    assert sizes == [1, 1, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("kind", ["zero", "scale", "mean"])
+def test_fast_equals_naive(tiny_model, tokenizer, examples, encoded, means, layer, kind):
+    intervention = interventions(means, layer)[kind]
+    naive_lp, naive_greedy = sweep_loglikelihoods(tiny_model, tokenizer, encoded, layer, NEURONS, intervention,
+                                                  engine="naive")
+    fast_lp, fast_greedy = sweep_loglikelihoods(tiny_model, tokenizer, encoded, layer, NEURONS, intervention,
+                                                engine="fast")
+    assert fast_lp.shape == fast_greedy.shape == (len(NEURONS), len(encoded))
+    np.testing.assert_allclose(fast_lp, naive_lp, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(fast_greedy, naive_greedy)
+    for a, g, b, h in zip(naive_lp, naive_greedy, fast_lp, fast_greedy):
+        np.testing.assert_array_equal(correctness(examples, a, g), correctness(examples, b, h))
+    base, _ = loglikelihoods(tiny_model, tokenizer, encoded)
+    assert np.abs(naive_lp - base).max() > 1e-3  # the interventions do change the scores
+
+
+def test_sweep_correctness_identical(tiny_model, tokenizer, examples):
+    intervention = Intervention("scale", 0.0)
+    naive = sweep_correctness(tiny_model, tokenizer, examples, 20, NEURONS, intervention, engine="naive")
+    fast = sweep_correctness(tiny_model, tokenizer, examples, 20, NEURONS, intervention, engine="fast")
+    np.testing.assert_array_equal(fast, naive)
+
+
+def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, tokenizer, encoded):
+    intervention = Intervention("scale", 0.0)
+    reference_lp, reference_greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, NEURONS, intervention)
+    for batch_size, share in [(2, True), (5, False), (None, False)]:
+        lp, greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, NEURONS, intervention, batch_size,
+                                         share_contexts=share)
+        np.testing.assert_allclose(lp, reference_lp, rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(greedy, reference_greedy)
+
+
+def test_fast_reports_non_finite_logits_as_nan(tiny_model, tokenizer, encoded):
+    lp, greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, [3], Intervention("scale", float("inf")))
+    naive_lp, _ = sweep_loglikelihoods(tiny_model, tokenizer, encoded, 20, [3], Intervention("scale", float("inf")),
+                                       engine="naive")
+    np.testing.assert_array_equal(np.isnan(lp), np.isnan(naive_lp))
+    assert not greedy[np.isnan(lp)].any()
+
+
+def test_fast_checks_its_arguments(tiny_model, tokenizer, encoded):
+    with pytest.raises(ValueError, match="out of range"):
+        fast_loglikelihoods(tiny_model, tokenizer, encoded, 24, [0], Intervention())
+    with pytest.raises(ValueError, match="out of range"):
+        fast_loglikelihoods(tiny_model, tokenizer, encoded, 0, [32], Intervention())
+    with pytest.raises(ValueError, match="mean"):
+        fast_loglikelihoods(tiny_model, tokenizer, encoded, 0, [1], Intervention("mean"))
+
+
+# --- attribution --------------------------------------------------------------------------------
+
+
+def mc_only(examples):
+    return [e for e in examples if e.metric != "greedy"]
+
+
+@pytest.mark.parametrize("layer", [10, 20])
+def test_attribution_matches_finite_differences(tiny_model, tokenizer, examples, layer):
+    """For a factor near 1 the first-order estimate is the exact change up to O(eps^2)."""
+    examples = mc_only(examples)
+    encoded = encode_examples(tokenizer, examples)
+    neurons = list(range(32))
+    base, _ = loglikelihoods(tiny_model, tokenizer, encoded)
+    intervention = Intervention("scale", 1.01)
+    exact = fast_loglikelihoods(tiny_model, tokenizer, encoded, layer, neurons, intervention)[0] - base
+    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, layer, intervention)
+    assert estimate.shape == (32, len(encoded))
+    assert np.linalg.norm(exact) > 1e-3
+    assert np.linalg.norm(estimate - exact) < 0.1 * np.linalg.norm(exact)
+
+
+def test_attribution_ranks_small_steering_effects(tiny_model, tokenizer, examples):
+    """At factor 0.9 linearisation is still good: estimates and exact changes rank alike."""
+    examples = mc_only(examples)
+    encoded = encode_examples(tokenizer, examples)
+    base, _ = loglikelihoods(tiny_model, tokenizer, encoded)
+    intervention = Intervention("scale", 0.9)
+    exact = (fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, list(range(32)), intervention)[0] - base).ravel()
+    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, 20, intervention).ravel()
+    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(ranks(estimate), ranks(exact))[0, 1] > 0.9
+
+
+def test_mean_ablation_estimate_is_the_zero_ablation_one_for_zero_means(tiny_model, tokenizer, examples, encoded):
+    zero = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("scale", 0.0))
+    mean = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("mean", 0.0, (0.0,) * 32))
+    np.testing.assert_allclose(mean.delta, zero.delta, rtol=1e-6, atol=1e-9)
+
+
+def test_greedy_margin_gradient(tiny_model, tokenizer, examples, encoded):
+    """Greedy examples are scored by their greedy margin; its estimate matches a finite difference."""
+    att = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("scale", 1.01))
+    rows = [r for r, kind in enumerate(att.kinds) if kind == "margin"]
+    items = [encoded[r] for r in rows]
+    ids, lengths = pad_batch(items, 0, "cpu")
+
+    def margins():
+        with torch.no_grad():
+            hidden = tiny_model.backbone(input_ids=ids).last_hidden_state
+            return request_scores(tiny_model.lm_head, hidden, items, lengths, ["margin"] * len(items)).numpy()
+
+    base = margins()
+    np.testing.assert_allclose(att.base[rows], base, atol=1e-4)
+    for neuron in [2, 9]:
+        with steer(tiny_model, 20, [neuron], 1.01):
+            exact = margins() - base
+        assert np.abs(att.delta[neuron, rows] - exact).max() < 0.1 * np.abs(exact).max() + 1e-6
+
+
+def test_estimated_impacts(tiny_model, tokenizer, examples, encoded):
+    att = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("scale", 0.0))
+    predicted = estimated_correctness(examples, att)
+    assert predicted.shape == (32, len(examples))
+    base_lp, base_greedy = loglikelihoods(tiny_model, tokenizer, encoded)
+    impact, margin_loss = estimated_impacts(examples, att)
+    assert impact.shape == margin_loss.shape == (32,)
+    # with no change the prediction is the baseline, and nothing is estimated to change
+    att.delta[:] = 0
+    np.testing.assert_array_equal(estimated_correctness(examples, att)[0], correctness(examples, base_lp, base_greedy))
+    impact, margin_loss = estimated_impacts(examples, att)
+    assert not impact.any() and not margin_loss.any()
