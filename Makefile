@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export NLTK_DATA ?= $(abspath $(SHARED))/nltk_data
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,35 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The demo: the bundled 24-layer model and its data, offline, on CPU. Each multiple-choice file is
+# split into a discovery half (step 1) and a held-out half (step 2), as the built-in tasks are.
+DEMO_MODEL := models/mamba-tiny-demo
+DEMO_DATA := $(DEMO_MODEL)/demo_data
+DEMO_OUT ?= demo_results
+DEMO_TASKS := copying counting agreement
+comma := ,
+empty :=
+space := $(empty) $(empty)
+demo_tasks = $(subst $(space),$(comma),$(foreach t,$(DEMO_TASKS),$(DEMO_OUT)/tasks/$(1)/$(t).jsonl))
+DEMO_COMMON := --model $(DEMO_MODEL) --device cpu --pile_path $(DEMO_DATA)/text.txt --pile_samples 50
+
+demo: install
+	mkdir -p $(DEMO_OUT)/tasks/discovery $(DEMO_OUT)/tasks/heldout
+	for t in $(DEMO_TASKS); do \
+	  head -n 200 $(DEMO_DATA)/$$t.jsonl > $(DEMO_OUT)/tasks/discovery/$$t.jsonl; \
+	  tail -n +201 $(DEMO_DATA)/$$t.jsonl > $(DEMO_OUT)/tasks/heldout/$$t.jsonl; done
+	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(call demo_tasks,discovery) --validation_size 200 \
+	  --method attribution --verify_top 24 \
+	  --save_path $(DEMO_OUT)/discovered_neurons.json --output_dir $(DEMO_OUT)/step1 --overwrite
+	$(PY) step2_steering_factor_determination.py $(DEMO_COMMON) --tasks $(call demo_tasks,heldout) \
+	  --num_examples 100 --factors 0.5,2,5,10 --neurons_file $(DEMO_OUT)/discovered_neurons.json \
+	  --output_dir $(DEMO_OUT)/step2 --max_neurons 16 --perplexity_ablation --perplexity_layers 18-22
+	$(PY) step3_steer_performance_verification.py $(DEMO_COMMON) --both \
+	  --neurons_file $(DEMO_OUT)/discovered_neurons.json \
+	  --factors_file $(DEMO_OUT)/step2/cluster9_ablation_results_all_neurons.json \
+	  --ifeval_path $(DEMO_DATA)/ifeval_demo.jsonl --num_samples 30 --max_new_tokens 40 --output_dir $(DEMO_OUT)/step3
+	@echo "demo results: $(DEMO_OUT)/ (discovered_neurons.json, step1/, step2/, step3/)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

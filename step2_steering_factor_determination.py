@@ -97,8 +97,8 @@ def main() -> None:
     examples = load_examples(tasks, data_dir, "heldout", args.num_examples)
     unpartitioned = [t for t in tasks if not load_task(t, data_dir).partitioned]
     if unpartitioned:
-        print(f"warning: custom task files have no held-out partition; step 2 reuses their examples: "
-              f"{', '.join(unpartitioned)}")
+        print(f"note: custom task files have no held-out partition and are used in file order; they should "
+              f"not be the files step 1 ran on: {', '.join(unpartitioned)}")
     groups = impact_groups(step1)
     verify_steering_effect(model, layer, groups["high_impact"] or groups["neutral"] or [0])
 

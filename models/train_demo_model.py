@@ -1,0 +1,900 @@
+"""Train the bundled demo model `models/mamba-tiny-demo/` and write its demo data, on CPU, offline.
+
+    .venv/bin/python models/train_demo_model.py                 # seed 0, the committed checkpoint
+    .venv/bin/python models/train_demo_model.py --steps 20 --out /tmp/demo-check --skip_eval
+
+Everything comes from this file: a deterministic synthetic corpus (no downloaded data), a byte-level
+BPE tokenizer trained on it, and a small 24-layer Mamba-1 (`MambaForCausalLM`, hidden 64 -> 128
+delta neurons per layer) trained from scratch, so that the default layer 20 of the three steps
+applies unchanged. The corpus mixes
+
+* memory tasks whose answer needs information from earlier in the sequence: key-value recall,
+  copying (induction), counting, and subject-verb agreement across attractor phrases;
+* IFEval-style prompts built from IFEval's own checkable instruction types
+  (change_case:english_capital / english_lowercase, punctuation:no_comma, startend:end_checker,
+  startend:quotation, keywords:existence, detectable_format:title, detectable_content:postscript)
+  with compliant responses, each terminated by the EOS token `<|endoftext|>` so greedy generation
+  stops;
+* plain sentences of the same small grammar (language modelling, perplexity).
+
+The script then writes `<out>/demo_data/` from held-out generations (different random streams,
+deduplicated against the training corpus; the IFEval prompts use topics never used as a topic in
+training and new end phrases / keyword pairs):
+
+* `kv_recall.jsonl`, `copying.jsonl`, `counting.jsonl`, `agreement.jsonl`: multiple-choice tasks
+  in the custom format of SPEC section 3, {"context", "choices", "label"}; every choice is one
+  token (" 7", " river", " is") appended verbatim to the context, so lm-eval-style log-likelihood
+  scoring needs a single forward pass per context;
+* `ifeval_demo.jsonl`: IFEval-format prompts (key, prompt, instruction_id_list, kwargs, the kwargs
+  one dict per instruction with the argument names of lm-eval's checkers, as google/IFEval);
+* `text.txt`: documents separated by blank lines, for perplexity.
+
+Reproducibility: seed 0 (python `random`, numpy, torch), `torch.use_deterministic_algorithms`,
+one CPU thread; the corpus, the tokenizer and demo_data are identical on every run, and the
+weights are identical on the same machine and software (torch 2.13 CPU, transformers 5.24,
+mambapy 1.2). Training uses the mambapy parallel scan (`use_mambapy=True`, about 3x faster than
+the reference scan on CPU); the saved config has `use_mambapy=False` (the default reference scan),
+which gives the same logits up to float rounding.
+
+Committed checkpoint (seed 0, see MEASURED at the end of this docstring for the figures of the
+run that produced it; they are filled in from that run's printed summary):
+MEASURED
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+EOS = "<|endoftext|>"
+LAYER = 20
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary of the synthetic language
+# ----------------------------------------------------------------------------------------------
+
+NOUNS = [  # (singular, plural); all regular so the plural is a separate, learnable token
+    ("river", "rivers"), ("garden", "gardens"), ("mountain", "mountains"), ("forest", "forests"),
+    ("ocean", "oceans"), ("village", "villages"), ("castle", "castles"), ("bridge", "bridges"),
+    ("tower", "towers"), ("island", "islands"), ("valley", "valleys"), ("meadow", "meadows"),
+    ("desert", "deserts"), ("lake", "lakes"), ("harbor", "harbors"), ("market", "markets"),
+    ("school", "schools"), ("kitchen", "kitchens"), ("window", "windows"), ("door", "doors"),
+    ("lamp", "lamps"), ("table", "tables"), ("chair", "chairs"), ("book", "books"),
+    ("letter", "letters"), ("song", "songs"), ("dream", "dreams"), ("cloud", "clouds"),
+    ("star", "stars"), ("planet", "planets"), ("stone", "stones"), ("flower", "flowers"),
+    ("tree", "trees"), ("bird", "birds"), ("horse", "horses"), ("rabbit", "rabbits"),
+    ("cat", "cats"), ("dog", "dogs"), ("owl", "owls"), ("boat", "boats"),
+    ("train", "trains"), ("road", "roads"), ("farm", "farms"), ("house", "houses"),
+    ("candle", "candles"), ("clock", "clocks"), ("coin", "coins"), ("key", "keys"),
+    ("map", "maps"), ("ship", "ships"), ("apple", "apples"), ("cake", "cakes"),
+    ("robot", "robots"), ("painter", "painters"), ("farmer", "farmers"), ("teacher", "teachers"),
+    ("king", "kings"), ("queen", "queens"), ("sailor", "sailors"), ("doctor", "doctors"),
+    ("kite", "kites"), ("drum", "drums"), ("bell", "bells"), ("hill", "hills"),
+]
+SING = [s for s, _ in NOUNS]
+PLUR = [p for _, p in NOUNS]
+# IFEval topics: the last 16 nouns are topics only in the held-out prompts (they occur in training
+# text in every other role, so their tokens are known).
+TRAIN_TOPICS = SING[:48]
+HELDOUT_TOPICS = SING[48:]
+
+ADJS = ["quiet", "bright", "old", "young", "small", "large", "green", "blue", "golden", "silver",
+        "calm", "warm", "cold", "dark", "happy", "gentle", "wild", "busy", "ancient", "tiny",
+        "quick", "slow", "soft", "strong"]
+VERBS = [("shines", "shine"), ("waits", "wait"), ("rests", "rest"), ("moves", "move"),
+         ("glows", "glow"), ("sleeps", "sleep"), ("stands", "stand"), ("grows", "grow"),
+         ("sings", "sing"), ("turns", "turn"), ("falls", "fall"), ("rises", "rise")]
+PREPS = ["near", "behind", "under", "beside", "above", "with", "by", "past", "of", "from"]
+DIGITS = [str(d) for d in range(10)]
+COUNT_WORDS = ["cat", "dog", "owl", "bird", "fox", "bee", "cow", "ant"]
+COPY_WORDS = SING + ADJS
+
+# End phrases for startend:end_checker: template x noun. Training uses templates 0-5 with any
+# noun; held-out prompts use templates 6-7 (never seen in training) or unseen template/noun pairs.
+END_TEMPLATES = [
+    "Is there anything else about the {n}?", "That is all about the {n}.",
+    "Let me know if you like the {n}.", "Any other questions about the {n}?",
+    "I hope you enjoy the {n}.", "Thank you for asking about the {n}.",
+    "Tell me more about the {n}.", "Have a nice day with the {n}.",
+]
+TRAIN_END_TEMPLATES = END_TEMPLATES[:6]
+HELDOUT_END_TEMPLATES = END_TEMPLATES[6:]
+
+REQUESTS = [
+    "Write a short note about the {t}.", "Describe the {t} in one sentence.",
+    "Tell me about the {t}.", "Write a sentence about a {a} {t}.",
+    "Write a short story about the {t}.", "What do you think of the {t}?",
+]
+
+# instruction id -> description text (IFEval's own phrasing, as lm-eval builds it, plus variants)
+DESCRIPTIONS = {
+    "change_case:english_capital": [
+        "Your entire response should be in English, and in all capital letters.",
+        "Your answer must be in English and in all capital letters.",
+    ],
+    "change_case:english_lowercase": [
+        "Your entire response should be in English, and in all lowercase letters. No capital "
+        "letters are allowed.",
+        "Please reply in English and in all lowercase letters.",
+    ],
+    "punctuation:no_comma": [
+        "In your entire response, refrain from the use of any commas.",
+        "Do not use any commas in your response.",
+    ],
+    "startend:quotation": [
+        "Wrap your entire response with double quotation marks.",
+        "Please wrap your whole answer in double quotes.",
+    ],
+    "detectable_format:title": [
+        "Your answer must contain a title, wrapped in double angular brackets, such as "
+        "<<poem of joy>>.",
+        "Include a title wrapped in double angular brackets, i.e. <<title>>.",
+    ],
+    "detectable_content:postscript": [
+        "At the end of your response, please explicitly add a postscript starting with P.S.",
+        "Please add a postscript starting with P.S. at the end.",
+    ],
+    "startend:end_checker": [
+        'Finish your response with this exact phrase "{end}". No other words should follow this '
+        "phrase.",
+        'End your response with the exact phrase "{end}"',
+    ],
+    "keywords:existence": [
+        "Include the keywords {k1} and {k2} in the response.",
+        "Make sure to include the words {k1} and {k2}.",
+    ],
+}
+INSTRUCTIONS = list(DESCRIPTIONS)
+CONFLICTS = [{"change_case:english_capital", "change_case:english_lowercase"},
+             {"startend:end_checker", "detectable_content:postscript"}]
+
+MC_TASKS = ["kv_recall", "copying", "counting", "agreement"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Document generators. A document is a list of (text, weight) segments; the weight multiplies the
+# token loss (answers and responses 1, unpredictable context tokens small).
+# ----------------------------------------------------------------------------------------------
+
+CTX_W = 0.1  # weight of random context tokens (keys, values, lists)
+
+
+def _sentence(rng: random.Random, noun: str | None = None) -> str:
+    """One sentence of the plain grammar (lowercase, no final punctuation handling)."""
+    n = noun or rng.choice(SING)
+    k = rng.randrange(6)
+    if k == 0:
+        return f"the {rng.choice(ADJS)} {n} {rng.choice(VERBS)[0]} {rng.choice(PREPS)} the {rng.choice(SING)}."
+    if k == 1:
+        i = rng.randrange(len(NOUNS))
+        return f"the {PLUR[i]} {rng.choice(VERBS)[1]} {rng.choice(PREPS)} the {rng.choice(ADJS)} {rng.choice(SING)}."
+    if k == 2:
+        return f"the {n} is {rng.choice(ADJS)} and {rng.choice(ADJS)}."
+    if k == 3:
+        a, b, c = rng.sample(ADJS, 3)
+        return f"the {n} is {a}, {b} and {c}."
+    if k == 4:
+        return f"a {rng.choice(ADJS)} {n} {rng.choice(VERBS)[0]} {rng.choice(PREPS)} the {rng.choice(SING)}."
+    return f"i like the {n} because it is {rng.choice(ADJS)}."
+
+
+def _cap(s: str) -> str:
+    """Sentence case: the first letter of each sentence and the pronoun i upper case."""
+    out, start = [], True
+    for w in s.split(" "):
+        if w == "i":
+            w = "I"
+        if start and w:
+            j = next((j for j, ch in enumerate(w) if ch.isalpha()), None)
+            if j is not None:
+                w = w[:j] + w[j].upper() + w[j + 1:]
+                start = False
+        if w.endswith((".", "?", "!")) or w.endswith(">>"):
+            start = True
+        out.append(w)
+    return " ".join(out)
+
+
+def doc_text(rng: random.Random):
+    sents = [_sentence(rng) for _ in range(rng.randint(2, 4))]
+    return [(_cap(" ".join(sents)), 1.0)]
+
+
+def doc_kv(rng: random.Random, eval_mode: bool = False):
+    keys = rng.sample(SING, 4)
+    vals = rng.sample(DIGITS, 4)
+    body = "recall :" + "".join(f" {k} {v}" for k, v in zip(keys, vals)) + " ."
+    order = rng.sample(range(4), 4 if not eval_mode else 1)
+    if eval_mode:
+        q = order[0]
+        choices = [f" {v}" for v in vals]
+        return {"context": body + f" {keys[q]}", "choices": choices, "label": q, "_sig": body}
+    segs = [(body, CTX_W)]
+    for q in order[: rng.randint(1, 4)]:
+        segs += [(f" {keys[q]}", CTX_W), (f" {vals[q]}", 1.0), (" .", 0.3)]
+    return segs
+
+
+def doc_copy(rng: random.Random, eval_mode: bool = False):
+    n = rng.randint(5, 7)
+    words = rng.sample(COPY_WORDS, n)
+    head = "copy :" + "".join(f" {w}" for w in words) + " |"
+    if eval_mode:
+        k = rng.randint(1, n - 1)  # answer is words[k], after the first k copied words
+        others = rng.sample([w for i, w in enumerate(words) if i != k], 3)
+        choices = [f" {w}" for w in [words[k]] + others]
+        perm = rng.sample(range(4), 4)
+        choices = [choices[i] for i in perm]
+        return {"context": head + "".join(f" {w}" for w in words[:k]), "choices": choices,
+                "label": perm.index(0), "_sig": head}
+    return [(head, CTX_W), ("".join(f" {w}" for w in words), 1.0), (" .", 0.3)]
+
+
+def doc_count(rng: random.Random, eval_mode: bool = False):
+    target = rng.choice(COUNT_WORDS)
+    count = rng.randint(1, 4)
+    length = rng.randint(max(5, count + 1), 8)
+    others = [w for w in COUNT_WORDS if w != target]
+    items = [target] * count + [rng.choice(others) for _ in range(length - count)]
+    rng.shuffle(items)
+    context = f"count {target} :" + "".join(f" {w}" for w in items) + " ="
+    if eval_mode:
+        return {"context": context, "choices": [" 1", " 2", " 3", " 4"], "label": count - 1,
+                "_sig": context}
+    return [(context, CTX_W), (f" {count}", 1.0)]
+
+
+def doc_agree(rng: random.Random, eval_mode: bool = False):
+    i = rng.randrange(len(NOUNS))
+    plural = rng.random() < 0.5
+    subj = PLUR[i] if plural else SING[i]
+    phrase = f"the {subj}"
+    for _ in range(rng.randint(1, 2)):  # attractor phrases of either number
+        j = rng.randrange(len(NOUNS))
+        attractor = PLUR[j] if rng.random() < 0.5 else SING[j]
+        adj = f" {rng.choice(ADJS)}" if rng.random() < 0.5 else ""
+        phrase += f" {rng.choice(PREPS)} the{adj} {attractor}"
+    if eval_mode:
+        return {"context": phrase, "choices": [" is", " are"], "label": int(plural), "_sig": phrase}
+    verb = " are" if plural else " is"
+    return [(phrase, 0.3), (verb, 1.0), (f" {rng.choice(ADJS)} .", 0.3)]
+
+
+MC_GENERATORS = {"kv_recall": doc_kv, "copying": doc_copy, "counting": doc_count,
+                 "agreement": doc_agree}
+
+
+def _pick_instructions(rng: random.Random) -> list[str]:
+    n = rng.choices([1, 2, 3], weights=[0.45, 0.4, 0.15])[0]
+    chosen: list[str] = []
+    for ins in rng.sample(INSTRUCTIONS, len(INSTRUCTIONS)):
+        if len(chosen) == n:
+            break
+        if any(ins in c and any(o in c for o in chosen) for c in CONFLICTS):
+            continue
+        chosen.append(ins)
+    return chosen
+
+
+def ifeval_example(rng: random.Random, heldout: bool):
+    """(prompt, response, instruction ids, kwargs) of one IFEval-style example."""
+    topic = rng.choice(HELDOUT_TOPICS if heldout else TRAIN_TOPICS)
+    adj = rng.choice(ADJS)
+    prompt = rng.choice(REQUESTS).format(t=topic, a=adj)
+    ids = _pick_instructions(rng)
+    kwargs, descr = [], []
+    end = k1 = k2 = None
+    for ins in ids:
+        text = rng.choice(DESCRIPTIONS[ins])
+        if ins == "startend:end_checker":
+            templates = HELDOUT_END_TEMPLATES if heldout and rng.random() < 0.5 else TRAIN_END_TEMPLATES
+            end = rng.choice(templates).format(n=rng.choice(SING))
+            kwargs.append({"end_phrase": end})
+            text = text.format(end=end)
+        elif ins == "keywords:existence":
+            k1, k2 = rng.sample([w for w in SING if w != topic], 2)
+            kwargs.append({"keywords": [k1, k2]})
+            text = text.format(k1=k1, k2=k2)
+        elif ins == "detectable_content:postscript":
+            kwargs.append({"postscript_marker": "P.S."})
+        else:
+            kwargs.append({})
+        descr.append(text)
+    prompt = prompt + " " + " ".join(descr)
+
+    # the response: [title] body [keywords sentence] [end phrase] [P.S.], then case and quotes
+    no_comma = "punctuation:no_comma" in ids
+    sents = []
+    body = _sentence(rng, noun=topic)
+    while no_comma and "," in body:
+        body = _sentence(rng, noun=topic)
+    sents.append(body)
+    if k1:
+        sents.append(f"the {k1} is {rng.choice(ADJS)} and the {k2} is {rng.choice(ADJS)}.")
+    elif rng.random() < 0.3:
+        extra = _sentence(rng)
+        while no_comma and "," in extra:
+            extra = _sentence(rng)
+        sents.append(extra)
+    text = _cap(" ".join(sents))
+    if "detectable_format:title" in ids:
+        text = f"<<{_cap(rng.choice(['the ' + topic, adj + ' ' + topic, 'my ' + topic]))}>>\n" + text
+    if end:
+        text = text + " " + end
+    if "detectable_content:postscript" in ids:
+        text = text + "\nP.S. " + _cap(f"the {rng.choice(SING)} is {rng.choice(ADJS)}.")
+    if "change_case:english_capital" in ids:
+        text = text.upper()
+    elif "change_case:english_lowercase" in ids:
+        text = text.lower()
+    if "startend:quotation" in ids:
+        text = f'"{text}"'
+    return prompt, text, ids, kwargs
+
+
+def doc_ifeval(rng: random.Random):
+    prompt, response, _, _ = ifeval_example(rng, heldout=False)
+    return [(prompt, 0.2), ("\n" + response, 1.0)]
+
+
+TRAIN_MIX = [("kv_recall", doc_kv, 0.22), ("copying", doc_copy, 0.16), ("counting", doc_count, 0.14),
+             ("agreement", doc_agree, 0.10), ("ifeval", doc_ifeval, 0.30), ("text", doc_text, 0.08)]
+
+
+def training_docs(seed: int, n: int) -> list[list[tuple[str, float]]]:
+    rng = random.Random(f"train-{seed}")
+    names = [m[0] for m in TRAIN_MIX]
+    gens = {m[0]: m[1] for m in TRAIN_MIX}
+    weights = [m[2] for m in TRAIN_MIX]
+    return [gens[rng.choices(names, weights)[0]](rng) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Held-out demo data
+# ----------------------------------------------------------------------------------------------
+
+
+def demo_data(seed: int, train_docs, n_mc: int, n_ifeval: int, n_text: int) -> dict:
+    """Held-out examples, none of whose contexts / prompts / documents occur in training."""
+    seen = {"".join(t for t, _ in d) for d in train_docs}
+    # the first segment of a training document is its task instance (the key-value list, the list
+    # to copy or count, the agreement subject phrase): held-out examples use unseen instances
+    seen_instances = {d[0][0] for d in train_docs}
+    out = {}
+    for task in MC_TASKS:
+        rng = random.Random(f"heldout-{task}-{seed}")
+        rows, contexts = [], set()
+        while len(rows) < n_mc:
+            ex = MC_GENERATORS[task](rng, eval_mode=True)
+            sig = ex.pop("_sig")
+            if sig in seen_instances or sig in contexts:
+                continue
+            contexts.add(sig)
+            rows.append(ex)
+        out[task] = rows
+    rng = random.Random(f"heldout-ifeval-{seed}")
+    train_prompts = {d[0][0] for d in train_docs if len(d) == 2 and d[1][0].startswith("\n")}
+    prompts, rows = set(), []
+    while len(rows) < n_ifeval:
+        prompt, _, ids, kwargs = ifeval_example(rng, heldout=True)
+        if prompt in train_prompts or prompt in prompts:
+            continue
+        prompts.add(prompt)
+        rows.append({"key": 1000 + len(rows), "prompt": prompt, "instruction_id_list": ids,
+                     "kwargs": kwargs})
+    out["ifeval"] = rows
+    rng = random.Random(f"heldout-text-{seed}")
+    texts = []
+    while len(texts) < n_text:
+        t = doc_text(rng)[0][0]
+        if t not in seen:
+            texts.append(t)
+    out["text"] = texts
+    return out
+
+
+def write_demo_data(directory: Path, data: dict) -> dict:
+    directory.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for task in MC_TASKS:
+        path = directory / f"{task}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in data[task]))
+        sizes[path.name] = len(data[task])
+    path = directory / "ifeval_demo.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in data["ifeval"]))
+    sizes[path.name] = len(data["ifeval"])
+    path = directory / "text.txt"
+    path.write_text("\n\n".join(data["text"]) + "\n")
+    sizes[path.name] = len(data["text"])
+    return sizes
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and batches
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tokenizer(docs, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    texts = ["".join(t for t, _ in d) for d in docs]
+    # every word of the grammar in lower, sentence and upper case, often enough to be one token each
+    words = " ".join(SING + PLUR + ADJS + PREPS + [v for p in VERBS for v in p])
+    texts += [words, _cap(words.replace(" ", ". ")), words.upper()] * 40
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS, model_max_length=2048, clean_up_tokenization_spaces=False)
+
+
+def encode_docs(tokenizer, docs, eos_id: int):
+    """Token ids and weights of each document (segments encoded separately, as lm-eval would)."""
+    segments = [t for d in docs for t, _ in d]
+    enc = tokenizer(segments, add_special_tokens=False)["input_ids"]
+    out, k = [], 0
+    for d in docs:
+        ids, ws = [], []
+        for _, w in d:
+            ids += enc[k]
+            ws += [w] * len(enc[k])
+            k += 1
+        ids.append(eos_id)
+        ws.append(1.0)
+        out.append((ids, ws))
+    return out
+
+
+def pack_rows(encoded, seq_len: int, eos_id: int):
+    """Whole documents packed into rows of seq_len tokens (a row starts with a document)."""
+    rows_x, rows_w, cur_x, cur_w = [], [], [], []
+    for ids, ws in encoded:
+        if len(ids) > seq_len:
+            continue
+        if len(cur_x) + len(ids) > seq_len:
+            pad = seq_len - len(cur_x)
+            rows_x.append(cur_x + [eos_id] * pad)
+            rows_w.append(cur_w + [0.0] * pad)
+            cur_x, cur_w = [], []
+        cur_x += ids
+        cur_w += ws
+    return torch.tensor(rows_x), torch.tensor(rows_w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation helpers (also used for the figures in the docstring)
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_mc(tokenizer, rows) -> list[tuple[list[int], list[int], int]]:
+    """(context ids, one token id per choice, label) per example; choices must be single tokens
+    when tokenised the lm-eval way (context + choice encoded whole, context ids as its prefix)."""
+    prepared = []
+    for r in rows:
+        ctx = tokenizer(r["context"], add_special_tokens=False)["input_ids"]
+        choice_ids = []
+        for ch in r["choices"]:
+            full = tokenizer(r["context"] + ch, add_special_tokens=False)["input_ids"]
+            if full[:len(ctx)] != ctx or len(full) != len(ctx) + 1:
+                raise ValueError(f"choice {ch!r} of {r['context']!r} is not one token")
+            choice_ids.append(full[-1])
+        prepared.append((ctx, choice_ids, r["label"]))
+    return prepared
+
+
+@torch.no_grad()
+def mc_correct(model, prepared, batch_size: int = 100) -> list[bool]:
+    """Per-example correctness: argmax over single-token choices of log p(choice | context).
+    Rows are right-padded; the model is causal, so padding never changes the scored position."""
+    results = []
+    for start in range(0, len(prepared), batch_size):
+        chunk = prepared[start:start + batch_size]
+        width = max(len(c) for c, _, _ in chunk)
+        x = torch.tensor([c + [0] * (width - len(c)) for c, _, _ in chunk])
+        logits = model(input_ids=x).logits.float()
+        last = logits[torch.arange(len(chunk)), torch.tensor([len(c) - 1 for c, _, _ in chunk])]
+        logp = torch.log_softmax(last, -1)
+        for (_, choice_ids, label), lp in zip(chunk, logp):
+            results.append(int(lp[torch.tensor(choice_ids)].argmax()) == label)
+    return results
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 96) -> str:
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def ifeval_scores(rows, responses) -> dict | None:
+    try:
+        import langdetect
+        from lm_eval.tasks.ifeval.utils import process_results
+    except ImportError:
+        return None
+    langdetect.DetectorFactory.seed = 0
+    res = [process_results(r, [resp]) for r, resp in zip(rows, responses)]
+    inst = [x for r in res for x in r["inst_level_strict_acc"]]
+    return {"prompt_level_strict_acc": 100 * float(np.mean([r["prompt_level_strict_acc"] for r in res])),
+            "inst_level_strict_acc": 100 * float(np.mean(inst)),
+            "prompt_level_loose_acc": 100 * float(np.mean([r["prompt_level_loose_acc"] for r in res])),
+            "per_prompt": [bool(r["prompt_level_strict_acc"]) for r in res]}
+
+
+def sign_test_p(hurt: int, helped: int) -> float:
+    """Two-sided exact binomial (sign) test of hurt vs helped flips, p = 0.5."""
+    n = hurt + helped
+    if n == 0:
+        return 1.0
+    k = min(hurt, helped)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def benjamini_hochberg(pvalues: list[float]) -> list[float]:
+    m = len(pvalues)
+    order = sorted(range(m), key=lambda i: pvalues[i])
+    q = [0.0] * m
+    running = 1.0
+    for rank in range(m, 0, -1):
+        i = order[rank - 1]
+        running = min(running, pvalues[i] * m / rank)
+        q[i] = running
+    return q
+
+
+@torch.no_grad()
+def neuron_scan(model, tokenizer, rows, layer: int = LAYER) -> list[dict]:
+    """Zero-ablate each delta neuron of `layer` alone; flips of per-example correctness."""
+    rows = prepare_mc(tokenizer, rows)
+    base = mc_correct(model, rows)
+    proj = model.backbone.layers[layer].mixer.dt_proj
+    out = []
+    for i in range(proj.out_features):
+        w, b = proj.weight[i].clone(), proj.bias[i].clone()
+        proj.weight[i] = 0
+        proj.bias[i] = 0
+        abl = mc_correct(model, rows)
+        proj.weight[i] = w
+        proj.bias[i] = b
+        hurt = sum(1 for a, c in zip(base, abl) if a and not c)
+        helped = sum(1 for a, c in zip(base, abl) if c and not a)
+        out.append({"neuron": i, "hurt": hurt, "helped": helped,
+                    "impact": 100 * (sum(base) - sum(abl)) / len(rows), "p": sign_test_p(hurt, helped)})
+    for r, q in zip(out, benjamini_hochberg([r["p"] for r in out])):
+        r["q"] = q
+    return out
+
+
+def evaluate(model, tokenizer, data: dict, n_mc: int, n_ifeval: int, scan: bool, log) -> dict:
+    model.eval()
+    summary = {"mc": {}}
+    rows_all = []
+    for task in MC_TASKS:
+        rows = data[task][:n_mc]
+        acc = 100 * float(np.mean(mc_correct(model, prepare_mc(tokenizer, rows))))
+        chance = 100 * float(np.mean([1 / len(r["choices"]) for r in rows]))
+        summary["mc"][task] = {"accuracy": acc, "chance": chance, "examples": len(rows)}
+        log(f"  {task:10s} accuracy {acc:5.1f}%  (chance {chance:.0f}%, {len(rows)} examples)")
+        rows_all += rows
+    summary["mc_mean"] = float(np.mean([v["accuracy"] for v in summary["mc"].values()]))
+    summary["mc_chance_mean"] = float(np.mean([v["chance"] for v in summary["mc"].values()]))
+    log(f"  mean accuracy {summary['mc_mean']:.1f}% vs chance {summary['mc_chance_mean']:.1f}%")
+    t0 = time.time()
+    rows = data["ifeval"][:n_ifeval]
+    responses = [generate(model, tokenizer, r["prompt"]) for r in rows]
+    scores = ifeval_scores(rows, responses)
+    summary["ifeval_responses"] = responses
+    if scores:
+        summary["ifeval"] = {k: v for k, v in scores.items() if k != "per_prompt"}
+        log(f"  IFEval ({len(rows)} held-out prompts, {time.time() - t0:.0f}s): " + ", ".join(
+            f"{k} {v:.1f}%" for k, v in summary["ifeval"].items()))
+    for r, resp in list(zip(rows, responses))[:6]:
+        log(f"    {r['prompt']!r}\n      -> {resp!r}")
+    if scan:
+        t0 = time.time()
+        res = neuron_scan(model, tokenizer, rows_all)
+        sig = sorted((r for r in res if r["q"] < 0.05), key=lambda r: r["p"])
+        summary["neuron_scan"] = {"layer": LAYER, "examples": len(rows_all),
+                                  "significant": [r["neuron"] for r in sig], "results": res}
+        log(f"  layer {LAYER} single-neuron zero ablation over {len(rows_all)} examples "
+            f"({time.time() - t0:.0f}s): {len(sig)} neurons with BH q < 0.05")
+        for r in sorted(res, key=lambda r: r["p"])[:10]:
+            log(f"    neuron {r['neuron']:3d}: hurt {r['hurt']:3d} helped {r['helped']:3d} "
+                f"impact {r['impact']:+5.1f} pts  p {r['p']:.2g}  q {r['q']:.2g}")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Training-time selective scan: the same recurrence as transformers' reference scan
+# (h_t = exp(A dt_t) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t + D u_t, gated by silu(z)), run
+# sequentially in a (time, batch, state, channel) layout with a hand-written backward. On one CPU
+# thread it is about 2x faster than mambapy's parallel scan here (their broadcasts with an
+# innermost dimension of state_size=4 are slow). `check_fast_scan` compares it with the reference.
+# ----------------------------------------------------------------------------------------------
+
+import torch.nn.functional as F  # noqa: E402
+
+
+class _SequentialScan(torch.autograd.Function):
+    """h_t = a_t * h_{t-1} + b_t along dim 0 (h_{-1} = 0), with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        a, b = a.contiguous(), b.contiguous()
+        h = torch.empty_like(b)
+        h[0] = b[0]
+        for t in range(1, b.shape[0]):
+            torch.addcmul(b[t], a[t], h[t - 1], out=h[t])
+        ctx.save_for_backward(a, h)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        a, h = ctx.saved_tensors
+        grad_h = grad_h.contiguous()
+        g = torch.empty_like(grad_h)
+        n = g.shape[0]
+        g[n - 1] = grad_h[n - 1]
+        for t in range(n - 2, -1, -1):
+            torch.addcmul(grad_h[t], a[t + 1], g[t + 1], out=g[t])
+        grad_a = torch.empty_like(a)
+        grad_a[0] = 0
+        torch.mul(g[1:], h[:-1], out=grad_a[1:])
+        return grad_a, g
+
+
+def fast_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        return_last_state=False, **kwargs):
+    u = hidden_states.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.to(dt.dtype)[..., None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    dt_t = dt.permute(2, 0, 1).contiguous()          # (L, batch, D)
+    u_t = u.permute(2, 0, 1).contiguous()
+    dA = torch.exp(dt_t[:, :, None, :] * A.t().contiguous()[None, None])   # (L, batch, N, D)
+    bx = (dt_t * u_t)[:, :, None, :] * B.float().permute(2, 0, 1)[..., None]
+    h = _SequentialScan.apply(dA, bx)
+    y = torch.matmul(C.float().permute(2, 0, 1)[:, :, None, :], h).squeeze(2)   # (L, batch, D)
+    y = y.permute(1, 2, 0)
+    if D is not None:
+        y = y + u * D[None, :, None]
+    if z is not None:
+        y = y * F.silu(z)
+    y = y.to(hidden_states.dtype)
+    if return_last_state:
+        return y, h[-1].transpose(1, 2)
+    return y
+
+
+def check_fast_scan(config) -> float:
+    """Max |logit difference| between the fast scan and the reference scan on a random model."""
+    from transformers import MambaForCausalLM
+    from transformers.models.mamba import modeling_mamba
+
+    torch.manual_seed(1234)
+    cfg = config.__class__(**{**config.to_dict(), "use_mambapy": False})
+    model = MambaForCausalLM(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        original = modeling_mamba.mamba_selective_scan
+        modeling_mamba.mamba_selective_scan = fast_selective_scan
+        try:
+            fast = model(input_ids=x).logits
+        finally:
+            modeling_mamba.mamba_selective_scan = original
+    return float((ref - fast).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+LONG_MEMORY = (0.001, 0.1)   # initial time steps of layer LAYER (transformers' default range)
+SHORT_MEMORY = (0.5, 2.0)    # initial time steps of every other layer
+
+
+@torch.no_grad()
+def init_time_steps(model, seed: int) -> None:
+    """Make layer LAYER the long-memory layer: its delta biases start in the usual range (time
+    steps 0.001-0.1, state decay per token exp(-dt |A|) close to 1), every other layer's in
+    0.5-2 (the state forgets within a token or two). All stay trainable, but in a short run the
+    biases hardly move (measured: a run with the default range everywhere ended with its bias
+    quantiles unchanged), so information that must travel further than the conv window goes
+    through the SSM state of layer LAYER, whose delta neurons then matter one by one."""
+    g = torch.Generator().manual_seed(seed + 1)
+    for i, block in enumerate(model.backbone.layers):
+        lo, hi = LONG_MEMORY if i == LAYER else SHORT_MEMORY
+        n = block.mixer.dt_proj.bias.shape[0]
+        dt = torch.exp(torch.rand(n, generator=g) * (math.log(hi) - math.log(lo)) + math.log(lo))
+        block.mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+
+def set_seeds(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "mamba-tiny-demo"),
+                    help="output checkpoint directory (default models/mamba-tiny-demo)")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--seq_len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--vocab_size", type=int, default=1536)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    ap.add_argument("--log_every", type=int, default=25)
+    ap.add_argument("--save_every", type=int, default=0, help="also save the checkpoint every N steps")
+    ap.add_argument("--scan", choices=["fast", "mambapy", "reference"], default="fast",
+                    help="selective scan used for training (default fast: exact, see fast_selective_scan)")
+    ap.add_argument("--skip_eval", action="store_true", help="do not evaluate after training")
+    ap.add_argument("--scan_neurons", action="store_true",
+                    help=f"also zero-ablate each layer-{LAYER} delta neuron alone (a few minutes)")
+    ap.add_argument("--eval_only", action="store_true", help="evaluate the checkpoint in --out")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True)
+    import transformers
+    from transformers import GenerationConfig, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
+
+    transformers.logging.set_verbosity_error()
+    out = Path(args.out)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    set_seeds(args.seed)
+    n_docs = args.steps * args.batch_size * args.seq_len // 20 + 20000
+    docs = training_docs(args.seed, n_docs)
+    digest = hashlib.sha256("\x00".join("".join(t for t, _ in d) for d in docs).encode()).hexdigest()
+    log(f"corpus: {len(docs)} documents, sha256 {digest[:16]}")
+    data = demo_data(args.seed, docs, n_mc=400, n_ifeval=100, n_text=100)
+
+    if args.eval_only:
+        model = MambaForCausalLM.from_pretrained(out).eval()
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+        evaluate(model, tokenizer, data, 50, 100, args.scan_neurons, log)
+        return 0
+
+    tokenizer = build_tokenizer(docs[:20000], args.vocab_size)
+    eos_id = tokenizer.eos_token_id
+    assert eos_id == 0
+    log(f"tokenizer: {len(tokenizer)} tokens")
+    encoded = encode_docs(tokenizer, docs, eos_id)
+    lengths = np.array([len(i) for i, _ in encoded])
+    log(f"document tokens: mean {lengths.mean():.1f}, max {lengths.max()}, "
+        f"{int((lengths > args.seq_len).sum())} longer than {args.seq_len} dropped")
+    x_all, w_all = pack_rows(encoded, args.seq_len, eos_id)
+    need = args.steps * args.batch_size
+    assert len(x_all) >= need, (len(x_all), need)
+    log(f"packed rows: {len(x_all)} (using {need}), weighted tokens per row {w_all.gt(0).sum(1).float().mean():.1f}")
+
+    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=64, state_size=4, num_hidden_layers=24,
+                         expand=2, conv_kernel=4, time_step_rank="auto", use_bias=False, use_conv_bias=True,
+                         residual_in_fp32=True, tie_word_embeddings=True, pad_token_id=eos_id,
+                         bos_token_id=eos_id, eos_token_id=eos_id, use_mambapy=True, use_cache=True)
+    set_seeds(args.seed)
+    model = MambaForCausalLM(config)
+    init_time_steps(model, args.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: 24 layers, hidden 64, {config.intermediate_size} delta neurons per layer, state 4, "
+        f"{n_params} parameters")
+
+    from transformers.models.mamba import modeling_mamba
+
+    if args.scan == "fast":
+        log(f"fast scan vs reference scan: max |logit difference| {check_fast_scan(config):.2e}")
+        original_scan = modeling_mamba.mamba_selective_scan
+        modeling_mamba.mamba_selective_scan = fast_selective_scan
+    elif args.scan == "reference":
+        for layer in model.backbone.layers:
+            layer.mixer.use_mambapy = False
+
+    def save(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        use = [layer.mixer.use_mambapy for layer in model.backbone.layers]
+        model.config.use_mambapy = False  # saved config: the default reference scan
+        model.save_pretrained(path, safe_serialization=True)
+        model.config.use_mambapy = True
+        tokenizer.save_pretrained(path)
+        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False,
+                         max_new_tokens=96).save_pretrained(path)
+        for layer, u in zip(model.backbone.layers, use):
+            layer.mixer.use_mambapy = u
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "A_log" in name or "embeddings" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    warmup = max(1, args.steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return args.lr * (step + 1) / warmup
+        frac = (step - warmup) / max(1, args.steps - warmup)
+        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(x_all), generator=g)[:need]
+    model.train()
+    t_train = time.time()
+    run_loss = run_acc = 0.0
+    for step in range(args.steps):
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+        x, w = x_all[idx], w_all[idx]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        target, weight = x[:, 1:], w[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                reduction="none").view_as(weight)
+        loss = (nll * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            hit = (logits.argmax(-1) == target).float()
+            key = weight >= 1.0
+            run_acc += float(hit[key].mean())
+        run_loss += loss.item()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            k = (step % args.log_every) + 1
+            el = time.time() - t_train
+            log(f"step {step + 1:5d}/{args.steps}  loss {run_loss / k:.4f}  answer-token acc "
+                f"{100 * run_acc / k:5.1f}%  lr {lr_at(step):.2e}  {el / (step + 1):.2f}s/step")
+            run_loss = run_acc = 0.0
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save(out)
+            log(f"checkpoint saved at step {step + 1}")
+    train_time = time.time() - t_train
+    log(f"training: {args.steps} steps in {train_time / 60:.1f} min")
+
+    if args.scan == "fast":
+        modeling_mamba.mamba_selective_scan = original_scan
+    model.eval()
+    save(out)
+    sizes = write_demo_data(out / "demo_data", data)
+    total = sum(f.stat().st_size for f in out.glob("*") if f.is_file())
+    log(f"saved {out} ({total / 1e6:.2f} MB without demo_data); demo_data: {sizes}")
+
+    if not args.skip_eval:
+        model = MambaForCausalLM.from_pretrained(out).eval()
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+        evaluate(model, tokenizer, data, 50, 100, args.scan_neurons, log)
+    log(f"total wall time {(time.time() - t_start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
