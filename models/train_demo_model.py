@@ -36,9 +36,12 @@ mambapy 1.2). Training uses the mambapy parallel scan (`use_mambapy=True`, about
 the reference scan on CPU); the saved config has `use_mambapy=False` (the default reference scan),
 which gives the same logits up to float rounding.
 
-Committed checkpoint (seed 0, see MEASURED at the end of this docstring for the figures of the
-run that produced it; they are filled in from that run's printed summary):
-MEASURED
+Committed checkpoint: `--steps 1200 --seed 0`, 772,672 parameters, 3.2 MB. Measured on this
+project's 2-core machine (shared with other jobs): 37.5 min of training (about 1.5-1.9 s per step),
+then on 50 held-out examples per task: kv_recall 24% (chance 25%: not learned), copying 90%,
+counting 42%, agreement 100% (mean 64.0% vs chance 31.2%); IFEval prompt-level strict 47.0% on the
+100 held-out demo prompts; single-neuron zero ablation of layer 20 over 200 examples: no neuron
+with BH q < 0.05 (the largest: neuron 57, 3 examples lost, none gained).
 """
 
 from __future__ import annotations
