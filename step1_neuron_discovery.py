@@ -109,10 +109,10 @@ def main() -> None:
     records = neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"].tolist(), args.seed)
     if screened:
         screened.update(attach_estimates(records, screened["attribution_estimates"]))
-        rho = screened["spearman_margin_loss"]
-        print(f"attribution vs exact impact on {len(neurons)} verified neurons: Spearman "
-              f"{'n/a' if rho is None else f'{rho:.3f}'} (estimated margin loss), "
-              f"{screened['spearman_estimated_impact']} (estimated impact)")
+        rhos = [screened[k] for k in ("spearman_estimated_impact", "spearman_margin_loss")]
+        shown = ["n/a" if r is None else f"{r:.3f}" for r in rhos]
+        print(f"attribution vs exact impact on {len(neurons)} verified neurons: Spearman {shown[0]} "
+              f"(estimated impact), {shown[1]} (estimated margin loss)")
     result = discovery_result(examples, baseline, records, args.threshold, layer, args.model, tasks,
                               args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation,
                               engine=args.engine, method=args.method, neurons_tested=len(neurons), **screened)
