@@ -417,7 +417,7 @@ def request_scores(lm_head, hidden: Tensor, items: list[Encoded], lengths: list[
     rows = [r for r, e in enumerate(items) for _ in range(e.n_target)]
     positions = [p for e, n in zip(items, lengths) for p in range(n - e.n_target, n)]
     targets = torch.tensor([t for e in items for t in e.tokens[-e.n_target:]], device=hidden.device)[:, None]
-    logits = lm_head(hidden[rows, positions]).float()
+    logits = lm_head(hidden[rows, positions].to(lm_head.weight.dtype)).float()
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0]
     margin = logits.gather(-1, targets)[:, 0] - logits.scatter(-1, targets, -torch.inf).amax(-1)
     sizes = [e.n_target for e in items]
@@ -454,7 +454,7 @@ def batch_gradient(model, layer: int, ids: Tensor, items: list[Encoded], lengths
     with torch.enable_grad():
         A = -torch.exp(mixer.A_log.detach().float())
         y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D.detach(), gate)
-        out = residual + mixer.out_proj(y.transpose(1, 2).to(hidden.dtype))
+        out = residual + mixer.out_proj(y.transpose(1, 2).to(mixer.out_proj.weight.dtype))
         scores = request_scores(model.lm_head, suffix(model, layer, out), items, lengths, kinds)
         (grad,) = torch.autograd.grad(scores.sum(), dt_pre)
     return scores.detach(), grad, dt_pre.detach()

@@ -86,7 +86,7 @@ def target_scores(lm_head, hidden: torch.Tensor, encoded: list[Encoded], lengths
     rows = [r for r, e in enumerate(encoded) for _ in range(e.n_target)]
     positions = [p for e, n in zip(encoded, lengths) for p in range(n - e.n_target, n)]
     targets = torch.tensor([t for e in encoded for t in e.tokens[-e.n_target:]], device=hidden.device)
-    logits = lm_head(hidden[rows, positions]).float()
+    logits = lm_head(hidden[rows, positions].to(lm_head.weight.dtype)).float()  # residual_in_fp32: fp32 hidden
     token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
     token_ok = torch.isfinite(logits).all(-1)
     token_greedy = (logits.argmax(-1) == targets) & token_ok

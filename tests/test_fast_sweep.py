@@ -104,6 +104,20 @@ def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, token
         np.testing.assert_array_equal(greedy, reference_greedy)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fast_equals_naive_in_half_precision(tokenizer, encoded, dtype):
+    """Half-precision weights (the scan and the rank-1 correction stay in float32): agreement to
+    half-precision rounding, identical greedy flags."""
+    from tiny import make_model
+
+    model = make_model(tokenizer).to(dtype)
+    intervention = Intervention("scale", 0.0)
+    naive_lp, naive_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 20, NEURONS, intervention, engine="naive")
+    fast_lp, fast_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 20, NEURONS, intervention, engine="fast")
+    np.testing.assert_allclose(fast_lp, naive_lp, rtol=2e-3, atol=1e-2)
+    np.testing.assert_array_equal(fast_greedy, naive_greedy)
+
+
 def test_fast_reports_non_finite_logits_as_nan(tiny_model, tokenizer, encoded):
     lp, greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, [3], Intervention("scale", float("inf")))
     naive_lp, _ = sweep_loglikelihoods(tiny_model, tokenizer, encoded, 20, [3], Intervention("scale", float("inf")),
