@@ -26,7 +26,7 @@ from delta_steering.results_io import run_record, write_json
 from delta_steering.scoring import encode_examples, evaluate
 from delta_steering.steering import num_layers, steer
 from delta_steering.sweep import ENGINES, Intervention, sweep_correctness
-from delta_steering.tasks import load_examples, load_task
+from delta_steering.tasks import BUILTIN_TASKS, load_examples
 from mamba_model_loader import describe
 from pile_dataset_loader import load_pile_texts
 
@@ -95,7 +95,7 @@ def main() -> None:
         check_layer(model, other, "--perplexity_layers")
     data_dir = args.data_dir or step1.get("data_dir")
     examples = load_examples(tasks, data_dir, "heldout", args.num_examples)
-    unpartitioned = [t for t in tasks if not load_task(t, data_dir).partitioned]
+    unpartitioned = [t for t in tasks if t not in BUILTIN_TASKS]  # custom .jsonl files
     if unpartitioned:
         print(f"note: custom task files have no held-out partition and are used in file order; they should "
               f"not be the files step 1 ran on: {', '.join(unpartitioned)}")
