@@ -31,7 +31,7 @@ test: install
 DEMO_MODEL := models/mamba-tiny-demo
 DEMO_DATA := $(DEMO_MODEL)/demo_data
 DEMO_OUT ?= demo_results
-DEMO_TASKS := copying counting agreement
+DEMO_TASKS := ifeval_format copying counting agreement
 comma := ,
 empty :=
 space := $(empty) $(empty)

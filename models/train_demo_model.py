@@ -1,47 +1,74 @@
 """Train the bundled demo model `models/mamba-tiny-demo/` and write its demo data, on CPU, offline.
 
-    .venv/bin/python models/train_demo_model.py                 # seed 0, the committed checkpoint
+    .venv/bin/python models/train_demo_model.py --scan_neurons   # seed 0: the committed checkpoint
     .venv/bin/python models/train_demo_model.py --steps 20 --out /tmp/demo-check --skip_eval
+    .venv/bin/python models/train_demo_model.py --eval_only --scan_neurons  # rewrite demo_data, evaluate
 
 Everything comes from this file: a deterministic synthetic corpus (no downloaded data), a byte-level
-BPE tokenizer trained on it, and a small 24-layer Mamba-1 (`MambaForCausalLM`, hidden 64 -> 128
-delta neurons per layer) trained from scratch, so that the default layer 20 of the three steps
-applies unchanged. The corpus mixes
+BPE tokenizer trained on it (1536 tokens, EOS/BOS/pad/unk `<|endoftext|>` = id 0), and a small
+24-layer Mamba-1 (`MambaForCausalLM`, hidden 64 -> 128 delta neurons per layer, state size 4)
+trained from scratch, so that the default layer 20 of the three steps applies unchanged.
+The corpus mixes
 
 * memory tasks whose answer needs information from earlier in the sequence: key-value recall,
   copying (induction), counting, and subject-verb agreement across attractor phrases;
 * IFEval-style prompts built from IFEval's own checkable instruction types
   (change_case:english_capital / english_lowercase, punctuation:no_comma, startend:end_checker,
   startend:quotation, keywords:existence, detectable_format:title, detectable_content:postscript)
-  with compliant responses, each terminated by the EOS token `<|endoftext|>` so greedy generation
-  stops;
+  with compliant responses (prompt + "\n" + response), each terminated by the EOS token so greedy
+  generation stops;
 * plain sentences of the same small grammar (language modelling, perplexity).
 
-The script then writes `<out>/demo_data/` from held-out generations (different random streams,
-deduplicated against the training corpus; the IFEval prompts use topics never used as a topic in
-training and new end phrases / keyword pairs):
+Layer 20 is made the model's long-memory layer (`init_time_steps`): its delta biases start in the
+usual range (time steps 0.001-0.1), those of every other layer at 0.5-2 (a state that forgets within
+a token or two). Everything stays trainable. Remembering a format instruction across the rest of a
+prompt then goes through layer 20's SSM state, and single delta neurons of layer 20 carry it.
+(Without this, in a first run with the default range in every layer, no single layer-20 neuron was
+significant: the short-range tasks are solved through the conv windows of many layers.)
 
-* `kv_recall.jsonl`, `copying.jsonl`, `counting.jsonl`, `agreement.jsonl`: multiple-choice tasks
-  in the custom format of SPEC section 3, {"context", "choices", "label"}; every choice is one
-  token (" 7", " river", " is") appended verbatim to the context, so lm-eval-style log-likelihood
-  scoring needs a single forward pass per context;
-* `ifeval_demo.jsonl`: IFEval-format prompts (key, prompt, instruction_id_list, kwargs, the kwargs
-  one dict per instruction with the argument names of lm-eval's checkers, as google/IFEval);
-* `text.txt`: documents separated by blank lines, for perplexity.
+The script then writes `<out>/demo_data/` from held-out generations (other random streams,
+deduplicated against the training corpus; IFEval prompts only with the 16 topics never used as a
+topic in training, and with new end phrases / keyword pairs):
+
+* multiple-choice tasks in the custom format of SPEC section 3, {"context", "choices", "label"},
+  400 examples each; every choice is one token appended verbatim to the context:
+  - `ifeval_format.jsonl`: the first token of the response to a held-out IFEval-style prompt,
+    decided by a format instruction given 10-60 tokens earlier: '"', '<<', 'THE' or 'the', with
+    the plain 'The' as a distractor (chance 20%);
+    the task whose answers rely on layer 20 (see the figures below);
+  - `copying.jsonl` (4 choices), `agreement.jsonl` (" is" / " are"), `counting.jsonl` (" 1"-" 4");
+  key-value recall is in the training mix but not learned (chance level), so it is not shipped;
+* `ifeval_demo.jsonl`: 100 IFEval-format prompts (key, prompt, instruction_id_list, kwargs: one
+  dict per instruction with the argument names of lm-eval's checkers, as google/IFEval), disjoint
+  from the prompts of ifeval_format.jsonl;
+* `text.txt`: 100 documents separated by blank lines, for perplexity.
+
+Training: AdamW (betas 0.9/0.95, weight decay 0.05 on matrices), peak lr 3e-3, 5% warmup, cosine to
+10%, batch 16 x 128 tokens of whole packed documents, loss weighted towards answers and responses.
+It uses `fast_selective_scan`, an exact sequential scan with a hand-written backward (max logit
+difference to the reference scan 5e-6, checked at start-up), about 2x faster on one CPU thread
+than the mambapy parallel scan (about 1.1-1.2 s per step unloaded vs 2.4 s). The saved config has
+`use_mambapy=False` (the default reference scan); use_mambapy=True gives the same logits to 2e-5.
 
 Reproducibility: seed 0 (python `random`, numpy, torch), `torch.use_deterministic_algorithms`,
-one CPU thread; the corpus, the tokenizer and demo_data are identical on every run, and the
-weights are identical on the same machine and software (torch 2.13 CPU, transformers 5.24,
-mambapy 1.2). Training uses the mambapy parallel scan (`use_mambapy=True`, about 3x faster than
-the reference scan on CPU); the saved config has `use_mambapy=False` (the default reference scan),
-which gives the same logits up to float rounding.
+one CPU thread (`--threads`). The corpus (sha256 prefix ba7a36d2f4f65f38 for --steps 1200), the
+tokenizer and demo_data are identical on every run; the weights are identical on the same machine
+and software (torch 2.13 CPU, transformers 5.24) - checked by training twice for a few steps.
 
-Committed checkpoint: `--steps 1200 --seed 0`, 772,672 parameters, 3.2 MB. Measured on this
-project's 2-core machine (shared with other jobs): 37.5 min of training (about 1.5-1.9 s per step),
-then on 50 held-out examples per task: kv_recall 24% (chance 25%: not learned), copying 90%,
-counting 42%, agreement 100% (mean 64.0% vs chance 31.2%); IFEval prompt-level strict 47.0% on the
-100 held-out demo prompts; single-neuron zero ablation of layer 20 over 200 examples: no neuron
-with BH q < 0.05 (the largest: neuron 57, 3 examples lost, none gained).
+Committed checkpoint: `--steps 1200 --seed 0` (the defaults), 772,672 parameters, model.safetensors
+3.1 MB (3.3 MB with tokenizer and configs). Measured on this project's 2-core machine, shared with
+other jobs: 37.5 min of training (1.0-1.5 s per step). Held-out figures (--eval_only):
+
+* accuracy on the first 200 examples of each task: ifeval_format 94.0% (chance 20%), copying 91.5%
+  (25%), agreement 100.0% (50%), counting 38.0% (25%); mean 80.9% vs chance 30.0%;
+* IFEval on the 100 prompts of ifeval_demo.jsonl (greedy, no chat template, stop at EOS, lm-eval's
+  checkers): prompt-level strict 47.0%, instruction-level strict 66.3%; the format instructions are
+  followed almost always, end_checker and keywords:existence (copying words from the prompt) rarely;
+* single-neuron zero ablation of layer 20 (each of the 128 neurons alone; exact sign test on the
+  examples whose correctness flips, Benjamini-Hochberg over the 128 neurons): ifeval_format first
+  100 examples: 5 neurons with q < 0.05 (110: 28 examples lost / 0 gained, 20: 30/1, 73: 26/0,
+  63: 21/0, 120: 21/1); first 50: 4 (110, 20, 63, 73); all four tasks, first 50 each: the same 4
+  (the other tasks lose no more than 3 examples to any single layer-20 neuron).
 """
 
 from __future__ import annotations
@@ -54,6 +81,7 @@ import os
 import random
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +193,9 @@ INSTRUCTIONS = list(DESCRIPTIONS)
 CONFLICTS = [{"change_case:english_capital", "change_case:english_lowercase"},
              {"startend:end_checker", "detectable_content:postscript"}]
 
-MC_TASKS = ["kv_recall", "copying", "counting", "agreement"]
+# multiple-choice tasks written to demo_data (kv_recall is in the training mix but this model does
+# not learn it: it stays at chance, so it is not shipped)
+MC_TASKS = ["ifeval_format", "copying", "agreement", "counting"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +307,8 @@ def doc_agree(rng: random.Random, eval_mode: bool = False):
     return [(phrase, 0.3), (verb, 1.0), (f" {rng.choice(ADJS)} .", 0.3)]
 
 
-MC_GENERATORS = {"kv_recall": doc_kv, "copying": doc_copy, "counting": doc_count,
+MC_GENERATORS = {"ifeval_format": lambda rng, eval_mode=True: format_example(rng),
+                 "kv_recall": doc_kv, "copying": doc_copy, "counting": doc_count,
                  "agreement": doc_agree}
 
 
@@ -349,6 +380,34 @@ def ifeval_example(rng: random.Random, heldout: bool):
     return prompt, text, ids, kwargs
 
 
+FORMAT_CHOICES = ['"', "<<", "THE", "The", "the"]
+FORMAT_DECIDERS = ["startend:quotation", "detectable_format:title", "change_case:english_capital",
+                   "change_case:english_lowercase"]
+
+
+def format_example(rng: random.Random) -> dict:
+    """Multiple-choice "ifeval_format": the first token of the response to a held-out IFEval-style
+    prompt, which only a format instruction given earlier in the prompt decides: '"' (quotation),
+    '<<' (title), 'THE' / 'the' (capital / lowercase letters). Every prompt has such an
+    instruction; 'The' (the plain response, what a model that lost the instruction writes) is a
+    distractor. The deciding instruction is always followed by at least one other instruction, so
+    it lies 10-60 tokens before the answer: the model must hold it in memory (the SSM state of
+    layer 20)."""
+    while True:
+        prompt, response, ids, _ = ifeval_example(rng, heldout=True)
+        decider = next((d for d in FORMAT_DECIDERS if d in ids), None)
+        if decider is None or ids.index(decider) == len(ids) - 1:
+            continue
+        body = response.strip('"')
+        if body.startswith("<<"):
+            body = body.split("\n", 1)[1]
+        if body.split(" ")[0].lower() != "the":  # compare case variants of the same word
+            continue
+        first = '"' if response.startswith('"') else "<<" if response.startswith("<<") else body.split(" ")[0]
+        return {"context": prompt + "\n", "choices": list(FORMAT_CHOICES),
+                "label": FORMAT_CHOICES.index(first), "_sig": prompt}
+
+
 def doc_ifeval(rng: random.Random):
     prompt, response, _, _ = ifeval_example(rng, heldout=False)
     return [(prompt, 0.2), ("\n" + response, 1.0)]
@@ -372,15 +431,27 @@ def training_docs(seed: int, n: int) -> list[list[tuple[str, float]]]:
 
 
 def demo_data(seed: int, train_docs, n_mc: int, n_ifeval: int, n_text: int) -> dict:
-    """Held-out examples, none of whose contexts / prompts / documents occur in training."""
+    """Held-out examples, none of whose contexts / prompts / documents occur in training (and the
+    prompts of ifeval_format and of ifeval_demo.jsonl are disjoint)."""
     seen = {"".join(t for t, _ in d) for d in train_docs}
     # the first segment of a training document is its task instance (the key-value list, the list
-    # to copy or count, the agreement subject phrase): held-out examples use unseen instances
+    # to copy or count, the agreement subject phrase, the IFEval prompt): held-out examples use
+    # unseen instances
     seen_instances = {d[0][0] for d in train_docs}
     out = {}
+    rng = random.Random(f"heldout-ifeval-{seed}")
+    prompts, rows = set(), []
+    while len(rows) < n_ifeval:
+        prompt, _, ids, kwargs = ifeval_example(rng, heldout=True)
+        if prompt in seen_instances or prompt in prompts:
+            continue
+        prompts.add(prompt)
+        rows.append({"key": 1000 + len(rows), "prompt": prompt, "instruction_id_list": ids,
+                     "kwargs": kwargs})
+    out["ifeval"] = rows
     for task in MC_TASKS:
         rng = random.Random(f"heldout-{task}-{seed}")
-        rows, contexts = [], set()
+        rows, contexts = [], set(prompts) if task == "ifeval_format" else set()
         while len(rows) < n_mc:
             ex = MC_GENERATORS[task](rng, eval_mode=True)
             sig = ex.pop("_sig")
@@ -389,17 +460,6 @@ def demo_data(seed: int, train_docs, n_mc: int, n_ifeval: int, n_text: int) -> d
             contexts.add(sig)
             rows.append(ex)
         out[task] = rows
-    rng = random.Random(f"heldout-ifeval-{seed}")
-    train_prompts = {d[0][0] for d in train_docs if len(d) == 2 and d[1][0].startswith("\n")}
-    prompts, rows = set(), []
-    while len(rows) < n_ifeval:
-        prompt, _, ids, kwargs = ifeval_example(rng, heldout=True)
-        if prompt in train_prompts or prompt in prompts:
-            continue
-        prompts.add(prompt)
-        rows.append({"key": 1000 + len(rows), "prompt": prompt, "instruction_id_list": ids,
-                     "kwargs": kwargs})
-    out["ifeval"] = rows
     rng = random.Random(f"heldout-text-{seed}")
     texts = []
     while len(texts) < n_text:
@@ -597,7 +657,7 @@ def evaluate(model, tokenizer, data: dict, n_mc: int, n_ifeval: int, scan: bool,
         acc = 100 * float(np.mean(mc_correct(model, prepare_mc(tokenizer, rows))))
         chance = 100 * float(np.mean([1 / len(r["choices"]) for r in rows]))
         summary["mc"][task] = {"accuracy": acc, "chance": chance, "examples": len(rows)}
-        log(f"  {task:10s} accuracy {acc:5.1f}%  (chance {chance:.0f}%, {len(rows)} examples)")
+        log(f"  {task:13s} accuracy {acc:5.1f}%  (chance {chance:.0f}%, {len(rows)} examples)")
         rows_all += rows
     summary["mc_mean"] = float(np.mean([v["accuracy"] for v in summary["mc"].values()]))
     summary["mc_chance_mean"] = float(np.mean([v["chance"] for v in summary["mc"].values()]))
@@ -614,16 +674,23 @@ def evaluate(model, tokenizer, data: dict, n_mc: int, n_ifeval: int, scan: bool,
     for r, resp in list(zip(rows, responses))[:6]:
         log(f"    {r['prompt']!r}\n      -> {resp!r}")
     if scan:
-        t0 = time.time()
-        res = neuron_scan(model, tokenizer, rows_all)
-        sig = sorted((r for r in res if r["q"] < 0.05), key=lambda r: r["p"])
-        summary["neuron_scan"] = {"layer": LAYER, "examples": len(rows_all),
-                                  "significant": [r["neuron"] for r in sig], "results": res}
-        log(f"  layer {LAYER} single-neuron zero ablation over {len(rows_all)} examples "
-            f"({time.time() - t0:.0f}s): {len(sig)} neurons with BH q < 0.05")
-        for r in sorted(res, key=lambda r: r["p"])[:10]:
-            log(f"    neuron {r['neuron']:3d}: hurt {r['hurt']:3d} helped {r['helped']:3d} "
-                f"impact {r['impact']:+5.1f} pts  p {r['p']:.2g}  q {r['q']:.2g}")
+        summary["neuron_scan"] = {}
+        sets = [("ifeval_format, first 100", data["ifeval_format"][:100]),
+                ("ifeval_format, first 50", data["ifeval_format"][:50])]
+        sets.append(("all tasks, first 50 each", [r for t in MC_TASKS for r in data[t][:50]]))
+        for name, rows in sets:
+            t0 = time.time()
+            with fast_scan():  # exact (see check_fast_scan), and faster than the reference scan
+                res = neuron_scan(model, tokenizer, rows)
+            sig = sorted((r for r in res if r["q"] < 0.05), key=lambda r: r["p"])
+            summary["neuron_scan"][name] = {"layer": LAYER, "examples": len(rows),
+                                            "significant": [r["neuron"] for r in sig], "results": res}
+            log(f"  layer {LAYER} single-neuron zero ablation, {name} ({len(rows)} examples, "
+                f"{time.time() - t0:.0f}s): {len(sig)} neurons with BH q < 0.05: "
+                f"{[r['neuron'] for r in sig]}")
+            for r in sorted(res, key=lambda r: r["p"])[:6]:
+                log(f"    neuron {r['neuron']:3d}: hurt {r['hurt']:3d} helped {r['helped']:3d} "
+                    f"impact {r['impact']:+5.1f} pts  p {r['p']:.2g}  q {r['q']:.2g}")
     return summary
 
 
@@ -690,6 +757,19 @@ def fast_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=N
     return y
 
 
+@contextmanager
+def fast_scan():
+    """Run transformers' Mamba with fast_selective_scan inside the block."""
+    from transformers.models.mamba import modeling_mamba
+
+    original = modeling_mamba.mamba_selective_scan
+    modeling_mamba.mamba_selective_scan = fast_selective_scan
+    try:
+        yield
+    finally:
+        modeling_mamba.mamba_selective_scan = original
+
+
 def check_fast_scan(config) -> float:
     """Max |logit difference| between the fast scan and the reference scan on a random model."""
     from transformers import MambaForCausalLM
@@ -735,6 +815,12 @@ def init_time_steps(model, seed: int) -> None:
         block.mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
 
+def write_special_tokens_map(path: Path) -> None:
+    """special_tokens_map.json, which transformers 5 no longer writes (older loaders read it)."""
+    tokens = {name: EOS for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    (Path(path) / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
+
+
 def set_seeds(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -760,7 +846,8 @@ def main() -> int:
     ap.add_argument("--skip_eval", action="store_true", help="do not evaluate after training")
     ap.add_argument("--scan_neurons", action="store_true",
                     help=f"also zero-ablate each layer-{LAYER} delta neuron alone (a few minutes)")
-    ap.add_argument("--eval_only", action="store_true", help="evaluate the checkpoint in --out")
+    ap.add_argument("--eval_only", action="store_true",
+                    help="no training: rewrite <out>/demo_data and evaluate the checkpoint in --out")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -783,9 +870,11 @@ def main() -> int:
     data = demo_data(args.seed, docs, n_mc=400, n_ifeval=100, n_text=100)
 
     if args.eval_only:
+        log(f"demo_data: {write_demo_data(out / 'demo_data', data)}")
         model = MambaForCausalLM.from_pretrained(out).eval()
+        model.requires_grad_(False)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
-        evaluate(model, tokenizer, data, 50, 100, args.scan_neurons, log)
+        evaluate(model, tokenizer, data, 200, 100, args.scan_neurons, log)
         return 0
 
     tokenizer = build_tokenizer(docs[:20000], args.vocab_size)
@@ -829,6 +918,7 @@ def main() -> int:
         model.save_pretrained(path, safe_serialization=True)
         model.config.use_mambapy = True
         tokenizer.save_pretrained(path)
+        write_special_tokens_map(path)
         GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False,
                          max_new_tokens=96).save_pretrained(path)
         for layer, u in zip(model.backbone.layers, use):
@@ -893,8 +983,9 @@ def main() -> int:
 
     if not args.skip_eval:
         model = MambaForCausalLM.from_pretrained(out).eval()
+        model.requires_grad_(False)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
-        evaluate(model, tokenizer, data, 50, 100, args.scan_neurons, log)
+        evaluate(model, tokenizer, data, 200, 100, args.scan_neurons, log)
     log(f"total wall time {(time.time() - t_start) / 60:.1f} min")
     return 0
 
