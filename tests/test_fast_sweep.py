@@ -11,6 +11,7 @@ from delta_steering.scoring import correctness, encode_examples, loglikelihoods,
 from delta_steering.steering import delta_statistics, steer
 from delta_steering.sweep import Intervention, sweep_correctness, sweep_loglikelihoods
 from delta_steering.tasks import Example
+from tiny import make_model
 
 NEURONS = [0, 13, 31]
 LAYERS = [0, 10, 20, 23]
@@ -108,8 +109,6 @@ def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, token
 def test_fast_equals_naive_in_half_precision(tokenizer, encoded, dtype):
     """Half-precision weights (the scan and the rank-1 correction stay in float32): agreement to
     half-precision rounding, identical greedy flags."""
-    from tiny import make_model
-
     model = make_model(tokenizer).to(dtype)
     intervention = Intervention("scale", 0.0)
     naive_lp, naive_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 20, NEURONS, intervention, engine="naive")
@@ -142,6 +141,11 @@ def mc_only(examples):
     return [e for e in examples if e.metric != "greedy"]
 
 
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(v.ravel())) for v in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 @pytest.mark.parametrize("layer", [10, 20])
 def test_attribution_matches_finite_differences(tiny_model, tokenizer, examples, layer):
     """For a factor near 1 the first-order estimate is the exact change up to O(eps^2)."""
@@ -163,10 +167,9 @@ def test_attribution_ranks_small_steering_effects(tiny_model, tokenizer, example
     encoded = encode_examples(tokenizer, examples)
     base, _ = loglikelihoods(tiny_model, tokenizer, encoded)
     intervention = Intervention("scale", 0.9)
-    exact = (fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, list(range(32)), intervention)[0] - base).ravel()
-    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, 20, intervention).ravel()
-    ranks = lambda v: np.argsort(np.argsort(v))  # noqa: E731
-    assert np.corrcoef(ranks(estimate), ranks(exact))[0, 1] > 0.9
+    exact = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, list(range(32)), intervention)[0] - base
+    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, 20, intervention)
+    assert spearman(estimate, exact) > 0.9
 
 
 def test_mean_ablation_estimate_is_the_zero_ablation_one_for_zero_means(tiny_model, tokenizer, examples, encoded):
