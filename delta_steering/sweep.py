@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from .scoring import Encoded, correctness, encode_examples, loglikelihoods
 from .steering import steer

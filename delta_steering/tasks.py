@@ -120,7 +120,7 @@ def _builtin_task(name: str, data_dir: str | None) -> Task:
         path = Path(data_dir) / name / f"{spec.split}.jsonl"
         if not path.is_file():
             raise UsageError(f"--data_dir has no file for task {name}: {path} not found")
-        docs, source = read_jsonl(path, f"task file"), str(path)
+        docs, source = read_jsonl(path, "task file"), str(path)
     else:
         docs, source = _hub_docs(name, spec), spec.hub_path
     examples = []
