@@ -18,16 +18,19 @@ from pathlib import Path
 import numpy as np
 
 from delta_steering import delta_statistics, num_delta_neurons, verify_steering_effect
-from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check_layer, check_neuron_ids,
+from delta_steering.cli import (UsageError, add_model_args, add_pile_args, add_sweep_args, check_layer, check_neuron_ids,
                                 check_positive, load_model, main_guard, parse_int_list)
 from delta_steering.discovery import (Checkpoint, attach_estimates, attribution_screen, discovery_result,
-                                      neuron_impacts, print_summary, run_sweep)
+                                      neuron_chunks, neuron_impacts, print_summary, run_sweep)
+from delta_steering.distributed import Workers, add_distributed_args, read_shards, start_workers, write_shard
 from delta_steering.results_io import run_record, write_json
-from delta_steering.scoring import encode_examples, evaluate, summarize
-from delta_steering.sweep import ENGINES, Intervention
+from delta_steering.scoring import chance_correctness, encode_examples, evaluate, summarize
+from delta_steering.sweep import Intervention
 from delta_steering.tasks import DEFAULT_TASKS, load_examples
 from mamba_model_loader import describe
 from pile_dataset_loader import load_pile_texts
+
+STEP = "step1"
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,37 +45,33 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=-2.0, help="beneficial: impact >= threshold")
     parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (default: all)")
     parser.add_argument("--ablation", default="zero", choices=["zero", "mean"])
-    parser.add_argument("--engine", default="fast", choices=list(ENGINES))
+    add_sweep_args(parser)
     parser.add_argument("--method", default="exact", choices=["exact", "attribution"],
                         help="attribution: first-order estimates of every neuron, then --verify_top re-measured")
     parser.add_argument("--verify_top", type=int, default=50, help="neurons re-measured exactly after attribution")
     add_pile_args(parser)
     parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
+    add_distributed_args(parser)
     parser.add_argument("--no_plots", action="store_true")
     return parser.parse_args()
 
 
-def fingerprint(args, neurons: list[int]) -> dict:
-    """The arguments that change results; engine, batch size and device do not."""
+def fingerprint(args) -> dict:
+    """The arguments that change results; engine, batch size, device and the work split do not."""
     keys = ("model", "tokenizer", "dtype", "seed", "validation_size", "layer", "tasks", "data_dir", "ablation",
-            "pile_samples", "pile_path", "method", "verify_top")
-    return {**{k: getattr(args, k) for k in keys}, "neurons": neurons}
+            "neurons", "pile_samples", "pile_path", "method", "verify_top")
+    return {k: getattr(args, k) for k in keys}
 
 
-@main_guard
-def main() -> None:
-    args = parse_args()
-    started = time.time()
-    check_positive(args.validation_size, "--validation_size")
-    check_positive(args.verify_top, "--verify_top")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    examples = load_examples(tasks, args.data_dir, "discovery", args.validation_size)
+def measure(args, workers: Workers, examples: list) -> tuple[dict, dict, Checkpoint]:
+    """Everything every process computes alike (the context: baseline, delta statistics, attribution
+    screen) and the correctness rows of this process's share of the neurons."""
     model, tokenizer = load_model(args)
     layer = check_layer(model, args.layer)
     requested = parse_int_list(args.neurons)
     neurons = check_neuron_ids(model, requested) if requested else list(range(num_delta_neurons(model)))
-    output_dir = Path(args.output_dir)
-    checkpoint = Checkpoint(output_dir / "step1_checkpoint.json", fingerprint(args, neurons), args.overwrite)
+    checkpoint = Checkpoint(Path(args.output_dir) / f"step1_checkpoint{workers.suffix}.json", fingerprint(args),
+                            args.overwrite)
     timings = {}
 
     texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
@@ -90,9 +89,12 @@ def main() -> None:
     base = summarize(examples, baseline)
     if base["accuracy"] is None:
         raise UsageError(f"the baseline has non-finite logits ({base['non_finite']}); try --dtype float32")
-    print(f"Baseline accuracy {base['accuracy']:.2f}% on {len(examples)} discovery examples (layer {layer})")
+    chance = summarize(examples, chance_correctness(examples))
+    print(f"Baseline accuracy {base['accuracy']:.2f}% (chance {chance['accuracy']:.2f}%) on {len(examples)} "
+          f"discovery examples (layer {layer})")
     for name, value in base["per_task"].items():
-        print(f"  {name:>24}: {value:6.2f}%  ({sum(e.task == name for e in examples)} examples)")
+        print(f"  {name:>24}: {value:6.2f}%  (chance {chance['per_task'][name]:5.2f}%, "
+              f"{sum(e.task == name for e in examples)} examples)")
 
     screened = {}
     if args.method == "attribution":
@@ -102,30 +104,69 @@ def main() -> None:
         timings["attribution"] = round(time.time() - t, 2)
         screened = {"attribution_estimates": estimates, "verified_neurons": neurons}
     t = time.time()
-    ablated = run_sweep(model, tokenizer, examples, encoded, layer, neurons, intervention, args.engine,
-                        args.batch_size, checkpoint)
+    chunks = workers.share(neuron_chunks(neurons, args.chunk_neurons))
+    rows = run_sweep(model, tokenizer, examples, encoded, layer, chunks, intervention, args.engine, args.batch_size,
+                     checkpoint)
     timings["sweep"] = round(time.time() - t, 2)
+    context = {"layer": layer, "neurons": neurons, "baseline": baseline.tolist(), "screened": screened,
+               "delta_statistics": {"delta_variance": stats["delta_variance"].tolist(),
+                                    "dt_pre_mean": [float(v) for v in stats["dt_pre_mean"]],
+                                    "num_tokens": int(stats["num_tokens"])},
+               "model_info": describe(model), "timings": timings}
+    return context, {str(n): row for n, row in rows.items()}, checkpoint
 
-    records = neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"].tolist(), args.seed)
+
+def report(args, context: dict, rows: dict, examples: list, started: float) -> None:
+    """Impacts, statistics, the JSON, the console summary and the plots, from the measured rows."""
+    neurons, baseline = context["neurons"], np.array(context["baseline"], dtype=float)
+    ablated = np.array([rows[str(n)] for n in neurons], dtype=float)
+    stats = context["delta_statistics"]
+    records = neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"], args.seed)
+    screened = dict(context["screened"])
     if screened:
         screened.update(attach_estimates(records, screened["attribution_estimates"]))
         rhos = [screened[k] for k in ("spearman_estimated_impact", "spearman_margin_loss")]
         shown = ["n/a" if r is None else f"{r:.3f}" for r in rhos]
         print(f"attribution vs exact impact on {len(neurons)} verified neurons: Spearman {shown[0]} "
               f"(estimated impact), {shown[1]} (estimated margin loss)")
-    result = discovery_result(examples, baseline, records, args.threshold, layer, args.model, tasks,
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    result = discovery_result(examples, baseline, records, args.threshold, context["layer"], args.model, tasks,
                               args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation,
                               engine=args.engine, method=args.method, neurons_tested=len(neurons), **screened)
-    result["run"] = run_record(args, describe(model), started, timings=timings)
+    result["run"] = run_record(args, context["model_info"], started, timings=context["timings"])
     write_json(args.save_path, result)
-    checkpoint.remove()
     print_summary(result)
     if not args.no_plots:
         from delta_steering.plots import plot_discovery
 
-        for path in plot_discovery(result, output_dir):
+        for path in plot_discovery(result, args.output_dir):
             print(f"plot: {path}")
     print(f"results: {args.save_path}")
+
+
+@main_guard
+def main() -> None:
+    args = parse_args()
+    started = time.time()
+    check_positive(args.validation_size, "--validation_size")
+    check_positive(args.verify_top, "--verify_top")
+    check_positive(args.chunk_neurons, "--chunk_neurons")
+    workers = start_workers(args)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    examples = load_examples(tasks, args.data_dir, "discovery", args.validation_size)
+    if args.merge is not None:
+        context, rows = read_shards(args.merge, args.output_dir, STEP, fingerprint(args))
+        return report(args, context, rows, examples, started)
+    context, rows, checkpoint = measure(args, workers, examples)
+    if workers.launcher == "shard":
+        path = write_shard(args.output_dir, STEP, workers, fingerprint(args), context, rows)
+        checkpoint.remove()
+        return print(f"shard: {path}")
+    rows = workers.gather(rows)
+    if workers.writes_outputs:
+        report(args, context, rows, examples, started)
+    workers.barrier()  # every rank keeps its checkpoint until the results are written
+    checkpoint.remove()
 
 
 if __name__ == "__main__":

@@ -13,24 +13,29 @@ from __future__ import annotations
 
 import argparse
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
+
 from delta_steering import verify_steering_effect
-from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check_layer, check_positive, load_model,
-                                main_guard, parse_float_list, parse_int_list)
-from delta_steering.discovery import STEP1_DEFAULTS, impact_groups, load_discovery, locate
-from delta_steering.factors import (DEFAULT_FACTORS, Comparison, amplify_group, importance_ranking, optimal_factor,
+from delta_steering.cli import (UsageError, add_model_args, add_pile_args, add_sweep_args, check_layer,
+                                check_positive, load_model, main_guard, parse_float_list, parse_int_list)
+from delta_steering.discovery import STEP1_DEFAULTS, impact_groups, load_discovery, locate, neuron_chunks
+from delta_steering.distributed import Workers, add_distributed_args, read_shards, start_workers, write_shard
+from delta_steering.factors import (DEFAULT_FACTORS, Comparison, factor_entries, importance_ranking, optimal_factor,
                                     print_group_table, ranked_neurons)
 from delta_steering.perplexity import perplexity
 from delta_steering.results_io import run_record, write_json
-from delta_steering.scoring import encode_examples, evaluate
+from delta_steering.scoring import chance_correctness, encode_examples, evaluate, summarize
 from delta_steering.steering import num_layers, steer
-from delta_steering.sweep import ENGINES, Intervention, sweep_correctness
+from delta_steering.sweep import Intervention, sweep_correctness
 from delta_steering.tasks import BUILTIN_TASKS, load_examples
 from mamba_model_loader import describe
 from pile_dataset_loader import load_pile_texts
 
 RESULTS_NAME = "cluster9_ablation_results_all_neurons.json"
+STEP = "step2"
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,42 +52,67 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--factors", default=",".join(f"{f:g}" for f in DEFAULT_FACTORS))
     parser.add_argument("--max_neurons", type=int, default=None, help="rank only the N largest |step-1 impact|")
     parser.add_argument("--sample_neurons", type=int, default=None, help="rank N step-1 neurons drawn at random")
-    parser.add_argument("--engine", default="fast", choices=list(ENGINES))
+    add_sweep_args(parser)
     parser.add_argument("--perplexity_ablation", action="store_true",
                         help="Pile perplexity with the High Impact neurons ablated / amplified at each layer")
     parser.add_argument("--perplexity_layers", default=None, help="layers for --perplexity_ablation (default: all)")
     add_pile_args(parser)
     parser.add_argument("--no_plots", action="store_true")
+    add_distributed_args(parser)
     return parser.parse_args()
 
 
-def perplexity_by_layer(model, tokenizer, texts, layers, neurons, factor, batch_size) -> dict:
-    """Pile perplexity at baseline and with the neurons ablated / amplified at each layer."""
-    result = {"baseline": perplexity(model, tokenizer, texts, batch_size=batch_size), "neurons": neurons,
-              "factor": factor, "layers": []}
-    for layer in layers:
-        entry = {"layer": layer}
-        with steer(model, layer, neurons, 0.0):
-            entry["ablated"] = perplexity(model, tokenizer, texts, batch_size=batch_size)
-        if factor is not None:
-            with steer(model, layer, neurons, factor):
-                entry["amplified"] = perplexity(model, tokenizer, texts, batch_size=batch_size)
-        result["layers"].append(entry)
-        print(f"  layer {layer:>3}: ablated {entry['ablated']:.3f}"
-              + (f", amplified x{factor:g} {entry['amplified']:.3f}" if factor is not None else ""))
-    return result
+def fingerprint(args) -> dict:
+    """The arguments that change results; engine, batch size, device and the work split do not."""
+    keys = ("model", "tokenizer", "dtype", "seed", "num_examples", "neurons_file", "allow_model_mismatch", "layer",
+            "tasks", "data_dir", "factors", "max_neurons", "sample_neurons", "perplexity_ablation",
+            "perplexity_layers", "pile_samples", "pile_path")
+    return {k: getattr(args, k) for k in keys}
 
 
-@main_guard
-def main() -> None:
-    args = parse_args()
-    started = time.time()
-    check_positive(args.num_examples, "--num_examples")
-    check_positive(args.max_neurons, "--max_neurons")
-    check_positive(args.sample_neurons, "--sample_neurons")
-    factors = parse_float_list(args.factors)
-    if any(f <= 0 for f in factors):
-        raise UsageError("--factors must be positive (0 is ablation, which step 1 measures)")
+def factor_key(group: str, factor: float) -> str:
+    return f"factor/{group}/{factor!r}"
+
+
+def perplexity_key(layer: int | None, factor: float | None) -> str:
+    return f"perplexity/{layer}/{factor!r}"
+
+
+class Measurements:
+    """Step 2's units of work on the loaded model, each giving named results: a group amplified by a
+    factor, a chunk of ranked neurons ablated one at a time, Pile perplexity with the High Impact
+    neurons steered at one layer."""
+
+    def __init__(self, args, model, tokenizer, examples, layer: int, groups: dict, intervention: Intervention):
+        self.args, self.model, self.tokenizer, self.examples = args, model, tokenizer, examples
+        self.layer, self.groups, self.intervention = layer, groups, intervention
+        self.encoded = encode_examples(tokenizer, examples)
+        self.texts = None
+
+    def baseline(self) -> list[float]:
+        return evaluate(self.model, self.tokenizer, self.examples, self.args.batch_size, progress=True,
+                        encoded=self.encoded).tolist()
+
+    def __call__(self, item: tuple) -> dict:
+        kind, *rest = item
+        model, batch_size = self.model, self.args.batch_size
+        if kind == "factor":
+            group, factor = rest
+            with steer(model, self.layer, self.groups[group], factor):
+                correct = evaluate(model, self.tokenizer, self.examples, batch_size, encoded=self.encoded)
+            return {factor_key(group, factor): correct.tolist()}
+        if kind == "neurons":
+            rows = sweep_correctness(model, self.tokenizer, self.examples, self.layer, rest[0], self.intervention,
+                                     self.args.engine, batch_size, self.encoded)
+            return {f"neuron/{n}": row.tolist() for n, row in zip(rest[0], rows)}
+        layer, factor = rest
+        with steer(model, layer, self.groups["high_impact"], factor) if layer is not None else nullcontext():
+            return {perplexity_key(layer, factor): perplexity(model, self.tokenizer, self.texts, batch_size=batch_size)}
+
+
+def measure(args, workers: Workers, factors: list[float]) -> tuple[dict, dict, list]:
+    """The context every process computes alike (baseline, groups, ranked neurons) and the results of
+    this process's share of the work items."""
     step1_path = locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file", "--neurons_file")
     model, tokenizer = load_model(args)
     step1 = load_discovery(step1_path, model, args.model, args.allow_model_mismatch)
@@ -101,49 +131,95 @@ def main() -> None:
               f"not be the files step 1 ran on: {', '.join(unpartitioned)}")
     groups = impact_groups(step1)
     verify_steering_effect(model, layer, groups["high_impact"] or groups["neutral"] or [0])
-
-    encoded = encode_examples(tokenizer, examples)
-    baseline = evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
-    comparison = Comparison(examples, baseline, args.seed)
-    base = comparison.base
-    if base["accuracy"] is None:
-        raise UsageError(f"the baseline has non-finite logits ({base['non_finite']}); try --dtype float32")
-    print(f"Baseline accuracy {base['accuracy']:.2f}% on {len(examples)} held-out examples, layer {layer}")
-
-    result = {"model": args.model, "layer": layer, "tasks": tasks, "data_dir": data_dir,
-              "num_examples": args.num_examples, "step1_file": str(step1_path),
-              "baseline_accuracy": base["accuracy"], "per_task_baseline": base["per_task"], "groups": {}}
-    for name, neurons in groups.items():
-        group = {"neurons": neurons, "results": [], "optimal": None}
-        if neurons:
-            group["results"] = amplify_group(model, tokenizer, examples, encoded, layer, neurons, factors,
-                                             comparison, args.batch_size, name)
-            group["optimal"] = optimal_factor(group["results"])
-        result["groups"][name] = group
-        print_group_table(name, group, base["accuracy"], layer)
-    result["optimal_factors"] = {n: (g["optimal"] or {}).get("factor") for n, g in result["groups"].items()}
-
     ranked = ranked_neurons(step1["all_neuron_impacts"], args.max_neurons, args.sample_neurons, args.seed)
     means = step1.get("dt_pre_mean") if step1.get("ablation") == "mean" else None
     intervention = Intervention("mean", 0.0, tuple(means)) if means else Intervention("scale", 0.0)
+
+    measurements = Measurements(args, model, tokenizer, examples, layer, groups, intervention)
+    baseline = measurements.baseline()
+    base = summarize(examples, np.array(baseline))
+    if base["accuracy"] is None:
+        raise UsageError(f"the baseline has non-finite logits ({base['non_finite']}); try --dtype float32")
+    print(f"Baseline accuracy {base['accuracy']:.2f}% on {len(examples)} held-out examples, layer {layer}")
+    perplexity_layers = ppl_layers if args.perplexity_ablation and groups["high_impact"] else []
+    if perplexity_layers:
+        measurements.texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
+    context = {"layer": layer, "tasks": tasks, "data_dir": data_dir, "step1_file": str(step1_path),
+               "groups": groups, "factors": factors, "ranked": ranked, "step1_impacts": step1["all_neuron_impacts"],
+               "baseline": baseline, "perplexity_layers": perplexity_layers,
+               "pile_documents": len(measurements.texts or []), "model_info": describe(model)}
+
+    items = [("factor", name, f) for name, neurons in groups.items() if neurons for f in factors]
+    items += [("neurons", chunk) for chunk in neuron_chunks(ranked, args.chunk_neurons)]
+    if perplexity_layers:
+        items += [("perplexity", None, None)] + [("perplexity", l, 0.0) for l in perplexity_layers]
+    results = workers.run(items, measurements, "amplifying groups, ablating ranked neurons")
+    if perplexity_layers:
+        # the amplified perplexities need the High Impact optimal factor: a shard computes the factor
+        # results it lacks (the same computations, so the same factor as every other slice)
+        missing = [("factor", "high_impact", f) for f in factors if factor_key("high_impact", f) not in results]
+        for item in missing:
+            results.update(measurements(item))
+        factor = group_table("high_impact", context, results, Comparison(examples, np.array(baseline), args.seed))
+        if factor["optimal"] is not None:
+            amplified = [("perplexity", l, factor["optimal"]["factor"]) for l in perplexity_layers]
+            results.update(workers.run(amplified, measurements, "perplexity with the optimal factor"))
+    return context, results, examples
+
+
+def group_table(name: str, context: dict, results: dict, comparison: Comparison) -> dict:
+    """A group's neurons, its entry per factor and its optimal factor."""
+    neurons, factors = context["groups"][name], context["factors"]
+    group = {"neurons": neurons, "results": [], "optimal": None}
+    if neurons:
+        rows = [np.array(results[factor_key(name, f)], dtype=float) for f in factors]
+        group["results"] = factor_entries(comparison, factors, rows)
+        group["optimal"] = optimal_factor(group["results"])
+    return group
+
+
+def perplexity_table(context: dict, results: dict, factor: float | None) -> dict:
+    """Pile perplexity at baseline and with the High Impact neurons ablated / amplified at each layer."""
+    print(f"\nPile perplexity ({context['pile_documents']} documents), High Impact neurons at each layer:")
+    table = {"baseline": results[perplexity_key(None, None)], "neurons": context["groups"]["high_impact"],
+             "factor": factor, "layers": []}
+    for layer in context["perplexity_layers"]:
+        entry = {"layer": layer, "ablated": results[perplexity_key(layer, 0.0)]}
+        if factor is not None:
+            entry["amplified"] = results[perplexity_key(layer, factor)]
+        table["layers"].append(entry)
+        print(f"  layer {layer:>3}: ablated {entry['ablated']:.3f}"
+              + (f", amplified x{factor:g} {entry['amplified']:.3f}" if factor is not None else ""))
+    return table
+
+
+def report(args, context: dict, results: dict, examples: list, started: float) -> None:
+    """Factor tables, importance ranking, perplexity, the JSON and the plots, from the measured results."""
+    comparison = Comparison(examples, np.array(context["baseline"], dtype=float), args.seed)
+    base, layer = comparison.base, context["layer"]
+    result = {"model": args.model, "layer": layer, "tasks": context["tasks"], "data_dir": context["data_dir"],
+              "num_examples": args.num_examples, "step1_file": context["step1_file"],
+              "baseline_accuracy": base["accuracy"], "per_task_baseline": base["per_task"],
+              "chance_accuracy": summarize(examples, chance_correctness(examples))["accuracy"], "groups": {}}
+    for name in context["groups"]:
+        result["groups"][name] = group_table(name, context, results, comparison)
+        print_group_table(name, result["groups"][name], base["accuracy"], layer)
+    result["optimal_factors"] = {n: (g["optimal"] or {}).get("factor") for n, g in result["groups"].items()}
+
+    ranked = context["ranked"]
     print(f"\nImportance ranking: {len(ranked)} neurons ablated one at a time on held-out examples")
-    ablated = sweep_correctness(model, tokenizer, examples, layer, ranked, intervention, args.engine,
-                                args.batch_size, encoded) if ranked else []
-    result["importance_ranking"] = importance_ranking(step1["all_neuron_impacts"], ablated, ranked, comparison)
+    ablated = [np.array(results[f"neuron/{n}"], dtype=float) for n in ranked]
+    result["importance_ranking"] = importance_ranking(context["step1_impacts"], ablated, ranked, comparison)
     rho = result["importance_ranking"]["spearman_step1_vs_heldout"]
     print(f"Spearman correlation of step-1 and held-out impacts: {'n/a' if rho is None else f'{rho:.3f}'}")
 
     if args.perplexity_ablation:
-        if not groups["high_impact"]:
-            print("perplexity ablation skipped: the High Impact group is empty")
+        if context["perplexity_layers"]:
+            result["perplexity"] = perplexity_table(context, results, result["optimal_factors"]["high_impact"])
         else:
-            texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
-            print(f"\nPile perplexity ({len(texts)} documents), High Impact neurons at each layer:")
-            result["perplexity"] = perplexity_by_layer(model, tokenizer, texts, ppl_layers, groups["high_impact"],
-                                                       result["optimal_factors"]["high_impact"], args.batch_size)
-
+            print("perplexity ablation skipped: the High Impact group is empty")
     result["engine"] = args.engine
-    result["run"] = run_record(args, describe(model), started)
+    result["run"] = run_record(args, context["model_info"], started)
     path = write_json(Path(args.output_dir) / RESULTS_NAME, result)
     if not args.no_plots:
         from delta_steering.plots import plot_factors
@@ -151,6 +227,29 @@ def main() -> None:
         for plot in plot_factors(result, args.output_dir):
             print(f"plot: {plot}")
     print(f"results: {path}")
+
+
+@main_guard
+def main() -> None:
+    args = parse_args()
+    started = time.time()
+    check_positive(args.num_examples, "--num_examples")
+    check_positive(args.max_neurons, "--max_neurons")
+    check_positive(args.sample_neurons, "--sample_neurons")
+    check_positive(args.chunk_neurons, "--chunk_neurons")
+    factors = parse_float_list(args.factors)
+    if any(f <= 0 for f in factors):
+        raise UsageError("--factors must be positive (0 is ablation, which step 1 measures)")
+    workers = start_workers(args)
+    if args.merge is not None:
+        context, results = read_shards(args.merge, args.output_dir, STEP, fingerprint(args))
+        examples = load_examples(context["tasks"], context["data_dir"], "heldout", args.num_examples)
+        return report(args, context, results, examples, started)
+    context, results, examples = measure(args, workers, factors)
+    if workers.launcher == "shard":
+        return print(f"shard: {write_shard(args.output_dir, STEP, workers, fingerprint(args), context, results)}")
+    if workers.writes_outputs:
+        report(args, context, results, examples, started)
 
 
 if __name__ == "__main__":

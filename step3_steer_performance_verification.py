@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check_layer, check_neuron_ids,
                                 check_positive, load_model, main_guard, parse_int_list)
 from delta_steering.discovery import STEP1_DEFAULTS, load_discovery, locate
+from delta_steering.distributed import Workers, add_distributed_args, read_shards, start_workers, write_shard
 from delta_steering.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
 from delta_steering.results_io import read_json, read_jsonl, run_record, write_json, write_jsonl
 from delta_steering.steering import num_delta_neurons, num_layers, verify_steering_effect
-from delta_steering.verification import (BASELINE, configurations, entry, neuron_sets, print_summary,
-                                         response_rows, run_configuration)
+from delta_steering.verification import (BASELINE, Configuration, Outcome, configurations, entry, neuron_sets,
+                                         print_summary, response_rows, run_configuration)
 from mamba_model_loader import describe
 from pile_dataset_loader import load_pile_texts
 
@@ -31,6 +33,7 @@ FACTORS_DEFAULT = "cluster9_ablation_results/cluster9_ablation_results_all_neuro
 OUTPUT_FILES = {"combined": "combined_steering_ifeval_results.json",
                 "cluster_ablation": "cluster_ablation_ifeval_results.json",
                 "layer_ablation": "layer_ablation_ifeval_results.json"}
+STEP = "step3"
 TITLES = {"combined": "Combined steering", "cluster_ablation": "Cluster ablation", "layer_ablation": "Layer ablation"}
 
 
@@ -57,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--score_responses", default=None, metavar="FILE",
                         help='score a JSONL of {"prompt", "response"}; no model is loaded')
+    add_distributed_args(parser)
     return parser.parse_args()
 
 
@@ -104,14 +108,17 @@ def model_layers(args, model, layer: int) -> list[int]:
     return kept
 
 
-@main_guard
-def main() -> None:
-    args = parse_args()
-    if args.score_responses:
-        return score_file(args)
-    started = time.time()
-    check_positive(args.num_samples, "--num_samples")
-    check_positive(args.max_new_tokens, "--max_new_tokens")
+def fingerprint(args) -> dict:
+    """The arguments that change results; batch size, device and the work split do not."""
+    keys = ("model", "tokenizer", "dtype", "seed", "num_samples", "combined", "cluster_ablation", "layer_ablation",
+            "both", "neurons_file", "factors_file", "factor", "allow_model_mismatch", "layer", "layers",
+            "ifeval_path", "max_new_tokens", "pile_samples", "pile_path")
+    return {k: getattr(args, k) for k in keys}
+
+
+def measure(args, workers: Workers) -> tuple[dict, dict]:
+    """What every process computes alike (sets, factor, layers) and the outcomes of this process's
+    share of the configurations, each run once even when several modes use it (the baseline)."""
     step1_path = locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file", "--neurons_file")
     factor, factor_source = steering_factor(args)
     prompts = load_ifeval_prompts(args.ifeval_path, args.num_samples)
@@ -128,29 +135,43 @@ def main() -> None:
     texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
     print(f"{len(prompts)} IFEval prompts, {len(texts)} Pile documents; factor {factor:g} (from {factor_source}); "
           f"delta-sensitive set of {len(sets['delta_sensitive'])} neurons at layer {layer}")
+    context = {"modes": modes, "layer": layer, "layers": layers, "factor": factor, "factor_source": factor_source,
+               "step1_file": str(step1_path), "sets": sets, "num_prompts": len(prompts),
+               "pile_documents": len(texts), "model_info": describe(model)}
 
-    outcomes = {}  # configurations shared by modes (the baseline) run once
+    def run(configuration) -> dict:
+        print(f"\n[{configuration.name}] {configuration.description}")
+        outcome = run_configuration(model, tokenizer, configuration, prompts, texts, args.max_new_tokens,
+                                    args.batch_size)
+        return {configuration.name: asdict(outcome)}
 
-    def outcome(configuration):
-        if configuration.name not in outcomes:
-            print(f"\n[{configuration.name}] {configuration.description}")
-            outcomes[configuration.name] = run_configuration(model, tokenizer, configuration, prompts, texts,
-                                                             args.max_new_tokens, args.batch_size)
-        return outcomes[configuration.name]
+    return context, workers.run(list(planned(context).values()), run)
 
+
+def planned(context: dict, mode: str | None = None) -> dict[str, Configuration]:
+    """The configurations of one mode, or of all the run's modes, by name, baseline first."""
+    modes = [mode] if mode else context["modes"]
+    return {c.name: c for m in modes
+            for c in configurations(m, context["sets"], context["layer"], context["layers"], context["factor"])}
+
+
+def report(args, context: dict, outcomes: dict, started: float) -> None:
+    """Per mode: the entries compared with the baseline, the JSON, the responses, the table; then plots."""
     output_dir = Path(args.output_dir)
-    common = {"model": args.model, "layer": layer, "factor": factor, "factor_source": factor_source,
-              "step1_file": str(step1_path), "sets": sets, "ifeval_metric": args.ifeval_metric,
-              "num_prompts": len(prompts), "pile_documents": len(texts)}
+    common = {"model": args.model, **{k: context[k] for k in ("layer", "factor", "factor_source", "step1_file",
+                                                               "sets")},
+              "ifeval_metric": args.ifeval_metric, "num_prompts": context["num_prompts"],
+              "pile_documents": context["pile_documents"]}
+    outcomes = {name: Outcome(**record) for name, record in outcomes.items()}
     results = {}
-    for mode in modes:
-        baseline = outcome(BASELINE)
-        entries = [entry(outcome(c), baseline, args.ifeval_metric, args.seed)
-                   for c in configurations(mode, sets, layer, layers, factor)]
-        for c in configurations(mode, sets, layer, layers, factor):
-            write_jsonl(output_dir / f"responses_{c.name}.jsonl", response_rows(outcomes[c.name]))
+    for mode in context["modes"]:
+        chosen = planned(context, mode)
+        entries = [entry(c, outcomes[name], outcomes[BASELINE.name], args.ifeval_metric, args.seed)
+                   for name, c in chosen.items()]
+        for name in chosen:
+            write_jsonl(output_dir / f"responses_{name}.jsonl", response_rows(outcomes[name]))
         results[mode] = {**common, "mode": mode, "configurations": entries,
-                         "run": run_record(args, describe(model), started)}
+                         "run": run_record(args, context["model_info"], started)}
         path = write_json(output_dir / OUTPUT_FILES[mode], results[mode])
         print_summary(TITLES[mode], entries, args.ifeval_metric)
         print(f"results: {path}")
@@ -159,6 +180,25 @@ def main() -> None:
 
         for plot in plot_verification(results, output_dir):
             print(f"plot: {plot}")
+
+
+@main_guard
+def main() -> None:
+    args = parse_args()
+    if args.score_responses:
+        return score_file(args)
+    started = time.time()
+    check_positive(args.num_samples, "--num_samples")
+    check_positive(args.max_new_tokens, "--max_new_tokens")
+    workers = start_workers(args)
+    if args.merge is not None:
+        context, outcomes = read_shards(args.merge, args.output_dir, STEP, fingerprint(args))
+        return report(args, context, outcomes, started)
+    context, outcomes = measure(args, workers)
+    if workers.launcher == "shard":
+        return print(f"shard: {write_shard(args.output_dir, STEP, workers, fingerprint(args), context, outcomes)}")
+    if workers.writes_outputs:
+        report(args, context, outcomes, started)
 
 
 if __name__ == "__main__":

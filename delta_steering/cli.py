@@ -88,6 +88,16 @@ def add_pile_args(parser, samples: int = 100) -> None:
     parser.add_argument("--pile_path", default=None, help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet)")
 
 
+def add_sweep_args(parser) -> None:
+    """--engine and --chunk_neurons, for the single-neuron sweeps of steps 1 and 2."""
+    from .sweep import ENGINES
+
+    parser.add_argument("--engine", default="fast", choices=list(ENGINES))
+    parser.add_argument("--chunk_neurons", type=int, default=64,
+                        help="neurons per unit of work: progress is checkpointed, and shared between processes, "
+                             "a chunk at a time")
+
+
 def check_positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise UsageError(f"{flag} must be at least 1, got {value}")

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .cli import UsageError
 from .results_io import read_json, write_json
-from .scoring import example_weights, summarize
+from .scoring import chance_correctness, example_weights, summarize
 from .stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test
 from .sweep import Intervention, sweep_correctness
 
@@ -40,19 +40,26 @@ class Checkpoint:
         self.path.unlink(missing_ok=True)
 
 
-def run_sweep(model, tokenizer, examples, encoded, layer: int, neurons: list[int], intervention: Intervention,
-              engine: str, batch_size: int | None, checkpoint: Checkpoint, chunk: int = 16) -> np.ndarray:
-    """neurons x examples correctness, resuming from and saving to the checkpoint after each chunk."""
-    todo = [n for n in neurons if n not in checkpoint.rows]
-    bar = tqdm(total=len(neurons), initial=len(neurons) - len(todo), desc=f"ablating layer {layer}", unit="neuron")
-    for start in range(0, len(todo), chunk):
-        part = todo[start: start + chunk]
-        rows = sweep_correctness(model, tokenizer, examples, layer, part, intervention, engine, batch_size, encoded)
-        checkpoint.rows.update({n: row.tolist() for n, row in zip(part, rows)})
+def neuron_chunks(neurons: list[int], size: int) -> list[list[int]]:
+    """The sweep's units of work and of checkpointing. Their composition is fixed by the neuron list
+    alone, so a resumed or distributed run computes every row exactly as an uninterrupted one does."""
+    return [neurons[start: start + size] for start in range(0, len(neurons), size)]
+
+
+def run_sweep(model, tokenizer, examples, encoded, layer: int, chunks: list[list[int]], intervention: Intervention,
+              engine: str, batch_size: int | None, checkpoint: Checkpoint) -> dict[int, list[float]]:
+    """Correctness rows (one per neuron, over the examples) of the neurons in `chunks`, resuming from
+    and saving to the checkpoint after each chunk."""
+    todo = [chunk for chunk in chunks if any(n not in checkpoint.rows for n in chunk)]
+    total = sum(map(len, chunks))
+    bar = tqdm(total=total, initial=total - sum(map(len, todo)), desc=f"ablating layer {layer}", unit="neuron")
+    for chunk in todo:
+        rows = sweep_correctness(model, tokenizer, examples, layer, chunk, intervention, engine, batch_size, encoded)
+        checkpoint.rows.update({n: row.tolist() for n, row in zip(chunk, rows)})
         checkpoint.save()
-        bar.update(len(part))
+        bar.update(len(chunk))
     bar.close()
-    return np.array([checkpoint.rows[n] for n in neurons], dtype=float)
+    return {n: checkpoint.rows[n] for chunk in chunks for n in chunk}
 
 
 def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons: list[int],
@@ -87,7 +94,7 @@ def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons:
 def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, layer: int,
                      model_name: str, tasks: list[str], validation_size: int, delta_stats: dict, **extra) -> dict:
     """The step-1 JSON: the seed's four fields first, then what is needed to trust and reuse them."""
-    summary = summarize(examples, baseline)
+    summary, chance = summarize(examples, baseline), summarize(examples, chance_correctness(examples))
     impacts = [r for r in records if r["impact"] is not None]
     delta_variance = [float(v) for v in delta_stats["delta_variance"]]
     return {
@@ -101,6 +108,8 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
         "validation_size": validation_size,
         "num_examples": {t: sum(e.task == t for e in examples) for t in summary["per_task"]},
         "per_task_baseline": summary["per_task"],
+        "chance_accuracy": chance["accuracy"],
+        "per_task_chance": chance["per_task"],
         "threshold": threshold,
         "high_impact_neurons": sorted(r["neuron"] for r in impacts if r["impact"] > HIGH_IMPACT),
         "neutral_neurons": sorted(r["neuron"] for r in impacts if abs(r["impact"]) <= HIGH_IMPACT),

@@ -6,11 +6,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tqdm.auto import tqdm
-
-from .scoring import evaluate, example_weights, summarize
+from .scoring import example_weights, summarize
 from .stats import bootstrap_indices, paired_ci, sign_test, spearman
-from .steering import steer
 
 DEFAULT_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.5, 2, 3, 5, 7, 9, 10, 20, 50, 100)
 GROUP_TITLES = {"high_impact": "High Impact", "neutral": "Neutral"}
@@ -55,13 +52,10 @@ class Comparison:
         return entry
 
 
-def amplify_group(model, tokenizer, examples, encoded, layer: int, neurons: list[int], factors, comparison,
-                  batch_size: int | None, name: str) -> list[dict]:
-    """One entry per factor: the group steered as a whole, scored on the held-out examples."""
+def factor_entries(comparison: Comparison, factors: list[float], rows: list[np.ndarray]) -> list[dict]:
+    """One entry per factor from the held-out correctness with the group steered by that factor."""
     results = []
-    for factor in tqdm(factors, desc=f"amplifying {GROUP_TITLES.get(name, name)}", unit="factor"):
-        with steer(model, layer, neurons, factor):
-            correct = evaluate(model, tokenizer, examples, batch_size, encoded=encoded)
+    for factor, correct in zip(factors, rows):
         entry = comparison.entry(correct, factor=float(factor))
         entry["label"] = f"{mark(entry['ci95'])} {strength(factor)}"
         results.append(entry)

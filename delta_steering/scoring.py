@@ -161,6 +161,12 @@ def summarize(examples: list[Example], correct: np.ndarray) -> dict:
     return {"accuracy": accuracy, "per_task": per_task, "non_finite": non_finite}
 
 
+def chance_correctness(examples: list[Example]) -> np.ndarray:
+    """Each example's expected correctness under uniform guessing among its choices (0 for greedy
+    generation); `summarize` turns it into chance accuracy per task and over tasks."""
+    return np.array([0.0 if e.metric == "greedy" else 1.0 / len(e.choices) for e in examples])
+
+
 def example_weights(examples: list[Example]) -> np.ndarray:
     """Weights that turn a per-example mean into the mean over tasks of per-task accuracy (percent)."""
     tasks = [e.task for e in examples]

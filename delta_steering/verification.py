@@ -3,7 +3,7 @@ each compared with the baseline on the same prompts."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -77,14 +77,13 @@ def configurations(mode: str, sets: dict[str, list[int]], layer: int, layers: li
 
 @dataclass
 class Outcome:
-    """What one configuration produced: responses, their IFEval scores, perplexity."""
+    """What one configuration produced: responses, their IFEval scores, perplexity. Plain data, so
+    that it travels between processes and through shard files."""
 
-    configuration: Configuration
     responses: list[str]
     scores: dict
     perplexity: float | None
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 def run_configuration(model, tokenizer, configuration: Configuration, prompts: list[dict], texts: list[str] | None,
@@ -97,7 +96,7 @@ def run_configuration(model, tokenizer, configuration: Configuration, prompts: l
         responses = generate_greedy(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens, batch_size,
                                     progress=True)
         ppl = perplexity(model, tokenizer, texts, batch_size=batch_size) if texts else None
-    return Outcome(configuration, responses, score_responses(prompts, responses), ppl, round(time.time() - started, 2))
+    return Outcome(responses, score_responses(prompts, responses), ppl, round(time.time() - started, 2))
 
 
 def _per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -122,11 +121,10 @@ def ifeval_delta_ci(base: dict, other: dict, metric: str, seed: int, level: floa
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
-def entry(outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
+def entry(c: Configuration, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
     """One configuration of the results JSON: the four metrics, accuracy, delta with CI, perplexity."""
-    c = outcome.configuration
     metrics = {m: round(outcome.scores["metrics"][m], 4) for m in METRICS}
-    accuracy, base_accuracy = metrics[metric], baseline.scores["metrics"][metric]
+    accuracy, base_accuracy = metrics[metric], round(baseline.scores["metrics"][metric], 4)
     ppl, base_ppl = outcome.perplexity, baseline.perplexity
     return {
         "name": c.name, "description": c.description, "layer": c.layer, "factor": c.factor if c.neurons else None,

@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, t
         return real(*args, **kwargs)
 
     monkeypatch.setattr(discovery, "sweep_correctness", interrupted)
-    run = ("--neurons", "0-19", "--engine", "naive")
+    run = ("--neurons", "0-19", "--engine", "naive", "--chunk_neurons", "16")
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 130
     saved = json.loads((tmp_path / "step1_checkpoint.json").read_text())
     assert len(saved["rows"]) == 16 and not (tmp_path / "out.json").exists()
