@@ -15,3 +15,16 @@ def run_main(module_name: str, argv: list[str]) -> int:
     finally:
         sys.argv = saved
     return 0
+
+
+def interrupting(real, on_call: int):
+    """A stand-in for `real` that raises KeyboardInterrupt on call number `on_call`, as Ctrl-C would."""
+    calls = []
+
+    def stand_in(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == on_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return stand_in

@@ -11,7 +11,7 @@ import pytest
 
 from delta_steering.cli import UsageError
 from delta_steering.distributed import Workers, parse_shard, read_shards, start_workers, write_shard
-from scripts import run_main
+from scripts import interrupting, run_main
 from test_step3 import PROMPTS
 from tiny import near_tie_task
 
@@ -122,15 +122,8 @@ def test_step1_shard_resumes_from_its_own_checkpoint(step1_setup, step1_single, 
     import delta_steering.discovery as discovery
 
     root, common = step1_setup
-    real, calls = discovery.sweep_correctness, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(discovery, "sweep_correctness", interrupted)
+    real = discovery.sweep_correctness
+    monkeypatch.setattr(discovery, "sweep_correctness", interrupting(real, on_call=2))
     assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", "1/2")) == 130
     saved = json.loads((tmp_path / "step1_checkpoint.1of2.json").read_text())
     assert sorted(map(int, saved["rows"])) == list(range(8, 16))  # shard 1 of 2 has chunks 1 and 3

@@ -12,7 +12,7 @@ import delta_steering.discovery as discovery
 from delta_steering.scoring import evaluate, summarize
 from delta_steering.tasks import load_examples
 from mamba_model_loader import load_mamba_model
-from scripts import run_main
+from scripts import interrupting, run_main
 from tiny import near_tie_task
 
 @pytest.fixture(scope="module")
@@ -90,15 +90,7 @@ def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, p
 def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, task_file, pile_file, tmp_path,
                                                     monkeypatch):
     real = discovery.sweep_correctness
-    calls = []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(discovery, "sweep_correctness", interrupted)
+    monkeypatch.setattr(discovery, "sweep_correctness", interrupting(real, on_call=2))
     run = ("--neurons", "0-19", "--engine", "naive", "--chunk_neurons", "16")
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 130
     saved = json.loads((tmp_path / "step1_checkpoint.json").read_text())
