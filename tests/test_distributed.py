@@ -146,7 +146,7 @@ def test_step1_merge_refuses_shards_of_other_arguments(step1_setup, tmp_path, ca
     assert len(err.splitlines()) == 1 and "different arguments (layer)" in err
 
 
-def test_step2_shards_merge_to_one_process(step1_setup, step1_single, tmp_path):
+def test_step2_under_torchrun_and_in_shards_equals_one_process(step1_setup, step1_single, tmp_path):
     root, common = step1_setup
     step1_file = tmp_path / "step1.json"
     step1_file.write_text(json.dumps(step1_single))
@@ -158,8 +158,11 @@ def test_step2_shards_merge_to_one_process(step1_setup, step1_single, tmp_path):
     for shard in ("0/3", "1/3", "2/3"):
         assert run_main("step2_steering_factor_determination", [*argv, "--output_dir", tmp_path, "--shard", shard]) == 0
     assert run_main("step2_steering_factor_determination", [*argv, "--output_dir", tmp_path, "--merge"]) == 0
+    done = torchrun("step2_steering_factor_determination.py", [*argv, "--output_dir", tmp_path / "torchrun"])
+    assert done.returncode == 0, done.stderr[-2000:]
     single = without_run(tmp_path / "single" / name)
     assert without_run(tmp_path / name) == single
+    assert without_run(tmp_path / "torchrun" / name) == single
     assert single["perplexity"]["layers"] and len(single["importance_ranking"]["neurons"]) == 10
 
 
