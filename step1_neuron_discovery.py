@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from delta_steering import delta_statistics, num_delta_neurons, verify_steering_effect
 from delta_steering.cli import (UsageError, add_model_args, add_pile_args, add_sweep_args, check_layer, check_neuron_ids,
                                 check_positive, load_model, main_guard, parse_int_list)
-from delta_steering.discovery import (Checkpoint, attach_estimates, attribution_screen, discovery_result,
-                                      neuron_chunks, neuron_impacts, print_summary, run_sweep)
-from delta_steering.distributed import Workers, add_distributed_args, read_shards, start_workers, write_shard
+from delta_steering.discovery import (attach_estimates, attribution_screen, discovery_result,
+                                      neuron_chunks, neuron_impacts, print_summary)
+from delta_steering.distributed import Workers, add_distributed_args, finish, read_shards, start_workers
 from delta_steering.results_io import run_record, write_json
 from delta_steering.scoring import chance_correctness, encode_examples, evaluate, summarize
-from delta_steering.sweep import Intervention
+from delta_steering.sweep import Intervention, sweep_correctness
 from delta_steering.tasks import DEFAULT_TASKS, load_examples
 from mamba_model_loader import describe
 from pile_dataset_loader import load_pile_texts
@@ -63,15 +62,14 @@ def fingerprint(args) -> dict:
     return {k: getattr(args, k) for k in keys}
 
 
-def measure(args, workers: Workers, examples: list) -> tuple[dict, dict, Checkpoint]:
-    """Everything every process computes alike (the context: baseline, delta statistics, attribution
-    screen) and the correctness rows of this process's share of the neurons."""
+def measure(args, workers: Workers, examples: list) -> tuple[dict, dict]:
+    """What every process computes alike (the context: baseline, delta statistics, attribution screen)
+    and the correctness rows of the neurons: this process's share, or under torchrun all of them."""
     model, tokenizer = load_model(args)
     layer = check_layer(model, args.layer)
     requested = parse_int_list(args.neurons)
     neurons = check_neuron_ids(model, requested) if requested else list(range(num_delta_neurons(model)))
-    checkpoint = Checkpoint(Path(args.output_dir) / f"step1_checkpoint{workers.suffix}.json", fingerprint(args),
-                            args.overwrite)
+    checkpoint = workers.checkpoint(args, STEP, fingerprint(args))
     timings = {}
 
     texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
@@ -103,17 +101,22 @@ def measure(args, workers: Workers, examples: list) -> tuple[dict, dict, Checkpo
                                                 args.batch_size, args.verify_top)
         timings["attribution"] = round(time.time() - t, 2)
         screened = {"attribution_estimates": estimates, "verified_neurons": neurons}
+
+    def ablate(chunk: list[int]) -> dict:
+        rows = sweep_correctness(model, tokenizer, examples, layer, chunk, intervention, args.engine,
+                                 args.batch_size, encoded)
+        return {str(n): row.tolist() for n, row in zip(chunk, rows)}
+
     t = time.time()
-    chunks = workers.share(neuron_chunks(neurons, args.chunk_neurons))
-    rows = run_sweep(model, tokenizer, examples, encoded, layer, chunks, intervention, args.engine, args.batch_size,
-                     checkpoint)
+    rows = workers.run(neuron_chunks(neurons, args.chunk_neurons), ablate,
+                       f"ablating layer {layer}, {args.chunk_neurons} neurons a chunk", checkpoint)
     timings["sweep"] = round(time.time() - t, 2)
     context = {"layer": layer, "neurons": neurons, "baseline": baseline.tolist(), "screened": screened,
                "delta_statistics": {"delta_variance": stats["delta_variance"].tolist(),
                                     "dt_pre_mean": [float(v) for v in stats["dt_pre_mean"]],
                                     "num_tokens": int(stats["num_tokens"])},
                "model_info": describe(model), "timings": timings}
-    return context, {str(n): row for n, row in rows.items()}, checkpoint
+    return context, rows
 
 
 def report(args, context: dict, rows: dict, examples: list, started: float) -> None:
@@ -157,16 +160,8 @@ def main() -> None:
     if args.merge is not None:
         context, rows = read_shards(args.merge, args.output_dir, STEP, fingerprint(args))
         return report(args, context, rows, examples, started)
-    context, rows, checkpoint = measure(args, workers, examples)
-    if workers.launcher == "shard":
-        path = write_shard(args.output_dir, STEP, workers, fingerprint(args), context, rows)
-        checkpoint.remove()
-        return print(f"shard: {path}")
-    rows = workers.gather(rows)
-    if workers.writes_outputs:
-        report(args, context, rows, examples, started)
-    workers.barrier()  # every rank keeps its checkpoint until the results are written
-    checkpoint.remove()
+    context, rows = measure(args, workers, examples)
+    finish(args, workers, STEP, fingerprint(args), context, rows, lambda: report(args, context, rows, examples, started))
 
 
 if __name__ == "__main__":

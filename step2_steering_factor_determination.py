@@ -22,7 +22,7 @@ from delta_steering import verify_steering_effect
 from delta_steering.cli import (UsageError, add_model_args, add_pile_args, add_sweep_args, check_layer,
                                 check_positive, load_model, main_guard, parse_float_list, parse_int_list)
 from delta_steering.discovery import STEP1_DEFAULTS, impact_groups, load_discovery, locate, neuron_chunks
-from delta_steering.distributed import Workers, add_distributed_args, read_shards, start_workers, write_shard
+from delta_steering.distributed import Workers, add_distributed_args, finish, read_shards, start_workers
 from delta_steering.factors import (DEFAULT_FACTORS, Comparison, factor_entries, importance_ranking, optimal_factor,
                                     print_group_table, ranked_neurons)
 from delta_steering.perplexity import perplexity
@@ -42,7 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--num_examples", type=int, default=100, help="held-out examples per task")
-    parser.add_argument("--output_dir", default="cluster9_ablation_results")
+    parser.add_argument("--output_dir", default="cluster9_ablation_results",
+                        help="results, plots and the resume checkpoint")
     parser.add_argument("--neurons_file", default=None,
                         help=f"step-1 JSON (default: {' or '.join(STEP1_DEFAULTS)})")
     parser.add_argument("--allow_model_mismatch", action="store_true")
@@ -58,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--perplexity_layers", default=None, help="layers for --perplexity_ablation (default: all)")
     add_pile_args(parser)
     parser.add_argument("--no_plots", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
     add_distributed_args(parser)
     return parser.parse_args()
 
@@ -153,7 +155,8 @@ def measure(args, workers: Workers, factors: list[float]) -> tuple[dict, dict, l
     items += [("neurons", chunk) for chunk in neuron_chunks(ranked, args.chunk_neurons)]
     if perplexity_layers:
         items += [("perplexity", None, None)] + [("perplexity", l, 0.0) for l in perplexity_layers]
-    results = workers.run(items, measurements, "amplifying groups, ablating ranked neurons")
+    checkpoint = workers.checkpoint(args, STEP, fingerprint(args))
+    results = workers.run(items, measurements, "amplifying groups, ablating ranked neurons", checkpoint)
     if perplexity_layers:
         # the amplified perplexities need the High Impact optimal factor: a shard computes the factor
         # results it lacks (the same computations, so the same factor as every other slice)
@@ -163,7 +166,7 @@ def measure(args, workers: Workers, factors: list[float]) -> tuple[dict, dict, l
         factor = group_table("high_impact", context, results, Comparison(examples, np.array(baseline), args.seed))
         if factor["optimal"] is not None:
             amplified = [("perplexity", l, factor["optimal"]["factor"]) for l in perplexity_layers]
-            results.update(workers.run(amplified, measurements, "perplexity with the optimal factor"))
+            results.update(workers.run(amplified, measurements, "perplexity with the optimal factor", checkpoint))
     return context, results, examples
 
 
@@ -246,11 +249,8 @@ def main() -> None:
         examples = load_examples(context["tasks"], context["data_dir"], "heldout", args.num_examples)
         return report(args, context, results, examples, started)
     context, results, examples = measure(args, workers, factors)
-    if workers.launcher == "shard":
-        return print(f"shard: {write_shard(args.output_dir, STEP, workers, fingerprint(args), context, results)}")
-    if workers.writes_outputs:
-        report(args, context, results, examples, started)
-
+    finish(args, workers, STEP, fingerprint(args), context, results,
+           lambda: report(args, context, results, examples, started))
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from pathlib import Path
 from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check_layer, check_neuron_ids,
                                 check_positive, load_model, main_guard, parse_int_list)
 from delta_steering.discovery import STEP1_DEFAULTS, load_discovery, locate
-from delta_steering.distributed import Workers, add_distributed_args, read_shards, start_workers, write_shard
+from delta_steering.distributed import Workers, add_distributed_args, finish, read_shards, start_workers
 from delta_steering.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
 from delta_steering.results_io import read_json, read_jsonl, run_record, write_json, write_jsonl
 from delta_steering.steering import num_delta_neurons, num_layers, verify_steering_effect
@@ -41,7 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     parser.add_argument("--num_samples", type=int, default=100, help="first N IFEval prompts")
-    parser.add_argument("--output_dir", default="cluster_ablation_ifeval_results")
+    parser.add_argument("--output_dir", default="cluster_ablation_ifeval_results",
+                        help="results, responses, plots and the resume checkpoint")
     modes = parser.add_argument_group("modes (default --combined)")
     modes.add_argument("--combined", action="store_true", help="baseline and each set steered at the layer")
     modes.add_argument("--cluster_ablation", action="store_true", help="each set ablated")
@@ -60,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--score_responses", default=None, metavar="FILE",
                         help='score a JSONL of {"prompt", "response"}; no model is loaded')
+    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
     add_distributed_args(parser)
     return parser.parse_args()
 
@@ -145,7 +147,8 @@ def measure(args, workers: Workers) -> tuple[dict, dict]:
                                     args.batch_size)
         return {configuration.name: asdict(outcome)}
 
-    return context, workers.run(list(planned(context).values()), run)
+    checkpoint = workers.checkpoint(args, STEP, fingerprint(args))
+    return context, workers.run(list(planned(context).values()), run, checkpoint=checkpoint)
 
 
 def planned(context: dict, mode: str | None = None) -> dict[str, Configuration]:
@@ -195,11 +198,7 @@ def main() -> None:
         context, outcomes = read_shards(args.merge, args.output_dir, STEP, fingerprint(args))
         return report(args, context, outcomes, started)
     context, outcomes = measure(args, workers)
-    if workers.launcher == "shard":
-        return print(f"shard: {write_shard(args.output_dir, STEP, workers, fingerprint(args), context, outcomes)}")
-    if workers.writes_outputs:
-        report(args, context, outcomes, started)
-
+    finish(args, workers, STEP, fingerprint(args), context, outcomes, lambda: report(args, context, outcomes, started))
 
 if __name__ == "__main__":
     main()

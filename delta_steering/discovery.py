@@ -1,65 +1,26 @@
 """Step 1: each delta neuron ablated on its own, its impact on zero-shot accuracy measured with a
-paired confidence interval and sign test, progress checkpointed so a run can resume."""
+paired confidence interval and sign test; the step-1 file read back by steps 2 and 3."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .cli import UsageError
-from .results_io import read_json, write_json
+from .results_io import read_json
 from .scoring import chance_correctness, example_weights, summarize
 from .stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test
-from .sweep import Intervention, sweep_correctness
+from .sweep import Intervention
 
 HIGH_IMPACT = 2.0  # percentage points: step 2's High Impact group is impact > 2, Neutral is |impact| <= 2
 SIGNIFICANCE = 0.05
-
-
-class Checkpoint:
-    """Per-neuron correctness rows of an interrupted sweep, refused if the arguments differ."""
-
-    def __init__(self, path: Path, fingerprint: dict, overwrite: bool):
-        self.path, self.fingerprint = path, fingerprint
-        self.rows: dict[int, list[float]] = {}
-        if path.is_file() and not overwrite:
-            saved = read_json(path, "checkpoint")
-            if saved.get("fingerprint") != fingerprint:
-                differ = sorted(k for k in set(fingerprint) | set(saved.get("fingerprint", {}))
-                                if saved.get("fingerprint", {}).get(k) != fingerprint.get(k))
-                raise UsageError(f"checkpoint {path} comes from a run with different arguments "
-                                 f"({', '.join(differ)}); pass --overwrite to discard it")
-            self.rows = {int(k): v for k, v in saved["rows"].items()}
-
-    def save(self) -> None:
-        write_json(self.path, {"fingerprint": self.fingerprint, "rows": {str(k): v for k, v in self.rows.items()}})
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 def neuron_chunks(neurons: list[int], size: int) -> list[list[int]]:
     """The sweep's units of work and of checkpointing. Their composition is fixed by the neuron list
     alone, so a resumed or distributed run computes every row exactly as an uninterrupted one does."""
     return [neurons[start: start + size] for start in range(0, len(neurons), size)]
-
-
-def run_sweep(model, tokenizer, examples, encoded, layer: int, chunks: list[list[int]], intervention: Intervention,
-              engine: str, batch_size: int | None, checkpoint: Checkpoint) -> dict[int, list[float]]:
-    """Correctness rows (one per neuron, over the examples) of the neurons in `chunks`, resuming from
-    and saving to the checkpoint after each chunk."""
-    todo = [chunk for chunk in chunks if any(n not in checkpoint.rows for n in chunk)]
-    total = sum(map(len, chunks))
-    bar = tqdm(total=total, initial=total - sum(map(len, todo)), desc=f"ablating layer {layer}", unit="neuron")
-    for chunk in todo:
-        rows = sweep_correctness(model, tokenizer, examples, layer, chunk, intervention, engine, batch_size, encoded)
-        checkpoint.rows.update({n: row.tolist() for n, row in zip(chunk, rows)})
-        checkpoint.save()
-        bar.update(len(chunk))
-    bar.close()
-    return {n: checkpoint.rows[n] for chunk in chunks for n in chunk}
 
 
 def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons: list[int],

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .cli import UsageError
-from .results_io import read_json, write_json
+from .results_io import Checkpoint, differing_keys, read_json, write_json
 
 SHARD_DIR = "shards"
 
@@ -39,10 +39,13 @@ class Workers:
         """torchrun's ranks other than 0 show no progress and print nothing to stdout."""
         return self.launcher == "torchrun" and self.rank > 0
 
-    @property
-    def suffix(self) -> str:
-        """Tells this process's checkpoint apart from the other ranks' ('' for a single process)."""
-        return "" if self.world == 1 else f".{self.rank}of{self.world}"
+    def checkpoint_file(self, output_dir: str | os.PathLike, step: str) -> Path:
+        """This process's checkpoint: `step1_checkpoint.json`, or `step1_checkpoint.1of4.json` for rank 1 of 4."""
+        suffix = "" if self.world == 1 else f".{self.rank}of{self.world}"
+        return Path(output_dir) / f"{step}_checkpoint{suffix}.json"
+
+    def checkpoint(self, args, step: str, fingerprint: dict) -> Checkpoint:
+        return Checkpoint(self.checkpoint_file(args.output_dir, step), fingerprint, args.overwrite)
 
     def share(self, items: list) -> list:
         """This process's items: every world-th, starting at its rank."""
@@ -58,13 +61,23 @@ class Workers:
         dist.all_gather_object(parts, results)
         return {key: value for part in parts for key, value in part.items()}
 
-    def run(self, items: list, compute: Callable[[Any], dict], desc: str | None = None) -> dict:
-        """Compute this process's share of `items` (each gives a dict of named results) and gather."""
+    def run(self, items: list, compute: Callable[[Any], dict], desc: str | None = None,
+            checkpoint: Checkpoint | None = None) -> dict:
+        """Compute this process's share of `items` (each gives a dict of named results), skipping those
+        the checkpoint holds and saving it after each, then gather."""
         from tqdm.auto import tqdm
 
         results: dict = {}
         for item in tqdm(self.share(items), desc=desc, unit="item", disable=desc is None or self.quiet):
-            results.update(compute(item))
+            key = repr(item)
+            if checkpoint is not None and key in checkpoint.done:
+                results.update(checkpoint.done[key])
+                continue
+            done = compute(item)
+            if checkpoint is not None:
+                checkpoint.done[key] = done
+                checkpoint.save()
+            results.update(done)
         return self.gather(results)
 
     def barrier(self) -> None:
@@ -121,6 +134,18 @@ def start_workers(args) -> Workers:
     return workers
 
 
+def finish(args, workers: Workers, step: str, fingerprint: dict, context: dict, results: dict,
+           report: Callable[[], None]) -> None:
+    """A shard writes its shard file, a single process or rank 0 reports; then every process drops its
+    checkpoint (under torchrun once the results are written)."""
+    if workers.launcher == "shard":
+        print(f"shard: {write_shard(args.output_dir, step, workers, fingerprint, context, results)}")
+    elif workers.writes_outputs:
+        report()
+    workers.barrier()
+    workers.checkpoint_file(args.output_dir, step).unlink(missing_ok=True)
+
+
 def shard_path(output_dir: str | os.PathLike, step: str, workers: Workers) -> Path:
     return Path(output_dir) / SHARD_DIR / f"{step}.shard{workers.rank}of{workers.world}.json"
 
@@ -148,9 +173,8 @@ def read_shards(paths: list[str], output_dir, step: str, fingerprint: dict) -> t
                 not all(k in shard for k in ("fingerprint", "context", "results")):
             raise UsageError(f"{path} is not a {step} shard file")
         if shard["fingerprint"] != fingerprint:
-            saved = shard["fingerprint"] if isinstance(shard["fingerprint"], dict) else {}
-            differ = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-            raise UsageError(f"shard {path} comes from a run with different arguments ({', '.join(differ)})")
+            differ = ", ".join(differing_keys(shard["fingerprint"], fingerprint))
+            raise UsageError(f"shard {path} comes from a run with different arguments ({differ})")
     counts = {shard["shard"][1] for _, shard in shards}
     indices = sorted(shard["shard"][0] for _, shard in shards)
     if len(counts) > 1 or indices != list(range(counts.pop())):

@@ -80,6 +80,35 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
     return rows
 
 
+def differing_keys(saved: Any, current: dict) -> list[str]:
+    """The keys whose values differ between a saved fingerprint and the current one."""
+    saved = saved if isinstance(saved, dict) else {}
+    return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+
+
+class Checkpoint:
+    """The results of the work items done so far, saved after each, so that rerunning the same
+    command resumes; a checkpoint written with other arguments is refused (or discarded with
+    `overwrite`)."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, overwrite: bool = False):
+        self.path, self.fingerprint = Path(path), fingerprint
+        self.done: dict[str, dict] = {}
+        if self.path.is_file() and not overwrite:
+            saved = read_json(self.path, "checkpoint")
+            if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+                differ = differing_keys(saved.get("fingerprint") if isinstance(saved, dict) else None, fingerprint)
+                raise UsageError(f"checkpoint {self.path} comes from a run with different arguments "
+                                 f"({', '.join(differ)}); pass --overwrite to discard it")
+            self.done = saved.get("done", {})
+
+    def save(self) -> None:
+        write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "numpy", "scipy")) -> dict:
     versions = {"python": platform.python_version()}
     for name in names:

@@ -48,7 +48,8 @@ def test_workers_deal_items_round_robin():
     assert shares == [[0, 3, 6], [1, 4], [2, 5]]
     assert Workers().share(items) == items and Workers().writes_outputs
     assert not Workers(0, 2, "shard").writes_outputs and not Workers(1, 2, "torchrun").writes_outputs
-    assert Workers(0, 2, "torchrun").writes_outputs and Workers(1, 2, "torchrun").suffix == ".1of2"
+    assert Workers(0, 2, "torchrun").writes_outputs
+    assert Workers(1, 2, "torchrun").checkpoint_file("out", "step1").name == "step1_checkpoint.1of2.json"
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3", "0/0"])
@@ -119,15 +120,15 @@ def test_step1_shards_merge_to_one_process(step1_setup, step1_single):
 
 
 def test_step1_shard_resumes_from_its_own_checkpoint(step1_setup, step1_single, tmp_path, monkeypatch):
-    import delta_steering.discovery as discovery
+    import step1_neuron_discovery as step1_script
 
     root, common = step1_setup
-    real = discovery.sweep_correctness
-    monkeypatch.setattr(discovery, "sweep_correctness", interrupting(real, on_call=2))
+    real = step1_script.sweep_correctness
+    monkeypatch.setattr(step1_script, "sweep_correctness", interrupting(real, on_call=2))
     assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", "1/2")) == 130
     saved = json.loads((tmp_path / "step1_checkpoint.1of2.json").read_text())
-    assert sorted(map(int, saved["rows"])) == list(range(8, 16))  # shard 1 of 2 has chunks 1 and 3
-    monkeypatch.setattr(discovery, "sweep_correctness", real)
+    assert sorted(int(n) for done in saved["done"].values() for n in done) == list(range(8, 16))  # chunk 1 of 1, 3
+    monkeypatch.setattr(step1_script, "sweep_correctness", real)
     for shard in ("1/2", "0/2"):
         assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", shard)) == 0
     assert not list(tmp_path.glob("step1_checkpoint*"))

@@ -12,7 +12,7 @@ from delta_steering.factors import mark, optimal_factor, strength
 from delta_steering.scoring import evaluate, summarize
 from delta_steering.tasks import load_examples
 from mamba_model_loader import load_mamba_model
-from scripts import run_main
+from scripts import interrupting, run_main
 from tiny import near_tie_task
 
 HIGH, NEUTRAL = [0, 1, 2, 3], [4, 5, 6, 7, 8, 9]
@@ -111,6 +111,23 @@ def test_importance_ranking_and_perplexity(setup, result):
         count += ids.shape[1] - 1
     assert ppl["baseline"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     assert [e["layer"] for e in ppl["layers"]] == [22, 23] and ppl["factor"] == result["optimal_factors"]["high_impact"]
+
+
+def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch):
+    import step2_steering_factor_determination as step2_script
+
+    real = step2_script.evaluate
+    monkeypatch.setattr(step2_script, "evaluate", interrupting(real, on_call=3))  # baseline, a factor, stop
+    run = ("--perplexity_ablation", "--perplexity_layers", "22,23", "--pile_path", setup["pile"], "--engine", "naive")
+    assert step2(setup, tmp_path, *run) == 130
+    saved = json.loads((tmp_path / "step2_checkpoint.json").read_text())
+    assert list(saved["done"]) == [repr(("factor", "high_impact", 0.5))]
+    monkeypatch.setattr(step2_script, "evaluate", real)
+    assert step2(setup, tmp_path, *run, "--factors", "0.5,2") == 2  # other arguments: refused
+    assert step2(setup, tmp_path, *run) == 0
+    resumed = json.loads((tmp_path / "cluster9_ablation_results_all_neurons.json").read_text())
+    assert {**resumed, "run": None} == {**result, "run": None}
+    assert not (tmp_path / "step2_checkpoint.json").exists()
 
 
 def test_step1_file_lookup_order(setup, tmp_path, monkeypatch, capsys):

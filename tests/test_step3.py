@@ -6,8 +6,8 @@ import json
 import pytest
 
 from delta_steering.ifeval import METRICS
-from delta_steering.verification import neuron_sets
-from scripts import run_main
+from delta_steering.verification import BASELINE, neuron_sets
+from scripts import interrupting, run_main
 
 pytestmark = pytest.mark.usefixtures("punkt")
 
@@ -74,6 +74,26 @@ def test_both_writes_cluster_and_layer_results_with_every_field(both):
     steered = [(both / f"responses_{c['name']}.jsonl").read_text()
                for c in cluster["configurations"][1:] + layer["configurations"][1:]]
     assert any(text != baseline_rows for text in steered)  # steering changes what the model writes
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both, tmp_path, monkeypatch):
+    import step3_steer_performance_verification as step3_script
+
+    real = step3_script.run_configuration
+    monkeypatch.setattr(step3_script, "run_configuration", interrupting(real, on_call=2))
+    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 130
+    saved = json.loads((tmp_path / "step3_checkpoint.json").read_text())
+    assert list(saved["done"]) == [repr(BASELINE)] and len(saved["done"][repr(BASELINE)]["baseline"]["responses"]) == 5
+    monkeypatch.setattr(step3_script, "run_configuration", real)
+    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 0
+    for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
+        resumed, whole = (json.loads((d / name).read_text()) for d in (tmp_path, both))
+        for result in (resumed, whole):
+            del result["run"]
+            for c in result["configurations"]:
+                del c["seconds"]
+        assert resumed == whole
+    assert not (tmp_path / "step3_checkpoint.json").exists()
 
 
 def test_combined_is_the_default_mode(tiny_model_dir, files, tmp_path):
