@@ -26,7 +26,7 @@ from delta_steering.distributed import Workers, add_distributed_args, finish, re
 from delta_steering.factors import (DEFAULT_FACTORS, Comparison, factor_entries, importance_ranking, optimal_factor,
                                     print_group_table, ranked_neurons)
 from delta_steering.perplexity import perplexity
-from delta_steering.results_io import run_record, write_json
+from delta_steering.results_io import file_digest, run_record, write_json
 from delta_steering.scoring import chance_correctness, encode_examples, evaluate, summarize
 from delta_steering.steering import num_layers, steer
 from delta_steering.sweep import Intervention, sweep_correctness
@@ -65,11 +65,13 @@ def parse_args() -> argparse.Namespace:
 
 
 def fingerprint(args) -> dict:
-    """The arguments that change results; engine, batch size, device and the work split do not."""
+    """The arguments and step-1 file that change results; engine, batch size, device and the work
+    split do not."""
     keys = ("model", "tokenizer", "dtype", "seed", "num_examples", "neurons_file", "allow_model_mismatch", "layer",
             "tasks", "data_dir", "factors", "max_neurons", "sample_neurons", "perplexity_ablation",
             "perplexity_layers", "pile_samples", "pile_path")
-    return {k: getattr(args, k) for k in keys}
+    step1_path = locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file", "--neurons_file")
+    return {**{k: getattr(args, k) for k in keys}, "step1_sha256": file_digest(step1_path)}
 
 
 def factor_key(group: str, factor: float) -> str:

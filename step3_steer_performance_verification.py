@@ -22,7 +22,7 @@ from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check
 from delta_steering.discovery import STEP1_DEFAULTS, load_discovery, locate
 from delta_steering.distributed import Workers, add_distributed_args, finish, read_shards, start_workers
 from delta_steering.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
-from delta_steering.results_io import read_json, read_jsonl, run_record, write_json, write_jsonl
+from delta_steering.results_io import file_digest, read_json, read_jsonl, run_record, write_json, write_jsonl
 from delta_steering.steering import num_delta_neurons, num_layers, verify_steering_effect
 from delta_steering.verification import (BASELINE, Configuration, Outcome, configurations, entry, neuron_sets,
                                          print_summary, response_rows, run_configuration)
@@ -111,11 +111,15 @@ def model_layers(args, model, layer: int) -> list[int]:
 
 
 def fingerprint(args) -> dict:
-    """The arguments that change results; batch size, device and the work split do not."""
+    """The arguments and input files that change results; batch size, device and the work split do not."""
     keys = ("model", "tokenizer", "dtype", "seed", "num_samples", "combined", "cluster_ablation", "layer_ablation",
             "both", "neurons_file", "factors_file", "factor", "allow_model_mismatch", "layer", "layers",
             "ifeval_path", "max_new_tokens", "pile_samples", "pile_path")
-    return {k: getattr(args, k) for k in keys}
+    step1_path = locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file", "--neurons_file")
+    factors_path = None if args.factor is not None else \
+        locate(args.factors_file, (FACTORS_DEFAULT,), "step-2 file", "--factors_file (or --factor)")
+    return {**{k: getattr(args, k) for k in keys}, "step1_sha256": file_digest(step1_path),
+            "step2_sha256": factors_path and file_digest(factors_path)}
 
 
 def measure(args, workers: Workers) -> tuple[dict, dict]:

@@ -80,6 +80,13 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
     return rows
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: tells a checkpoint or shard made from another version of an input file."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def differing_keys(saved: Any, current: dict) -> list[str]:
     """The keys whose values differ between a saved fingerprint and the current one."""
     saved = saved if isinstance(saved, dict) else {}

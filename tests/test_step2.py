@@ -113,20 +113,27 @@ def test_importance_ranking_and_perplexity(setup, result):
     assert [e["layer"] for e in ppl["layers"]] == [22, 23] and ppl["factor"] == result["optimal_factors"]["high_impact"]
 
 
-def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch, capsys):
     import step2_steering_factor_determination as step2_script
 
     real = step2_script.evaluate
     monkeypatch.setattr(step2_script, "evaluate", interrupting(real, on_call=3))  # baseline, a factor, stop
     run = ("--perplexity_ablation", "--perplexity_layers", "22,23", "--pile_path", setup["pile"], "--engine", "naive")
-    assert step2(setup, tmp_path, *run) == 130
+    step1_file = tmp_path / "step1.json"
+    step1_file.write_text(setup["step1"].read_text())
+    assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 130
     saved = json.loads((tmp_path / "step2_checkpoint.json").read_text())
     assert list(saved["done"]) == [repr(("factor", "high_impact", 0.5))]
     monkeypatch.setattr(step2_script, "evaluate", real)
-    assert step2(setup, tmp_path, *run, "--factors", "0.5,2") == 2  # other arguments: refused
-    assert step2(setup, tmp_path, *run) == 0
+    assert step2(setup, tmp_path, *run, "--factors", "0.5,2", neurons_file=step1_file) == 2  # other arguments
+    step1_file.write_text(setup["step1"].read_text() + "\n")
+    capsys.readouterr()
+    assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 2  # another version of the step-1 file
+    assert "different arguments (step1_sha256)" in capsys.readouterr().err
+    step1_file.write_text(setup["step1"].read_text())
+    assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 0
     resumed = json.loads((tmp_path / "cluster9_ablation_results_all_neurons.json").read_text())
-    assert {**resumed, "run": None} == {**result, "run": None}
+    assert {**resumed, "run": None, "step1_file": None} == {**result, "run": None, "step1_file": None}
     assert not (tmp_path / "step2_checkpoint.json").exists()
 
 
