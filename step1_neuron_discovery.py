@@ -49,7 +49,6 @@ def parse_args() -> argparse.Namespace:
                         help="attribution: first-order estimates of every neuron, then --verify_top re-measured")
     parser.add_argument("--verify_top", type=int, default=50, help="neurons re-measured exactly after attribution")
     add_pile_args(parser)
-    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
     add_distributed_args(parser)
     parser.add_argument("--no_plots", action="store_true")
     return parser.parse_args()
@@ -119,6 +118,10 @@ def measure(args, workers: Workers, examples: list) -> tuple[dict, dict]:
     return context, rows
 
 
+def requested_tasks(args) -> list[str]:
+    return [t.strip() for t in args.tasks.split(",") if t.strip()]
+
+
 def report(args, context: dict, rows: dict, examples: list, started: float) -> None:
     """Impacts, statistics, the JSON, the console summary and the plots, from the measured rows."""
     neurons, baseline = context["neurons"], np.array(context["baseline"], dtype=float)
@@ -132,9 +135,8 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> N
         shown = ["n/a" if r is None else f"{r:.3f}" for r in rhos]
         print(f"attribution vs exact impact on {len(neurons)} verified neurons: Spearman {shown[0]} "
               f"(estimated impact), {shown[1]} (estimated margin loss)")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    result = discovery_result(examples, baseline, records, args.threshold, context["layer"], args.model, tasks,
-                              args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation,
+    result = discovery_result(examples, baseline, records, args.threshold, context["layer"], args.model,
+                              requested_tasks(args), args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation,
                               engine=args.engine, method=args.method, neurons_tested=len(neurons), **screened)
     result["run"] = run_record(args, context["model_info"], started, timings=context["timings"])
     write_json(args.save_path, result)
@@ -155,8 +157,7 @@ def main() -> None:
     check_positive(args.verify_top, "--verify_top")
     check_positive(args.chunk_neurons, "--chunk_neurons")
     workers = start_workers(args)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    examples = load_examples(tasks, args.data_dir, "discovery", args.validation_size)
+    examples = load_examples(requested_tasks(args), args.data_dir, "discovery", args.validation_size)
     if args.merge is not None:
         context, rows = read_shards(args.merge, args.output_dir, STEP, fingerprint(args))
         return report(args, context, rows, examples, started)

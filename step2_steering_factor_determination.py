@@ -59,7 +59,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--perplexity_layers", default=None, help="layers for --perplexity_ablation (default: all)")
     add_pile_args(parser)
     parser.add_argument("--no_plots", action="store_true")
-    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
     add_distributed_args(parser)
     return parser.parse_args()
 

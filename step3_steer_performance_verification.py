@@ -61,7 +61,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no_plots", action="store_true")
     parser.add_argument("--score_responses", default=None, metavar="FILE",
                         help='score a JSONL of {"prompt", "response"}; no model is loaded')
-    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
     add_distributed_args(parser)
     return parser.parse_args()
 

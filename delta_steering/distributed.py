@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm.auto import tqdm
+
 from .cli import UsageError
 from .results_io import Checkpoint, differing_keys, read_json, write_json
 
@@ -65,8 +67,6 @@ class Workers:
             checkpoint: Checkpoint | None = None) -> dict:
         """Compute this process's share of `items` (each gives a dict of named results), skipping those
         the checkpoint holds and saving it after each, then gather."""
-        from tqdm.auto import tqdm
-
         results: dict = {}
         for item in tqdm(self.share(items), desc=desc, unit="item", disable=desc is None or self.quiet):
             key = repr(item)
@@ -88,6 +88,8 @@ class Workers:
 
 
 def add_distributed_args(parser) -> None:
+    """--overwrite (for the per-process checkpoints), --shard and --merge."""
+    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="run slice I of N (0-based) and write a shard file instead of the results")
     parser.add_argument("--merge", nargs="*", default=None, metavar="SHARD",

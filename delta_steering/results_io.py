@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -82,8 +83,6 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
 
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes: tells a checkpoint or shard made from another version of an input file."""
-    import hashlib
-
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
