@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 # The demo: the bundled 24-layer model and its data, offline, on CPU. Each multiple-choice file is
-# split into a discovery half (step 1) and a held-out half (step 2), as the built-in tasks are.
+# split into a fixed-seed discovery half (step 1) and held-out half (step 2), as the built-in tasks are.
 DEMO_MODEL := models/mamba-tiny-demo
 DEMO_DATA := $(DEMO_MODEL)/demo_data
 DEMO_OUT ?= demo_results
@@ -35,18 +35,14 @@ DEMO_TASKS := ifeval_format copying counting agreement
 comma := ,
 empty :=
 space := $(empty) $(empty)
-demo_tasks = $(subst $(space),$(comma),$(foreach t,$(DEMO_TASKS),$(DEMO_OUT)/tasks/$(1)/$(t).jsonl))
+DEMO_TASK_FILES := $(subst $(space),$(comma),$(foreach t,$(DEMO_TASKS),$(DEMO_DATA)/$(t).jsonl))
 DEMO_COMMON := --model $(DEMO_MODEL) --device cpu --pile_path $(DEMO_DATA)/text.txt --pile_samples 50
 
 demo: install
-	mkdir -p $(DEMO_OUT)/tasks/discovery $(DEMO_OUT)/tasks/heldout
-	for t in $(DEMO_TASKS); do \
-	  head -n 200 $(DEMO_DATA)/$$t.jsonl > $(DEMO_OUT)/tasks/discovery/$$t.jsonl; \
-	  tail -n +201 $(DEMO_DATA)/$$t.jsonl > $(DEMO_OUT)/tasks/heldout/$$t.jsonl; done
-	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(call demo_tasks,discovery) --validation_size 200 \
+	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(DEMO_TASK_FILES) --validation_size 200 \
 	  --method attribution --verify_top 24 \
 	  --save_path $(DEMO_OUT)/discovered_neurons.json --output_dir $(DEMO_OUT)/step1 --overwrite
-	$(PY) step2_steering_factor_determination.py $(DEMO_COMMON) --tasks $(call demo_tasks,heldout) \
+	$(PY) step2_steering_factor_determination.py $(DEMO_COMMON) \
 	  --num_examples 100 --factors 0.5,2,5,10 --neurons_file $(DEMO_OUT)/discovered_neurons.json \
 	  --output_dir $(DEMO_OUT)/step2 --max_neurons 16 --perplexity_ablation --perplexity_layers 18-22
 	$(PY) step3_steer_performance_verification.py $(DEMO_COMMON) --both \

@@ -6,11 +6,16 @@
 From the Hub: monology/pile-uncopyrighted (streaming), then NeelNanda/pile-10k, then EleutherAI/pile.
 Locally (`--pile_path`): .jsonl / .jsonl.zst with a "text" field, .txt (one document per block
 separated by blank lines), .parquet, or a folder of such files. The same seed gives the same documents.
+
+Two roles never share a document: "statistics" (step 1's delta statistics, which pick the
+high-variance set) takes the even positions of the seed's shuffled pool, "evaluation" (perplexity in
+steps 2 and 3) the odd ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import random
@@ -26,6 +31,7 @@ HUB_SOURCES = (
 )
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.zst", ".txt", ".parquet")
 SHUFFLE_BUFFER = 10_000
+ROLES = {"statistics": 0, "evaluation": 1}  # offset into the shuffled pool, taken every second document
 
 
 def _read_jsonl_texts(lines, path: Path) -> list[str]:
@@ -100,21 +106,39 @@ def _load_hub(num_samples: int, seed: int, split: str) -> list[str]:
 
 
 def load_pile_texts(num_samples: int, seed: int = 0, path: str | Path | None = None,
-                    split: str = "validation") -> list[str]:
+                    split: str = "validation", role: str | None = None) -> list[str]:
     """`num_samples` non-empty Pile documents, the same ones for the same seed.
 
-    Local files are shuffled with `seed` and the first `num_samples` taken (all of them if fewer)."""
+    The pool (a local file or folder, or the Hub stream) is shuffled with `seed`; without a role the
+    first `num_samples` documents are taken (all of them if fewer), with a role every second one
+    from its offset, so that "statistics" and "evaluation" documents are disjoint."""
     if num_samples < 1:
         raise UsageError(f"--pile_samples must be at least 1, got {num_samples}")
+    if role is not None and role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: use one of {', '.join(ROLES)}")
+    stride = 1 if role is None else 2
     if path is None:
-        texts = _load_hub(num_samples, seed, split)
+        texts = _load_hub(num_samples * stride, seed, split)
     else:
         texts = read_local(path)
         random.Random(seed).shuffle(texts)
-    texts = [t for t in texts if t and t.strip()][:num_samples]
+    pool = [t for t in texts if t and t.strip()]
+    texts = pool[ROLES.get(role, 0)::stride][:num_samples]
     if not texts:
-        raise UsageError(f"no non-empty documents in {path or 'the Pile source'}")
+        raise UsageError(f"no non-empty documents{f' for {role}' if role else ''} in {path or 'the Pile source'}"
+                         + (f" ({len(pool)} in all; {role} takes every second one from position {ROLES[role]})"
+                            if role else ""))
     return texts
+
+
+def document_digests(texts: list[str]) -> list[str]:
+    """A short SHA-256 of each document: records which documents a result used without storing them."""
+    return [hashlib.sha256(t.encode("utf-8")).hexdigest()[:16] for t in texts]
+
+
+def pile_record(texts: list[str], role: str) -> dict:
+    """What a result JSON says of the Pile documents it used: their role, count and digests."""
+    return {"role": role, "count": len(texts), "digests": document_digests(texts)}
 
 
 @main_guard

@@ -27,7 +27,7 @@ from delta_steering.scoring import chance_correctness, encode_examples, evaluate
 from delta_steering.sweep import Intervention, sweep_correctness
 from delta_steering.tasks import DEFAULT_TASKS, load_examples
 from mamba_model_loader import describe
-from pile_dataset_loader import load_pile_texts
+from pile_dataset_loader import load_pile_texts, pile_record
 
 STEP = "step1"
 
@@ -71,7 +71,7 @@ def measure(args, workers: Workers, examples: list) -> tuple[dict, dict]:
     checkpoint = workers.checkpoint(args, STEP, fingerprint(args))
     timings = {}
 
-    texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
+    texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
     t = time.time()
     stats = delta_statistics(model, tokenizer, texts, layer)
     timings["delta_statistics"] = round(time.time() - t, 2)
@@ -93,13 +93,13 @@ def measure(args, workers: Workers, examples: list) -> tuple[dict, dict]:
         print(f"  {name:>24}: {value:6.2f}%  (chance {chance['per_task'][name]:5.2f}%, "
               f"{sum(e.task == name for e in examples)} examples)")
 
-    screened = {}
+    screened = {"requested_neurons": neurons}
     if args.method == "attribution":
         t = time.time()
         estimates, neurons = attribution_screen(model, tokenizer, examples, encoded, layer, neurons, intervention,
                                                 args.batch_size, args.verify_top)
         timings["attribution"] = round(time.time() - t, 2)
-        screened = {"attribution_estimates": estimates, "verified_neurons": neurons}
+        screened.update(attribution_estimates=estimates, verified_neurons=neurons)
 
     def ablate(chunk: list[int]) -> dict:
         rows = sweep_correctness(model, tokenizer, examples, layer, chunk, intervention, args.engine,
@@ -113,7 +113,8 @@ def measure(args, workers: Workers, examples: list) -> tuple[dict, dict]:
     context = {"layer": layer, "neurons": neurons, "baseline": baseline.tolist(), "screened": screened,
                "delta_statistics": {"delta_variance": stats["delta_variance"].tolist(),
                                     "dt_pre_mean": [float(v) for v in stats["dt_pre_mean"]],
-                                    "num_tokens": int(stats["num_tokens"])},
+                                    "num_tokens": int(stats["num_tokens"]),
+                                    "documents": pile_record(texts, "statistics")},
                "model_info": describe(model), "timings": timings}
     return context, rows
 
@@ -127,8 +128,9 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> N
     neurons, baseline = context["neurons"], np.array(context["baseline"], dtype=float)
     ablated = np.array([rows[str(n)] for n in neurons], dtype=float)
     stats = context["delta_statistics"]
-    records = neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"], args.seed)
     screened = dict(context["screened"])
+    unmeasured = sorted(set(screened.pop("requested_neurons")) - set(neurons))
+    records = neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"], args.seed, unmeasured)
     if screened:
         screened.update(attach_estimates(records, screened["attribution_estimates"]))
         rhos = [screened[k] for k in ("spearman_estimated_impact", "spearman_margin_loss")]
@@ -137,7 +139,7 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> N
               f"(estimated impact), {shown[1]} (estimated margin loss)")
     result = discovery_result(examples, baseline, records, args.threshold, context["layer"], args.model,
                               requested_tasks(args), args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation,
-                              engine=args.engine, method=args.method, neurons_tested=len(neurons), **screened)
+                              engine=args.engine, method=args.method, neurons_tested=len(neurons) + len(unmeasured), **screened)
     result["run"] = run_record(args, context["model_info"], started, timings=context["timings"])
     write_json(args.save_path, result)
     print_summary(result)

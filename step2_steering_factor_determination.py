@@ -23,16 +23,17 @@ from delta_steering.cli import (UsageError, add_model_args, add_pile_args, add_s
                                 check_positive, load_model, main_guard, parse_float_list, parse_int_list)
 from delta_steering.discovery import STEP1_DEFAULTS, impact_groups, load_discovery, locate, neuron_chunks
 from delta_steering.distributed import Workers, add_distributed_args, finish, read_shards, start_workers
-from delta_steering.factors import (DEFAULT_FACTORS, Comparison, factor_entries, importance_ranking, optimal_factor,
-                                    print_group_table, ranked_neurons)
+from delta_steering.factors import (DEFAULT_FACTORS, Comparison, group_result, importance_ranking, print_group_table,
+                                    ranked_neurons, selection_split, steering_factor)
 from delta_steering.perplexity import perplexity
 from delta_steering.results_io import file_digest, run_record, write_json
 from delta_steering.scoring import chance_correctness, encode_examples, evaluate, summarize
+from delta_steering.tasks import example_ids
 from delta_steering.steering import num_layers, steer
 from delta_steering.sweep import Intervention, sweep_correctness
-from delta_steering.tasks import BUILTIN_TASKS, load_examples
+from delta_steering.tasks import load_examples
 from mamba_model_loader import describe
-from pile_dataset_loader import load_pile_texts
+from pile_dataset_loader import load_pile_texts, pile_record
 
 RESULTS_NAME = "cluster9_ablation_results_all_neurons.json"
 STEP = "step2"
@@ -128,10 +129,6 @@ def measure(args, workers: Workers, factors: list[float]) -> tuple[dict, dict, l
         check_layer(model, other, "--perplexity_layers")
     data_dir = args.data_dir or step1.get("data_dir")
     examples = load_examples(tasks, data_dir, "heldout", args.num_examples)
-    unpartitioned = [t for t in tasks if t not in BUILTIN_TASKS]  # custom .jsonl files
-    if unpartitioned:
-        print(f"note: custom task files have no held-out partition and are used in file order; they should "
-              f"not be the files step 1 ran on: {', '.join(unpartitioned)}")
     groups = impact_groups(step1)
     verify_steering_effect(model, layer, groups["high_impact"] or groups["neutral"] or [0])
     ranked = ranked_neurons(step1["all_neuron_impacts"], args.max_neurons, args.sample_neurons, args.seed)
@@ -146,11 +143,11 @@ def measure(args, workers: Workers, factors: list[float]) -> tuple[dict, dict, l
     print(f"Baseline accuracy {base['accuracy']:.2f}% on {len(examples)} held-out examples, layer {layer}")
     perplexity_layers = ppl_layers if args.perplexity_ablation and groups["high_impact"] else []
     if perplexity_layers:
-        measurements.texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
+        measurements.texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation")
     context = {"layer": layer, "tasks": tasks, "data_dir": data_dir, "step1_file": str(step1_path),
                "groups": groups, "factors": factors, "ranked": ranked, "step1_impacts": step1["all_neuron_impacts"],
                "baseline": baseline, "perplexity_layers": perplexity_layers,
-               "pile_documents": len(measurements.texts or []), "model_info": describe(model)}
+               "pile_documents": pile_record(measurements.texts or [], "evaluation"), "model_info": describe(model)}
 
     items = [("factor", name, f) for name, neurons in groups.items() if neurons for f in factors]
     items += [("neurons", chunk) for chunk in neuron_chunks(ranked, args.chunk_neurons)]
@@ -164,29 +161,29 @@ def measure(args, workers: Workers, factors: list[float]) -> tuple[dict, dict, l
         missing = [("factor", "high_impact", f) for f in factors if factor_key("high_impact", f) not in results]
         for item in missing:
             results.update(measurements(item))
-        factor = group_table("high_impact", context, results, Comparison(examples, np.array(baseline), args.seed))
-        if factor["optimal"] is not None:
-            amplified = [("perplexity", l, factor["optimal"]["factor"]) for l in perplexity_layers]
+        factor, _ = steering_factor(group_table("high_impact", context, results, examples, args.seed)["optimal"])
+        if factor is not None:
+            amplified = [("perplexity", l, factor) for l in perplexity_layers]
             results.update(workers.run(amplified, measurements, "perplexity with the optimal factor", checkpoint))
     return context, results, examples
 
 
-def group_table(name: str, context: dict, results: dict, comparison: Comparison) -> dict:
-    """A group's neurons, its entry per factor and its optimal factor."""
-    neurons, factors = context["groups"][name], context["factors"]
-    group = {"neurons": neurons, "results": [], "optimal": None}
-    if neurons:
-        rows = [np.array(results[factor_key(name, f)], dtype=float) for f in factors]
-        group["results"] = factor_entries(comparison, factors, rows)
-        group["optimal"] = optimal_factor(group["results"])
-    return group
+def group_table(name: str, context: dict, results: dict, examples: list, seed: int) -> dict:
+    """A group's neurons, its selection table and its optimal factor."""
+    factors = context["factors"]
+    rows = {f: np.array(results[factor_key(name, f)], dtype=float) for f in factors} if context["groups"][name] else {}
+    return group_result(context["groups"][name], factors, rows, examples, np.array(context["baseline"], dtype=float),
+                        seed)
 
 
-def perplexity_table(context: dict, results: dict, factor: float | None) -> dict:
-    """Pile perplexity at baseline and with the High Impact neurons ablated / amplified at each layer."""
-    print(f"\nPile perplexity ({context['pile_documents']} documents), High Impact neurons at each layer:")
+def perplexity_table(context: dict, results: dict, optimal: dict | None) -> dict:
+    """Pile perplexity at baseline and with the High Impact neurons ablated / amplified at each layer,
+    amplified by the confirmed factor, else the selection-best one (marked unconfirmed)."""
+    factor, source = steering_factor(optimal)
+    print(f"\nPile perplexity ({context['pile_documents']['count']} documents), High Impact neurons at each layer"
+          + ("" if factor is None else f"; amplified x{factor:g} ({source})") + ":")
     table = {"baseline": results[perplexity_key(None, None)], "neurons": context["groups"]["high_impact"],
-             "factor": factor, "layers": []}
+             "factor": factor, "factor_source": source, "documents": context["pile_documents"], "layers": []}
     for layer in context["perplexity_layers"]:
         entry = {"layer": layer, "ablated": results[perplexity_key(layer, 0.0)]}
         if factor is not None:
@@ -205,10 +202,17 @@ def report(args, context: dict, results: dict, examples: list, started: float) -
               "num_examples": args.num_examples, "step1_file": context["step1_file"],
               "baseline_accuracy": base["accuracy"], "per_task_baseline": base["per_task"],
               "chance_accuracy": summarize(examples, chance_correctness(examples))["accuracy"], "groups": {}}
+    selection, confirmation = selection_split(examples)
+    result["selection_examples"] = example_ids([examples[i] for i in selection])
+    result["confirmation_examples"] = example_ids([examples[i] for i in confirmation])
+    baseline = np.array(context["baseline"], dtype=float)
+    result["selection_baseline_accuracy"] = summarize([examples[i] for i in selection], baseline[selection])["accuracy"]
+    result["confirmation_baseline_accuracy"] = summarize([examples[i] for i in confirmation],
+                                                         baseline[confirmation])["accuracy"]
     for name in context["groups"]:
-        result["groups"][name] = group_table(name, context, results, comparison)
-        print_group_table(name, result["groups"][name], base["accuracy"], layer)
-    result["optimal_factors"] = {n: (g["optimal"] or {}).get("factor") for n, g in result["groups"].items()}
+        result["groups"][name] = group_table(name, context, results, examples, args.seed)
+        print_group_table(name, result["groups"][name], layer)
+    result["optimal_factors"] = {n: g.pop("optimal") for n, g in result["groups"].items()}
 
     ranked = context["ranked"]
     print(f"\nImportance ranking: {len(ranked)} neurons ablated one at a time on held-out examples")
@@ -219,7 +223,7 @@ def report(args, context: dict, results: dict, examples: list, started: float) -
 
     if args.perplexity_ablation:
         if context["perplexity_layers"]:
-            result["perplexity"] = perplexity_table(context, results, result["optimal_factors"]["high_impact"])
+            result["perplexity"] = perplexity_table(context, results, result["optimal_factors"].get("high_impact"))
         else:
             print("perplexity ablation skipped: the High Impact group is empty")
     result["engine"] = args.engine
@@ -237,13 +241,18 @@ def report(args, context: dict, results: dict, examples: list, started: float) -
 def main() -> None:
     args = parse_args()
     started = time.time()
-    check_positive(args.num_examples, "--num_examples")
+    if args.num_examples < 2:
+        raise UsageError(f"--num_examples must be at least 2 (a selection and a confirmation half), got "
+                         f"{args.num_examples}")
     check_positive(args.max_neurons, "--max_neurons")
     check_positive(args.sample_neurons, "--sample_neurons")
     check_positive(args.chunk_neurons, "--chunk_neurons")
     factors = parse_float_list(args.factors)
     if any(f <= 0 for f in factors):
         raise UsageError("--factors must be positive (0 is ablation, which step 1 measures)")
+    factors = [f for f in dict.fromkeys(factors) if f != 1]  # factor 1 is the baseline, always a candidate
+    if not factors:
+        raise UsageError("--factors names no steering factor other than 1 (the baseline)")
     workers = start_workers(args)
     if args.merge is not None:
         context, results = read_shards(args.merge, args.output_dir, STEP, fingerprint(args))

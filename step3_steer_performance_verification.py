@@ -20,6 +20,7 @@ from pathlib import Path
 from delta_steering.cli import (UsageError, add_model_args, add_pile_args, check_layer, check_neuron_ids,
                                 check_positive, load_model, main_guard, parse_int_list)
 from delta_steering.discovery import STEP1_DEFAULTS, load_discovery, locate
+from delta_steering.factors import steering_factor as selection_factor
 from delta_steering.distributed import Workers, add_distributed_args, finish, read_shards, start_workers
 from delta_steering.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
 from delta_steering.results_io import file_digest, read_json, read_jsonl, run_record, write_json, write_jsonl
@@ -27,7 +28,7 @@ from delta_steering.steering import num_delta_neurons, num_layers, verify_steeri
 from delta_steering.verification import (BASELINE, Configuration, Outcome, configurations, entry, neuron_sets,
                                          print_summary, response_rows, run_configuration)
 from mamba_model_loader import describe
-from pile_dataset_loader import load_pile_texts
+from pile_dataset_loader import load_pile_texts, pile_record
 
 FACTORS_DEFAULT = "cluster9_ablation_results/cluster9_ablation_results_all_neurons.json"
 OUTPUT_FILES = {"combined": "combined_steering_ifeval_results.json",
@@ -85,16 +86,19 @@ def score_file(args) -> None:
 
 
 def steering_factor(args) -> tuple[float, str]:
-    """--factor, else step 2's optimal High Impact factor."""
+    """--factor ("command-line"), else step 2's High Impact factor: the confirmed one
+    ("step2-confirmed"), or the selection-best one when the confirmation half did not confirm it
+    ("step2-unconfirmed")."""
     if args.factor is not None:
-        return args.factor, "--factor"
+        return args.factor, "command-line"
     path = locate(args.factors_file, (FACTORS_DEFAULT,), "step-2 file", "--factors_file (or --factor)")
     data = read_json(path, "step-2 file")
-    factor = data.get("optimal_factors", {}).get("high_impact") if isinstance(data, dict) else None
-    if not isinstance(factor, (int, float)):
-        raise UsageError(f"step-2 file {path} has no optimal High Impact factor (optimal_factors.high_impact); "
+    optimal = data.get("optimal_factors", {}).get("high_impact") if isinstance(data, dict) else None
+    factor, source = selection_factor(optimal if isinstance(optimal, dict) else None)
+    if factor is None:
+        raise UsageError(f"step-2 file {path} has no High Impact factor (optimal_factors.high_impact); "
                          "pass --factor")
-    return float(factor), str(path)
+    return factor, source
 
 
 def model_layers(args, model, layer: int) -> list[int]:
@@ -137,12 +141,15 @@ def measure(args, workers: Workers) -> tuple[dict, dict]:
         print(f"warning: {warning}")
     check_neuron_ids(model, sets["delta_sensitive"], "step-1 neurons")
     verify_steering_effect(model, layer, sets["delta_sensitive"])
-    texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path)
-    print(f"{len(prompts)} IFEval prompts, {len(texts)} Pile documents; factor {factor:g} (from {factor_source}); "
+    texts = load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation")
+    if factor_source == "step2-unconfirmed":
+        print(f"warning: step 2 did not confirm a High Impact factor; steering with its selection-best factor "
+              f"x{factor:g}, unconfirmed")
+    print(f"{len(prompts)} IFEval prompts, {len(texts)} Pile documents; factor {factor:g} ({factor_source}); "
           f"delta-sensitive set of {len(sets['delta_sensitive'])} neurons at layer {layer}")
     context = {"modes": modes, "layer": layer, "layers": layers, "factor": factor, "factor_source": factor_source,
                "step1_file": str(step1_path), "sets": sets, "num_prompts": len(prompts),
-               "pile_documents": len(texts), "model_info": describe(model)}
+               "pile_documents": pile_record(texts, "evaluation"), "model_info": describe(model)}
 
     def run(configuration) -> dict:
         print(f"\n[{configuration.name}] {configuration.description}")
@@ -179,7 +186,7 @@ def report(args, context: dict, outcomes: dict, started: float) -> None:
         results[mode] = {**common, "mode": mode, "configurations": entries,
                          "run": run_record(args, context["model_info"], started)}
         path = write_json(output_dir / OUTPUT_FILES[mode], results[mode])
-        print_summary(TITLES[mode], entries, args.ifeval_metric)
+        print_summary(TITLES[mode], entries, args.ifeval_metric, context["factor"], context["factor_source"])
         print(f"results: {path}")
     if not args.no_plots:
         from delta_steering.plots import plot_verification

@@ -12,6 +12,7 @@ from .results_io import read_json
 from .scoring import chance_correctness, example_weights, summarize
 from .stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test
 from .sweep import Intervention
+from .tasks import example_ids
 
 HIGH_IMPACT = 2.0  # percentage points: step 2's High Impact group is impact > 2, Neutral is |impact| <= 2
 SIGNIFICANCE = 0.05
@@ -24,9 +25,12 @@ def neuron_chunks(neurons: list[int], size: int) -> list[list[int]]:
 
 
 def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons: list[int],
-                   delta_variance: list[float], seed: int) -> list[dict]:
+                   delta_variance: list[float], seed: int, unmeasured: list[int] = ()) -> list[dict]:
     """One record per neuron: ablated accuracy, impact = baseline - ablated (points), per-task
-    accuracies, paired bootstrap CI of the impact, exact sign-test p-value and BH q-value."""
+    accuracies, paired bootstrap CI of the impact, exact sign-test p-value and BH q-value.
+
+    `unmeasured` neurons (screened out by attribution) get a record with `"measured": false` and no
+    impact; Benjamini-Hochberg still counts them, as p = 1, so screening cannot shrink the correction."""
     weights = example_weights(examples)
     indices = bootstrap_indices(np.array([e.task for e in examples]), seed=seed)
     base_accuracy = summarize(examples, baseline)["accuracy"]
@@ -36,6 +40,7 @@ def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons:
         accuracy = summary["accuracy"]
         records.append({
             "neuron": int(neuron),
+            "measured": True,
             "impact": None if accuracy is None else round(base_accuracy - accuracy, 4),
             "accuracy": accuracy,
             "per_task": summary["per_task"],
@@ -46,10 +51,18 @@ def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons:
             "delta_variance": float(delta_variance[neuron]),
             **({"non_finite": summary["non_finite"]} if summary["non_finite"] else {}),
         })
-    for record, q in zip(records, benjamini_hochberg([r["p_value"] for r in records])):
+    records += [{"neuron": int(n), "measured": False, "impact": None, "accuracy": None, "p_value": None,
+                 "delta_variance": float(delta_variance[n])} for n in unmeasured]
+    p_values = [r["p_value"] if r["measured"] else 1.0 for r in records]
+    for record, q in zip(records, benjamini_hochberg(p_values)):
         record["q_value"] = q
-    records.sort(key=lambda r: (r["impact"] is None, -(r["impact"] or 0.0), r["neuron"]))
+    records.sort(key=lambda r: (not r["measured"], r["impact"] is None, -(r["impact"] or 0.0), r["neuron"]))
     return records
+
+
+def is_significant(record: dict) -> bool:
+    """BH q < 0.05 (q = 0, from a p-value that underflowed, included)."""
+    return record.get("q_value") is not None and record["q_value"] < SIGNIFICANCE
 
 
 def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, layer: int,
@@ -67,6 +80,7 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
         "model": model_name,
         "tasks": tasks,
         "validation_size": validation_size,
+        "measured_neurons": sum(r["measured"] for r in records),
         "num_examples": {t: sum(e.task == t for e in examples) for t in summary["per_task"]},
         "per_task_baseline": summary["per_task"],
         "chance_accuracy": chance["accuracy"],
@@ -74,17 +88,20 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
         "threshold": threshold,
         "high_impact_neurons": sorted(r["neuron"] for r in impacts if r["impact"] > HIGH_IMPACT),
         "neutral_neurons": sorted(r["neuron"] for r in impacts if abs(r["impact"]) <= HIGH_IMPACT),
-        "significant_neurons": sorted(r["neuron"] for r in records if (r["q_value"] or 1.0) < SIGNIFICANCE),
+        "significant_neurons": sorted(r["neuron"] for r in records if is_significant(r)),
         "delta_variance": delta_variance,
         "dt_pre_mean": [float(v) for v in delta_stats["dt_pre_mean"]],
         "high_variance_neurons": [int(i) for i in np.argsort(-np.array(delta_variance), kind="stable")],
         "delta_statistics_tokens": int(delta_stats["num_tokens"]),
+        "delta_statistics_documents": delta_stats.get("documents"),
+        "discovery_examples": example_ids(examples),
         **extra,
     }
 
 
 def print_summary(result: dict, top: int = 10) -> None:
     records = [r for r in result["all_neuron_impacts"] if r["impact"] is not None]
+    unmeasured = sum(not r["measured"] for r in result["all_neuron_impacts"])
 
     def line(r):
         ci = r["ci95"] or [float("nan")] * 2
@@ -97,7 +114,11 @@ def print_summary(result: dict, top: int = 10) -> None:
     print(f"Lowest {min(top, len(records))} impacts:")
     for r in records[-top:][::-1]:
         print(line(r))
-    broken = len(result["all_neuron_impacts"]) - len(records)
+    broken = len(result["all_neuron_impacts"]) - len(records) - unmeasured
+    if unmeasured:
+        print(f"\n{len(result['all_neuron_impacts']) - unmeasured} of {len(result['all_neuron_impacts'])} neurons "
+              f"measured exactly; the other {unmeasured} were screened out by attribution (no impact, in no "
+              "group; counted as p = 1 by BH)")
     print(f"\n{len(result['beneficial_neurons'])} beneficial ({result['criterion']}), "
           f"{len(result['high_impact_neurons'])} high impact (> {HIGH_IMPACT}), "
           f"{len(result['significant_neurons'])} significant (q < {SIGNIFICANCE}) of {len(result['all_neuron_impacts'])}"
@@ -177,8 +198,9 @@ def attach_estimates(records: list[dict], estimates: list[dict]) -> dict:
 
     by_neuron = {e["neuron"]: e for e in estimates}
     for record in records:
-        record.update({k: v for k, v in by_neuron[record["neuron"]].items() if k != "neuron"})
-    exact = [r for r in records if r["impact"] is not None]
+        if record["neuron"] in by_neuron:
+            record.update({k: v for k, v in by_neuron[record["neuron"]].items() if k != "neuron"})
+    exact = [r for r in records if r["impact"] is not None]  # measured exactly, finite
     return {
         "spearman_estimated_impact": spearman([r["estimated_impact"] for r in exact], [r["impact"] for r in exact]),
         "spearman_margin_loss": spearman([r["estimated_margin_loss"] for r in exact], [r["impact"] for r in exact]),

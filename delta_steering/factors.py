@@ -1,20 +1,33 @@
 """Step 2: amplify each group of step-1 neurons as a whole by each factor on held-out examples,
-pick each group's optimal factor, and check whether single-neuron impacts replicate."""
+choose each group's factor on a selection half and confirm it on the other half, and check whether
+single-neuron impacts replicate.
+
+The baseline (factor 1, no steering) is a candidate like any factor: a group's factor is a factor
+other than 1 only when it beats the baseline on the selection half. Its gain, CI and p-value are then
+reported on the confirmation half only, one pre-registered test per group, so no reported gain is
+measured on the examples that chose it.
+"""
 
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
+
 from .scoring import example_weights, summarize
-from .stats import bootstrap_indices, paired_ci, sign_test, spearman
+from .stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test, spearman
 
 DEFAULT_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.5, 2, 3, 5, 7, 9, 10, 20, 50, 100)
 GROUP_TITLES = {"high_impact": "High Impact", "neutral": "Neutral"}
+SELECTION_SEED = 4321  # fixed, independent of --seed: the selection/confirmation split never moves
+SIGNIFICANCE = 0.05
 
 
 def strength(factor: float) -> str:
-    """The seed's words for a factor's size."""
+    """The original study's words for a factor's size."""
+    if factor == 1:
+        return "Baseline"
     if factor < 1:
         return "Suppress"
     if factor <= 3:
@@ -24,11 +37,26 @@ def strength(factor: float) -> str:
     return "Very strong"
 
 
-def mark(ci: list[float] | None) -> str:
-    """✓ significant gain, ✗ significant loss (95% CI excludes 0), ~ no significant change."""
-    if ci is None:
+def mark(delta: float | None, q_value: float | None) -> str:
+    """✓ significant gain, ✗ significant loss (BH q < 0.05 over the group's factors), ~ neither."""
+    if delta is None or q_value is None:
         return "?"
-    return "✓" if ci[0] > 0 else "✗" if ci[1] < 0 else "~"
+    if q_value < SIGNIFICANCE:
+        return "✓" if delta > 0 else "✗" if delta < 0 else "~"
+    return "~"
+
+
+def selection_split(examples) -> tuple[list[int], list[int]]:
+    """Positions of the selection and confirmation halves of the held-out examples: per task, a
+    fixed-seed shuffle, its first half (rounded up) for selection and the rest for confirmation."""
+    selection, confirmation = [], []
+    for task in dict.fromkeys(e.task for e in examples):
+        members = [i for i, e in enumerate(examples) if e.task == task]
+        random.Random(SELECTION_SEED).shuffle(members)
+        half = (len(members) + 1) // 2
+        selection += sorted(members[:half])
+        confirmation += sorted(members[half:])
+    return sorted(selection), sorted(confirmation)
 
 
 class Comparison:
@@ -52,24 +80,75 @@ class Comparison:
         return entry
 
 
-def factor_entries(comparison: Comparison, factors: list[float], rows: list[np.ndarray]) -> list[dict]:
-    """One entry per factor from the held-out correctness with the group steered by that factor."""
-    results = []
-    for factor, correct in zip(factors, rows):
-        entry = comparison.entry(correct, factor=float(factor))
-        entry["label"] = f"{mark(entry['ci95'])} {strength(factor)}"
-        results.append(entry)
-    return results
+def factor_table(comparison: Comparison, factors: list[float], rows: list[np.ndarray]) -> list[dict]:
+    """The selection table: the baseline (factor 1), then one entry per factor with its BH q-value
+    over the group's factors and a label."""
+    base = comparison.base
+    table = [{"factor": 1.0, "accuracy": base["accuracy"], "delta": 0.0, "per_task": base["per_task"],
+              "ci95": None, "p_value": None, "q_value": None, "label": "baseline"}]
+    entries = [comparison.entry(correct, factor=float(factor)) for factor, correct in zip(factors, rows)]
+    for entry, q in zip(entries, benjamini_hochberg([e["p_value"] for e in entries])):
+        entry["q_value"] = q
+        entry["label"] = f"{mark(entry['delta'], q)} {strength(entry['factor'])}"
+    return table + entries
 
 
-def optimal_factor(results: list[dict]) -> dict | None:
-    """Highest held-out accuracy; ties go to the factor closest to 1 in log scale, then the smaller."""
-    scored = [r for r in results if r["accuracy"] is not None]
+def selection_best(table: list[dict]) -> dict | None:
+    """The steering factor (not 1) of highest selection accuracy; ties go to the factor closest to 1
+    in log scale, then the smaller."""
+    scored = [r for r in table if r["factor"] != 1 and r["accuracy"] is not None]
     if not scored:
         return None
-    best = max(scored, key=lambda r: (r["accuracy"], -abs(math.log(r["factor"])), -r["factor"]))
-    return {"factor": best["factor"], "accuracy": best["accuracy"], "delta": best["delta"], "ci95": best["ci95"],
-            "significant": bool(best["ci95"] and best["ci95"][0] > 0)}
+    return max(scored, key=lambda r: (r["accuracy"], -abs(math.log(r["factor"])), -r["factor"]))
+
+
+def optimal_factor(table: list[dict], confirmation: Comparison, rows: dict[float, np.ndarray]) -> dict | None:
+    """The group's factor: the selection-best factor if it beats the baseline on the selection half,
+    else 1.0 (no steering). A chosen factor is tested once on the confirmation half (`rows`: the
+    confirmation correctness per factor)."""
+    best = selection_best(table)
+    if best is None:
+        return None
+    beats = best["delta"] > 0
+    result = {"factor": best["factor"] if beats else 1.0, "beats_baseline": beats,
+              "selection_best_factor": best["factor"],
+              "selection": {"accuracy": best["accuracy"], "delta": best["delta"], "q_value": best["q_value"]},
+              "confirmation": None, "confirmed": False}
+    if beats:
+        entry = confirmation.entry(rows[best["factor"]])
+        significant = entry["p_value"] is not None and entry["p_value"] < SIGNIFICANCE and (entry["delta"] or 0) > 0
+        result["confirmation"] = {"accuracy": entry["accuracy"], "baseline_accuracy": confirmation.base["accuracy"],
+                                  "delta": entry["delta"], "ci95": entry["ci95"], "p_value": entry["p_value"],
+                                  "significant": significant}
+        result["confirmed"] = significant
+    return result
+
+
+def group_result(neurons: list[int], factors: list[float], rows: dict[float, np.ndarray], examples,
+                 baseline: np.ndarray, seed: int) -> dict:
+    """A group's selection table and optimal factor from the held-out correctness of every factor
+    (`rows`), split into the selection and confirmation halves."""
+    selection, confirmation = selection_split(examples)
+    group = {"neurons": neurons, "selection_size": len(selection), "confirmation_size": len(confirmation),
+             "results": [], "optimal": None}
+    if neurons:
+        def comparison(part):
+            return Comparison([examples[i] for i in part], baseline[part], seed)
+
+        group["results"] = factor_table(comparison(selection), factors, [rows[f][selection] for f in factors])
+        group["optimal"] = optimal_factor(group["results"], comparison(confirmation),
+                                          {f: row[confirmation] for f, row in rows.items()})
+    return group
+
+
+def steering_factor(optimal: dict | None) -> tuple[float | None, str]:
+    """The factor later runs steer with, and where it comes from: the confirmed factor
+    ("step2-confirmed"), else the selection-best factor ("step2-unconfirmed")."""
+    if not optimal or optimal.get("selection_best_factor") is None:
+        return None, "none"
+    if optimal.get("confirmed"):
+        return float(optimal["factor"]), "step2-confirmed"
+    return float(optimal["selection_best_factor"]), "step2-unconfirmed"
 
 
 def importance_ranking(step1_records: list[dict], ablated: np.ndarray, neurons: list[int], comparison) -> dict:
@@ -99,20 +178,35 @@ def ranked_neurons(step1_records: list[dict], max_neurons: int | None, sample_ne
     return [r["neuron"] for r in records[:max_neurons]]
 
 
-def print_group_table(name: str, group: dict, baseline: float, layer: int) -> None:
-    """The seed's console table for one group."""
+def print_group_table(name: str, group: dict, layer: int) -> None:
+    """One group's selection table and its verdict: chosen factor, confirmation, or no factor."""
     title = GROUP_TITLES.get(name, name)
-    print(f"\n{title} neurons (n={len(group['neurons'])}) amplified at layer {layer}; baseline {baseline:.2f}%")
+    print(f"\n{title} neurons (n={len(group['neurons'])}) amplified at layer {layer}")
     if not group["neurons"]:
         print("  (empty group: nothing to amplify)")
         return
-    print(f"  {'Factor':>7}  {'Accuracy':>8}  {'Δ':>7}  {'95% CI':>17}  Effect")
+    print(f"  selection half ({group['selection_size']} examples; q: BH over the group's factors)")
+    print(f"  {'Factor':>7}  {'Accuracy':>8}  {'Δ':>7}  {'95% CI':>17}  {'q':>8}  Effect")
     for r in group["results"]:
         acc = "non-finite" if r["accuracy"] is None else f"{r['accuracy']:8.2f}"
-        delta = "" if r["delta"] is None else f"{r['delta']:+7.2f}"
+        delta = "" if r["delta"] is None or r["factor"] == 1 else f"{r['delta']:+7.2f}"
         ci = "" if r["ci95"] is None else f"[{r['ci95'][0]:+6.2f}, {r['ci95'][1]:+6.2f}]"
-        print(f"  {r['factor']:>7g}  {acc:>8}  {delta:>7}  {ci:>17}  {r['label']}")
-    best = group["optimal"]
-    if best:
-        verdict = "significant gain" if best["significant"] else "not significantly above baseline"
-        print(f"  Optimal factor: {best['factor']:g} ({best['accuracy']:.2f}%, {best['delta']:+.2f}; {verdict})")
+        q = "" if r["q_value"] is None else f"{r['q_value']:8.3g}"
+        print(f"  {r['factor']:>7g}  {acc:>8}  {delta:>7}  {ci:>17}  {q:>8}  {r['label']}")
+    print("  " + verdict(title, group["optimal"], group["confirmation_size"]))
+
+
+def verdict(title: str, optimal: dict | None, confirmation_size: int) -> str:
+    """One line: which factor the group gets and whether the confirmation half confirmed it."""
+    if optimal is None:
+        return f"no factor could be scored for the {title} group (non-finite logits)"
+    if not optimal["beats_baseline"]:
+        return (f"no factor beats the baseline for the {title} group (best on selection: "
+                f"x{optimal['selection_best_factor']:g}, {optimal['selection']['delta']:+.2f} points)")
+    c = optimal["confirmation"]
+    shown = "non-finite" if c["accuracy"] is None else (
+        f"{c['accuracy']:.2f}% vs baseline {c['baseline_accuracy']:.2f}%, Δ {c['delta']:+.2f} "
+        f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}], sign-test p {c['p_value']:.3g}")
+    conclusion = "significant gain: confirmed" if c["significant"] else "not significant: unconfirmed"
+    return (f"chosen on selection: x{optimal['factor']:g} ({optimal['selection']['delta']:+.2f}); "
+            f"confirmation half ({confirmation_size} examples): {shown}; {conclusion}")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .scoring import Encoded, correctness, example_weights, make_batches, pad_batch, target_scores, token_budget
+from .scoring import Encoded, choice_lengths, correctness, example_weights, make_batches, pad_batch, target_scores, token_budget
 from .steering import check_neurons, dt_proj, mamba_layers, num_delta_neurons
 from .sweep import Intervention
 from .tasks import Example
@@ -500,7 +500,7 @@ def attribution_estimates(model, tokenizer, examples: list[Example], encoded: li
 
 def estimated_correctness(examples: list[Example], att: Attribution) -> np.ndarray:
     """(delta neurons, examples): correctness predicted from the linearised scores base + delta,
-    with the task's metric (argmax of log-prob, of log-prob per byte, or greedy margin > 0)."""
+    with the task's metric (argmax of log-prob, of log-prob per character, or greedy margin > 0)."""
     greedy_request = np.array([k == "margin" for k in att.kinds])
     scores = att.base[None, :] + att.delta
     return np.stack([correctness(examples, row, (row > 0) & greedy_request) for row in scores])
@@ -508,7 +508,7 @@ def estimated_correctness(examples: list[Example], att: Attribution) -> np.ndarr
 
 def example_margins(examples: list[Example], scores: np.ndarray) -> np.ndarray:
     """Per example, how far it is from flipping: score of the label minus the best other choice
-    (per byte for acc_norm), or the greedy margin. Positive iff correct. scores: (..., requests)."""
+    (per character for acc_norm), or the greedy margin. Positive iff correct. scores: (..., requests)."""
     out, start = [], 0
     for example in examples:
         n = len(example.requests)
@@ -518,7 +518,7 @@ def example_margins(examples: list[Example], scores: np.ndarray) -> np.ndarray:
             out.append(values[..., 0])
             continue
         if example.metric == "acc_norm":
-            values = values / np.array([len(c.encode("utf-8")) for c in example.choices], dtype=float)
+            values = values / choice_lengths(example)
         others = np.delete(values, example.label, axis=-1)
         best = others.max(-1) if others.shape[-1] else np.full(values.shape[:-1], -np.inf)
         out.append(values[..., example.label] - best)

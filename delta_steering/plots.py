@@ -57,10 +57,10 @@ def plot_discovery(result: dict, output_dir: str | Path) -> list[Path]:
 def plot_factors(result: dict, output_dir: str | Path) -> list[Path]:
     """Step 2: accuracy vs factor per group (CI band, baseline), step-1 vs held-out impacts, perplexity by layer."""
     out, paths = Path(output_dir), []
-    base = result["baseline_accuracy"]
+    base = result["selection_baseline_accuracy"]
     fig, ax = plt.subplots(figsize=(7, 4))
     for k, (name, group) in enumerate(result["groups"].items()):
-        rows = [r for r in group["results"] if r["accuracy"] is not None]
+        rows = [r for r in group["results"] if r["accuracy"] is not None and r["ci95"] is not None]
         if not rows:
             continue
         f = np.array([r["factor"] for r in rows])
@@ -69,7 +69,7 @@ def plot_factors(result: dict, output_dir: str | Path) -> list[Path]:
         ax.plot(f, acc, "o-", color=f"C{k}", label=f"{name} (n={len(group['neurons'])})")
         ax.fill_between(f, base + ci[:, 0], base + ci[:, 1], color=f"C{k}", alpha=0.2)
     ax.axhline(base, color="k", ls="--", lw=0.8, label="baseline")
-    ax.set(xscale="log", xlabel="steering factor", ylabel="held-out accuracy (%)",
+    ax.set(xscale="log", xlabel="steering factor", ylabel="selection-half accuracy (%)",
            title=f"Group amplification at layer {result['layer']} (95% CI of the change)")
     ax.legend()
     paths.append(_save(fig, out / "accuracy_vs_factor.png"))

@@ -129,12 +129,16 @@ def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray
             out[k] = np.nan
         elif example.metric == "greedy":
             out[k] = float(flags[0])
-        elif example.metric == "acc_norm":
-            byte_lengths = np.array([len(c.encode("utf-8")) for c in example.choices], dtype=float)
-            out[k] = float(np.argmax(lls / byte_lengths) == example.label)
+        elif example.metric == "acc_norm":  # lm-eval divides by len(choice), characters (bytes: acc_bytes)
+            out[k] = float(np.argmax(lls / choice_lengths(example)) == example.label)
         else:
             out[k] = float(np.argmax(lls) == example.label)
     return out
+
+
+def choice_lengths(example: Example) -> np.ndarray:
+    """The length of each choice in characters, acc_norm's normaliser."""
+    return np.array([len(c) for c in example.choices], dtype=float)
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int | None = None,

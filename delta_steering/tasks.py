@@ -29,7 +29,7 @@ class Example:
     requests: tuple[tuple[str, str], ...]
     choices: tuple[str, ...]
     label: int
-    metric: str  # "acc", "acc_norm" (log-prob per byte of the choice) or "greedy" (lambada)
+    metric: str  # "acc", "acc_norm" (log-prob per character of the choice, as lm-eval) or "greedy" (lambada)
 
 
 @dataclass
@@ -37,7 +37,6 @@ class Task:
     name: str
     metric: str
     examples: list[Example]
-    partitioned: bool  # built-in pools are split in discovery / held-out halves; custom files are not
     source: str
 
 
@@ -133,7 +132,7 @@ def _builtin_task(name: str, data_dir: str | None) -> Task:
         examples.append(Example(name, doc_id, requests, choices, label, spec.metric))
     if not examples:
         raise UsageError(f"task {name} ({source}) has no documents")
-    return Task(name, spec.metric, examples, partitioned=True, source=source)
+    return Task(name, spec.metric, examples, source=source)
 
 
 def _custom_task(path: Path) -> Task:
@@ -153,7 +152,7 @@ def _custom_task(path: Path) -> Task:
                              f"[non-empty str, ...], \"label\": int index into choices}}")
         requests = tuple((context, c) for c in choices)
         examples.append(Example(name, doc_id, requests, tuple(choices), label, "acc"))
-    return Task(name, "acc", examples, partitioned=False, source=str(path))
+    return Task(name, "acc", examples, source=str(path))
 
 
 def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
@@ -168,12 +167,10 @@ def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
 
 
 def partition(task: Task, which: str) -> list[Example]:
-    """The discovery (first half) or held-out (second half) examples of a fixed-seed shuffle of the pool.
-    Custom task files have no partition: both are the file in order."""
+    """The discovery (first half) or held-out (second half) examples of a fixed-seed shuffle of the pool,
+    built-in task or custom file alike: no step evaluates on the examples an earlier step selected on."""
     if which not in ("discovery", "heldout"):
         raise ValueError(f"unknown partition {which!r}")
-    if not task.partitioned:
-        return list(task.examples)
     order = list(range(len(task.examples)))
     random.Random(PARTITION_SEED).shuffle(order)
     half = len(order) // 2
@@ -194,3 +191,9 @@ def load_examples(tasks: list[str], data_dir: str | None, which: str, n: int) ->
 def task_names(examples: list[Example]) -> list[str]:
     """Task names in first-seen order."""
     return list(dict.fromkeys(e.task for e in examples))
+
+
+def example_ids(examples: list[Example]) -> list[dict]:
+    """Which examples a result was measured on: {"task", "index"}, index being the document's row in
+    the dataset split or the custom file."""
+    return [{"task": e.task, "index": e.doc_id} for e in examples]

@@ -142,9 +142,22 @@ def response_rows(outcome: Outcome) -> list[dict]:
              "follow_all_loose": r["follow_all_loose"]} for r in outcome.scores["per_prompt"]]
 
 
-def print_summary(title: str, entries: list[dict], metric: str) -> None:
-    """The seed's summary table: Experiment, Configuration, Accuracy, Δ from Baseline, ✓ (best)."""
-    best = max((e for e in entries if e["name"] != "baseline"), key=lambda e: e["accuracy"], default=None)
+FACTOR_SOURCES = {"command-line": "given with --factor",
+                  "step2-confirmed": "step 2's High Impact factor, confirmed on its confirmation half",
+                  "step2-unconfirmed": "step 2's selection-best High Impact factor, NOT confirmed on its "
+                                       "confirmation half"}
+
+
+def best_configuration(entries: list[dict]) -> dict | None:
+    """The most accurate configuration whose gain over the baseline has a 95% CI above 0, if any."""
+    gains = [e for e in entries if e["name"] != "baseline" and e["ci95"] is not None and e["ci95"][0] > 0]
+    return max(gains, key=lambda e: e["accuracy"], default=None)
+
+
+def print_summary(title: str, entries: list[dict], metric: str, factor: float, factor_source: str) -> None:
+    """The original study's summary table: Experiment, Configuration, Accuracy, Δ from Baseline, and
+    ✓ (best) on the best configuration whose gain's 95% CI lies above 0."""
+    best = best_configuration(entries)
     print(f"\n{title}  (Accuracy = {metric})")
     print(f"  {'Experiment':<16} {'Configuration':<34} {'Accuracy':>8} {'Δ from Baseline':>16} {'95% CI':>17} "
           f"{'Perplexity':>10}")
@@ -153,5 +166,9 @@ def print_summary(title: str, entries: list[dict], metric: str) -> None:
         delta = "" if e["name"] == "baseline" else f"{e['delta']:+.2f}"
         ci = "" if e["name"] == "baseline" else f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]"
         ppl = "" if e["perplexity"] is None else f"{e['perplexity']:.2f}"
-        flag = "  ✓ (best)" if best is not None and e is best else ""
+        flag = "  ✓ (best)" if e is best else ""
         print(f"  {experiment:<16} {e['name']:<34} {e['accuracy']:8.2f} {delta:>16} {ci:>17} {ppl:>10}{flag}")
+    if best is None:
+        print("  no configuration beats the baseline (no 95% CI of the gain lies above 0)")
+    if any(e["neurons"] and e["factor"] != 0 for e in entries):
+        print(f"  factor x{factor:g}: {FACTOR_SOURCES.get(factor_source, factor_source)}")

@@ -176,7 +176,7 @@ def step3_setup(tiny_model_dir, tmp_path_factory, punkt):
     (root / "step1.json").write_text(json.dumps({"all_neuron_impacts": impacts, "layer": 20,
                                                  "model": str(tiny_model_dir),
                                                  "high_variance_neurons": list(range(31, -1, -1))}))
-    (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n")
+    (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
     argv = ["--model", tiny_model_dir, "--device", "cpu", "--neurons_file", root / "step1.json", "--factor", "5",
             "--ifeval_path", root / "prompts.jsonl", "--num_samples", "5", "--max_new_tokens", "16",
             "--pile_path", root / "pile.txt", "--both", "--layers", "19,21", "--no_plots"]

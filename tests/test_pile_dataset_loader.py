@@ -84,3 +84,15 @@ def test_cli(tmp_path):
     bad = subprocess.run([sys.executable, "pile_dataset_loader.py", "--pile_path", tmp_path / "none"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_statistics_and_evaluation_documents_are_disjoint(tmp_path):
+    from pile_dataset_loader import document_digests
+
+    folder = write_all_formats(tmp_path / "pile")
+    statistics = load_pile_texts(100, seed=2, path=folder, role="statistics")
+    evaluation = load_pile_texts(100, seed=2, path=folder, role="evaluation")
+    assert len(statistics) == len(evaluation) == 6
+    assert not set(statistics) & set(evaluation) and sorted(statistics + evaluation) == sorted(DOCS)
+    assert load_pile_texts(3, seed=2, path=folder, role="evaluation") == evaluation[:3]
+    assert not set(document_digests(statistics)) & set(document_digests(evaluation))

@@ -100,3 +100,43 @@ def test_evaluate_is_batch_size_independent(tiny_model, tokenizer):
     results = [evaluate(tiny_model, tokenizer, examples, batch_size=b) for b in (1, 4, None)]
     assert all(np.array_equal(results[0], r) for r in results)
     assert len(encode_examples(tokenizer, examples)) == 15
+
+
+def disagreeing_loglikelihoods(choices: list[str], gold: int) -> np.ndarray:
+    """Log-likelihoods for which per-character and per-byte normalisation pick different choices, one
+    of them `gold`: a non-ASCII choice k trails an ASCII choice m by a hair per character but leads
+    per byte (bytes outnumber characters only in k)."""
+    non_ascii = [i for i, c in enumerate(choices) if not c.isascii()]
+    k = gold if gold in non_ascii else non_ascii[0]
+    m = gold if k != gold else next(i for i, c in enumerate(choices) if c.isascii())
+    chars, nbytes = len(choices[k]), len(choices[k].encode("utf-8"))
+    lls = np.array([-100.0 * len(c) for c in choices])  # every other choice far behind
+    lls[m] = -1.0 * len(choices[m])
+    lls[k] = -(1.0 + (nbytes / chars - 1) / 2) * chars
+    assert np.argmax(lls / [len(c) for c in choices]) == m
+    assert np.argmax(lls / [len(c.encode("utf-8")) for c in choices]) == k
+    return lls
+
+
+def test_acc_norm_divides_by_characters_not_bytes():
+    choices = (" a café au lait", " a black coffee")
+    for label, expected in ((1, 1.0), (0, 0.0)):
+        lls = disagreeing_loglikelihoods(list(choices), gold=1)
+        example = Example("norm", 0, tuple(("Order", c) for c in choices), choices, label, "acc_norm")
+        assert correctness([example], lls, np.zeros(2, dtype=bool)).tolist() == [expected]
+
+
+@pytest.mark.parametrize("doc_id", [6053, 9372])
+def test_acc_norm_equals_lm_evals_process_results_on_non_ascii_hellaswag(shared_data, doc_id):
+    from delta_steering.tasks import load_task
+    from lm_eval_reference import lm_eval_task
+
+    task = lm_eval_task("hellaswag", str(shared_data / "tasks_hf" / "hellaswag" / "validation.jsonl"))
+    doc = list(task.validation_docs())[doc_id]
+    example = load_task("hellaswag", str(shared_data / "tasks_hf")).examples[doc_id]
+    assert list(example.choices) == task.doc_to_choice(doc)
+    lls = disagreeing_loglikelihoods(list(example.choices), example.label)
+    expected = task.process_results(doc, [(float(ll), False) for ll in lls])["acc_norm"]
+    by_bytes = float(np.argmax(lls / [len(c.encode("utf-8")) for c in example.choices]) == example.label)
+    assert by_bytes != expected  # the document tells the two normalisations apart
+    assert correctness([example], lls, np.zeros(len(lls), dtype=bool)).tolist() == [expected]

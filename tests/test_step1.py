@@ -148,8 +148,42 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
     result = json.loads((tmp_path / "out.json").read_text())
     assert len(result["attribution_estimates"]) == 20 and len(result["verified_neurons"]) == 5
     exact = {r["neuron"]: r for r in naive_run["all_neuron_impacts"]}
-    for record in result["all_neuron_impacts"]:
-        assert record["neuron"] in result["verified_neurons"]
-        assert record["impact"] == exact[record["neuron"]]["impact"]  # verified values are the exact ones
-        assert "estimated_impact" in record and "estimated_margin_loss" in record
+    records = result["all_neuron_impacts"]
+    assert sorted(r["neuron"] for r in records) == list(range(20)) and result["measured_neurons"] == 5
+    for record in records:
+        assert record["measured"] == (record["neuron"] in result["verified_neurons"])
+        if record["measured"]:
+            assert record["impact"] == exact[record["neuron"]]["impact"]  # verified values are the exact ones
+            assert "estimated_impact" in record and "estimated_margin_loss" in record
+        else:
+            assert record["impact"] is None and record["q_value"] == 1.0
+    # BH over all 20 neurons, an unverified neuron counting as p = 1
+    from delta_steering.stats import benjamini_hochberg
+
+    p_values = [r["p_value"] if r["measured"] else 1.0 for r in records]
+    assert [r["q_value"] for r in records] == benjamini_hochberg(p_values)
+    unmeasured = {r["neuron"] for r in records if not r["measured"]}
+    assert not unmeasured & set(result["beneficial_neurons"] + result["neutral_neurons"] + result["high_impact_neurons"])
     assert "spearman_margin_loss" in result
+
+
+def test_a_neuron_whose_p_value_underflows_to_zero_is_significant():
+    from delta_steering.discovery import discovery_result, neuron_impacts
+    from delta_steering.tasks import Example
+
+    examples = [Example("t", i, (("c", " a"), ("c", " b")), (" a", " b"), 0, "acc") for i in range(1200)]
+    baseline = np.ones(1200)
+    ablated = np.stack([np.zeros(1200), baseline])  # neuron 0 loses every example, neuron 1 none
+    records = neuron_impacts(examples, baseline, ablated, [0, 1], [1.0, 2.0], seed=0)
+    assert records[0]["neuron"] == 0 and records[0]["p_value"] == 0.0 and records[0]["q_value"] == 0.0
+    stats = {"delta_variance": [1.0, 2.0], "dt_pre_mean": [0.0, 0.0], "num_tokens": 5}
+    result = discovery_result(examples, baseline, records, -2.0, 0, "m", ["t"], 1200, stats)
+    assert result["significant_neurons"] == [0]
+
+
+def test_discovery_examples_are_recorded(naive_run, task_file):
+    examples = load_examples([str(task_file)], None, "discovery", 200)
+    assert naive_run["discovery_examples"] == [{"task": "near_ties", "index": e.doc_id} for e in examples]
+    heldout = {e.doc_id for e in load_examples([str(task_file)], None, "heldout", 200)}
+    assert not heldout & {e["index"] for e in naive_run["discovery_examples"]}
+    assert naive_run["delta_statistics_documents"]["role"] == "statistics"

@@ -1,42 +1,48 @@
-"""Step 2 end to end on a tiny model: group amplification against rows of dt_proj scaled directly,
-the optimal factor, perplexity, the step-1 file lookup and bad inputs."""
+"""Step 2 end to end on the bundled demo model (a random tiny model barely reacts to amplification):
+group amplification against rows of dt_proj scaled directly, the selection / confirmation rule,
+perplexity, the step-1 file lookup and bad inputs."""
 
-import copy
 import json
 import math
 
 import pytest
 import torch
 
-from delta_steering.factors import mark, optimal_factor, strength
+import numpy as np
+
+from delta_steering.factors import group_result, mark, selection_best, selection_split, strength
 from delta_steering.scoring import evaluate, summarize
-from delta_steering.tasks import load_examples
+from delta_steering.tasks import Example, load_examples
 from mamba_model_loader import load_mamba_model
 from scripts import interrupting, run_main
-from tiny import near_tie_task
+from conftest import ROOT
+from tiny import scaled_rows
 
-HIGH, NEUTRAL = [0, 1, 2, 3], [4, 5, 6, 7, 8, 9]
+DEMO = ROOT / "models" / "mamba-tiny-demo"
+HIGH, NEUTRAL = [20, 63, 73, 110, 120], [4, 5, 6, 7, 8, 9]
+LAYER, NUM_EXAMPLES = 20, 24
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, tmp_path_factory):
+def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("step2")
-    model, tokenizer = load_mamba_model(str(tiny_model_dir), "cpu")
-    task = near_tie_task(model, tokenizer, root / "near_ties.jsonl", n=18)
+    model, tokenizer = load_mamba_model(str(DEMO), "cpu")
+    task = DEMO / "demo_data" / "ifeval_format.jsonl"
     impacts = [{"neuron": n, "impact": 3.0 + n} for n in HIGH] + [{"neuron": n, "impact": 0.5 - n / 10} for n in NEUTRAL]
     impacts.append({"neuron": 10, "impact": -5.0})
     step1 = {"beneficial_neurons": HIGH + NEUTRAL, "baseline_accuracy": 50.0, "criterion": "impact >= -2.0%",
-             "all_neuron_impacts": impacts, "layer": 23, "model": str(tiny_model_dir), "tasks": [str(task)]}
+             "all_neuron_impacts": impacts, "layer": LAYER, "model": str(DEMO), "tasks": [str(task)]}
     (root / "step1.json").write_text(json.dumps(step1))
     pile = root / "pile.txt"
-    pile.write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France, they say.\n")
+    pile.write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France, they say.\n\n"
+                    "A man is sitting on a roof.\n\nWrite a poem about the sea.\n")
     return {"root": root, "task": task, "step1": root / "step1.json", "pile": pile, "model": model,
-            "tokenizer": tokenizer, "dir": tiny_model_dir}
+            "tokenizer": tokenizer, "dir": DEMO}
 
 
 def step2(setup, out, *extra, neurons_file=None):
     argv = ["--model", setup["dir"], "--device", "cpu", "--output_dir", out, "--factors", "0.5,3",
-            "--max_neurons", "3", "--no_plots", *extra]
+            "--max_neurons", "3", "--num_examples", NUM_EXAMPLES, "--no_plots", *extra]
     if neurons_file is not False:
         argv += ["--neurons_file", neurons_file or setup["step1"]]
     return run_main("step2_steering_factor_determination", argv)
@@ -45,62 +51,126 @@ def step2(setup, out, *extra, neurons_file=None):
 @pytest.fixture(scope="module")
 def result(setup):
     out = setup["root"] / "out"
-    assert step2(setup, out, "--perplexity_ablation", "--perplexity_layers", "22,23", "--pile_path", setup["pile"],
+    assert step2(setup, out, "--perplexity_ablation", "--perplexity_layers", "19,20", "--pile_path", setup["pile"],
                  "--engine", "naive") == 0
     return json.loads((out / "cluster9_ablation_results_all_neurons.json").read_text())
 
 
-def direct_accuracy(setup, layer, neurons, factor):
-    """Independent recomputation: a copy of the model with the dt_proj rows scaled directly."""
-    model = copy.deepcopy(setup["model"])
-    with torch.no_grad():
-        model.backbone.layers[layer].mixer.dt_proj.weight[neurons] *= factor
-        model.backbone.layers[layer].mixer.dt_proj.bias[neurons] *= factor
-    examples = load_examples([str(setup["task"])], None, "heldout", 100)
+def direct_accuracy(setup, layer, neurons, factor, part=None):
+    """Independent recomputation: a copy of the model with the dt_proj rows scaled directly, on the
+    held-out examples (or the listed {"task", "index"} examples of one half)."""
+    model = scaled_rows(setup["model"], layer, neurons, factor)
+    examples = load_examples([str(setup["task"])], None, "heldout", NUM_EXAMPLES)
+    if part is not None:
+        wanted = {e["index"] for e in part}
+        examples = [e for e in examples if e.doc_id in wanted]
     return summarize(examples, evaluate(model, setup["tokenizer"], examples))["accuracy"]
 
 
-def test_groups_and_amplification_equal_direct_row_scaling(setup, result):
+def test_groups_and_amplification_on_the_selection_half_equal_direct_row_scaling(setup, result):
     assert result["groups"]["high_impact"]["neurons"] == HIGH
     assert result["groups"]["neutral"]["neurons"] == NEUTRAL
+    selection = result["selection_examples"]
     for name, neurons in (("high_impact", HIGH), ("neutral", NEUTRAL)):
-        for entry in result["groups"][name]["results"]:
-            assert entry["accuracy"] == direct_accuracy(setup, 23, neurons, entry["factor"])
-            assert entry["delta"] == pytest.approx(entry["accuracy"] - result["baseline_accuracy"], abs=1e-3)
-            assert set(entry) >= {"factor", "accuracy", "delta", "per_task", "ci95", "label"}
-            assert entry["label"] == f"{mark(entry['ci95'])} {strength(entry['factor'])}"
+        table = result["groups"][name]["results"]
+        assert table[0]["factor"] == 1.0 and table[0]["accuracy"] == result["selection_baseline_accuracy"]
+        for entry in table[1:]:
+            assert entry["accuracy"] == direct_accuracy(setup, LAYER, neurons, entry["factor"], selection)
+            assert entry["delta"] == pytest.approx(entry["accuracy"] - result["selection_baseline_accuracy"], abs=1e-3)
+            assert set(entry) >= {"factor", "accuracy", "delta", "per_task", "ci95", "p_value", "q_value", "label"}
+            assert entry["label"] == f"{mark(entry['delta'], entry['q_value'])} {strength(entry['factor'])}"
     assert any(e["delta"] != 0 for g in result["groups"].values() for e in g["results"])
 
 
-def test_optimal_factor_agrees_with_the_table(result):
-    for group in result["groups"].values():
-        best = max(e["accuracy"] for e in group["results"])
-        assert group["optimal"]["accuracy"] == best
-        assert group["optimal"]["factor"] in [e["factor"] for e in group["results"] if e["accuracy"] == best]
-    assert result["optimal_factors"]["high_impact"] == result["groups"]["high_impact"]["optimal"]["factor"]
+def test_selection_and_confirmation_halves_are_disjoint_held_out_examples(setup, result):
+    selection = {e["index"] for e in result["selection_examples"]}
+    confirmation = {e["index"] for e in result["confirmation_examples"]}
+    heldout = {e.doc_id for e in load_examples([str(setup["task"])], None, "heldout", NUM_EXAMPLES)}
+    discovery = {e.doc_id for e in load_examples([str(setup["task"])], None, "discovery", 200)}
+    assert not selection & confirmation and selection | confirmation == heldout and not heldout & discovery
+    assert abs(len(selection) - len(confirmation)) <= 1
 
 
-def test_optimal_factor_tie_break_and_labels():
-    rows = [{"factor": f, "accuracy": a, "delta": 0.0, "ci95": [-1.0, 1.0]} for f, a in
-            ((0.25, 50.0), (0.5, 52.0), (2.0, 52.0), (3.0, 52.0), (10.0, 40.0))]
-    assert optimal_factor(rows)["factor"] == 0.5  # 0.5 and 2 are equally close to 1 in log scale
-    rows[1]["accuracy"] = 51.0
-    assert optimal_factor(rows)["factor"] == 2.0
-    assert optimal_factor([{"factor": 2.0, "accuracy": None}]) is None
-    assert [strength(f) for f in (0.5, 1.5, 3, 5, 8, 9, 100)] == ["Suppress", "Moderate", "Moderate", "Strong",
-                                                                   "Strong", "Very strong", "Very strong"]
-    assert (mark([0.5, 2.0]), mark([-3.0, -0.1]), mark([-1.0, 1.0])) == ("✓", "✗", "~")
+def test_optimal_factor_is_confirmed_on_the_other_half(setup, result):
+    for name, neurons in (("high_impact", HIGH), ("neutral", NEUTRAL)):
+        optimal, table = result["optimal_factors"][name], result["groups"][name]["results"]
+        best = selection_best(table)
+        assert optimal["selection_best_factor"] == best["factor"]
+        assert optimal["beats_baseline"] == (best["accuracy"] > result["selection_baseline_accuracy"])
+        if not optimal["beats_baseline"]:
+            assert optimal["factor"] == 1.0 and optimal["confirmation"] is None and not optimal["confirmed"]
+            continue
+        confirmation = optimal["confirmation"]
+        assert optimal["factor"] == best["factor"]
+        assert confirmation["baseline_accuracy"] == result["confirmation_baseline_accuracy"]
+        assert confirmation["accuracy"] == direct_accuracy(setup, LAYER, neurons, best["factor"],
+                                                           result["confirmation_examples"])
+        assert optimal["confirmed"] == confirmation["significant"]
+
+
+def synthetic_examples(n: int) -> list:
+    return [Example("t", i, (("c", " a"), ("c", " b")), (" a", " b"), 0, "acc") for i in range(n)]
+
+
+def test_when_every_factor_loses_the_baseline_is_kept():
+    examples = synthetic_examples(40)
+    baseline = np.ones(40)
+    rows = {f: baseline.copy() for f in (0.5, 2.0, 5.0)}
+    rows[0.5][:6], rows[2.0][:2], rows[5.0][:10] = 0, 0, 0  # every factor loses examples everywhere
+    for f in rows:
+        rows[f][20:] = rows[f][:20]
+    group = group_result([1, 2], list(rows), rows, examples, baseline, seed=0)
+    optimal = group["optimal"]
+    assert optimal["factor"] == 1.0 and not optimal["beats_baseline"] and optimal["confirmation"] is None
+    assert optimal["selection_best_factor"] == 2.0 and optimal["selection"]["delta"] < 0
+    from delta_steering.factors import steering_factor, verdict
+
+    assert steering_factor(optimal) == (2.0, "step2-unconfirmed")
+    assert verdict("High Impact", optimal, 20).startswith("no factor beats the baseline for the High Impact group")
+
+
+def test_a_factor_that_wins_on_selection_and_loses_on_confirmation_is_not_confirmed():
+    examples = synthetic_examples(60)
+    baseline = np.zeros(60)
+    selection, confirmation = selection_split(examples)
+    row = baseline.copy()
+    row[selection[:8]] = 1  # +8 examples on selection
+    row[confirmation] = 0
+    rows = {3.0: row, 0.5: baseline.copy()}
+    optimal = group_result([1], [3.0, 0.5], rows, examples, baseline, seed=0)["optimal"]
+    assert optimal["factor"] == 3.0 and optimal["beats_baseline"] and optimal["selection"]["delta"] > 0
+    assert optimal["confirmation"]["delta"] == 0.0 and not optimal["confirmation"]["significant"]
+    assert not optimal["confirmed"]
+    row[confirmation[:12]] = 1  # now the gain holds on confirmation too
+    optimal = group_result([1], [3.0, 0.5], rows, examples, baseline, seed=0)["optimal"]
+    assert optimal["confirmation"]["significant"] and optimal["confirmed"]
+    assert optimal["confirmation"]["p_value"] < 0.05 and optimal["confirmation"]["ci95"][0] > 0
+
+
+def test_selection_best_tie_break_and_labels():
+    rows = [{"factor": 1.0, "accuracy": 52.0}] + [{"factor": f, "accuracy": a} for f, a in
+                                                   ((0.25, 50.0), (0.5, 52.0), (2.0, 52.0), (3.0, 52.0), (10.0, 40.0))]
+    assert selection_best(rows)["factor"] == 0.5  # 0.5 and 2 are equally close to 1 in log scale
+    rows[2]["accuracy"] = 51.0
+    assert selection_best(rows)["factor"] == 2.0
+    assert selection_best([{"factor": 2.0, "accuracy": None}]) is None
+    assert [strength(f) for f in (0.5, 1, 1.5, 3, 5, 8, 9, 100)] == ["Suppress", "Baseline", "Moderate", "Moderate",
+                                                                      "Strong", "Strong", "Very strong", "Very strong"]
+    assert (mark(2.0, 0.01), mark(-1.0, 0.001), mark(3.0, 0.2), mark(3.0, 0.0)) == ("✓", "✗", "~", "✓")
 
 
 def test_importance_ranking_and_perplexity(setup, result):
     ranking = result["importance_ranking"]
     assert [r["neuron"] for r in ranking["neurons"]] != [] and len(ranking["neurons"]) == 3
-    assert {r["neuron"] for r in ranking["neurons"]} == {10, 3, 2}  # the largest |step-1 impact|
+    assert {r["neuron"] for r in ranking["neurons"]} == {120, 110, 73}  # the largest |step-1 impact|
     for r in ranking["neurons"]:
-        assert r["impact"] == pytest.approx(result["baseline_accuracy"] - direct_accuracy(setup, 23, [r["neuron"]], 0.0),
+        assert r["impact"] == pytest.approx(result["baseline_accuracy"] - direct_accuracy(setup, LAYER, [r["neuron"]], 0.0),
                                             abs=1e-3)
     ppl = result["perplexity"]
-    texts = setup["pile"].read_text().split("\n\n")
+    from pile_dataset_loader import load_pile_texts
+
+    texts = load_pile_texts(100, 0, setup["pile"], role="evaluation")
+    assert len(texts) == 2
     model, tokenizer = setup["model"], setup["tokenizer"]
     nll, count = 0.0, 0
     for text in texts:
@@ -110,7 +180,11 @@ def test_importance_ranking_and_perplexity(setup, result):
         nll -= logp.gather(-1, ids[0, 1:, None]).sum().item()
         count += ids.shape[1] - 1
     assert ppl["baseline"] == pytest.approx(math.exp(nll / count), rel=1e-5)
-    assert [e["layer"] for e in ppl["layers"]] == [22, 23] and ppl["factor"] == result["optimal_factors"]["high_impact"]
+    assert [e["layer"] for e in ppl["layers"]] == [19, 20]
+    assert ppl["factor"] == result["optimal_factors"]["high_impact"]["selection_best_factor"]
+    assert ppl["factor_source"] == ("step2-confirmed" if result["optimal_factors"]["high_impact"]["confirmed"]
+                                    else "step2-unconfirmed")
+    assert ppl["documents"]["role"] == "evaluation"
 
 
 def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch, capsys):
@@ -118,7 +192,7 @@ def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, mon
 
     real = step2_script.evaluate
     monkeypatch.setattr(step2_script, "evaluate", interrupting(real, on_call=3))  # baseline, a factor, stop
-    run = ("--perplexity_ablation", "--perplexity_layers", "22,23", "--pile_path", setup["pile"], "--engine", "naive")
+    run = ("--perplexity_ablation", "--perplexity_layers", "19,20", "--pile_path", setup["pile"], "--engine", "naive")
     step1_file = tmp_path / "step1.json"
     step1_file.write_text(setup["step1"].read_text())
     assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 130
@@ -156,7 +230,7 @@ def test_step1_file_lookup_order(setup, tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.pop("all_neuron_impacts"), "malformed"),
-    (lambda d: d["all_neuron_impacts"].append({"neuron": 32, "impact": 1.0}), "neuron 32 out of range"),
+    (lambda d: d["all_neuron_impacts"].append({"neuron": 128, "impact": 1.0}), "neuron 128 out of range"),
     (lambda d: d.update(model="state-spaces/mamba-130m-hf"), "--allow_model_mismatch"),
     (lambda d: d.update(layer=30), "layer 30 out of range"),
 ])
@@ -173,7 +247,9 @@ def test_bad_step1_files_exit_2(setup, tmp_path, capsys, change, message):
 def test_other_bad_inputs_exit_2(setup, tmp_path, capsys):
     assert step2(setup, tmp_path, neurons_file=tmp_path / "missing.json") == 2
     assert step2(setup, tmp_path, "--factors", "2,x") == 2
-    assert step2(setup, tmp_path, "--num_examples", "0") == 2
-    assert step2(setup, tmp_path, "--perplexity_ablation", "--perplexity_layers", "40", "--num_examples", "1") == 2
+    assert step2(setup, tmp_path, "--num_examples", "1") == 2
+    assert step2(setup, tmp_path, "--perplexity_ablation", "--perplexity_layers", "40", "--num_examples", "2") == 2
+    assert step2(setup, tmp_path, "--factors", "1") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and "missing.json" in err[0] and "--factors" in err[1] and "layer" in err[3].lower()
+    assert len(err) == 5 and "missing.json" in err[0] and "--factors" in err[1] and "layer" in err[3].lower()
+    assert "selection and a confirmation half" in err[2] and "other than 1 (the baseline)" in err[4]

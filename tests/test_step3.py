@@ -32,7 +32,9 @@ def files(tiny_model_dir, tmp_path_factory):
     step1 = {"all_neuron_impacts": impacts, "layer": 20, "model": str(tiny_model_dir), "delta_variance": variance,
              "high_variance_neurons": sorted(range(32), key=lambda n: -variance[n])}
     (root / "step1.json").write_text(json.dumps(step1))
-    (root / "step2.json").write_text(json.dumps({"optimal_factors": {"high_impact": 5.0, "neutral": 0.5}}))
+    (root / "step2.json").write_text(json.dumps({"optimal_factors": {
+        "high_impact": {"factor": 5.0, "beats_baseline": True, "selection_best_factor": 5.0, "confirmed": True},
+        "neutral": {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 0.5, "confirmed": False}}}))
     (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
     return root
 
@@ -61,6 +63,7 @@ def test_both_writes_cluster_and_layer_results_with_every_field(both):
     assert [c["name"] for c in layer["configurations"]] == ["baseline", "delta_sensitive_L19", "delta_sensitive_L21"]
     for result in (cluster, layer):
         assert result["run"]["versions"]["transformers"] and result["factor"] == 5.0
+        assert result["factor_source"] == "step2-confirmed" and result["pile_documents"]["role"] == "evaluation"
         for c in result["configurations"]:
             assert set(c) >= {*METRICS, "accuracy", "delta", "ci95", "perplexity", "perplexity_delta"}
             assert c["accuracy"] == c["prompt_level_strict_acc"]
@@ -101,7 +104,7 @@ def test_combined_is_the_default_mode(tiny_model_dir, files, tmp_path):
     result = json.loads((tmp_path / "combined_steering_ifeval_results.json").read_text())
     assert [c["name"] for c in result["configurations"]] == ["baseline", "delta_sensitive_L20", "random_L20",
                                                               "high_variance_L20"]
-    assert result["factor"] == 2.0 and result["factor_source"] == "--factor"
+    assert result["factor"] == 2.0 and result["factor_source"] == "command-line"
 
 
 def test_neuron_sets():
@@ -141,11 +144,13 @@ def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "bad_prompts.jsonl").write_text('{"key": 1, "prompt": "x"}\n')
     (tmp_path / "no_factor.json").write_text(json.dumps({"optimal_factors": {"high_impact": None}}))
+    (tmp_path / "old_format.json").write_text(json.dumps({"optimal_factors": {"high_impact": 5.0}}))
     cases = [
         ({"--neurons_file": tmp_path / "missing.json"}, "missing.json"),
         ({"--factors_file": tmp_path / "missing2.json"}, "missing2.json"),
         ({"--neurons_file": tmp_path / "bad.json"}, "not valid JSON"),
         ({"--factors_file": tmp_path / "no_factor.json"}, "pass --factor"),
+        ({"--factors_file": tmp_path / "old_format.json"}, "pass --factor"),
         ({"--ifeval_path": tmp_path / "bad_prompts.jsonl"}, "line 1"),
         ({"--layer": 24}, "--layer 24 out of range"),
         ({"--num_samples": 0}, "--num_samples must be at least 1"),
@@ -157,3 +162,50 @@ def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     assert step3(tiny_model_dir, files, tmp_path, **{"--neurons_file": None}) == 2
     assert "tried discovered_neurons.json, ablation_3_results/discovered_neurons.json" in capsys.readouterr().err
+
+
+def test_an_unconfirmed_step2_factor_is_used_and_said_so(tiny_model_dir, files, tmp_path, capsys):
+    step2 = tmp_path / "unconfirmed.json"
+    step2.write_text(json.dumps({"optimal_factors": {"high_impact": {
+        "factor": 1.0, "beats_baseline": False, "selection_best_factor": 3.0, "confirmed": False}}}))
+    assert step3(tiny_model_dir, files, tmp_path, **{"--factors_file": step2, "--num_samples": 2,
+                                                     "--max_new_tokens": 4}) == 0
+    result = json.loads((tmp_path / "combined_steering_ifeval_results.json").read_text())
+    assert result["factor"] == 3.0 and result["factor_source"] == "step2-unconfirmed"
+    out = capsys.readouterr().out
+    assert "NOT confirmed" in out and "unconfirmed" in out
+
+
+def test_best_mark_only_on_a_gain_whose_ci_lies_above_zero(capsys):
+    from delta_steering.verification import best_configuration, print_summary
+
+    def entry(name, accuracy, ci):
+        return {"name": name, "accuracy": accuracy, "delta": accuracy - 50.0, "ci95": ci, "perplexity": None,
+                "neurons": [] if name == "baseline" else [1], "factor": 2.0}
+
+    tie = [entry("baseline", 50.0, [0.0, 0.0]), entry("a", 50.0, [0.0, 0.0]), entry("b", 55.0, [-1.0, 9.0])]
+    assert best_configuration(tie) is None
+    print_summary("Combined steering", tie, "prompt_level_strict_acc", 2.0, "command-line")
+    out = capsys.readouterr().out
+    assert "✓" not in out and "no configuration beats the baseline" in out
+    wins = tie + [entry("c", 54.0, [0.5, 8.0])]
+    assert best_configuration(wins)["name"] == "c"
+    print_summary("Combined steering", wins, "prompt_level_strict_acc", 2.0, "command-line")
+    assert [line for line in capsys.readouterr().out.splitlines() if "✓ (best)" in line][0].split()[2] == "c"
+
+
+def test_perplexity_documents_are_disjoint_from_step1_statistics_documents(tiny_model_dir, files, tmp_path):
+    pile = tmp_path / "pile.txt"
+    pile.write_text("\n\n".join(f"Document {i} about the sea and the fox." for i in range(8)) + "\n")
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Key {i} is", "choices": [" red", " blue"], "label": i % 2}) + "\n"
+                            for i in range(6)))
+    assert run_main("step1_neuron_discovery", ["--model", tiny_model_dir, "--device", "cpu", "--tasks", task,
+                                               "--neurons", "0-1", "--save_path", tmp_path / "d.json", "--no_plots",
+                                               "--pile_path", pile, "--output_dir", tmp_path]) == 0
+    assert step3(tiny_model_dir, files, tmp_path, "--factor", "2", **{"--num_samples": 1, "--max_new_tokens": 2,
+                                                                      "--pile_path": pile}) == 0
+    step1 = json.loads((tmp_path / "d.json").read_text())["delta_statistics_documents"]
+    step3_docs = json.loads((tmp_path / "combined_steering_ifeval_results.json").read_text())["pile_documents"]
+    assert step1["count"] == step3_docs["count"] == 4
+    assert not set(step1["digests"]) & set(step3_docs["digests"])

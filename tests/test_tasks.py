@@ -2,37 +2,12 @@
 custom task files and their errors."""
 
 import json
-import os
 
 import pytest
 
 from delta_steering.cli import UsageError
 from delta_steering.tasks import BUILTIN_TASKS, load_examples, load_task, partition
-
-LM_EVAL_YAML = {
-    "lambada_openai": "lambada/lambada_openai.yaml",
-    "hellaswag": "hellaswag/hellaswag.yaml",
-    "piqa": "piqa/piqa.yaml",
-    "arc_easy": "arc/arc_easy.yaml",
-    "arc_challenge": "arc/arc_challenge.yaml",
-    "winogrande": "winogrande/default.yaml",
-}
-
-
-def lm_eval_requests(name: str, data_file: str, limit: int) -> list[tuple[int, tuple[str, str]]]:
-    """Build lm-eval's own task object offline from its YAML, pointed at a local json file."""
-    import lm_eval
-    from lm_eval.api.task import ConfigurableTask
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    split = BUILTIN_TASKS[name].split
-    config = load_yaml(os.path.join(os.path.dirname(lm_eval.__file__), "tasks", LM_EVAL_YAML[name]))
-    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {split: data_file}},
-                  training_split=None, validation_split=split if split == "validation" else None,
-                  test_split=split if split == "test" else None)
-    task = ConfigurableTask(config=config)
-    task.build_all_requests(limit=limit, rank=0, world_size=1)
-    return [(inst.doc_id, tuple(inst.arguments)) for inst in task.instances]
+from lm_eval_reference import lm_eval_requests
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_TASKS))
@@ -84,12 +59,15 @@ def test_winogrande_partial_scoring_and_piqa_prompt(tmp_path):
     assert piqa.label == 1
 
 
-def test_custom_task_file_in_order_without_partition(tmp_path):
-    rows = [{"context": f"Key {i} is", "choices": [" red", " blue"], "label": i % 2} for i in range(6)]
+def test_custom_task_file_is_partitioned_like_a_builtin_pool(tmp_path):
+    rows = [{"context": f"Key {i} is", "choices": [" red", " blue"], "label": i % 2} for i in range(11)]
     path = write_jsonl(tmp_path / "colors.jsonl", rows)
     task = load_task(path)
-    assert task.name == "colors" and not task.partitioned
-    assert [e.doc_id for e in partition(task, "heldout")] == list(range(6))
+    assert task.name == "colors"
+    discovery, heldout = [e.doc_id for e in partition(task, "discovery")], [e.doc_id for e in partition(task, "heldout")]
+    assert not set(discovery) & set(heldout) and sorted(discovery + heldout) == list(range(11))
+    assert len(discovery) == 5 and discovery != sorted(discovery)  # a fixed-seed shuffle, halves disjoint
+    assert [e.doc_id for e in partition(load_task(path), "heldout")] == heldout
     assert task.examples[1].requests == (("Key 1 is", " red"), ("Key 1 is", " blue"))
 
 

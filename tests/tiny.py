@@ -64,6 +64,18 @@ def save_tiny(directory: Path, seed: int = 0, **overrides) -> Path:
     return Path(directory)
 
 
+def scaled_rows(model, layer: int, neurons: list[int], factor: float):
+    """A copy of the model with rows `neurons` of layer `layer`'s dt_proj (weight and bias) scaled by
+    `factor`, edited directly: the reference that steering must equal."""
+    import copy
+
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.backbone.layers[layer].mixer.dt_proj.weight[neurons] *= factor
+        edited.backbone.layers[layer].mixer.dt_proj.bias[neurons] *= factor
+    return edited
+
+
 def near_tie_task(model, tokenizer, path: Path, n: int = 24, seed: int = 0) -> Path:
     """Write a custom task file of two-choice questions on which the model nearly ties, so that
     steering one delta neuron flips some answers (random tiny models are otherwise too sure).
