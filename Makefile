@@ -1,4 +1,4 @@
-# make test  - create .venv if absent, install the requirements, run the test suite
+# make test  - create .venv if absent, install the package (pip install -e .), run the test suite
 # make demo  - run the three steps on the bundled demo model, offline, on CPU
 
 PYTHON ?= python3
@@ -14,11 +14,11 @@ export NLTK_DATA ?= $(abspath $(SHARED))/nltk_data
 
 .PHONY: install test demo clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -r requirements.txt "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e . "$(TORCH_SPEC)"
 	touch $@
 
 install: $(VENV)/.installed

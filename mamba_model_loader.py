@@ -3,218 +3,42 @@
     python mamba_model_loader.py state-spaces/mamba-130m-hf --device cpu
     python mamba_model_loader.py models/mamba-tiny-demo
 
-Local directories are validated before loading. HF-format checkpoints (`model_type: mamba`) load
-directly; original `state-spaces/mamba-*` checkpoints (`d_model`/`n_layer` config,
-`pytorch_model.bin`) are converted in memory and use the GPT-NeoX-20B tokenizer.
+Prints the model's summary (layers, delta neurons per layer, parameters, SSM backend), or one line
+saying what is wrong. The loading itself is `delta_steering.models` (`load_mamba_model`, `describe`),
+which this module also exposes: `from mamba_model_loader import load_mamba_model`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import math
-import os
-import sys
-from pathlib import Path
 
-import torch
-
-from delta_steering.cli import UsageError, main_guard, pick_device
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ORIGINAL_TOKENIZER = "EleutherAI/gpt-neox-20b"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+import delta_steering as ds
+from delta_steering.cli import main_guard
 
 
-def looks_like_path(name: str) -> bool:
-    """Paths start with . / ~ or have more separators than a Hub id ("owner/name")."""
-    return (name.startswith((".", "/", "~")) or name.count("/") > 1
-            or (os.sep != "/" and os.sep in name))
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("model*.safetensors")) + sorted(directory.glob("pytorch_model*.bin"))
-
-
-def validate_local_dir(directory: Path, original_format: bool, tokenizer: str | None) -> None:
-    """Raise UsageError listing every required file that the checkpoint directory lacks."""
-    missing = []
-    if not (directory / "config.json").is_file():
-        missing.append("config.json")
-    if not _weight_files(directory):
-        missing.append("weights (model.safetensors, model-*-of-*.safetensors or pytorch_model.bin)")
-    if not original_format and tokenizer is None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
-        missing.append("tokenizer (tokenizer.json or tokenizer_config.json)")
-    if missing:
-        raise UsageError(f"model directory {directory} is missing: {', '.join(missing)}")
-
-
-def read_config(source: str, revision: str | None) -> dict:
-    """The raw config.json of a local directory or Hub repo."""
-    if Path(source).is_dir():
-        path = Path(source) / "config.json"
-    else:
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(source, "config.json", revision=revision)
-        except Exception as e:  # offline, unknown repo, gated
-            raise UsageError(
-                f"cannot fetch model {source!r} from the Hugging Face Hub ({type(e).__name__}); "
-                "pass a local model directory instead (see models/README.md)") from None
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"config.json of {source} is not valid JSON: {e}") from None
-
-
-def is_original_format(config: dict) -> bool:
-    return "model_type" not in config and "d_model" in config and "n_layer" in config
-
-
-def convert_original_config(config: dict):
-    """MambaConfig for an original state-spaces checkpoint config (d_model, n_layer, ssm_cfg...)."""
-    from transformers import MambaConfig
-
-    ssm = config.get("ssm_cfg", {}) or {}
-    multiple = config.get("pad_vocab_size_multiple", 8)
-    vocab = math.ceil(config["vocab_size"] / multiple) * multiple
-    return MambaConfig(
-        vocab_size=vocab,
-        hidden_size=config["d_model"],
-        num_hidden_layers=config["n_layer"],
-        state_size=ssm.get("d_state", 16),
-        expand=ssm.get("expand", 2),
-        conv_kernel=ssm.get("d_conv", 4),
-        time_step_rank=ssm.get("dt_rank", "auto"),
-        use_bias=ssm.get("bias", False),
-        use_conv_bias=ssm.get("conv_bias", True),
-        residual_in_fp32=config.get("residual_in_fp32", True),
-        layer_norm_epsilon=1e-5,
-        tie_word_embeddings=config.get("tie_embeddings", True),
-        pad_token_id=0, bos_token_id=0, eos_token_id=0,
-    )
-
-
-def convert_original_state_dict(state_dict: dict) -> dict:
-    """Rename original mamba_ssm parameter names to transformers' MambaForCausalLM names."""
-    return {key.replace("backbone.embedding.", "backbone.embeddings."): value for key, value in state_dict.items()}
-
-
-def _load_original(source: str, config: dict, revision: str | None, dtype: torch.dtype):
-    from transformers import MambaForCausalLM
-
-    if Path(source).is_dir():
-        weights = Path(source) / "pytorch_model.bin"
-    else:
-        from huggingface_hub import hf_hub_download
-
-        weights = hf_hub_download(source, "pytorch_model.bin", revision=revision)
-    model = MambaForCausalLM(convert_original_config(config))
-    state_dict = convert_original_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
-    if missing or unexpected:
-        raise UsageError(f"original-format checkpoint {source} does not match Mamba: "
-                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    return model.to(dtype)
-
-
-def load_tokenizer(source: str, revision: str | None = None):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except OSError as e:
-        raise UsageError(f"cannot load tokenizer {source!r}: {str(e).splitlines()[0]}; "
-                         "pass --tokenizer PATH to a local tokenizer directory") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_mamba_model(model_name_or_path: str, device: str = "cuda", dtype: str = "float32",
-                     revision: str | None = None, tokenizer: str | None = None):
-    """Return (model, tokenizer) in eval mode on `device` (CPU with a warning if CUDA is absent)."""
-    import transformers
-    from transformers import MambaForCausalLM
-
-    transformers.logging.set_verbosity_error()  # not the "reference kernel fallback" notice on every layer
-    transformers.logging.disable_progress_bar()  # keep stderr for errors: one line on bad input
-    if dtype not in DTYPES:
-        raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    source = os.path.expanduser(model_name_or_path)
-    local = Path(source).exists()
-    if local and not Path(source).is_dir():
-        raise UsageError(f"model path {source} is a file; pass the checkpoint directory")
-    if not local and looks_like_path(model_name_or_path):
-        raise UsageError(f"local model directory not found: {model_name_or_path}")
-    config = read_config(source, revision)
-    original = is_original_format(config)
-    model_type = config.get("model_type")
-    if not original and model_type != "mamba":
-        if model_type == "mamba2":
-            raise UsageError(f"{model_name_or_path} is a Mamba-2 model (model_type mamba2): not supported yet")
-        raise UsageError(f"{model_name_or_path} is not a Mamba-1 model (model_type {model_type!r})")
-    if local:
-        validate_local_dir(Path(source), original, tokenizer)
-    device = pick_device(device)
-    if original:
-        model = _load_original(source, config, revision, DTYPES[dtype])
-        tok = load_tokenizer(tokenizer or ORIGINAL_TOKENIZER)
-    else:
-        model = MambaForCausalLM.from_pretrained(source, revision=revision, dtype=DTYPES[dtype])
-        tok = load_tokenizer(tokenizer or source, revision=None if tokenizer else revision)
-    model.to(device).eval()
-    model.requires_grad_(False)
-    model._delta_steering_source = {"model": model_name_or_path, "revision": revision,
-                                           "original_format": original}
-    return model, tok
-
-
-def ssm_backend() -> str:
-    """Which SSM implementation the installed transformers will run."""
-    fused = importlib.util.find_spec("mamba_ssm") and importlib.util.find_spec("causal_conv1d")
-    if fused and torch.cuda.is_available():
-        return "fused CUDA kernels (mamba_ssm + causal_conv1d)"
-    if importlib.util.find_spec("mambapy"):
-        return "torch reference scan (mambapy parallel scan available when use_mambapy=True)"
-    return "torch reference scan (sequential)"
-
-
-def describe(model) -> dict:
-    """Summary of a loaded model for run records and the CLI."""
-    source = getattr(model, "_delta_steering_source", {}) or {}
-    param = next(model.parameters())
-    return {
-        "model": source.get("model", getattr(model.config, "_name_or_path", None)),
-        "revision": source.get("revision") or getattr(model.config, "_commit_hash", None),
-        "original_format": source.get("original_format", False),
-        "layers": model.config.num_hidden_layers,
-        "hidden_size": model.config.hidden_size,
-        "intermediate_size": model.config.intermediate_size,
-        "delta_neurons_per_layer": model.config.intermediate_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "device": str(param.device),
-        "dtype": str(param.dtype).replace("torch.", ""),
-        "ssm_backend": ssm_backend(),
-    }
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="local checkpoint directory or Hub id")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: %(default)s)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype (default: %(default)s)")
+    parser.add_argument("--revision", default=None, help="Hub revision (default: the latest)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
+    return parser.parse_args()
 
 
 @main_guard
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="local checkpoint directory or Hub id")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (overrides the model's)")
-    args = parser.parse_args()
-    model, _ = load_mamba_model(args.model, args.device, args.dtype, args.revision, args.tokenizer)
-    for key, value in describe(model).items():
+    args = parse_args()
+    model, _ = ds.models.load_mamba_model(args.model, args.device, args.dtype, args.revision, args.tokenizer)
+    for key, value in ds.models.describe(model).items():
         print(f"{key:>24}: {value}")
+
+
+def __getattr__(name: str):
+    """The names of delta_steering.models (load_mamba_model, describe, ...), imported on first use so
+    that --help needs no torch."""
+    return getattr(ds.models, name)
 
 
 if __name__ == "__main__":

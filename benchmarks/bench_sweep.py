@@ -15,18 +15,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+from transformers import MambaConfig, MambaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from delta_steering.fast_sweep import fast_loglikelihoods  # noqa: E402
-from delta_steering.scoring import Encoded, correctness  # noqa: E402
-from delta_steering.sweep import Intervention, sweep_loglikelihoods  # noqa: E402
-from delta_steering.tasks import Example  # noqa: E402
+from delta_steering.batching import Encoded
+from delta_steering.fast_sweep import fast_loglikelihoods
+from delta_steering.intervention import Intervention
+from delta_steering.scoring import correctness
+from delta_steering.sweep import sweep_loglikelihoods
+from delta_steering.tasks import Example
 
 CHOICES = 4
 
@@ -49,8 +49,6 @@ def parse_args() -> argparse.Namespace:
 
 def mamba_130m_shaped(dtype: torch.dtype, device: str, seed: int):
     """Random-weight MambaForCausalLM with mamba-130m's configuration."""
-    from transformers import MambaConfig, MambaForCausalLM
-
     torch.manual_seed(seed)
     config = MambaConfig(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, expand=2,
                          conv_kernel=4, pad_token_id=0, bos_token_id=0, eos_token_id=0, use_cache=False)
@@ -94,7 +92,6 @@ def main() -> None:
     examples, encoded = random_requests(args.examples, model.config.vocab_size, args.seed)
     rng = np.random.default_rng(args.seed)
     neurons = sorted(rng.choice(model.config.intermediate_size, args.neurons, replace=False).tolist())
-    ablation = Intervention("scale", 0.0)
     lengths = [len(e.tokens) for e in encoded]
     print(f"model: mamba-130m shape, random weights, {args.dtype} on {args.device} "
           f"({torch.get_num_threads()} CPU threads); layer {args.layer}; {len(neurons)} neurons x "
@@ -102,10 +99,11 @@ def main() -> None:
           f"{CHOICES} choices); fast engine {'without' if args.no_shared_contexts else 'with'} shared contexts")
 
     def run(engine: str, ids: list[int], timings: dict | None = None):
+        ablation = Intervention.scale(ids, 0.0)
         if engine == "fast":
-            return fast_loglikelihoods(model, tokenizer, encoded, args.layer, ids, ablation, args.batch_size,
+            return fast_loglikelihoods(model, tokenizer, encoded, args.layer, ablation, args.batch_size,
                                        timings=timings, share_contexts=not args.no_shared_contexts)
-        return sweep_loglikelihoods(model, tokenizer, encoded, args.layer, ids, ablation, "naive", args.batch_size)
+        return sweep_loglikelihoods(model, tokenizer, encoded, args.layer, ablation, "naive", args.batch_size)
 
     run("fast", neurons[:1])  # warm-up: allocator, kernels
     # the fast engine runs before and after the naive one and its times are averaged, so that a load

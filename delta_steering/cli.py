@@ -1,19 +1,35 @@
-"""What the three scripts share at the command line: clear one-line errors with exit status 2,
-device choice with a warning on CPU, and parsing of neuron and number lists."""
+"""What the scripts share at the command line: argument groups with help and defaults, one-line
+errors with exit status 2, parsing of id and number lists, and checks of output paths before any
+work. Imports nothing heavy, so `--help` and argument errors answer at once."""
 
 from __future__ import annotations
 
+import argparse
 import functools
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
+from .errors import UsageError
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line on stderr, exit status 2, no traceback."""
+ENGINE_CHOICES = ("fast", "naive")  # the keys of sweep.ENGINES
+# the original study's defaults
+DEFAULT_TASKS = "lambada_openai,hellaswag,piqa,arc_easy,arc_challenge,winogrande"
+DEFAULT_FACTORS = "0.1,0.25,0.5,0.75,1.5,2,3,5,7,9,10,20,50,100"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every option's default after its help."""
+
+
+def step_parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def main_guard(main: Callable[[], int | None]) -> Callable[[], None]:
-    """Run a script's main; UsageError (and ValueError from argument checks) exit 2 with one line."""
+    """Run a script's main: a UsageError exits 2 with one line on stderr, Ctrl-C exits 130 saying
+    that the run resumes; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(main)
     def wrapped() -> None:
@@ -32,7 +48,7 @@ def main_guard(main: Callable[[], int | None]) -> Callable[[], None]:
 
 
 def parse_int_list(text: str | None, what: str = "neurons") -> list[int] | None:
-    """Parse '0-127', '3,5,9-12' or '' into a sorted list of distinct ints; None stays None."""
+    """Parse '0-127', '3,5,9-12' into a sorted list of distinct ints; None stays None."""
     if text is None:
         return None
     ids: set[int] = set()
@@ -63,39 +79,9 @@ def parse_float_list(text: str, what: str = "factors") -> list[float]:
     return values
 
 
-def pick_device(requested: str) -> str:
-    """The requested device, or CPU with one warning line when CUDA is asked for but absent."""
-    import torch
-
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        print("warning: CUDA is not available, running on CPU (slow)", file=sys.stderr)
-        return "cpu"
-    return requested
-
-
-def add_model_args(parser, device: str = "cuda") -> None:
-    """--model/--device/--dtype/--batch_size/--seed, shared by the three steps."""
-    parser.add_argument("--model", default="state-spaces/mamba-130m-hf", help="Hub id or local checkpoint directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
-    parser.add_argument("--device", default=device, help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch_size", type=int, default=None, help="sequences per forward pass (default: fit memory)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
-
-
-def add_pile_args(parser, samples: int = 100) -> None:
-    parser.add_argument("--pile_samples", type=int, default=samples, help="Pile documents")
-    parser.add_argument("--pile_path", default=None, help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet)")
-
-
-def add_sweep_args(parser) -> None:
-    """--engine and --chunk_neurons, for the single-neuron sweeps of steps 1 and 2."""
-    from .sweep import ENGINES
-
-    parser.add_argument("--engine", default="fast", choices=list(ENGINES))
-    parser.add_argument("--chunk_neurons", type=int, default=64,
-                        help="neurons per unit of work: progress is checkpointed, and shared between processes, "
-                             "a chunk at a time")
+def parse_names(text: str) -> list[str]:
+    """Comma-separated names, blanks dropped."""
+    return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def check_positive(value: int | None, flag: str) -> None:
@@ -103,28 +89,58 @@ def check_positive(value: int | None, flag: str) -> None:
         raise UsageError(f"{flag} must be at least 1, got {value}")
 
 
-def load_model(args):
-    """Model and tokenizer from the common arguments, after checking batch size."""
-    from mamba_model_loader import load_mamba_model
-
-    check_positive(args.batch_size, "--batch_size")
-    return load_mamba_model(args.model, args.device, args.dtype, tokenizer=args.tokenizer)
-
-
-def check_layer(model, layer: int, flag: str = "--layer") -> int:
-    from .steering import num_layers
-
-    n = num_layers(model)
-    if not 0 <= layer < n:
-        raise UsageError(f"{flag} {layer} out of range: the model has layers 0-{n - 1}")
-    return layer
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """A folder the run can write to (created if absent), checked before any work."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
-def check_neuron_ids(model, neurons: list[int], what: str = "--neurons") -> list[int]:
-    from .steering import num_delta_neurons
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """A file the run can write (its folder created if absent), checked before any work."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name")
+    check_output_dir(path.parent, flag)
 
-    n = num_delta_neurons(model)
-    bad = [i for i in neurons if not 0 <= i < n]
-    if bad:
-        raise UsageError(f"{what}: neuron {bad[0]} out of range, the model has delta neurons 0-{n - 1}")
-    return neurons
+
+def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> None:
+    """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by the three steps."""
+    parser.add_argument("--model", default="state-spaces/mamba-130m-hf", help="Hub id or local checkpoint directory")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (None: the model's)")
+    parser.add_argument("--device", default=device, help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype; half precision can overflow at large factors (reported, not scored)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="sequences per forward pass (None: as many as fit in memory); results do not depend on it")
+    parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
+
+
+def add_pile_args(parser: argparse.ArgumentParser, samples: int = 100) -> None:
+    parser.add_argument("--pile_samples", type=int, default=samples, help="Pile documents")
+    parser.add_argument("--pile_path", default=None,
+                        help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet; None: the Hub)")
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    """--engine and --chunk_neurons, for the single-neuron sweeps of steps 1 and 2."""
+    parser.add_argument("--engine", default="fast", choices=list(ENGINE_CHOICES),
+                        help="fast: exact, from a shared prefix and a rank-1 correction per neuron; naive: the whole "
+                             "model per neuron (the reference); both give the same results")
+    parser.add_argument("--chunk_neurons", type=int, default=64,
+                        help="neurons per unit of work: progress is checkpointed, and shared between processes, "
+                             "a chunk at a time")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """--overwrite (the per-process checkpoints), --shard, --merge and --no_plots."""
+    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint made with other arguments")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run slice I of N (0-based) and write a shard file instead of the results")
+    parser.add_argument("--merge", nargs="*", default=None, metavar="SHARD",
+                        help="combine shard files (none named: all in OUTPUT_DIR/shards) into the results; "
+                             "no model is loaded")
+    parser.add_argument("--no_plots", action="store_true", help="write no figures")

@@ -1,21 +1,25 @@
 """Step 1: each delta neuron ablated on its own, its impact on zero-shot accuracy measured with a
-paired confidence interval and sign test; the step-1 file read back by steps 2 and 3."""
+paired confidence interval, an exact sign test and Benjamini-Hochberg q-values; the step-1 file."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from .cli import UsageError
-from .results_io import read_json
-from .scoring import chance_correctness, example_weights, summarize
-from .stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test
-from .sweep import Intervention
+from .artifacts import FORMAT_VERSION, HIGH_IMPACT, delta_sensitive, impact_groups
+from .attribution import attribution, estimated_impacts
+from .intervention import Intervention
+from .scoring import Comparison, chance_correctness, summarize
+from .stats import SIGNIFICANCE, benjamini_hochberg, is_significant, spearman
 from .tasks import example_ids
 
-HIGH_IMPACT = 2.0  # percentage points: step 2's High Impact group is impact > 2, Neutral is |impact| <= 2
-SIGNIFICANCE = 0.05
+DESCRIPTION = (
+    "Step 1, delta neuron discovery: each neuron of `layer` ablated alone on the discovery examples. "
+    "Accuracies in percent (mean over tasks of per-task accuracy); impact = baseline - ablated accuracy, in "
+    "percentage points (positive: the neuron helps); ci95 = paired bootstrap 95% CI of the impact; p_value = "
+    "exact sign test over the examples that changed; q_value = Benjamini-Hochberg over every requested neuron. "
+    "groups: high_impact (impact > 2 points) and neutral (|impact| <= 2), the sets step 2 amplifies. "
+    "delta_variance: per neuron, the variance of Delta = softplus(dt_pre) over the tokens of the statistics Pile "
+    "documents; delta_variance_ranking orders every neuron by it.")
 
 
 def neuron_chunks(neurons: list[int], size: int) -> list[list[int]]:
@@ -31,26 +35,14 @@ def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons:
 
     `unmeasured` neurons (screened out by attribution) get a record with `"measured": false` and no
     impact; Benjamini-Hochberg still counts them, as p = 1, so screening cannot shrink the correction."""
-    weights = example_weights(examples)
-    indices = bootstrap_indices(np.array([e.task for e in examples]), seed=seed)
-    base_accuracy = summarize(examples, baseline)["accuracy"]
+    comparison = Comparison(examples, baseline, seed)
     records = []
     for neuron, row in zip(neurons, ablated):
-        summary = summarize(examples, row)
-        accuracy = summary["accuracy"]
-        records.append({
-            "neuron": int(neuron),
-            "measured": True,
-            "impact": None if accuracy is None else round(base_accuracy - accuracy, 4),
-            "accuracy": accuracy,
-            "per_task": summary["per_task"],
-            "ci95": paired_ci(row, baseline, weights, indices),  # CI of baseline - ablated
-            "p_value": sign_test(baseline, row),
-            "examples_lost": int(np.nansum((baseline == 1) & (row == 0))),
-            "examples_gained": int(np.nansum((baseline == 0) & (row == 1))),
-            "delta_variance": float(delta_variance[neuron]),
-            **({"non_finite": summary["non_finite"]} if summary["non_finite"] else {}),
-        })
+        entry = comparison.impact(row, neuron=int(neuron), measured=True)
+        entry["examples_lost"] = int(np.nansum((baseline == 1) & (row == 0)))
+        entry["examples_gained"] = int(np.nansum((baseline == 0) & (row == 1)))
+        entry["delta_variance"] = float(delta_variance[neuron])
+        records.append(entry)
     records += [{"neuron": int(n), "measured": False, "impact": None, "accuracy": None, "p_value": None,
                  "delta_variance": float(delta_variance[n])} for n in unmeasured]
     p_values = [r["p_value"] if r["measured"] else 1.0 for r in records]
@@ -60,22 +52,22 @@ def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons:
     return records
 
 
-def is_significant(record: dict) -> bool:
-    """BH q < 0.05 (q = 0, from a p-value that underflowed, included)."""
-    return record.get("q_value") is not None and record["q_value"] < SIGNIFICANCE
-
-
 def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, layer: int,
                      model_name: str, tasks: list[str], validation_size: int, delta_stats: dict, **extra) -> dict:
-    """The step-1 JSON: the seed's four fields first, then what is needed to trust and reuse them."""
+    """The step-1 file: the original study's four fields first, then what later steps read and what
+    a researcher needs to trust and reuse them."""
     summary, chance = summarize(examples, baseline), summarize(examples, chance_correctness(examples))
     impacts = [r for r in records if r["impact"] is not None]
     delta_variance = [float(v) for v in delta_stats["delta_variance"]]
+    groups = impact_groups(records)
+    ranking = [int(i) for i in np.argsort(-np.array(delta_variance), kind="stable")]
     return {
         "beneficial_neurons": sorted(r["neuron"] for r in impacts if r["impact"] >= threshold),
         "baseline_accuracy": summary["accuracy"],
         "criterion": f"impact >= {threshold}%",
         "all_neuron_impacts": records,
+        "format_version": FORMAT_VERSION,
+        "description": DESCRIPTION,
         "layer": layer,
         "model": model_name,
         "tasks": tasks,
@@ -86,12 +78,12 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
         "chance_accuracy": chance["accuracy"],
         "per_task_chance": chance["per_task"],
         "threshold": threshold,
-        "high_impact_neurons": sorted(r["neuron"] for r in impacts if r["impact"] > HIGH_IMPACT),
-        "neutral_neurons": sorted(r["neuron"] for r in impacts if abs(r["impact"]) <= HIGH_IMPACT),
-        "significant_neurons": sorted(r["neuron"] for r in records if is_significant(r)),
+        "groups": groups,
+        "significant_neurons": sorted(r["neuron"] for r in records if is_significant(r["q_value"])),
         "delta_variance": delta_variance,
         "dt_pre_mean": [float(v) for v in delta_stats["dt_pre_mean"]],
-        "high_variance_neurons": [int(i) for i in np.argsort(-np.array(delta_variance), kind="stable")],
+        "delta_variance_ranking": ranking,
+        "high_variance_neurons": ranking[: len(delta_sensitive(records, groups))],
         "delta_statistics_tokens": int(delta_stats["num_tokens"]),
         "delta_statistics_documents": delta_stats.get("documents"),
         "discovery_examples": example_ids(examples),
@@ -120,71 +112,16 @@ def print_summary(result: dict, top: int = 10) -> None:
               f"measured exactly; the other {unmeasured} were screened out by attribution (no impact, in no "
               "group; counted as p = 1 by BH)")
     print(f"\n{len(result['beneficial_neurons'])} beneficial ({result['criterion']}), "
-          f"{len(result['high_impact_neurons'])} high impact (> {HIGH_IMPACT}), "
+          f"{len(result['groups']['high_impact'])} high impact (> {HIGH_IMPACT}), "
           f"{len(result['significant_neurons'])} significant (q < {SIGNIFICANCE}) of {len(result['all_neuron_impacts'])}"
           + (f"; {broken} with non-finite logits" if broken else ""))
 
 
-STEP1_DEFAULTS = ("discovered_neurons.json", "ablation_3_results/discovered_neurons.json")
-
-
-def locate(explicit: str | None, defaults: tuple[str, ...], what: str, flag: str) -> Path:
-    """The file given by `flag`, else the first default that exists; a UsageError lists the paths tried."""
-    tried = [explicit] if explicit else list(defaults)
-    for candidate in tried:
-        if Path(candidate).is_file():
-            return Path(candidate)
-    raise UsageError(f"{what} not found (tried {', '.join(tried)}); pass {flag} PATH")
-
-
-def same_model(a: str | None, b: str) -> bool:
-    """Model names match, comparing local directories by their real path."""
-    if a is None:
-        return True
-    if Path(a).exists() and Path(b).exists():
-        return Path(a).resolve() == Path(b).resolve()
-    return a.rstrip("/") == b.rstrip("/")
-
-
-def load_discovery(path: Path, model, model_name: str, allow_model_mismatch: bool = False) -> dict:
-    """A validated step-1 JSON: required fields present, neuron ids within the model's layer."""
-    from .steering import num_delta_neurons, num_layers
-
-    data = read_json(path, "step-1 file")
-    records = data.get("all_neuron_impacts") if isinstance(data, dict) else None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and "neuron" in r and "impact" in r
-                                                for r in records):
-        raise UsageError(f"step-1 file {path} is malformed: it needs all_neuron_impacts, a list of "
-                         "{\"neuron\", \"impact\"} records")
-    n = num_delta_neurons(model)
-    bad = [r["neuron"] for r in records if not isinstance(r["neuron"], int) or not 0 <= r["neuron"] < n]
-    if bad:
-        raise UsageError(f"step-1 file {path}: neuron {bad[0]} out of range, the model has delta neurons 0-{n - 1}")
-    layer = data.get("layer", 20)
-    if not isinstance(layer, int) or not 0 <= layer < num_layers(model):
-        raise UsageError(f"step-1 file {path}: layer {layer} out of range for this model (0-{num_layers(model) - 1})")
-    if not allow_model_mismatch and not same_model(data.get("model"), model_name):
-        raise UsageError(f"step-1 file {path} was made with model {data.get('model')!r}, not {model_name!r}; "
-                         "pass --allow_model_mismatch to use it anyway")
-    return data
-
-
-def impact_groups(data: dict) -> dict[str, list[int]]:
-    """Step 2's groups from step-1 impacts: High Impact (> 2 points) and Neutral (|impact| <= 2)."""
-    records = [r for r in data["all_neuron_impacts"] if r["impact"] is not None]
-    return {
-        "high_impact": sorted(r["neuron"] for r in records if r["impact"] > HIGH_IMPACT),
-        "neutral": sorted(r["neuron"] for r in records if abs(r["impact"]) <= HIGH_IMPACT),
-    }
-
-
 def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],
-                       intervention: Intervention, batch_size: int | None, top: int) -> tuple[list[dict], list[int]]:
+                       ablation: Intervention, batch_size: int | None, top: int) -> tuple[list[dict], list[int]]:
     """First-order estimates of every neuron's ablation effect (one forward and backward pass per
     batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
-    from .fast_sweep import attribution, estimated_impacts
-
-    att = attribution(model, tokenizer, examples, encoded, layer, intervention, batch_size, progress=True)
+    att = attribution(model, tokenizer, examples, encoded, layer, ablation, batch_size, progress=True)
     impact, margin_loss = estimated_impacts(examples, att)
     estimates = [{"neuron": n, "estimated_impact": round(float(impact[n]), 4),
                   "estimated_margin_loss": float(margin_loss[n])} for n in neurons]
@@ -193,9 +130,7 @@ def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons:
 
 
 def attach_estimates(records: list[dict], estimates: list[dict]) -> dict:
-    """Put each verified neuron's estimate beside its exact impact; Spearman correlations of both."""
-    from .stats import spearman
-
+    """Put each neuron's estimate beside its exact impact; Spearman correlations of both."""
     by_neuron = {e["neuron"]: e for e in estimates}
     for record in records:
         if record["neuron"] in by_neuron:

@@ -1,9 +1,11 @@
-"""Splitting a step's work across processes: torchrun ranks, gathered in memory for rank 0 to write
-the outputs, or `--shard I/N` slices for schedulers without torchrun (SLURM job arrays), each written
-to a shard file that `--merge` combines.
+"""How a process takes part in a step: alone, as a torchrun rank, as a `--shard I/N` slice (for
+schedulers without torchrun, e.g. SLURM job arrays), or merging shard files with `--merge`; and
+resuming after an interruption from its own checkpoint.
 
-Work items are named, listed in a fixed order and dealt round-robin; every item is computed exactly
-as a single process computes it, so the combined results equal a single-process run's.
+A step's work is a dict of named items (`name -> compute`, each giving a dict of named results),
+listed in a fixed order and dealt round-robin; every item is computed exactly as a single process
+computes it, so the combined results equal a single-process run's. Under torchrun the ranks gather
+their results for rank 0 to report; a shard writes its results to a shard file instead.
 """
 
 from __future__ import annotations
@@ -17,10 +19,19 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .cli import UsageError
+from .errors import UsageError
 from .results_io import Checkpoint, differing_keys, read_json, write_json
 
 SHARD_DIR = "shards"
+# arguments that change neither what a step measures nor how it is split into items
+NOT_MEASURED = ("device", "batch_size", "engine", "chunk_neurons", "output_dir", "save_path", "no_plots", "overwrite",
+                "shard", "merge", "threshold", "ifeval_metric", "score_responses")
+
+
+def fingerprint(args, **inputs: str | None) -> dict:
+    """What must agree for a checkpoint to be resumed or shards to be merged: the arguments (less
+    NOT_MEASURED) and the digests of the input files (`inputs`)."""
+    return {**{k: v for k, v in vars(args).items() if k not in NOT_MEASURED}, **inputs}
 
 
 @dataclass(frozen=True)
@@ -46,9 +57,6 @@ class Workers:
         suffix = "" if self.world == 1 else f".{self.rank}of{self.world}"
         return Path(output_dir) / f"{step}_checkpoint{suffix}.json"
 
-    def checkpoint(self, args, step: str, fingerprint: dict) -> Checkpoint:
-        return Checkpoint(self.checkpoint_file(args.output_dir, step), fingerprint, args.overwrite)
-
     def share(self, items: list) -> list:
         """This process's items: every world-th, starting at its rank."""
         return items[self.rank::self.world]
@@ -63,38 +71,11 @@ class Workers:
         dist.all_gather_object(parts, results)
         return {key: value for part in parts for key, value in part.items()}
 
-    def run(self, items: list, compute: Callable[[Any], dict], desc: str | None = None,
-            checkpoint: Checkpoint | None = None) -> dict:
-        """Compute this process's share of `items` (each gives a dict of named results), skipping those
-        the checkpoint holds and saving it after each, then gather."""
-        results: dict = {}
-        for item in tqdm(self.share(items), desc=desc, unit="item", disable=desc is None or self.quiet):
-            key = repr(item)
-            if checkpoint is not None and key in checkpoint.done:
-                results.update(checkpoint.done[key])
-                continue
-            done = compute(item)
-            if checkpoint is not None:
-                checkpoint.done[key] = done
-                checkpoint.save()
-            results.update(done)
-        return self.gather(results)
-
     def barrier(self) -> None:
         if self.launcher == "torchrun":
             import torch.distributed as dist
 
             dist.barrier()
-
-
-def add_distributed_args(parser) -> None:
-    """--overwrite (for the per-process checkpoints), --shard and --merge."""
-    parser.add_argument("--overwrite", action="store_true", help="discard a checkpoint from other arguments")
-    parser.add_argument("--shard", default=None, metavar="I/N",
-                        help="run slice I of N (0-based) and write a shard file instead of the results")
-    parser.add_argument("--merge", nargs="*", default=None, metavar="SHARD",
-                        help="combine shard files (default: all in OUTPUT_DIR/shards) into the results; "
-                             "no model is loaded")
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -136,18 +117,6 @@ def start_workers(args) -> Workers:
     return workers
 
 
-def finish(args, workers: Workers, step: str, fingerprint: dict, context: dict, results: dict,
-           report: Callable[[], None]) -> None:
-    """A shard writes its shard file, a single process or rank 0 reports; then every process drops its
-    checkpoint (under torchrun once the results are written)."""
-    if workers.launcher == "shard":
-        print(f"shard: {write_shard(args.output_dir, step, workers, fingerprint, context, results)}")
-    elif workers.writes_outputs:
-        report()
-    workers.barrier()
-    workers.checkpoint_file(args.output_dir, step).unlink(missing_ok=True)
-
-
 def shard_path(output_dir: str | os.PathLike, step: str, workers: Workers) -> Path:
     return Path(output_dir) / SHARD_DIR / f"{step}.shard{workers.rank}of{workers.world}.json"
 
@@ -184,3 +153,47 @@ def read_shards(paths: list[str], output_dir, step: str, fingerprint: dict) -> t
         raise UsageError(f"shards {found} are not one complete set (each of 0/N .. N-1/N exactly once)")
     results = {key: value for _, shard in shards for key, value in shard["results"].items()}
     return shards[0][1]["context"], results
+
+
+class StepRun:
+    """One step as this process runs it: `map` computes its share of the named work items (resuming
+    from its checkpoint), `merged` reads a complete set of shards instead, `publish` says whether
+    this process writes the results (a shard writes its shard file), `close` drops the checkpoint."""
+
+    def __init__(self, args, step: str, fingerprint: dict):
+        self.args, self.step, self.fingerprint = args, step, fingerprint
+        self.workers = start_workers(args)
+        self.merging = args.merge is not None
+        self.checkpoint = None if self.merging else Checkpoint(
+            self.workers.checkpoint_file(args.output_dir, step), fingerprint, args.overwrite)
+
+    def merged(self) -> tuple[dict, dict]:
+        return read_shards(self.args.merge, self.args.output_dir, self.step, self.fingerprint)
+
+    def map(self, work: dict[str, Callable[[], dict]], desc: str, unit: str = "item") -> dict:
+        """Compute this process's share of `work` (name -> compute), skipping the items its checkpoint
+        holds and saving after each, then gather every process's results."""
+        mine = self.workers.share(list(work))
+        done = [name for name in mine if name in self.checkpoint.done]
+        results: dict = {}
+        for name in done:
+            results.update(self.checkpoint.done[name])
+        if done and not self.workers.quiet:
+            print(f"resuming: {len(done)} of {len(mine)} {unit}s done ({self.checkpoint.path})")
+        for name in tqdm([n for n in mine if n not in done], desc=desc, unit=unit, disable=self.workers.quiet):
+            self.checkpoint.done[name] = work[name]()
+            self.checkpoint.save()
+            results.update(self.checkpoint.done[name])
+        return self.workers.gather(results)
+
+    def publish(self, context: dict, results: dict) -> bool:
+        """True where this process writes the step's outputs; a shard writes its shard file instead."""
+        if self.workers.launcher == "shard":
+            print(f"shard: {write_shard(self.args.output_dir, self.step, self.workers, self.fingerprint, context, results)}")
+        return self.merging or self.workers.writes_outputs
+
+    def close(self) -> None:
+        """Once the outputs are written: every process drops its checkpoint (under torchrun together)."""
+        self.workers.barrier()
+        if not self.merging:
+            self.checkpoint.path.unlink(missing_ok=True)

@@ -15,13 +15,19 @@ import random
 
 import numpy as np
 
-from .scoring import example_weights, summarize
-from .stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test, spearman
+from .artifacts import GROUP_TITLES
+from .scoring import Comparison
+from .stats import SIGNIFICANCE, benjamini_hochberg, is_significant, spearman
 
-DEFAULT_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.5, 2, 3, 5, 7, 9, 10, 20, 50, 100)
-GROUP_TITLES = {"high_impact": "High Impact", "neutral": "Neutral"}
+DESCRIPTION = (
+    "Step 2, steering factors: step 1's High Impact and Neutral groups, each amplified as a whole at `layer`. "
+    "Accuracies in percent (mean over tasks of per-task accuracy). groups.<g>.results: the selection-half table, "
+    "factor 1 (the baseline) first; delta = accuracy - baseline (points), ci95 = paired bootstrap 95% CI of delta, "
+    "p_value = exact sign test, q_value = Benjamini-Hochberg over the group's factors. optimal_factors.<g>: the "
+    "factor chosen on the selection half (1.0 when none beats the baseline) and its one test on the confirmation "
+    "half (significant: sign-test p < 0.05 with a positive delta). importance_ranking: single neurons ablated on "
+    "all held-out examples, impact = baseline - ablated (points).")
 SELECTION_SEED = 4321  # fixed, independent of --seed: the selection/confirmation split never moves
-SIGNIFICANCE = 0.05
 
 
 def strength(factor: float) -> str:
@@ -41,7 +47,7 @@ def mark(delta: float | None, q_value: float | None) -> str:
     """✓ significant gain, ✗ significant loss (BH q < 0.05 over the group's factors), ~ neither."""
     if delta is None or q_value is None:
         return "?"
-    if q_value < SIGNIFICANCE:
+    if is_significant(q_value):
         return "✓" if delta > 0 else "✗" if delta < 0 else "~"
     return "~"
 
@@ -57,27 +63,6 @@ def selection_split(examples) -> tuple[list[int], list[int]]:
         selection += sorted(members[:half])
         confirmation += sorted(members[half:])
     return sorted(selection), sorted(confirmation)
-
-
-class Comparison:
-    """Paired comparisons of configurations with the baseline on the same examples."""
-
-    def __init__(self, examples, baseline: np.ndarray, seed: int):
-        self.examples, self.baseline = examples, baseline
-        self.weights = example_weights(examples)
-        self.indices = bootstrap_indices(np.array([e.task for e in examples]), seed=seed)
-        self.base = summarize(examples, baseline)
-
-    def entry(self, correct: np.ndarray, **fields) -> dict:
-        summary = summarize(self.examples, correct)
-        accuracy = summary["accuracy"]
-        ci = paired_ci(self.baseline, correct, self.weights, self.indices)
-        entry = {**fields, "accuracy": accuracy,
-                 "delta": None if accuracy is None else round(accuracy - self.base["accuracy"], 4),
-                 "per_task": summary["per_task"], "ci95": ci, "p_value": sign_test(self.baseline, correct)}
-        if summary["non_finite"]:
-            entry["non_finite"] = summary["non_finite"]
-        return entry
 
 
 def factor_table(comparison: Comparison, factors: list[float], rows: list[np.ndarray]) -> list[dict]:
@@ -141,26 +126,12 @@ def group_result(neurons: list[int], factors: list[float], rows: dict[float, np.
     return group
 
 
-def steering_factor(optimal: dict | None) -> tuple[float | None, str]:
-    """The factor later runs steer with, and where it comes from: the confirmed factor
-    ("step2-confirmed"), else the selection-best factor ("step2-unconfirmed")."""
-    if not optimal or optimal.get("selection_best_factor") is None:
-        return None, "none"
-    if optimal.get("confirmed"):
-        return float(optimal["factor"]), "step2-confirmed"
-    return float(optimal["selection_best_factor"]), "step2-unconfirmed"
-
-
-def importance_ranking(step1_records: list[dict], ablated: np.ndarray, neurons: list[int], comparison) -> dict:
+def importance_ranking(step1_records: list[dict], ablated: list[np.ndarray], neurons: list[int],
+                       comparison: Comparison) -> dict:
     """Single-neuron ablation impacts on held-out examples beside the step-1 (discovery) impacts."""
     step1 = {r["neuron"]: r["impact"] for r in step1_records}
-    ranking = []
-    for neuron, row in zip(neurons, ablated):
-        entry = comparison.entry(row, neuron=int(neuron), step1_impact=step1[neuron])
-        entry["impact"] = None if entry["delta"] is None else -entry["delta"]
-        entry["ci95"] = None if entry["ci95"] is None else [-entry["ci95"][1], -entry["ci95"][0]]
-        del entry["delta"]
-        ranking.append(entry)
+    ranking = [comparison.impact(row, neuron=int(neuron), step1_impact=step1[neuron])
+               for neuron, row in zip(neurons, ablated)]
     ranking.sort(key=lambda r: (r["impact"] is None, -(r["impact"] or 0.0), r["neuron"]))
     pairs = [(r["step1_impact"], r["impact"]) for r in ranking if r["impact"] is not None and r["step1_impact"] is not None]
     return {"neurons": ranking, "spearman_step1_vs_heldout": spearman(*zip(*pairs)) if pairs else None}

@@ -1,4 +1,4 @@
-"""Greedy generation for IFEval (SPEC §5): no chat template, no special tokens added, stop at EOS.
+"""Greedy generation for IFEval: no chat template, no special tokens added, stop at EOS.
 
 Prompts are batched with left padding and an attention mask. Mamba zeroes the padded positions
 before its convolution and before the SSM input (`apply_mask_to_padding_states`), so the state a

@@ -1,4 +1,4 @@
-"""IFEval (SPEC §5): load the prompts and score responses with lm-evaluation-harness's own checkers.
+"""IFEval: load the prompts and score responses with lm-evaluation-harness's own checkers.
 
 The checkers live in `lm_eval.tasks.ifeval` (the `lm_eval[ifeval]` extra). Importing them downloads
 NLTK's `punkt_tab` when it is missing, so `ensure_punkt` runs first and turns a missing, offline
@@ -8,7 +8,6 @@ punkt_tab into one clear error instead of a hang or a download log.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import random
@@ -17,7 +16,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from .cli import UsageError
+from .errors import UsageError
+from .results_io import parse_jsonl
 
 HUB_DATASET = "google/IFEval"
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -84,18 +84,9 @@ def _check_row(row: object, where: str, registry: dict) -> dict:
 def _read_file(path: Path, registry: dict) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"IFEval file not found: {path}")
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"IFEval file {path} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{where} is not valid JSON: {e.msg}") from None
-            rows.append(_check_row(row, where, registry))
-    return rows
+        return [_check_row(row, f"IFEval file {path} line {number}", registry)
+                for number, row in parse_jsonl(f, f"IFEval file {path}")]
 
 
 def _read_hub(registry: dict) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Perplexity on reference texts (SPEC §4): exp of the mean next-token NLL over all tokens of all
+"""Perplexity on reference texts: exp of the mean next-token NLL over all tokens of all
 documents, each document truncated to `max_length` tokens."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .scoring import Encoded, make_batches, pad_batch, token_budget
+from .batching import Encoded, pad_batch, request_batches, token_budget
 
 
 @torch.no_grad()
@@ -19,7 +19,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int = 512, batch_
         raise ValueError("no document has two tokens or more")
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for batch in make_batches(encoded, batch_size, token_budget(model, max_length)):
+    for batch in request_batches(encoded, batch_size, token_budget(model, max_length)):
         items = [encoded[i] for i in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
         logits = model(input_ids=ids, use_cache=False).logits.float()

@@ -1,4 +1,5 @@
-"""Results on disk: atomic JSON writes, JSON reading with clear errors, and the `run` record."""
+"""Results on disk: atomic JSON and JSONL writes, reading with one-line errors, the resume checkpoint
+and the `run` record of every result file."""
 
 from __future__ import annotations
 
@@ -9,45 +10,53 @@ import platform
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, TextIO
 
-from .cli import UsageError
+from .errors import UsageError
 
 
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON atomically: a temporary file in the same folder, then rename over the target."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_text(path: str | os.PathLike) -> Iterator[TextIO]:
+    """A text file written to a temporary name beside `path` and renamed over it when complete, with
+    the permissions an ordinary open() would give it: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True)
-            f.write("\n")
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
-def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> Path:
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write JSON atomically (see atomic_text)."""
+    with atomic_text(path) as f:
+        json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True)
+        f.write("\n")
+    return Path(path)
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write JSON lines atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_text(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
@@ -61,24 +70,27 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         raise UsageError(f"{what} {path} is not valid JSON: {e}") from None
 
 
+def parse_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank JSON line; a bad line is a UsageError naming it."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where} line {number} is not valid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{where} line {number} is not a JSON object")
+        yield number, row
+
+
 def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
-    """Read JSON lines (blank lines skipped); a bad line is a UsageError naming file and line."""
+    """Read a JSON-lines file (blank lines skipped) with one-line errors naming file and line."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what} not found: {path}")
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UsageError(f"{what} {path} line {number} is not valid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise UsageError(f"{what} {path} line {number} is not a JSON object")
-            rows.append(row)
-    return rows
+        return [row for _, row in parse_jsonl(f, f"{what} {path}")]
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -111,9 +123,6 @@ class Checkpoint:
     def save(self) -> None:
         write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
 
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
 
 def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "numpy", "scipy")) -> dict:
     versions = {"python": platform.python_version()}
@@ -127,14 +136,13 @@ def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "num
 
 def run_record(args, model_info: dict | None, started: float, **extra) -> dict:
     """What a researcher needs to reproduce a run: command, arguments, versions, model, timing."""
-    record = {
+    return {
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "versions": package_versions(),
         "model": model_info,
         "platform": platform.platform(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.time() - started, 2),
+        **extra,
     }
-    record.update(extra)
-    return record

@@ -1,28 +1,21 @@
-"""Log-likelihood scoring of continuations, as lm-evaluation-harness computes it (SPEC §3).
+"""Log-likelihood scoring of continuations, as lm-evaluation-harness computes it, and accuracy.
 
 Context and continuation are tokenised the lm-eval way (trailing spaces of the context move to the
 continuation, the pair is encoded whole and split at the context's length, no special tokens, an
-empty context is preceded by EOS). Sequences are right-padded; Mamba is causal, so padding never
-reaches a scored position. The LM head runs only where a continuation token is predicted.
+empty context is preceded by EOS). The LM head runs only where a continuation token is predicted.
+acc is the argmax of summed log-prob, acc_norm of log-prob per character of the choice (lm-eval's
+`len(choice)`), and a greedy example (lambada) is correct when every target token is the argmax.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .batching import Encoded, gather_targets, pad_batch, request_batches, target_ids, target_mask, token_budget
+from .stats import bootstrap_indices, compare
 from .tasks import Example, task_names
-
-
-@dataclass(frozen=True)
-class Encoded:
-    """One request as token ids: the model reads `tokens[:-1]` and predicts the last `n_target`."""
-
-    tokens: tuple[int, ...]
-    n_target: int
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> Encoded:
@@ -42,58 +35,19 @@ def encode_examples(tokenizer, examples: list[Example]) -> list[Encoded]:
     return [encode_pair(tokenizer, c, t) for e in examples for c, t in e.requests]
 
 
-def token_budget(model, max_len: int) -> int:
-    """Tokens per forward pass that fit comfortably: the reference scan keeps two
-    batch x tokens x intermediate x state tensors per layer."""
-    per_token = 2 * model.config.intermediate_size * model.config.state_size * 4 * 3
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = int(0.5 * free / per_token)
-    else:
-        budget = 2**28 // per_token
-    return max(max_len, budget)
-
-
-def make_batches(encoded: list[Encoded], batch_size: int | None, budget: int) -> list[list[int]]:
-    """Indices of requests grouped longest first, `batch_size` per batch or as many as fit `budget` tokens."""
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].tokens), i))
-    batches, current = [], []
-    for i in order:
-        width = len(encoded[(current or [i])[0]].tokens) - 1  # the first is the longest
-        full = len(current) >= batch_size if batch_size else (len(current) + 1) * width > budget
-        if current and full:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def pad_batch(encoded: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, list[int]]:
-    """Right-padded model inputs (each sequence minus its last token) and their lengths."""
-    lengths = [len(e.tokens) - 1 for e in encoded]
-    ids = torch.full((len(encoded), max(lengths)), pad_id, dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, : lengths[row]] = torch.tensor(e.tokens[:-1])
-    return ids.to(device), lengths
-
-
-def target_scores(lm_head, hidden: torch.Tensor, encoded: list[Encoded], lengths: list[int]):
-    """Summed log-prob and all-greedy flag of each request's target tokens, from final hidden states
-    (batch x tokens x hidden, after the final norm). The LM head runs on target positions only."""
-    rows = [r for r, e in enumerate(encoded) for _ in range(e.n_target)]
-    positions = [p for e, n in zip(encoded, lengths) for p in range(n - e.n_target, n)]
-    targets = torch.tensor([t for e in encoded for t in e.tokens[-e.n_target:]], device=hidden.device)
-    logits = lm_head(hidden[rows, positions].to(lm_head.weight.dtype)).float()  # residual_in_fp32: fp32 hidden
+def target_scores(lm_head, compact: torch.Tensor, encoded: list[Encoded]):
+    """Summed log-prob (NaN where a logit is not finite) and all-greedy flag of each request's
+    targets, from their final hidden states in the compact layout of `batching.gather_targets`."""
+    mask = target_mask(encoded, compact.device)
+    targets = target_ids(encoded, compact.device)
+    logits = lm_head(compact[mask].to(lm_head.weight.dtype)).float()  # residual_in_fp32: fp32 hidden
     token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
     token_ok = torch.isfinite(logits).all(-1)
     token_greedy = (logits.argmax(-1) == targets) & token_ok
-    owner = torch.tensor(rows, device=hidden.device)
+    owner = torch.arange(len(encoded), device=compact.device).repeat_interleave(mask.sum(1))
 
     def per_request(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(encoded), dtype=torch.float64, device=hidden.device).index_add_(0, owner, values.double())
+        return torch.zeros(len(encoded), dtype=torch.float64, device=compact.device).index_add_(0, owner, values.double())
 
     finite = per_request((~token_ok).double()) == 0
     greedy = per_request((~token_greedy).double()) == 0
@@ -106,16 +60,20 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-prob (NaN where logits are not finite) and greedy flag of every request."""
     device = next(model.parameters()).device
-    batches = make_batches(encoded, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
+    batches = request_batches(encoded, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
     logprob = np.full(len(encoded), np.nan)
     greedy = np.zeros(len(encoded), dtype=bool)
-    for batch in tqdm(batches, desc="scoring", disable=not progress, leave=False):
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         items = [encoded[i] for i in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
         hidden = model.backbone(input_ids=ids, use_cache=False).last_hidden_state
-        values, flags = target_scores(model.lm_head, hidden, items, lengths)
-        logprob[batch], greedy[batch] = values, flags
+        logprob[batch], greedy[batch] = target_scores(model.lm_head, gather_targets(hidden, items, lengths), items)
     return logprob, greedy
+
+
+def choice_lengths(example: Example) -> np.ndarray:
+    """The length of each choice in characters, acc_norm's normaliser."""
+    return np.array([len(c) for c in example.choices], dtype=float)
 
 
 def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray) -> np.ndarray:
@@ -134,11 +92,6 @@ def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray
         else:
             out[k] = float(np.argmax(lls) == example.label)
     return out
-
-
-def choice_lengths(example: Example) -> np.ndarray:
-    """The length of each choice in characters, acc_norm's normaliser."""
-    return np.array([len(c) for c in example.choices], dtype=float)
 
 
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int | None = None,
@@ -177,3 +130,31 @@ def example_weights(examples: list[Example]) -> np.ndarray:
     names = task_names(examples)
     counts = {t: tasks.count(t) for t in names}
     return np.array([100.0 / (len(names) * counts[t]) for t in tasks])
+
+
+class Comparison:
+    """Configurations compared with a baseline on the same examples: accuracy, Δ or impact, paired
+    bootstrap 95% CI and sign-test p, from `stats.compare` with bootstrap resamples drawn once."""
+
+    def __init__(self, examples: list[Example], baseline: np.ndarray, seed: int):
+        self.examples, self.baseline = examples, np.asarray(baseline, dtype=float)
+        self.weights = example_weights(examples)
+        self.indices = bootstrap_indices(np.array([e.task for e in examples]), seed=seed)
+        self.base = summarize(examples, self.baseline)
+
+    def _entry(self, correct: np.ndarray, first: np.ndarray, second: np.ndarray, key: str, fields: dict) -> dict:
+        summary = summarize(self.examples, correct)
+        result = compare(first, second, self.indices, self.weights)
+        entry = {**fields, "accuracy": summary["accuracy"], key: result["delta"], "per_task": summary["per_task"],
+                 "ci95": result["ci95"], "p_value": result["p_value"]}
+        if summary["non_finite"]:
+            entry["non_finite"] = summary["non_finite"]
+        return entry
+
+    def entry(self, correct: np.ndarray, **fields) -> dict:
+        """A configuration: its accuracy and Δ = accuracy - baseline (points), CI of Δ, p."""
+        return self._entry(correct, self.baseline, correct, "delta", fields)
+
+    def impact(self, correct: np.ndarray, **fields) -> dict:
+        """An ablation: its accuracy and impact = baseline - accuracy (points), CI of the impact, p."""
+        return self._entry(correct, correct, self.baseline, "impact", fields)

@@ -1,4 +1,5 @@
-"""Statistics for paired comparisons on the same examples: bootstrap CIs, sign test, BH q-values."""
+"""Statistics for configurations compared on the same examples: one paired comparison (Δ, bootstrap
+CI, sign test) used by all three steps, Benjamini-Hochberg q-values and Spearman correlation."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 BOOTSTRAP_RESAMPLES = 1000
+SIGNIFICANCE = 0.05
 
 
 def bootstrap_indices(groups: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
@@ -20,26 +22,36 @@ def bootstrap_indices(groups: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, 
     return out
 
 
-def paired_ci(base: np.ndarray, other: np.ndarray, weights: np.ndarray, indices: np.ndarray,
-              level: float = 0.95) -> list[float] | None:
-    """Percentile CI of sum(weights * (other - base)) over paired bootstrap resamples of examples.
-    None when any score is NaN (non-finite logits)."""
-    diff = (np.asarray(other, float) - np.asarray(base, float)) * weights
-    if np.isnan(diff).any():
-        return None
-    totals = diff[indices].sum(axis=1)
+def compare(base: np.ndarray, other: np.ndarray, indices: np.ndarray, weights: np.ndarray | None = None,
+            totals: np.ndarray | None = None, level: float = 0.95) -> dict:
+    """`other` against `base`, scored on the same examples: Δ = metric(other) - metric(base) in points,
+    its percentile CI over the paired bootstrap resamples `indices`, and the exact two-sided sign test
+    over the examples whose score changed (McNemar's exact test for 0/1 scores).
+
+    The metric is sum(weights * scores) (per-example weights: a mean over tasks of per-task means),
+    or, with `totals`, 100 * sum(scores) / sum(totals) (a ratio such as instructions followed of
+    instructions given). Every value is None when a score is NaN (non-finite logits)."""
+    base, other = np.asarray(base, float), np.asarray(other, float)
+    if np.isnan(base).any() or np.isnan(other).any():
+        return {"delta": None, "ci95": None, "p_value": None}
+    if totals is None:
+        diff = (other - base) * weights
+        delta, resampled = diff.sum(), diff[indices].sum(axis=1)
+    else:
+        delta = 100.0 * (other.sum() - base.sum()) / totals.sum()
+        resampled = 100.0 * (other[indices].sum(1) - base[indices].sum(1)) / totals[indices].sum(1)
     alpha = (1 - level) / 2
-    lo, hi = np.quantile(totals, [alpha, 1 - alpha])
-    return [round(float(lo), 4), round(float(hi), 4)]
+    lo, hi = np.quantile(resampled, [alpha, 1 - alpha])
+    return {"delta": round(float(delta), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "p_value": sign_test(base, other)}
 
 
 def sign_test(base: np.ndarray, other: np.ndarray) -> float | None:
-    """Exact two-sided sign test on the examples whose correctness changed (McNemar's exact test)."""
+    """Exact two-sided sign test on the examples whose score changed (McNemar's exact test)."""
     base, other = np.asarray(base, float), np.asarray(other, float)
     if np.isnan(base).any() or np.isnan(other).any():
         return None
-    lost = int(((base == 1) & (other == 0)).sum())
-    gained = int(((base == 0) & (other == 1)).sum())
+    lost, gained = int((other < base).sum()), int((other > base).sum())
     if lost + gained == 0:
         return 1.0
     return float(scipy_stats.binomtest(lost, lost + gained, 0.5).pvalue)
@@ -58,6 +70,11 @@ def benjamini_hochberg(p_values: list[float | None]) -> list[float | None]:
     for rank, k in enumerate(order):
         q[known[k]] = float(adjusted[rank])
     return q
+
+
+def is_significant(q_value: float | None) -> bool:
+    """q < 0.05, q = 0 (a p-value that underflowed) included."""
+    return q_value is not None and q_value < SIGNIFICANCE
 
 
 def spearman(x, y) -> float | None:

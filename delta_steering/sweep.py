@@ -1,64 +1,48 @@
-"""Single-neuron sweeps: every neuron of a list steered on its own, every example scored.
+"""Single-neuron sweeps: every neuron of an intervention applied on its own, every example scored.
 
-`engine="naive"` runs the whole model once per neuron through `steer`; it is the reference that
-the fast engine must reproduce.
+`naive` runs the whole model once per neuron through `steer`: the reference. `fast` (fast_sweep)
+computes the same numbers from a shared prefix and a rank-1 correction per neuron.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from .scoring import Encoded, correctness, encode_examples, loglikelihoods
-from .steering import steer
+from .batching import Encoded
+from .fast_sweep import fast_loglikelihoods
+from .intervention import Intervention
+from .scoring import correctness, encode_examples, loglikelihoods
+from .steering import install
 from .tasks import Example
 
-ENGINES = ("fast", "naive")
 
-
-@dataclass(frozen=True)
-class Intervention:
-    """What a sweep does to each neuron on its own: scale it by `factor` (0 = zero ablation), or
-    replace it by its mean `dt_pre` (`means`, one value per delta neuron of the layer)."""
-
-    mode: str = "scale"
-    factor: float = 0.0
-    means: tuple[float, ...] | None = None
-
-    def install(self, model, layer: int, neuron: int):
-        if self.mode == "mean":
-            return steer(model, layer, [neuron], mode="mean", means=[self.means[neuron]])
-        return steer(model, layer, [neuron], self.factor)
-
-
-def _naive_loglikelihoods(model, tokenizer, encoded, layer, neurons, intervention, batch_size):
-    logprob = np.empty((len(neurons), len(encoded)))
-    greedy = np.empty((len(neurons), len(encoded)), dtype=bool)
-    for k, neuron in enumerate(neurons):
-        with intervention.install(model, layer, neuron):
+def naive_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
+                         batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: for each neuron, install its intervention and score every request."""
+    logprob = np.empty((len(intervention.neurons), len(encoded)))
+    greedy = np.empty((len(intervention.neurons), len(encoded)), dtype=bool)
+    for k, neuron in enumerate(intervention.neurons):
+        with install(model, layer, intervention.only([neuron])):
             logprob[k], greedy[k] = loglikelihoods(model, tokenizer, encoded, batch_size)
     return logprob, greedy
 
 
-def sweep_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, neurons: list[int],
-                         intervention: Intervention, engine: str = "fast",
-                         batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Log-prob and greedy flag of every request (columns) with each neuron steered alone (rows)."""
-    if engine == "naive":
-        return _naive_loglikelihoods(model, tokenizer, encoded, layer, neurons, intervention, batch_size)
-    if engine == "fast":
-        from .fast_sweep import fast_loglikelihoods
-
-        return fast_loglikelihoods(model, tokenizer, encoded, layer, neurons, intervention, batch_size)
-    raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+ENGINES = {"fast": fast_loglikelihoods, "naive": naive_loglikelihoods}
 
 
-def sweep_correctness(model, tokenizer, examples: list[Example], layer: int, neurons: list[int],
-                      intervention: Intervention, engine: str = "fast", batch_size: int | None = None,
+def sweep_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
+                         engine: str = "fast", batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Log-prob and greedy flag of every request (columns) with each neuron of `intervention` applied
+    alone (rows, in the intervention's order)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
+    return ENGINES[engine](model, tokenizer, encoded, layer, intervention, batch_size=batch_size)
+
+
+def sweep_correctness(model, tokenizer, examples: list[Example], layer: int, intervention: Intervention,
+                      engine: str = "fast", batch_size: int | None = None,
                       encoded: list[Encoded] | None = None) -> np.ndarray:
     """neurons x examples correctness (1, 0, NaN for non-finite logits) of single-neuron interventions."""
     encoded = encoded or encode_examples(tokenizer, examples)
-    logprob, greedy = sweep_loglikelihoods(model, tokenizer, encoded, layer, neurons, intervention, engine,
-                                           batch_size)
+    logprob, greedy = sweep_loglikelihoods(model, tokenizer, encoded, layer, intervention, engine, batch_size)
     return np.stack([correctness(examples, lp, g) for lp, g in zip(logprob, greedy)])

@@ -1,8 +1,13 @@
-"""Zero-shot tasks as lm-evaluation-harness builds them (SPEC §3).
+"""Zero-shot tasks as lm-evaluation-harness builds them, and their fixed-seed partitions.
 
 Each document becomes an `Example`: one (context, continuation) request per choice, the gold label
-and the metric. Built-in tasks come from the Hub or from `--data_dir DIR/<task>/<split>.jsonl` in the
-Hub dataset's schema; a `.jsonl` path is a custom task of {"context", "choices", "label"} lines.
+and the metric (lm-eval's prompt text, target delimiter and metric for each built-in task). Built-in
+tasks come from the Hub or from `--data_dir DIR/<task>/<split>.jsonl` in the Hub dataset's schema; a
+`.jsonl` path is a custom task of {"context", "choices", "label"} lines (metric acc, each choice
+appended to the context verbatim).
+
+Every pool is shuffled with a fixed seed: its first half is the *discovery* partition (step 1), the
+second the *held-out* partition (step 2), so no step evaluates on the examples another selected on.
 """
 
 from __future__ import annotations
@@ -13,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cli import UsageError
+from .errors import UsageError
 from .results_io import read_jsonl
 
 PARTITION_SEED = 1234  # fixed, independent of --seed: the discovery/held-out split never moves
-DEFAULT_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,7 @@ class Example:
 @dataclass
 class Task:
     name: str
-    metric: str
     examples: list[Example]
-    source: str
 
 
 def _multiple_choice(context: str, choices: list[str]) -> tuple:
@@ -132,7 +134,7 @@ def _builtin_task(name: str, data_dir: str | None) -> Task:
         examples.append(Example(name, doc_id, requests, choices, label, spec.metric))
     if not examples:
         raise UsageError(f"task {name} ({source}) has no documents")
-    return Task(name, spec.metric, examples, source=source)
+    return Task(name, examples)
 
 
 def _custom_task(path: Path) -> Task:
@@ -152,7 +154,7 @@ def _custom_task(path: Path) -> Task:
                              f"[non-empty str, ...], \"label\": int index into choices}}")
         requests = tuple((context, c) for c in choices)
         examples.append(Example(name, doc_id, requests, tuple(choices), label, "acc"))
-    return Task(name, "acc", examples, source=str(path))
+    return Task(name, examples)
 
 
 def load_task(name_or_path: str, data_dir: str | None = None) -> Task:

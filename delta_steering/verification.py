@@ -1,76 +1,79 @@
-"""Step 3: steered configurations evaluated on IFEval (greedy generation) and Pile perplexity,
-each compared with the baseline on the same prompts."""
+"""Step 3: steered configurations evaluated on IFEval (greedy generation) and Pile perplexity, each
+compared with the baseline on the same prompts."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from .artifacts import Discovery, delta_sensitive
 from .generation import generate_greedy
 from .ifeval import METRICS, score_responses
+from .intervention import NO_STEERING, Intervention
 from .perplexity import perplexity
-from .stats import BOOTSTRAP_RESAMPLES
-from .steering import steer
+from .stats import bootstrap_indices, compare
+from .steering import install
+
+MODES = ("combined", "cluster_ablation", "layer_ablation")
+DESCRIPTION = (
+    "Step 3, verification: each configuration (a neuron set steered by `factor` or ablated, at a layer) and the "
+    "baseline on the same IFEval prompts (greedy generation) and Pile documents. IFEval metrics in percent; "
+    "accuracy = the ifeval_metric; delta = accuracy - baseline (points), ci95 = paired bootstrap 95% CI of delta "
+    "over prompts, p_value = exact sign test over the prompts whose score changed; perplexity = exp(mean token "
+    "NLL) on the evaluation Pile documents, perplexity_delta = perplexity - baseline's. factor_source: "
+    "command-line, step2-confirmed, or step2-unconfirmed (step 2's selection-best factor, not confirmed).")
+FACTOR_SOURCES = {"command-line": "given with --factor",
+                  "step2-confirmed": "step 2's High Impact factor, confirmed on its confirmation half",
+                  "step2-unconfirmed": "step 2's selection-best High Impact factor, NOT confirmed on its "
+                                       "confirmation half"}
 
 
 @dataclass(frozen=True)
 class Configuration:
-    """A named intervention: `neurons` of `layer` multiplied by `factor` (none for the baseline)."""
+    """A named intervention at one layer (none for the baseline)."""
 
     name: str
     layer: int | None = None
-    neurons: tuple[int, ...] = ()
-    factor: float = 1.0
-    description: str = ""
+    intervention: Intervention = NO_STEERING
+    description: str = "no steering"
 
     def install(self, model):
-        return steer(model, self.layer, list(self.neurons), self.factor) if self.neurons else _NoSteering()
+        return install(model, self.layer, self.intervention)
 
 
-class _NoSteering:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None
+BASELINE = Configuration("baseline")
 
 
-BASELINE = Configuration("baseline", description="no steering")
-
-
-def neuron_sets(step1: dict, n_delta_neurons: int, seed: int) -> tuple[dict[str, list[int]], list[str]]:
-    """Delta-sensitive (step 1's High Impact, else its top 20), random (same size, disjoint, seeded) and
-    high-variance (same size, top delta variance) sets, plus warnings to print."""
-    from .discovery import impact_groups
-
+def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict[str, list[int]], list[str]]:
+    """Delta-sensitive (step 1's High Impact group, else its top 20), random (same size, disjoint,
+    seeded) and high-variance (same size, top delta variance) sets, plus warnings to print."""
     warnings = []
-    sensitive = impact_groups(step1)["high_impact"]
-    if not sensitive:
-        ranked = [r for r in step1["all_neuron_impacts"] if r["impact"] is not None]
-        sensitive = sorted(r["neuron"] for r in ranked[:20])
+    sensitive = delta_sensitive(step1.records, step1.groups)
+    if not step1.groups["high_impact"]:
         warnings.append(f"step 1 found no High Impact neuron (impact > 2); using its top {len(sensitive)} by impact")
     others = np.array(sorted(set(range(n_delta_neurons)) - set(sensitive)))
     rng = np.random.default_rng(seed)
     random_set = sorted(int(i) for i in rng.choice(others, size=min(len(sensitive), len(others)), replace=False))
-    variance_rank = step1.get("high_variance_neurons") or []
-    if not variance_rank:
-        warnings.append("step-1 file has no high_variance_neurons: the high-variance set is skipped")
-    sets = {"delta_sensitive": sensitive, "random": random_set, "high_variance": sorted(variance_rank[: len(sensitive)])}
+    sets = {"delta_sensitive": sensitive, "random": random_set,
+            "high_variance": sorted(step1.variance_ranking[: len(sensitive)])}
     return {k: v for k, v in sets.items() if v}, warnings
 
 
-def configurations(mode: str, sets: dict[str, list[int]], layer: int, layers: list[int], factor: float) -> list[Configuration]:
-    """The configurations a mode runs, baseline first."""
+def configurations(mode: str, sets: dict[str, list[int]], layer: int, layers: list[int], factor: float,
+                   ablation: str, dt_pre_mean: list[float]) -> list[Configuration]:
+    """The configurations a mode runs, baseline first. Cluster ablation removes each set as step 1
+    removed single neurons (zero or mean ablation)."""
     if mode == "combined":
-        return [BASELINE] + [Configuration(f"{k}_L{layer}", layer, tuple(v), factor, f"{k} x{factor:g} at layer {layer}")
-                             for k, v in sets.items()]
+        return [BASELINE] + [Configuration(f"{k}_L{layer}", layer, Intervention.scale(v, factor),
+                                           f"{k} x{factor:g} at layer {layer}") for k, v in sets.items()]
     if mode == "cluster_ablation":
-        return [BASELINE] + [Configuration(f"ablate_{k}_L{layer}", layer, tuple(v), 0.0, f"{k} ablated at layer {layer}")
-                             for k, v in sets.items()]
+        return [BASELINE] + [Configuration(f"ablate_{k}_L{layer}", layer, Intervention.ablation(ablation, v, dt_pre_mean),
+                                           f"{k} {ablation}-ablated at layer {layer}") for k, v in sets.items()]
     if mode == "layer_ablation":
-        sensitive = tuple(sets["delta_sensitive"])
-        return [BASELINE] + [Configuration(f"delta_sensitive_L{l}", l, sensitive, factor,
+        sensitive = sets["delta_sensitive"]
+        return [BASELINE] + [Configuration(f"delta_sensitive_L{l}", l, Intervention.scale(sensitive, factor),
                                            f"delta_sensitive x{factor:g} at layer {l}") for l in layers]
     raise ValueError(f"unknown mode {mode!r}")
 
@@ -89,8 +92,6 @@ class Outcome:
 def run_configuration(model, tokenizer, configuration: Configuration, prompts: list[dict], texts: list[str] | None,
                       max_new_tokens: int, batch_size: int | None) -> Outcome:
     """Generate for every prompt with the configuration's steering active, score, measure perplexity."""
-    import time
-
     started = time.time()
     with configuration.install(model):
         responses = generate_greedy(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens, batch_size,
@@ -99,7 +100,7 @@ def run_configuration(model, tokenizer, configuration: Configuration, prompts: l
     return Outcome(responses, score_responses(prompts, responses), ppl, round(time.time() - started, 2))
 
 
-def _per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Numerator and denominator per prompt of an IFEval metric (prompt- or instruction-level)."""
     kind = "strict" if "strict" in metric else "loose"
     rows = scores["per_prompt"]
@@ -108,28 +109,19 @@ def _per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarra
     return np.array([float(sum(r[kind])) for r in rows]), np.array([float(len(r[kind])) for r in rows])
 
 
-def ifeval_delta_ci(base: dict, other: dict, metric: str, seed: int, level: float = 0.95) -> list[float]:
-    """Paired bootstrap (over prompts) CI of the change of an IFEval metric, in points."""
-    b_num, den = _per_prompt_counts(base, metric)
-    o_num, _ = _per_prompt_counts(other, metric)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(den), size=(BOOTSTRAP_RESAMPLES, len(den)))
-    totals = den[idx].sum(1)
-    diffs = 100.0 * (o_num[idx].sum(1) - b_num[idx].sum(1)) / totals
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(diffs, [alpha, 1 - alpha])
-    return [round(float(lo), 4), round(float(hi), 4)]
-
-
 def entry(c: Configuration, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
-    """One configuration of the results JSON: the four metrics, accuracy, delta with CI, perplexity."""
+    """One configuration of the results JSON: the four metrics, accuracy, Δ with paired bootstrap CI
+    (over prompts) and sign test, perplexity."""
     metrics = {m: round(outcome.scores["metrics"][m], 4) for m in METRICS}
-    accuracy, base_accuracy = metrics[metric], round(baseline.scores["metrics"][metric], 4)
+    base_counts, totals = per_prompt_counts(baseline.scores, metric)
+    counts, _ = per_prompt_counts(outcome.scores, metric)
+    indices = bootstrap_indices(np.zeros(len(totals)), seed=seed)
+    change = compare(base_counts, counts, indices, totals=totals)
     ppl, base_ppl = outcome.perplexity, baseline.perplexity
     return {
-        "name": c.name, "description": c.description, "layer": c.layer, "factor": c.factor if c.neurons else None,
-        "neurons": list(c.neurons), **metrics, "accuracy": accuracy, "delta": round(accuracy - base_accuracy, 4),
-        "ci95": ifeval_delta_ci(baseline.scores, outcome.scores, metric, seed),
+        "name": c.name, "description": c.description, "layer": c.layer,
+        "factor": c.intervention.factors[0] if c.intervention.kind == "scale" else None,
+        "neurons": list(c.intervention.neurons), **metrics, "accuracy": metrics[metric], **change,
         "perplexity": ppl, "perplexity_delta": None if ppl is None or base_ppl is None else ppl - base_ppl,
         "num_prompts": outcome.scores["num_prompts"], "seconds": outcome.seconds,
     }
@@ -140,12 +132,6 @@ def response_rows(outcome: Outcome) -> list[dict]:
     return [{"key": r["key"], "prompt": r["prompt"], "response": r["response"], "instructions": r["instructions"],
              "strict": r["strict"], "loose": r["loose"], "follow_all_strict": r["follow_all_strict"],
              "follow_all_loose": r["follow_all_loose"]} for r in outcome.scores["per_prompt"]]
-
-
-FACTOR_SOURCES = {"command-line": "given with --factor",
-                  "step2-confirmed": "step 2's High Impact factor, confirmed on its confirmation half",
-                  "step2-unconfirmed": "step 2's selection-best High Impact factor, NOT confirmed on its "
-                                       "confirmation half"}
 
 
 def best_configuration(entries: list[dict]) -> dict | None:
@@ -170,5 +156,5 @@ def print_summary(title: str, entries: list[dict], metric: str, factor: float, f
         print(f"  {experiment:<16} {e['name']:<34} {e['accuracy']:8.2f} {delta:>16} {ci:>17} {ppl:>10}{flag}")
     if best is None:
         print("  no configuration beats the baseline (no 95% CI of the gain lies above 0)")
-    if any(e["neurons"] and e["factor"] != 0 for e in entries):
+    if any(e["factor"] not in (None, 0) for e in entries):
         print(f"  factor x{factor:g}: {FACTOR_SOURCES.get(factor_source, factor_source)}")

@@ -11,7 +11,7 @@ import pytest
 
 from delta_steering.cli import UsageError
 from delta_steering.distributed import Workers, parse_shard, read_shards, start_workers, write_shard
-from scripts import interrupting, run_main
+from scripts import interrupting, run_main, step1_file
 from test_step3 import PROMPTS
 from tiny import near_tie_task
 
@@ -120,15 +120,15 @@ def test_step1_shards_merge_to_one_process(step1_setup, step1_single):
 
 
 def test_step1_shard_resumes_from_its_own_checkpoint(step1_setup, step1_single, tmp_path, monkeypatch):
-    import step1_neuron_discovery as step1_script
+    from delta_steering import sweep
 
     root, common = step1_setup
-    real = step1_script.sweep_correctness
-    monkeypatch.setattr(step1_script, "sweep_correctness", interrupting(real, on_call=2))
+    real = sweep.sweep_correctness
+    monkeypatch.setattr(sweep, "sweep_correctness", interrupting(real, on_call=2))
     assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", "1/2")) == 130
     saved = json.loads((tmp_path / "step1_checkpoint.1of2.json").read_text())
     assert sorted(int(n) for done in saved["done"].values() for n in done) == list(range(8, 16))  # chunk 1 of 1, 3
-    monkeypatch.setattr(step1_script, "sweep_correctness", real)
+    monkeypatch.setattr(sweep, "sweep_correctness", real)
     for shard in ("1/2", "0/2"):
         assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", shard)) == 0
     assert not list(tmp_path.glob("step1_checkpoint*"))
@@ -172,10 +172,8 @@ def step3_setup(tiny_model_dir, tmp_path_factory, punkt):
     root = tmp_path_factory.mktemp("distributed-step3")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"key": k, "prompt": p, "instruction_id_list": i,
                                                             "kwargs": kw}) + "\n" for k, p, i, kw in PROMPTS))
-    impacts = [{"neuron": n, "impact": 3.0 + n} for n in range(4)] + [{"neuron": n, "impact": 0.1} for n in range(4, 32)]
-    (root / "step1.json").write_text(json.dumps({"all_neuron_impacts": impacts, "layer": 20,
-                                                 "model": str(tiny_model_dir),
-                                                 "high_variance_neurons": list(range(31, -1, -1))}))
+    impacts = {**{n: 3.0 + n for n in range(4)}, **{n: 0.1 for n in range(4, 32)}}
+    step1_file(root / "step1.json", impacts, 20, tiny_model_dir, 32, variance=[float(n) for n in range(32)])
     (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
     argv = ["--model", tiny_model_dir, "--device", "cpu", "--neurons_file", root / "step1.json", "--factor", "5",
             "--ifeval_path", root / "prompts.jsonl", "--num_samples", "5", "--max_new_tokens", "16",

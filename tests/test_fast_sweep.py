@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from delta_steering.fast_sweep import (attribution, attribution_estimates, context_groups, estimated_correctness,
-                                       estimated_impacts, fast_loglikelihoods, request_scores)
-from delta_steering.scoring import correctness, encode_examples, loglikelihoods, pad_batch
-from delta_steering.steering import delta_statistics, steer
-from delta_steering.sweep import Intervention, sweep_correctness, sweep_loglikelihoods
+from delta_steering.attribution import attribution, estimated_correctness, estimated_impacts, request_scores
+from delta_steering.batching import pad_batch
+from delta_steering.delta_stats import delta_statistics
+from delta_steering.fast_sweep import context_groups, fast_loglikelihoods
+from delta_steering.intervention import Intervention
+from delta_steering.scoring import correctness, encode_examples, loglikelihoods
+from delta_steering.steering import steer
+from delta_steering.sweep import sweep_correctness, sweep_loglikelihoods
 from delta_steering.tasks import Example
 from tiny import make_model
 
@@ -61,9 +64,17 @@ def means(tiny_model, tokenizer):
             for layer in LAYERS}
 
 
-def interventions(means, layer):
-    return {"zero": Intervention("scale", 0.0), "scale": Intervention("scale", 3.0),
-            "mean": Intervention("mean", 0.0, means[layer])}
+ALL = list(range(32))
+
+
+def interventions(means, layer, neurons=NEURONS):
+    return {"zero": Intervention.scale(neurons, 0.0), "scale": Intervention.scale(neurons, 3.0),
+            "mean": Intervention.ablation("mean", neurons, means[layer])}
+
+
+def attribution_estimates(model, tokenizer, examples, encoded, layer, factor):
+    """(delta neurons, requests): the estimated score change of every neuron scaled alone by `factor`."""
+    return attribution(model, tokenizer, examples, encoded, layer, Intervention.scale(ALL, factor)).delta
 
 
 def test_shared_contexts_are_found(encoded):
@@ -75,10 +86,8 @@ def test_shared_contexts_are_found(encoded):
 @pytest.mark.parametrize("kind", ["zero", "scale", "mean"])
 def test_fast_equals_naive(tiny_model, tokenizer, examples, encoded, means, layer, kind):
     intervention = interventions(means, layer)[kind]
-    naive_lp, naive_greedy = sweep_loglikelihoods(tiny_model, tokenizer, encoded, layer, NEURONS, intervention,
-                                                  engine="naive")
-    fast_lp, fast_greedy = sweep_loglikelihoods(tiny_model, tokenizer, encoded, layer, NEURONS, intervention,
-                                                engine="fast")
+    naive_lp, naive_greedy = sweep_loglikelihoods(tiny_model, tokenizer, encoded, layer, intervention, engine="naive")
+    fast_lp, fast_greedy = sweep_loglikelihoods(tiny_model, tokenizer, encoded, layer, intervention, engine="fast")
     assert fast_lp.shape == fast_greedy.shape == (len(NEURONS), len(encoded))
     np.testing.assert_allclose(fast_lp, naive_lp, rtol=0, atol=1e-4)
     np.testing.assert_array_equal(fast_greedy, naive_greedy)
@@ -89,17 +98,17 @@ def test_fast_equals_naive(tiny_model, tokenizer, examples, encoded, means, laye
 
 
 def test_sweep_correctness_identical(tiny_model, tokenizer, examples):
-    intervention = Intervention("scale", 0.0)
-    naive = sweep_correctness(tiny_model, tokenizer, examples, 20, NEURONS, intervention, engine="naive")
-    fast = sweep_correctness(tiny_model, tokenizer, examples, 20, NEURONS, intervention, engine="fast")
+    intervention = Intervention.scale(NEURONS, 0.0)
+    naive = sweep_correctness(tiny_model, tokenizer, examples, 20, intervention, engine="naive")
+    fast = sweep_correctness(tiny_model, tokenizer, examples, 20, intervention, engine="fast")
     np.testing.assert_array_equal(fast, naive)
 
 
 def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, tokenizer, encoded):
-    intervention = Intervention("scale", 0.0)
-    reference_lp, reference_greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, NEURONS, intervention)
+    intervention = Intervention.scale(NEURONS, 0.0)
+    reference_lp, reference_greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, intervention)
     for batch_size, share in [(2, True), (5, False), (None, False)]:
-        lp, greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, NEURONS, intervention, batch_size,
+        lp, greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, intervention, batch_size,
                                          share_contexts=share)
         np.testing.assert_allclose(lp, reference_lp, rtol=0, atol=1e-4)
         np.testing.assert_array_equal(greedy, reference_greedy)
@@ -110,16 +119,16 @@ def test_fast_equals_naive_in_half_precision(tokenizer, encoded, dtype):
     """Half-precision weights (the scan and the rank-1 correction stay in float32): agreement to
     half-precision rounding, identical greedy flags."""
     model = make_model(tokenizer).to(dtype)
-    intervention = Intervention("scale", 0.0)
-    naive_lp, naive_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 20, NEURONS, intervention, engine="naive")
-    fast_lp, fast_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 20, NEURONS, intervention, engine="fast")
+    intervention = Intervention.scale(NEURONS, 0.0)
+    naive_lp, naive_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 20, intervention, engine="naive")
+    fast_lp, fast_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 20, intervention, engine="fast")
     np.testing.assert_allclose(fast_lp, naive_lp, rtol=2e-3, atol=1e-2)
     np.testing.assert_array_equal(fast_greedy, naive_greedy)
 
 
 def test_fast_reports_non_finite_logits_as_nan(tiny_model, tokenizer, encoded):
-    lp, greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, [3], Intervention("scale", float("inf")))
-    naive_lp, _ = sweep_loglikelihoods(tiny_model, tokenizer, encoded, 20, [3], Intervention("scale", float("inf")),
+    lp, greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, Intervention.scale([3], float("inf")))
+    naive_lp, _ = sweep_loglikelihoods(tiny_model, tokenizer, encoded, 20, Intervention.scale([3], float("inf")),
                                        engine="naive")
     np.testing.assert_array_equal(np.isnan(lp), np.isnan(naive_lp))
     assert not greedy[np.isnan(lp)].any()
@@ -127,11 +136,11 @@ def test_fast_reports_non_finite_logits_as_nan(tiny_model, tokenizer, encoded):
 
 def test_fast_checks_its_arguments(tiny_model, tokenizer, encoded):
     with pytest.raises(ValueError, match="out of range"):
-        fast_loglikelihoods(tiny_model, tokenizer, encoded, 24, [0], Intervention())
+        fast_loglikelihoods(tiny_model, tokenizer, encoded, 24, Intervention.scale([0], 0.0))
     with pytest.raises(ValueError, match="out of range"):
-        fast_loglikelihoods(tiny_model, tokenizer, encoded, 0, [32], Intervention())
+        fast_loglikelihoods(tiny_model, tokenizer, encoded, 0, Intervention.scale([32], 0.0))
     with pytest.raises(ValueError, match="mean"):
-        fast_loglikelihoods(tiny_model, tokenizer, encoded, 0, [1], Intervention("mean"))
+        fast_loglikelihoods(tiny_model, tokenizer, encoded, 0, Intervention.ablation("mean", [1]))
 
 
 # --- attribution --------------------------------------------------------------------------------
@@ -151,11 +160,9 @@ def test_attribution_matches_finite_differences(tiny_model, tokenizer, examples,
     """For a factor near 1 the first-order estimate is the exact change up to O(eps^2)."""
     examples = mc_only(examples)
     encoded = encode_examples(tokenizer, examples)
-    neurons = list(range(32))
     base, _ = loglikelihoods(tiny_model, tokenizer, encoded)
-    intervention = Intervention("scale", 1.01)
-    exact = fast_loglikelihoods(tiny_model, tokenizer, encoded, layer, neurons, intervention)[0] - base
-    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, layer, intervention)
+    exact = fast_loglikelihoods(tiny_model, tokenizer, encoded, layer, Intervention.scale(ALL, 1.01))[0] - base
+    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, layer, 1.01)
     assert estimate.shape == (32, len(encoded))
     assert np.linalg.norm(exact) > 1e-3
     assert np.linalg.norm(estimate - exact) < 0.1 * np.linalg.norm(exact)
@@ -166,21 +173,20 @@ def test_attribution_ranks_small_steering_effects(tiny_model, tokenizer, example
     examples = mc_only(examples)
     encoded = encode_examples(tokenizer, examples)
     base, _ = loglikelihoods(tiny_model, tokenizer, encoded)
-    intervention = Intervention("scale", 0.9)
-    exact = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, list(range(32)), intervention)[0] - base
-    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, 20, intervention)
+    exact = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, Intervention.scale(ALL, 0.9))[0] - base
+    estimate = attribution_estimates(tiny_model, tokenizer, examples, encoded, 20, 0.9)
     assert spearman(estimate, exact) > 0.9
 
 
 def test_mean_ablation_estimate_is_the_zero_ablation_one_for_zero_means(tiny_model, tokenizer, examples, encoded):
-    zero = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("scale", 0.0))
-    mean = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("mean", 0.0, (0.0,) * 32))
+    zero = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention.scale(ALL, 0.0))
+    mean = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention.ablation("mean", ALL, [0.0] * 32))
     np.testing.assert_allclose(mean.delta, zero.delta, rtol=1e-6, atol=1e-9)
 
 
 def test_greedy_margin_gradient(tiny_model, tokenizer, examples, encoded):
     """Greedy examples are scored by their greedy margin; its estimate matches a finite difference."""
-    att = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("scale", 1.01))
+    att = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention.scale(ALL, 1.01))
     rows = [r for r, kind in enumerate(att.kinds) if kind == "margin"]
     items = [encoded[r] for r in rows]
     ids, lengths = pad_batch(items, 0, "cpu")
@@ -199,7 +205,7 @@ def test_greedy_margin_gradient(tiny_model, tokenizer, examples, encoded):
 
 
 def test_estimated_impacts(tiny_model, tokenizer, examples, encoded):
-    att = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention("scale", 0.0))
+    att = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention.scale(ALL, 0.0))
     predicted = estimated_correctness(examples, att)
     assert predicted.shape == (32, len(examples))
     base_lp, base_greedy = loglikelihoods(tiny_model, tokenizer, encoded)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from delta_steering.stats import benjamini_hochberg, bootstrap_indices, paired_ci, sign_test, spearman
+from delta_steering.stats import benjamini_hochberg, bootstrap_indices, compare, sign_test, spearman
 
 
 def test_bootstrap_keeps_tasks_and_is_seeded():
@@ -20,13 +20,30 @@ def test_paired_ci_brackets_the_observed_difference_and_matches_manual_loop():
     other = np.where(rng.random(200) < 0.2, 1 - base, base)
     weights = np.full(200, 100 / 200)
     idx = bootstrap_indices(np.zeros(200), resamples=400, seed=1)
-    lo, hi = paired_ci(base, other, weights, idx)
+    result = compare(base, other, idx, weights)
+    lo, hi = result["ci95"]
     manual = [((other - base) * weights)[row].sum() for row in idx]
     assert lo == pytest.approx(np.quantile(manual, 0.025), abs=1e-4)
     assert hi == pytest.approx(np.quantile(manual, 0.975), abs=1e-4)
     assert lo <= 100 * (other - base).mean() <= hi
-    assert paired_ci(base, base, weights, idx) == [0.0, 0.0]
-    assert paired_ci(base, np.full(200, np.nan), weights, idx) is None
+    assert result["delta"] == pytest.approx(100 * (other - base).mean(), abs=1e-4)
+    assert result["p_value"] == sign_test(base, other)
+    assert compare(base, base, idx, weights) == {"delta": 0.0, "ci95": [0.0, 0.0], "p_value": 1.0}
+    assert compare(base, np.full(200, np.nan), idx, weights) == {"delta": None, "ci95": None, "p_value": None}
+
+
+def test_compare_as_a_ratio_of_totals_matches_a_manual_loop():
+    rng = np.random.default_rng(2)
+    totals = rng.integers(1, 4, 50).astype(float)  # instructions per prompt
+    base = np.minimum(rng.integers(0, 4, 50), totals)
+    other = np.minimum(base + rng.integers(0, 2, 50), totals)
+    idx = bootstrap_indices(np.zeros(50), resamples=300, seed=5)
+    result = compare(base, other, idx, totals=totals)
+    manual = [100 * (other[row].sum() - base[row].sum()) / totals[row].sum() for row in idx]
+    assert result["ci95"] == pytest.approx(list(np.quantile(manual, [0.025, 0.975])), abs=1e-4)
+    assert result["delta"] == pytest.approx(100 * (other.sum() - base.sum()) / totals.sum(), abs=1e-4)
+    gained, lost = int((other > base).sum()), int((other < base).sum())
+    assert result["p_value"] == pytest.approx(scipy_stats.binomtest(lost, lost + gained, 0.5).pvalue)
 
 
 def test_sign_test_is_exact_binomial_on_changed_examples():

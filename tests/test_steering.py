@@ -1,12 +1,12 @@
 """`steer` against an explicit reference: a Mamba forward that calls `dt_proj` as a module, so a real
-forward hook on it scales the output channels exactly as SPEC §2 defines steering."""
+forward hook on it scales the output channels, which is what steering means."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from delta_steering import SteeringError, ablate, delta_statistics, steer, verify_steering_effect
-from delta_steering.steering import capture_dt_pre
+from delta_steering.sites import capture_dt_pre
 
 
 def reference_mixer(mixer, hidden):
@@ -62,7 +62,7 @@ def test_forward_hook_on_dt_proj_never_fires_in_transformers(tiny_model, probe_i
         tiny_model(probe_ids)
     finally:
         handle.remove()
-    assert calls == []  # the pitfall of SPEC §2: why steering goes through the weights
+    assert calls == []  # the pitfall that decides the design: why steering goes through the weights
 
 
 @pytest.mark.parametrize("layer", [0, 11, 20, 23])

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import step1_neuron_discovery as step1_script
 from delta_steering.scoring import evaluate, summarize
 from delta_steering.tasks import load_examples
 from mamba_model_loader import load_mamba_model
@@ -89,13 +88,15 @@ def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, p
 
 def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, task_file, pile_file, tmp_path,
                                                     monkeypatch):
-    real = step1_script.sweep_correctness
-    monkeypatch.setattr(step1_script, "sweep_correctness", interrupting(real, on_call=2))
+    from delta_steering import sweep
+
+    real = sweep.sweep_correctness
+    monkeypatch.setattr(sweep, "sweep_correctness", interrupting(real, on_call=2))
     run = ("--neurons", "0-19", "--engine", "naive", "--chunk_neurons", "16")
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 130
     saved = json.loads((tmp_path / "step1_checkpoint.json").read_text())
     assert len([n for done in saved["done"].values() for n in done]) == 16 and not (tmp_path / "out.json").exists()
-    monkeypatch.setattr(step1_script, "sweep_correctness", real)
+    monkeypatch.setattr(sweep, "sweep_correctness", real)
     # a different layer must not silently reuse the checkpoint
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "22") == 2
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 0
@@ -163,7 +164,7 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
     p_values = [r["p_value"] if r["measured"] else 1.0 for r in records]
     assert [r["q_value"] for r in records] == benjamini_hochberg(p_values)
     unmeasured = {r["neuron"] for r in records if not r["measured"]}
-    assert not unmeasured & set(result["beneficial_neurons"] + result["neutral_neurons"] + result["high_impact_neurons"])
+    assert not unmeasured & set(result["beneficial_neurons"] + result["groups"]["neutral"] + result["groups"]["high_impact"])
     assert "spearman_margin_loss" in result
 
 

@@ -14,7 +14,7 @@ from delta_steering.factors import group_result, mark, selection_best, selection
 from delta_steering.scoring import evaluate, summarize
 from delta_steering.tasks import Example, load_examples
 from mamba_model_loader import load_mamba_model
-from scripts import interrupting, run_main
+from scripts import interrupting, run_main, step1_file
 from conftest import ROOT
 from tiny import scaled_rows
 
@@ -28,11 +28,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("step2")
     model, tokenizer = load_mamba_model(str(DEMO), "cpu")
     task = DEMO / "demo_data" / "ifeval_format.jsonl"
-    impacts = [{"neuron": n, "impact": 3.0 + n} for n in HIGH] + [{"neuron": n, "impact": 0.5 - n / 10} for n in NEUTRAL]
-    impacts.append({"neuron": 10, "impact": -5.0})
-    step1 = {"beneficial_neurons": HIGH + NEUTRAL, "baseline_accuracy": 50.0, "criterion": "impact >= -2.0%",
-             "all_neuron_impacts": impacts, "layer": LAYER, "model": str(DEMO), "tasks": [str(task)]}
-    (root / "step1.json").write_text(json.dumps(step1))
+    impacts = {**{n: 3.0 + n for n in HIGH}, **{n: 0.5 - n / 10 for n in NEUTRAL}, 10: -5.0}
+    step1_file(root / "step1.json", impacts, LAYER, DEMO, 128, tasks=[task])
     pile = root / "pile.txt"
     pile.write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France, they say.\n\n"
                     "A man is sitting on a roof.\n\nWrite a poem about the sea.\n")
@@ -123,7 +120,8 @@ def test_when_every_factor_loses_the_baseline_is_kept():
     optimal = group["optimal"]
     assert optimal["factor"] == 1.0 and not optimal["beats_baseline"] and optimal["confirmation"] is None
     assert optimal["selection_best_factor"] == 2.0 and optimal["selection"]["delta"] < 0
-    from delta_steering.factors import steering_factor, verdict
+    from delta_steering.artifacts import steering_factor
+    from delta_steering.factors import verdict
 
     assert steering_factor(optimal) == (2.0, "step2-unconfirmed")
     assert verdict("High Impact", optimal, 20).startswith("no factor beats the baseline for the High Impact group")
@@ -188,17 +186,17 @@ def test_importance_ranking_and_perplexity(setup, result):
 
 
 def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch, capsys):
-    import step2_steering_factor_determination as step2_script
+    from delta_steering import scoring
 
-    real = step2_script.evaluate
-    monkeypatch.setattr(step2_script, "evaluate", interrupting(real, on_call=3))  # baseline, a factor, stop
+    real = scoring.evaluate
+    monkeypatch.setattr(scoring, "evaluate", interrupting(real, on_call=3))  # baseline, a factor, stop
     run = ("--perplexity_ablation", "--perplexity_layers", "19,20", "--pile_path", setup["pile"], "--engine", "naive")
     step1_file = tmp_path / "step1.json"
     step1_file.write_text(setup["step1"].read_text())
     assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 130
     saved = json.loads((tmp_path / "step2_checkpoint.json").read_text())
-    assert list(saved["done"]) == [repr(("factor", "high_impact", 0.5))]
-    monkeypatch.setattr(step2_script, "evaluate", real)
+    assert list(saved["done"]) == ["factor/high_impact/0.5"]
+    monkeypatch.setattr(scoring, "evaluate", real)
     assert step2(setup, tmp_path, *run, "--factors", "0.5,2", neurons_file=step1_file) == 2  # other arguments
     step1_file.write_text(setup["step1"].read_text() + "\n")
     capsys.readouterr()

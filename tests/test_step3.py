@@ -7,7 +7,7 @@ import pytest
 
 from delta_steering.ifeval import METRICS
 from delta_steering.verification import BASELINE, neuron_sets
-from scripts import interrupting, run_main
+from scripts import interrupting, run_main, step1_file
 
 pytestmark = pytest.mark.usefixtures("punkt")
 
@@ -27,12 +27,10 @@ def files(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("step3")
     (root / "prompts.jsonl").write_text("".join(json.dumps({"key": k, "prompt": p, "instruction_id_list": i,
                                                             "kwargs": kw}) + "\n" for k, p, i, kw in PROMPTS))
-    impacts = [{"neuron": n, "impact": 3.0 + n} for n in HIGH] + [{"neuron": n, "impact": 0.1} for n in range(4, 32)]
+    impacts = {**{n: 3.0 + n for n in HIGH}, **{n: 0.1 for n in range(4, 32)}}
     variance = [float((7 * n) % 32) for n in range(32)]
-    step1 = {"all_neuron_impacts": impacts, "layer": 20, "model": str(tiny_model_dir), "delta_variance": variance,
-             "high_variance_neurons": sorted(range(32), key=lambda n: -variance[n])}
-    (root / "step1.json").write_text(json.dumps(step1))
-    (root / "step2.json").write_text(json.dumps({"optimal_factors": {
+    step1_file(root / "step1.json", impacts, 20, tiny_model_dir, 32, variance=variance)
+    (root / "step2.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {
         "high_impact": {"factor": 5.0, "beats_baseline": True, "selection_best_factor": 5.0, "confirmed": True},
         "neutral": {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 0.5, "confirmed": False}}}))
     (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
@@ -80,14 +78,14 @@ def test_both_writes_cluster_and_layer_results_with_every_field(both):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both, tmp_path, monkeypatch):
-    import step3_steer_performance_verification as step3_script
+    from delta_steering import verification
 
-    real = step3_script.run_configuration
-    monkeypatch.setattr(step3_script, "run_configuration", interrupting(real, on_call=2))
+    real = verification.run_configuration
+    monkeypatch.setattr(verification, "run_configuration", interrupting(real, on_call=2))
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 130
     saved = json.loads((tmp_path / "step3_checkpoint.json").read_text())
-    assert list(saved["done"]) == [repr(BASELINE)] and len(saved["done"][repr(BASELINE)]["baseline"]["responses"]) == 5
-    monkeypatch.setattr(step3_script, "run_configuration", real)
+    assert list(saved["done"]) == [BASELINE.name] and len(saved["done"][BASELINE.name]["baseline"]["responses"]) == 5
+    monkeypatch.setattr(verification, "run_configuration", real)
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 0
     for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
         resumed, whole = (json.loads((d / name).read_text()) for d in (tmp_path, both))
@@ -107,15 +105,17 @@ def test_combined_is_the_default_mode(tiny_model_dir, files, tmp_path):
     assert result["factor"] == 2.0 and result["factor_source"] == "command-line"
 
 
-def test_neuron_sets():
-    step1 = {"all_neuron_impacts": [{"neuron": n, "impact": 5.0 - n} for n in range(10)],
-             "high_variance_neurons": [9, 8, 7, 6, 5, 4, 3, 2, 1, 0]}
+def test_neuron_sets(tmp_path):
+    from delta_steering.artifacts import read_discovery
+
+    impacts = {n: 5.0 - n for n in range(10)}
+    step1 = read_discovery(step1_file(tmp_path / "a.json", impacts, 0, "m", 10, variance=[float(n) for n in range(10)]))
     sets, warnings = neuron_sets(step1, 10, seed=0)
     assert sets["delta_sensitive"] == [0, 1, 2] and not warnings
     assert len(sets["random"]) == 3 and not set(sets["random"]) & {0, 1, 2}
     assert sets["random"] == neuron_sets(step1, 10, seed=0)[0]["random"]
     assert sets["high_variance"] == [7, 8, 9]
-    step1["all_neuron_impacts"] = [{"neuron": n, "impact": 1.0 - n} for n in range(30)]
+    step1 = read_discovery(step1_file(tmp_path / "b.json", {n: 1.0 - n for n in range(30)}, 0, "m", 40))
     sets, warnings = neuron_sets(step1, 40, seed=0)
     assert sets["delta_sensitive"] == list(range(20)) and "top 20" in warnings[0]
 
@@ -143,14 +143,14 @@ def test_score_responses_reproduces_gpt4_file(shared_data, tmp_path, capsys):
 def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "bad_prompts.jsonl").write_text('{"key": 1, "prompt": "x"}\n')
-    (tmp_path / "no_factor.json").write_text(json.dumps({"optimal_factors": {"high_impact": None}}))
+    (tmp_path / "no_factor.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": None}}))
     (tmp_path / "old_format.json").write_text(json.dumps({"optimal_factors": {"high_impact": 5.0}}))
     cases = [
         ({"--neurons_file": tmp_path / "missing.json"}, "missing.json"),
         ({"--factors_file": tmp_path / "missing2.json"}, "missing2.json"),
         ({"--neurons_file": tmp_path / "bad.json"}, "not valid JSON"),
         ({"--factors_file": tmp_path / "no_factor.json"}, "pass --factor"),
-        ({"--factors_file": tmp_path / "old_format.json"}, "pass --factor"),
+        ({"--factors_file": tmp_path / "old_format.json"}, "format_version"),
         ({"--ifeval_path": tmp_path / "bad_prompts.jsonl"}, "line 1"),
         ({"--layer": 24}, "--layer 24 out of range"),
         ({"--num_samples": 0}, "--num_samples must be at least 1"),
@@ -166,7 +166,7 @@ def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys
 
 def test_an_unconfirmed_step2_factor_is_used_and_said_so(tiny_model_dir, files, tmp_path, capsys):
     step2 = tmp_path / "unconfirmed.json"
-    step2.write_text(json.dumps({"optimal_factors": {"high_impact": {
+    step2.write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": {
         "factor": 1.0, "beats_baseline": False, "selection_best_factor": 3.0, "confirmed": False}}}))
     assert step3(tiny_model_dir, files, tmp_path, **{"--factors_file": step2, "--num_samples": 2,
                                                      "--max_new_tokens": 4}) == 0

@@ -1,0 +1,156 @@
+"""Attribution: a first-order estimate of every delta neuron's effect at once.
+
+One forward and one backward pass per example batch give d(score)/d(dt_pre) at layer L for every
+neuron and token; the estimated change of a request's score when neuron i alone is intervened on is
+`sum_t grad[i, t] * (dt_pre'[i, t] - dt_pre[i, t])`. Exact to first order in the change of dt_pre:
+good for factors near 1, a ranking heuristic for ablation, which is why step 1 re-measures the
+neurons it ranks first with the exact engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .batching import Encoded, pad_batch, request_batches, target_ids, target_mask, token_budget, gather_targets
+from .intervention import Intervention
+from .mixer import block_input, gated_scan, mixer_pieces, suffix
+from .scoring import choice_lengths, correctness, example_weights
+from .sites import check_layer, decoder_layers, num_delta_neurons
+from .tasks import Example
+
+
+@dataclass
+class Attribution:
+    """First-order estimates for every delta neuron of a layer.
+
+    Each request has a differentiable *score*: its summed target log-prob ("logprob", for acc and
+    acc_norm examples), or for greedy examples (lambada) its greedy margin ("margin"): the smallest,
+    over its target tokens, of logit(target) - max logit(other token), positive iff all are greedy.
+    `base` is each request's score without intervention and `delta[i, r]` the estimated change of
+    request r's score when neuron i alone is intervened on."""
+
+    base: np.ndarray  # (requests,)
+    delta: np.ndarray  # (delta neurons, requests)
+    kinds: tuple[str, ...]  # "logprob" or "margin", per request
+
+
+def request_scores(lm_head, hidden: Tensor, items: list[Encoded], lengths: list[int], kinds: list[str]) -> Tensor:
+    """Each request's score (see Attribution), differentiable; the LM head runs on target positions only."""
+    compact = gather_targets(hidden, items, lengths)
+    targets = target_ids(items, hidden.device)[:, None]
+    logits = lm_head(compact[target_mask(items, hidden.device)].to(lm_head.weight.dtype)).float()
+    logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0]
+    margin = logits.gather(-1, targets)[:, 0] - logits.scatter(-1, targets, -torch.inf).amax(-1)
+    sizes = [e.n_target for e in items]
+    scores = [lp.sum() if kind == "logprob" else m.min()
+              for lp, m, kind in zip(logprob.split(sizes), margin.split(sizes), kinds)]
+    return torch.stack(scores)
+
+
+def batch_gradient(model, layer: int, ids: Tensor, items: list[Encoded], lengths: list[int],
+                   kinds: list[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores of one example batch, and their gradient with respect to `dt_pre` of layer L
+    (batch x channels x tokens): one forward and one backward pass. Block L's mixer is written out
+    (with the same pieces as the fast engine) so that dt_pre is a leaf; the blocks after it are the
+    real MambaBlocks. Rows of the batch are independent, so the gradient of the summed scores holds
+    each request's own gradient in its row."""
+    block = decoder_layers(model)[layer]
+    mixer = block.mixer
+    with torch.no_grad():
+        hidden = block_input(model, ids, layer)
+        x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
+        residual = hidden.float() if block.residual_in_fp32 else hidden
+        dt_pre = dt_lin + mixer.dt_proj.bias.float().to(dt_lin.dtype)[:, None]
+    dt_pre = dt_pre.detach().requires_grad_(True)
+    with torch.enable_grad():
+        A = -torch.exp(mixer.A_log.detach().float())
+        y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D.detach(), gate)
+        out = residual + mixer.out_proj(y.transpose(1, 2).to(mixer.out_proj.weight.dtype))
+        scores = request_scores(model.lm_head, suffix(model, layer, out), items, lengths, kinds)
+        (grad,) = torch.autograd.grad(scores.sum(), dt_pre)
+    return scores.detach(), grad, dt_pre.detach()
+
+
+def dt_pre_change(dt_pre: Tensor, intervention: Intervention) -> Tensor:
+    """dt_pre' - dt_pre of every channel (batch x channels x tokens), each intervened on as
+    `intervention` says (it must cover every delta neuron of the layer, in order)."""
+    lin, bias = intervention.edit(dt_pre.transpose(0, 1), torch.zeros(dt_pre.shape[1], device=dt_pre.device))
+    return (lin + bias[:, None, None]).transpose(0, 1) - dt_pre
+
+
+def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded], layer: int,
+                intervention: Intervention, batch_size: int | None = None, progress: bool = False) -> Attribution:
+    """First-order estimate, for every delta neuron of `layer` intervened on alone, of every request's
+    score change. `intervention` names what is done to each neuron: all delta neurons of the layer."""
+    check_layer(model, layer)
+    if list(intervention.neurons) != list(range(num_delta_neurons(model))):
+        raise ValueError("attribution needs an intervention on every delta neuron of the layer, in order")
+    kinds = [("margin" if e.metric == "greedy" else "logprob") for e in examples for _ in e.requests]
+    if len(kinds) != len(encoded):
+        raise ValueError(f"{len(encoded)} encoded requests for {len(kinds)} requests of the examples")
+    device = next(model.parameters()).device
+    width = max(len(e.tokens) for e in encoded)
+    # the backward pass keeps each later block's scan tensors: shrink the budget accordingly
+    after = len(decoder_layers(model)) - layer
+    budget = max(width, token_budget(model, width) // (2 * after))
+    base = np.full(len(encoded), np.nan)
+    delta = np.full((num_delta_neurons(model), len(encoded)), np.nan)
+    for batch in tqdm(request_batches(encoded, batch_size, budget), desc="attribution", unit="batch",
+                      disable=not progress, leave=False):
+        items = [encoded[i] for i in batch]
+        ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
+        scores, grad, dt_pre = batch_gradient(model, layer, ids, items, lengths, [kinds[i] for i in batch])
+        valid = torch.arange(ids.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        change = dt_pre_change(dt_pre.float(), intervention) * valid[:, None, :]
+        base[batch] = scores.cpu().numpy()
+        delta[:, batch] = (grad.float() * change).sum(-1).T.double().cpu().numpy()
+    return Attribution(base, delta, tuple(kinds))
+
+
+def estimated_correctness(examples: list[Example], att: Attribution) -> np.ndarray:
+    """(delta neurons, examples): correctness predicted from the linearised scores base + delta,
+    with the task's metric (argmax of log-prob, of log-prob per character, or greedy margin > 0)."""
+    greedy_request = np.array([k == "margin" for k in att.kinds])
+    scores = att.base[None, :] + att.delta
+    return np.stack([correctness(examples, row, (row > 0) & greedy_request) for row in scores])
+
+
+def example_margins(examples: list[Example], scores: np.ndarray) -> np.ndarray:
+    """Per example, how far it is from flipping: score of the label minus the best other choice
+    (per character for acc_norm), or the greedy margin. Positive iff correct. scores: (..., requests)."""
+    out, start = [], 0
+    for example in examples:
+        n = len(example.requests)
+        values = scores[..., start: start + n]
+        start += n
+        if example.metric == "greedy":
+            out.append(values[..., 0])
+            continue
+        if example.metric == "acc_norm":
+            values = values / choice_lengths(example)
+        others = np.delete(values, example.label, axis=-1)
+        best = others.max(-1) if others.shape[-1] else np.full(values.shape[:-1], -np.inf)
+        out.append(values[..., example.label] - best)
+    return np.stack(out, axis=-1)
+
+
+def estimated_impacts(examples: list[Example], att: Attribution) -> tuple[np.ndarray, np.ndarray]:
+    """Per delta neuron, two first-order estimates of what its ablation does to accuracy:
+
+    - accuracy impact in points (baseline - predicted accuracy, mean over tasks as step 1 reports
+      it), from the correctness predicted by the linearised scores; most neurons flip nothing, so
+      it is coarse;
+    - margin loss: the same task-weighted mean of (base margin - linearised margin) per example, a
+      continuous score for ranking neurons whose estimated impact ties (positive = ablation hurts).
+    """
+    weights = example_weights(examples)
+    base_correct = correctness(examples, att.base, (att.base > 0) & np.array([k == "margin" for k in att.kinds]))
+    impact = (base_correct[None, :] - estimated_correctness(examples, att)) @ weights
+    margins = example_margins(examples, att.base[None, :] + att.delta)
+    margin_loss = (example_margins(examples, att.base)[None, :] - margins) @ weights / 100.0
+    return impact, margin_loss

@@ -1,0 +1,90 @@
+"""A Mamba-1 block taken apart at its delta site, for the fast engine and attribution: the residual
+stream entering layer L, the pieces its mixer scans, the selective scan itself, and the blocks after it.
+Each piece is computed as transformers' reference (non-CUDA) path computes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .sites import decoder_layers
+
+
+@dataclass
+class LayerState:
+    """Block L on one right-padded example batch, kept while the batch's neurons are swept.
+    Channel-first like transformers' mixer: (batch, channels, tokens)."""
+
+    output: Tensor  # the residual stream after block L, from the real block (batch x tokens x hidden)
+    x: Tensor  # post-conv activations u (batch x channels x tokens), model dtype
+    gate: Tensor  # z (batch x channels x tokens), model dtype
+    dt_lin: Tensor  # W_dt t without the bias (batch x channels x tokens), model dtype
+    B: Tensor  # batch x tokens x state
+    C: Tensor  # batch x tokens x state
+
+    def rows(self, members: list[int]) -> "LayerState":
+        """The state of some sequences of the batch."""
+        return LayerState(*(t[members] for t in (self.output, self.x, self.gate, self.dt_lin, self.B, self.C)))
+
+
+def block_input(model, ids: Tensor, layer: int) -> Tensor:
+    """The residual stream entering block `layer`: embeddings and blocks 0..layer-1."""
+    hidden = model.backbone.embeddings(ids)
+    for block in decoder_layers(model)[:layer]:
+        hidden = block(hidden)
+    return hidden
+
+
+def mixer_pieces(block, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x, gate, W_dt t, B and C of a block's mixer (MambaBlock.norm, in_proj, causal depthwise conv +
+    SiLU, x_proj, `dt_proj.weight @ t`)."""
+    mixer = block.mixer
+    normed = block.norm(hidden.to(dtype=block.norm.weight.dtype))
+    tokens = normed.shape[1]
+    x, gate = mixer.in_proj(normed).transpose(1, 2).chunk(2, dim=1)
+    x = mixer.act(mixer.conv1d(x.to(mixer.conv1d.weight.dtype))[..., :tokens]).to(gate.dtype)
+    time_step, B, C = torch.split(mixer.x_proj(x.transpose(1, 2)),
+                                  [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1)
+    dt_lin = mixer.dt_proj.weight @ time_step.transpose(1, 2)
+    return x, gate, dt_lin, B, C
+
+
+@torch.no_grad()
+def layer_state(model, ids: Tensor, layer: int) -> LayerState:
+    """Run the prefix once: block L's real output and the pieces its mixer scans."""
+    block = decoder_layers(model)[layer]
+    hidden = block_input(model, ids, layer)
+    return LayerState(block(hidden), *mixer_pieces(block, hidden))
+
+
+def gated_scan(x: Tensor, dt_pre: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, gate: Tensor) -> Tensor:
+    """Mamba's selective scan with its D skip and SiLU gate, for any leading dimensions, in float32 as
+    transformers' reference `mamba_selective_scan` computes it.
+
+    x, dt_pre, gate: (..., tokens); A: (..., state); D: (...); B, C: (..., tokens, state), broadcast.
+    Returns the gated output y, float32 (..., tokens). The recurrence is a loop over tokens, as in
+    transformers; each step touches only (..., state), so for single channels it is cheap.
+    A cumulative-sum form, exp(A * (S_t - S_s)) with S the running sum of Delta, would avoid the loop
+    but loses about |A| * S * 2^-24 of relative precision (1e-4 for |A| = 16, S = 100): not exact."""
+    dt = F.softplus(dt_pre).float()
+    decay = torch.exp(A[..., None, :] * dt[..., None])  # (..., tokens, state)
+    drive = dt[..., None] * B.float() * x.float()[..., None]
+    decay, drive = decay.movedim(-2, 0), drive.movedim(-2, 0)  # tokens first: contiguous steps
+    state = torch.zeros_like(drive[0])
+    states = []
+    for step in range(decay.shape[0]):
+        state = decay[step] * state + drive[step]
+        states.append(state)
+    y = (torch.stack(states, dim=-2) * C.float()).sum(-1)
+    y = y + x.float() * D.float()[..., None]
+    return y * F.silu(gate).float()
+
+
+def suffix(model, layer: int, hidden: Tensor, cache=None) -> Tensor:
+    """Blocks layer+1..end (the real MambaBlocks) and the final norm."""
+    for block in decoder_layers(model)[layer + 1:]:
+        hidden = block(hidden, cache=cache) if cache is not None else block(hidden)
+    return model.backbone.norm_f(hidden)

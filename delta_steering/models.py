@@ -1,0 +1,236 @@
+"""Loading a Mamba-1 language model and its tokenizer from a local directory or a Hub id.
+
+Local directories are validated before anything is loaded. HF-format checkpoints (`model_type:
+mamba`) load directly; original `state-spaces/mamba-*` checkpoints (`d_model`/`n_layer` config,
+`pytorch_model.bin`) are converted in memory and use the GPT-NeoX-20B tokenizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ORIGINAL_TOKENIZER = "EleutherAI/gpt-neox-20b"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A checked model location: where it is, its raw config, and whether it is an original checkpoint."""
+
+    name: str  # as the user gave it
+    path: str  # local directory (expanded) or Hub id
+    local: bool
+    config: dict
+    original: bool
+    tokenizer: str | None
+    revision: str | None = None
+
+
+def looks_like_path(name: str) -> bool:
+    """Paths start with . / ~ or have more separators than a Hub id ("owner/name")."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1
+            or (os.sep != "/" and os.sep in name))
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("model*.safetensors")) + sorted(directory.glob("pytorch_model*.bin"))
+
+
+def validate_local_dir(directory: Path, original_format: bool, tokenizer: str | None) -> None:
+    """Raise UsageError listing every required file that the checkpoint directory lacks."""
+    missing = []
+    if not (directory / "config.json").is_file():
+        missing.append("config.json")
+    if not _weight_files(directory):
+        missing.append("weights (model.safetensors, model-*-of-*.safetensors or pytorch_model.bin)")
+    if not original_format and tokenizer is None and not any((directory / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        raise UsageError(f"model directory {directory} is missing: {', '.join(missing)}")
+
+
+def read_config(source: str, revision: str | None) -> dict:
+    """The raw config.json of a local directory or Hub repo."""
+    if Path(source).is_dir():
+        path = Path(source) / "config.json"
+        if not path.is_file():
+            raise UsageError(f"model directory {source} is missing: config.json")
+    else:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(source, "config.json", revision=revision)
+        except Exception as e:  # offline, unknown repo, gated
+            raise UsageError(
+                f"cannot fetch model {source!r} from the Hugging Face Hub ({type(e).__name__}); "
+                "pass a local model directory instead (see models/README.md)") from None
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"config.json of {source} is not valid JSON: {e}") from None
+
+
+def is_original_format(config: dict) -> bool:
+    return "model_type" not in config and "d_model" in config and "n_layer" in config
+
+
+def check_model_source(name: str, tokenizer: str | None = None, revision: str | None = None) -> ModelSource:
+    """Check a model argument without loading weights: the directory and its files, or the Hub
+    repo's config, and that it is a Mamba-1 model. Cheap: run before anything slower."""
+    path = os.path.expanduser(name)
+    local = Path(path).exists()
+    if local and not Path(path).is_dir():
+        raise UsageError(f"model path {path} is a file; pass the checkpoint directory")
+    if not local and looks_like_path(name):
+        raise UsageError(f"local model directory not found: {name}")
+    if tokenizer is not None and looks_like_path(tokenizer) and not Path(tokenizer).expanduser().exists():
+        raise UsageError(f"tokenizer directory not found: {tokenizer}")
+    config = read_config(path, revision)
+    original = is_original_format(config)
+    model_type = config.get("model_type")
+    if not original and model_type != "mamba":
+        if model_type == "mamba2":
+            raise UsageError(f"{name} is a Mamba-2 model (model_type mamba2): not supported yet")
+        raise UsageError(f"{name} is not a Mamba-1 model (model_type {model_type!r})")
+    if local:
+        validate_local_dir(Path(path), original, tokenizer)
+    return ModelSource(name, path, local, config, original, tokenizer, revision)
+
+
+def convert_original_config(config: dict):
+    """MambaConfig for an original state-spaces checkpoint config (d_model, n_layer, ssm_cfg...)."""
+    from transformers import MambaConfig
+
+    ssm = config.get("ssm_cfg", {}) or {}
+    multiple = config.get("pad_vocab_size_multiple", 8)
+    vocab = math.ceil(config["vocab_size"] / multiple) * multiple
+    return MambaConfig(
+        vocab_size=vocab,
+        hidden_size=config["d_model"],
+        num_hidden_layers=config["n_layer"],
+        state_size=ssm.get("d_state", 16),
+        expand=ssm.get("expand", 2),
+        conv_kernel=ssm.get("d_conv", 4),
+        time_step_rank=ssm.get("dt_rank", "auto"),
+        use_bias=ssm.get("bias", False),
+        use_conv_bias=ssm.get("conv_bias", True),
+        residual_in_fp32=config.get("residual_in_fp32", True),
+        layer_norm_epsilon=1e-5,
+        tie_word_embeddings=config.get("tie_embeddings", True),
+        pad_token_id=0, bos_token_id=0, eos_token_id=0,
+    )
+
+
+def convert_original_state_dict(state_dict: dict) -> dict:
+    """Rename original mamba_ssm parameter names to transformers' MambaForCausalLM names."""
+    return {key.replace("backbone.embedding.", "backbone.embeddings."): value for key, value in state_dict.items()}
+
+
+def _load_original(source: ModelSource, dtype: torch.dtype):
+    from huggingface_hub import hf_hub_download
+    from transformers import MambaForCausalLM
+
+    weights = Path(source.path) / "pytorch_model.bin" if source.local else \
+        hf_hub_download(source.path, "pytorch_model.bin", revision=source.revision)
+    model = MambaForCausalLM(convert_original_config(source.config))
+    state_dict = convert_original_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise UsageError(f"original-format checkpoint {source.name} does not match Mamba: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.to(dtype)
+
+
+def load_tokenizer(source: str, revision: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    except OSError as e:
+        raise UsageError(f"cannot load tokenizer {source!r}: {str(e).splitlines()[0]}; "
+                         "pass --tokenizer PATH to a local tokenizer directory") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device(requested: str) -> str:
+    """The requested device, or CPU with one warning line when CUDA is asked for but absent."""
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        print("warning: CUDA is not available, running on CPU (slow)", file=sys.stderr)
+        return "cpu"
+    return requested
+
+
+def load_model(source: ModelSource | str, device: str = "cuda", dtype: str = "float32"):
+    """(model, tokenizer) in eval mode on `device` (CPU with a warning if CUDA is absent)."""
+    import transformers
+    from transformers import MambaForCausalLM
+
+    transformers.logging.set_verbosity_error()  # not the "reference kernel fallback" notice on every layer
+    transformers.logging.disable_progress_bar()  # keep stderr for errors: one line on bad input
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    source = source if isinstance(source, ModelSource) else check_model_source(source)
+    device = pick_device(device)
+    if source.original:
+        model = _load_original(source, DTYPES[dtype])
+        tok = load_tokenizer(source.tokenizer or ORIGINAL_TOKENIZER)
+    else:
+        model = MambaForCausalLM.from_pretrained(source.path, revision=source.revision, dtype=DTYPES[dtype])
+        tok = load_tokenizer(source.tokenizer or source.path, revision=None if source.tokenizer else source.revision)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    model._delta_steering_source = {"model": source.name, "revision": source.revision,
+                                    "original_format": source.original}
+    return model, tok
+
+
+def load_mamba_model(model_name_or_path: str, device: str = "cuda", dtype: str = "float32",
+                     revision: str | None = None, tokenizer: str | None = None):
+    """(model, tokenizer) from a local directory or Hub id: check_model_source, then load_model."""
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return load_model(check_model_source(model_name_or_path, tokenizer, revision), device, dtype)
+
+
+def ssm_backend() -> str:
+    """Which SSM implementation the installed transformers will run."""
+    fused = importlib.util.find_spec("mamba_ssm") and importlib.util.find_spec("causal_conv1d")
+    if fused and torch.cuda.is_available():
+        return "fused CUDA kernels (mamba_ssm + causal_conv1d)"
+    if importlib.util.find_spec("mambapy"):
+        return "torch reference scan (mambapy parallel scan available when use_mambapy=True)"
+    return "torch reference scan (sequential)"
+
+
+def describe(model) -> dict:
+    """Summary of a loaded model for run records and the CLI."""
+    source = getattr(model, "_delta_steering_source", {}) or {}
+    param = next(model.parameters())
+    return {
+        "model": source.get("model", getattr(model.config, "_name_or_path", None)),
+        "revision": source.get("revision") or getattr(model.config, "_commit_hash", None),
+        "original_format": source.get("original_format", False),
+        "layers": model.config.num_hidden_layers,
+        "hidden_size": model.config.hidden_size,
+        "intermediate_size": model.config.intermediate_size,
+        "delta_neurons_per_layer": model.config.intermediate_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "device": str(param.device),
+        "dtype": str(param.dtype).replace("torch.", ""),
+        "ssm_backend": ssm_backend(),
+    }
