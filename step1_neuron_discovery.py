@@ -18,9 +18,9 @@ from functools import partial
 import numpy as np
 
 import delta_steering as ds
-from delta_steering.cli import (DEFAULT_TASKS, add_model_args, add_pile_args, add_run_args, add_sweep_args, check_output_dir,
-                                check_output_file, check_positive, main_guard, parse_int_list, parse_names,
-                                step_parser)
+from delta_steering.cli import (DEFAULT_TASKS, add_model_args, add_pile_args, add_run_args, add_sweep_args,
+                                check_output_dir, check_output_file, check_positive, main_guard, parse_int_list,
+                                parse_names, step_parser)
 
 STEP = "step1"
 

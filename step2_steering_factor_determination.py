@@ -23,9 +23,9 @@ import numpy as np
 
 import delta_steering as ds
 from delta_steering.artifacts import STEP1_DEFAULTS
-from delta_steering.cli import (DEFAULT_FACTORS, add_model_args, add_pile_args, add_run_args, add_sweep_args, check_output_dir,
-                                check_positive, main_guard, parse_float_list, parse_int_list, parse_names,
-                                step_parser)
+from delta_steering.cli import (DEFAULT_FACTORS, add_model_args, add_pile_args, add_run_args, add_sweep_args,
+                                check_output_dir, check_positive, main_guard, parse_float_list, parse_int_list,
+                                parse_names, step_parser)
 
 STEP = "step2"
 
@@ -125,7 +125,8 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
     perplexity_layers = ppl_layers if args.perplexity_ablation and groups["high_impact"] else []
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation") \
         if perplexity_layers else []
-    context = {"layer": layer, "tasks": tasks, "data_dir": data_dir, "step1_file": str(step1.path), "groups": groups, "factors": args.factor_list, "ranked": ranked, "step1_impacts": step1.records,
+    context = {"layer": layer, "tasks": tasks, "data_dir": data_dir, "step1_file": str(step1.path), "groups": groups,
+               "factors": args.factor_list, "ranked": ranked, "step1_impacts": step1.records,
                "baseline": baseline.tolist(), "perplexity_layers": perplexity_layers,
                "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
 
@@ -143,7 +144,8 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
         for f in args.factor_list:
             if factor_key("high_impact", f) not in results:
                 results.update(amplify("high_impact", f))
-        factor, _ = ds.artifacts.steering_factor(group_table("high_impact", context, results, examples, args.seed)["optimal"])
+        high_impact = group_table("high_impact", context, results, examples, args.seed)
+        factor, _ = ds.artifacts.steering_factor(high_impact["optimal"])
         if factor is not None:
             amplified = {perplexity_key(at, factor): partial(perplexity_at, at, factor) for at in perplexity_layers}
             results.update(run.map(amplified, "perplexity with the optimal factor"))

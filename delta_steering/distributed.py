@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .errors import UsageError
@@ -65,16 +67,12 @@ class Workers:
         """Under torchrun, all ranks' results merged (on every rank); otherwise this process's own."""
         if self.launcher != "torchrun":
             return results
-        import torch.distributed as dist
-
         parts: list[Any] = [None] * self.world
         dist.all_gather_object(parts, results)
         return {key: value for part in parts for key, value in part.items()}
 
     def barrier(self) -> None:
         if self.launcher == "torchrun":
-            import torch.distributed as dist
-
             dist.barrier()
 
 
@@ -100,9 +98,6 @@ def start_workers(args) -> Workers:
         return Workers(*parse_shard(args.shard), "shard") if args.shard is not None else Workers()
     if args.shard is not None or args.merge is not None:
         raise UsageError("--shard and --merge are for runs without torchrun; under torchrun the ranks share the work")
-    import torch
-    import torch.distributed as dist
-
     cuda = args.device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -189,7 +184,8 @@ class StepRun:
     def publish(self, context: dict, results: dict) -> bool:
         """True where this process writes the step's outputs; a shard writes its shard file instead."""
         if self.workers.launcher == "shard":
-            print(f"shard: {write_shard(self.args.output_dir, self.step, self.workers, self.fingerprint, context, results)}")
+            path = write_shard(self.args.output_dir, self.step, self.workers, self.fingerprint, context, results)
+            print(f"shard: {path}")
         return self.merging or self.workers.writes_outputs
 
     def close(self) -> None:

@@ -133,7 +133,8 @@ def importance_ranking(step1_records: list[dict], ablated: list[np.ndarray], neu
     ranking = [comparison.impact(row, neuron=int(neuron), step1_impact=step1[neuron])
                for neuron, row in zip(neurons, ablated)]
     ranking.sort(key=lambda r: (r["impact"] is None, -(r["impact"] or 0.0), r["neuron"]))
-    pairs = [(r["step1_impact"], r["impact"]) for r in ranking if r["impact"] is not None and r["step1_impact"] is not None]
+    pairs = [(r["step1_impact"], r["impact"]) for r in ranking
+             if r["impact"] is not None and r["step1_impact"] is not None]
     return {"neurons": ranking, "spearman_step1_vs_heldout": spearman(*zip(*pairs)) if pairs else None}
 
 

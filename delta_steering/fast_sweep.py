@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -79,14 +80,10 @@ def context_groups(encoded: list[Encoded]) -> list[list[int]]:
 def suffix_cache(model):
     """A fresh transformers cache for the blocks after layer L, or None where this transformers
     version's MambaBlock does not take the 5.x `cache=` argument (contexts are then not shared)."""
-    try:
-        from transformers import DynamicCache
-        from transformers.cache_utils import LinearAttentionCacheLayerMixin  # noqa: F401  (5.x Mamba caches)
-    except ImportError:
+    linear_caches = hasattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin")  # 5.x Mamba caches
+    if not linear_caches or "cache" not in inspect.signature(type(decoder_layers(model)[0]).forward).parameters:
         return None
-    if "cache" not in inspect.signature(type(decoder_layers(model)[0]).forward).parameters:
-        return None
-    return DynamicCache(config=model.config)
+    return transformers.DynamicCache(config=model.config)
 
 
 def shared_context_hidden(model, layer: int, steered: Tensor, items: list[Encoded], cache) -> Tensor:

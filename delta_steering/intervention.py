@@ -79,14 +79,5 @@ class Intervention:
             return torch.zeros_like(linear), values.to(bias.dtype)
         return linear, bias
 
-    def describe(self) -> str:
-        if self.kind == "none":
-            return "no steering"
-        if self.kind == "set":
-            return f"{len(self.neurons)} neurons set to their mean dt_pre"
-        factors = set(self.factors)
-        return f"{len(self.neurons)} neurons x{self.factors[0]:g}" if len(factors) == 1 else \
-            f"{len(self.neurons)} neurons scaled"
-
 
 NO_STEERING = Intervention()

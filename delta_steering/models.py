@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
+from huggingface_hub import hf_hub_download
+from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
 
 from .errors import UsageError
 
@@ -68,8 +71,6 @@ def read_config(source: str, revision: str | None) -> dict:
             raise UsageError(f"model directory {source} is missing: config.json")
     else:
         try:
-            from huggingface_hub import hf_hub_download
-
             path = hf_hub_download(source, "config.json", revision=revision)
         except Exception as e:  # offline, unknown repo, gated
             raise UsageError(
@@ -110,8 +111,6 @@ def check_model_source(name: str, tokenizer: str | None = None, revision: str | 
 
 def convert_original_config(config: dict):
     """MambaConfig for an original state-spaces checkpoint config (d_model, n_layer, ssm_cfg...)."""
-    from transformers import MambaConfig
-
     ssm = config.get("ssm_cfg", {}) or {}
     multiple = config.get("pad_vocab_size_multiple", 8)
     vocab = math.ceil(config["vocab_size"] / multiple) * multiple
@@ -138,9 +137,6 @@ def convert_original_state_dict(state_dict: dict) -> dict:
 
 
 def _load_original(source: ModelSource, dtype: torch.dtype):
-    from huggingface_hub import hf_hub_download
-    from transformers import MambaForCausalLM
-
     weights = Path(source.path) / "pytorch_model.bin" if source.local else \
         hf_hub_download(source.path, "pytorch_model.bin", revision=source.revision)
     model = MambaForCausalLM(convert_original_config(source.config))
@@ -155,8 +151,6 @@ def _load_original(source: ModelSource, dtype: torch.dtype):
 
 
 def load_tokenizer(source: str, revision: str | None = None):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
     except OSError as e:
@@ -177,9 +171,6 @@ def pick_device(requested: str) -> str:
 
 def load_model(source: ModelSource | str, device: str = "cuda", dtype: str = "float32"):
     """(model, tokenizer) in eval mode on `device` (CPU with a warning if CUDA is absent)."""
-    import transformers
-    from transformers import MambaForCausalLM
-
     transformers.logging.set_verbosity_error()  # not the "reference kernel fallback" notice on every layer
     transformers.logging.disable_progress_bar()  # keep stderr for errors: one line on bad input
     if dtype not in DTYPES:

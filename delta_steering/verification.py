@@ -69,7 +69,8 @@ def configurations(mode: str, sets: dict[str, list[int]], layer: int, layers: li
         return [BASELINE] + [Configuration(f"{k}_L{layer}", layer, Intervention.scale(v, factor),
                                            f"{k} x{factor:g} at layer {layer}") for k, v in sets.items()]
     if mode == "cluster_ablation":
-        return [BASELINE] + [Configuration(f"ablate_{k}_L{layer}", layer, Intervention.ablation(ablation, v, dt_pre_mean),
+        return [BASELINE] + [Configuration(f"ablate_{k}_L{layer}", layer,
+                                           Intervention.ablation(ablation, v, dt_pre_mean),
                                            f"{k} {ablation}-ablated at layer {layer}") for k, v in sets.items()]
     if mode == "layer_ablation":
         sensitive = sets["delta_sensitive"]

@@ -22,15 +22,29 @@ def test_round_trip_of_a_saved_tiny_model(tiny_model_dir, tiny_model, tokenizer)
     info = describe(model)
     assert (info["layers"], info["delta_neurons_per_layer"], info["device"], info["dtype"]) == (24, 32, "cpu", "float32")
     assert info["parameters"] == sum(p.numel() for p in tiny_model.parameters())
-    assert "scan" in info["ssm_backend"] or "kernels" in info["ssm_backend"]
 
 
-def test_dtype_and_cuda_fallback(tiny_model_dir, capsys):
-    model, _ = load_mamba_model(str(tiny_model_dir), device="cuda" if not torch.cuda.is_available() else "cpu",
-                                dtype="bfloat16")
-    assert next(model.parameters()).dtype == torch.bfloat16
-    if not torch.cuda.is_available():
-        assert capsys.readouterr().err.strip().splitlines() == ["warning: CUDA is not available, running on CPU (slow)"]
+@pytest.mark.parametrize("installed,cuda,expected", [
+    ({"mamba_ssm", "causal_conv1d", "mambapy"}, True, "fused CUDA kernels (mamba_ssm + causal_conv1d)"),
+    ({"mamba_ssm", "causal_conv1d", "mambapy"}, False, "torch reference scan (mambapy parallel scan available"),
+    ({"mamba_ssm", "mambapy"}, True, "torch reference scan (mambapy parallel scan available"),
+    (set(), True, "torch reference scan (sequential)"),
+])
+def test_ssm_backend_names_the_scan_that_runs(monkeypatch, installed, cuda, expected):
+    import importlib.util
+
+    from delta_steering import models
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert models.ssm_backend().startswith(expected)
+
+
+def test_dtype_and_cuda_fallback(tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the fallback, on any machine
+    model, _ = load_mamba_model(str(tiny_model_dir), device="cuda", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16 and next(model.parameters()).device.type == "cpu"
+    assert capsys.readouterr().err.strip().splitlines() == ["warning: CUDA is not available, running on CPU (slow)"]
     with pytest.raises(UsageError, match="unknown dtype"):
         load_mamba_model(str(tiny_model_dir), device="cpu", dtype="float8")
 

@@ -148,6 +148,10 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
                  "--method", "attribution", "--verify_top", "5") == 0
     result = json.loads((tmp_path / "out.json").read_text())
     assert len(result["attribution_estimates"]) == 20 and len(result["verified_neurons"]) == 5
+    ranked = sorted(result["attribution_estimates"],
+                    key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
+    assert result["verified_neurons"] == sorted(e["neuron"] for e in ranked[:5])  # the screen's top 5
+    estimates = {e["neuron"]: e for e in result["attribution_estimates"]}
     exact = {r["neuron"]: r for r in naive_run["all_neuron_impacts"]}
     records = result["all_neuron_impacts"]
     assert sorted(r["neuron"] for r in records) == list(range(20)) and result["measured_neurons"] == 5
@@ -155,7 +159,7 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
         assert record["measured"] == (record["neuron"] in result["verified_neurons"])
         if record["measured"]:
             assert record["impact"] == exact[record["neuron"]]["impact"]  # verified values are the exact ones
-            assert "estimated_impact" in record and "estimated_margin_loss" in record
+            assert record["estimated_impact"] == estimates[record["neuron"]]["estimated_impact"]
         else:
             assert record["impact"] is None and record["q_value"] == 1.0
     # BH over all 20 neurons, an unverified neuron counting as p = 1
