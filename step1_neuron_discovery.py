@@ -25,7 +25,7 @@ from delta_steering.cli import (DEFAULT_TASKS, add_model_args, add_pile_args, ad
 STEP = "step1"
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_model_args(parser)
     parser.add_argument("--save_path", required=True, help="where the discovery JSON goes")
@@ -45,7 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--verify_top", type=int, default=50, help="neurons re-measured exactly after attribution")
     add_pile_args(parser)
     add_run_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    """The arguments, checked: everything that can be wrong without the model fails here."""
+    args = build_parser().parse_args()
     for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
         check_positive(getattr(args, flag), f"--{flag}")
     check_output_file(args.save_path, "--save_path")
@@ -53,21 +58,25 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def requested_neurons(args, shape) -> list[int]:
+    """--neurons checked against the model's shape (all delta neurons when not given); --layer too."""
+    ds.sites.check_layer(shape, args.layer, "--layer")
+    requested = parse_int_list(args.neurons)
+    return ds.sites.check_neurons(shape, requested, "--neurons") if requested else list(range(shape.delta_neurons))
+
+
 def measure(args, run, source, examples) -> tuple[dict, dict]:
     """What every process computes alike (baseline, delta statistics, attribution screen) and the
     correctness rows of its share of the neurons (under torchrun, all of them)."""
     model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    layer = ds.sites.check_layer(model, args.layer, "--layer")
-    requested = parse_int_list(args.neurons)
-    neurons = ds.sites.check_neurons(model, requested, "--neurons") if requested else \
-        list(range(ds.sites.num_delta_neurons(model)))
+    layer, neurons = args.layer, requested_neurons(args, source.shape)
     timings = {}
 
     t = time.time()
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
     stats = ds.delta_stats.delta_statistics(model, tokenizer, texts, layer)
     timings["delta_statistics"] = round(time.time() - t, 2)
-    ablation = ds.Intervention.ablation(args.ablation, range(ds.sites.num_delta_neurons(model)),
+    ablation = ds.Intervention.ablation(args.ablation, range(source.shape.delta_neurons),
                                         [float(v) for v in stats["dt_pre_mean"]])
     ds.steering.verify_steering_effect(model, layer, neurons[:1],
                                        lambda: ds.steering.install(model, layer, ablation.only(neurons[:1])))
@@ -88,7 +97,7 @@ def measure(args, run, source, examples) -> tuple[dict, dict]:
 
     def ablate_each(chunk: list[int]) -> dict:
         rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), args.engine,
-                                          args.batch_size, encoded)
+                                          args.batch_size, encoded, progress=True)
         return {str(n): row.tolist() for n, row in zip(chunk, rows)}
 
     work = {f"neurons/{chunk[0]}-{chunk[-1]}": partial(ablate_each, chunk)
@@ -147,6 +156,10 @@ def main() -> None:
     started = time.time()
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args))
     source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
+    if source is not None:
+        requested_neurons(args, source.shape)
+    if args.pile_path:
+        ds.pile.local_files(args.pile_path)
     examples = ds.tasks.load_examples(parse_names(args.tasks), args.data_dir, "discovery", args.validation_size)
     context, rows = run.merged() if run.merging else measure(args, run, source, examples)
     if run.publish(context, rows):

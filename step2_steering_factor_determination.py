@@ -30,7 +30,7 @@ from delta_steering.cli import (DEFAULT_FACTORS, add_model_args, add_pile_args, 
 STEP = "step2"
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_model_args(parser)
     parser.add_argument("--num_examples", type=int, default=100,
@@ -54,7 +54,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--perplexity_layers", default=None, help="layers for --perplexity_ablation (None: all)")
     add_pile_args(parser)
     add_run_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    """The arguments, checked: everything that can be wrong without the model fails here."""
+    args = build_parser().parse_args()
     if args.num_examples < 2:
         raise ds.UsageError(f"--num_examples must be at least 2 (a selection and a confirmation half), got "
                             f"{args.num_examples}")
@@ -76,6 +81,12 @@ def steering_factors(text: str) -> list[float]:
     return factors
 
 
+def perplexity_layers_of(args, shape) -> list[int]:
+    """--perplexity_layers checked against the model's shape (None: every SSM layer)."""
+    layers = parse_int_list(args.perplexity_layers, "perplexity_layers") or list(shape.ssm_layers)
+    return [ds.sites.check_layer(shape, at, "--perplexity_layers") for at in layers]
+
+
 def factor_key(group: str, factor: float) -> str:
     return f"factor/{group}/{factor!r}"
 
@@ -89,19 +100,15 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
     this process's share of the work: a group amplified by a factor, a chunk of ranked neurons
     ablated one at a time, Pile perplexity with the High Impact neurons steered at one layer."""
     model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    step1.check_against(ds.sites.num_layers(model), ds.sites.num_delta_neurons(model))
-    layer = ds.sites.check_layer(model, layer, "--layer")
-    ppl_layers = parse_int_list(args.perplexity_layers, "perplexity_layers") or ds.sites.ssm_layers(model)
-    for other in ppl_layers:
-        ds.sites.check_layer(model, other, "--perplexity_layers")
+    ppl_layers = perplexity_layers_of(args, source.shape)
     groups = step1.groups
-    ablation = ds.Intervention.ablation(step1.ablation, range(ds.sites.num_delta_neurons(model)), step1.dt_pre_mean)
+    ablation = ds.Intervention.ablation(step1.ablation, range(source.shape.delta_neurons), step1.dt_pre_mean)
     ds.steering.verify_steering_effect(model, layer, groups["high_impact"] or groups["neutral"] or [0])
     ranked = ds.factors.ranked_neurons(step1.records, args.max_neurons, args.sample_neurons, args.seed)
     encoded = ds.scoring.encode_examples(tokenizer, examples)
 
     def evaluate() -> list[float]:
-        return ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, encoded=encoded).tolist()
+        return ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded).tolist()
 
     def amplify(group: str, factor: float) -> dict:
         with ds.steer(model, layer, groups[group], factor):
@@ -109,13 +116,13 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
 
     def ablate_each(chunk: list[int]) -> dict:
         rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), args.engine,
-                                          args.batch_size, encoded)
+                                          args.batch_size, encoded, progress=True)
         return {f"neuron/{n}": row.tolist() for n, row in zip(chunk, rows)}
 
     def perplexity_at(at: int | None, factor: float | None) -> dict:
         with ds.steer(model, at, groups["high_impact"], factor) if at is not None else nullcontext():
             return {perplexity_key(at, factor): ds.perplexity.perplexity(model, tokenizer, texts,
-                                                                         batch_size=args.batch_size)}
+                                                                         batch_size=args.batch_size, progress=True)}
 
     baseline = ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
     base = ds.scoring.summarize(examples, baseline)
@@ -227,6 +234,12 @@ def main() -> None:
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args, step1_sha256=step1.sha256))
     source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
     layer = args.layer if args.layer is not None else step1.layer
+    if source is not None:
+        step1.check_against(source.shape)
+        ds.sites.check_layer(source.shape, layer, "--layer")
+        perplexity_layers_of(args, source.shape)
+    if args.pile_path and args.perplexity_ablation:
+        ds.pile.local_files(args.pile_path)
     tasks = parse_names(args.tasks) if args.tasks else step1.tasks
     data_dir = args.data_dir or step1.data_dir
     examples = ds.tasks.load_examples(tasks, data_dir, "heldout", args.num_examples)

@@ -32,7 +32,7 @@ OUTPUT_FILES = {"combined": "combined_steering_ifeval_results.json",
 TITLES = {"combined": "Combined steering", "cluster_ablation": "Cluster ablation", "layer_ablation": "Layer ablation"}
 
 
-def parse_args() -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_model_args(parser)
     parser.add_argument("--num_samples", type=int, default=100, help="the first N IFEval prompts")
@@ -58,7 +58,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--score_responses", default=None, metavar="FILE",
                         help='score a JSONL of {"prompt", "response"}; no model is loaded')
     add_run_args(parser)
-    args = parser.parse_args()
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    """The arguments, checked: everything that can be wrong without the model fails here."""
+    args = build_parser().parse_args()
     for flag in ("num_samples", "max_new_tokens", "pile_samples"):
         check_positive(getattr(args, flag), f"--{flag}")
     check_output_dir(args.output_dir, "--output_dir")
@@ -97,28 +102,34 @@ def steering_factor(args) -> tuple[float, str, str | None]:
     return factor, source, step2.sha256
 
 
-def model_layers(args, model) -> list[int]:
-    """--layers filtered to the model's SSM layers, with a warning for the others."""
+def model_layers(args, shape, warn: bool = False) -> list[int]:
+    """--layers filtered to the model's SSM layers (with a warning for the others when `warn`)."""
     wanted = parse_int_list(args.layers, "layers")
-    available = ds.sites.ssm_layers(model)
-    kept = [l for l in wanted if l in available]
-    if len(kept) < len(wanted):
-        print(f"warning: --layers {sorted(set(wanted) - set(kept))} are not layers of the model "
-              f"(0-{ds.sites.num_layers(model) - 1}) and are skipped")
+    kept = [at for at in wanted if at in shape.ssm_layers]
     if not kept:
-        raise ds.UsageError(f"--layers {args.layers}: none is a layer of this model (0-{ds.sites.num_layers(model) - 1})")
+        raise ds.UsageError(f"--layers {args.layers}: none is a layer of this model (0-{shape.num_layers - 1})")
+    if warn and len(kept) < len(wanted):
+        print(f"warning: --layers {sorted(set(wanted) - set(kept))} are not layers of the model "
+              f"(0-{shape.num_layers - 1}) and are skipped")
     return kept
+
+
+def check_arguments(args, shape, step1) -> None:
+    """What can be checked against the model's config before it is loaded."""
+    step1.check_against(shape)
+    ds.sites.check_layer(shape, args.layer if args.layer is not None else step1.layer, "--layer")
+    if "layer_ablation" in chosen_modes(args):
+        model_layers(args, shape)
 
 
 def measure(args, run, source, step1, prompts: list[dict], factor: float, factor_source: str) -> tuple[dict, dict]:
     """What every process computes alike (sets, layers) and the outcomes of this process's share of
     the configurations, each run once even when several modes use it (the baseline)."""
     model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    step1.check_against(ds.sites.num_layers(model), ds.sites.num_delta_neurons(model))
-    layer = ds.sites.check_layer(model, args.layer if args.layer is not None else step1.layer, "--layer")
+    layer = args.layer if args.layer is not None else step1.layer
     modes = chosen_modes(args)
-    layers = model_layers(args, model) if "layer_ablation" in modes else []
-    sets, warnings = ds.verification.neuron_sets(step1, ds.sites.num_delta_neurons(model), args.seed)
+    layers = model_layers(args, source.shape, warn=True) if "layer_ablation" in modes else []
+    sets, warnings = ds.verification.neuron_sets(step1, source.shape.delta_neurons, args.seed)
     for warning in warnings:
         print(f"warning: {warning}")
     ds.steering.verify_steering_effect(model, layer, sets["delta_sensitive"])
@@ -196,6 +207,10 @@ def main() -> None:
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args, step1_sha256=step1.sha256,
                                                                         step2_sha256=step2_sha256))
     source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
+    if source is not None:
+        check_arguments(args, source.shape, step1)
+    if args.pile_path:
+        ds.pile.local_files(args.pile_path)
     prompts = ds.ifeval.load_ifeval_prompts(args.ifeval_path, args.num_samples)
     context, outcomes = run.merged() if run.merging else measure(args, run, source, step1, prompts, factor,
                                                                   factor_source)

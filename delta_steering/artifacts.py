@@ -97,8 +97,9 @@ class Discovery:
             raise UsageError(f"step-1 file {self.path} was made with model {self.model!r}, not {model_name!r}; "
                              "pass --allow_model_mismatch to use it anyway")
 
-    def check_against(self, num_layers: int, num_neurons: int) -> None:
-        """The file's layer and neuron ids exist in the loaded model."""
+    def check_against(self, shape) -> None:
+        """The file's layer and neuron ids exist in a model of `shape` (sites.Shape)."""
+        num_layers, num_neurons = shape.num_layers, shape.delta_neurons
         if not 0 <= self.layer < num_layers:
             raise UsageError(f"step-1 file {self.path}: layer {self.layer} out of range for this model "
                              f"(0-{num_layers - 1})")

@@ -64,7 +64,7 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
     return {
         "beneficial_neurons": sorted(r["neuron"] for r in impacts if r["impact"] >= threshold),
         "baseline_accuracy": summary["accuracy"],
-        "criterion": f"impact >= {threshold}%",
+        "criterion": f"impact >= {threshold} points",
         "all_neuron_impacts": records,
         "format_version": FORMAT_VERSION,
         "description": DESCRIPTION,
@@ -123,7 +123,7 @@ def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons:
     batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
     att = attribution(model, tokenizer, examples, encoded, layer, ablation, batch_size, progress=True)
     impact, margin_loss = estimated_impacts(examples, att)
-    estimates = [{"neuron": n, "estimated_impact": round(float(impact[n]), 4),
+    estimates = [{"neuron": n, "estimated_impact": round(float(impact[n]), 4) + 0.0,
                   "estimated_margin_loss": float(margin_loss[n])} for n in neurons]
     ranked = sorted(estimates, key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
     return estimates, sorted(e["neuron"] for e in ranked[:top])

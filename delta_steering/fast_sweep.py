@@ -218,8 +218,8 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     timings = timings if timings is not None else {}
     timings.setdefault("prefix_s", 0.0)
     timings.setdefault("neurons_s", 0.0)
-    bar = tqdm(total=len(encoded) * len(intervention.neurons), desc="fast sweep", unit="pair",
-               disable=not progress, leave=False)
+    bar = tqdm(total=len(encoded) * len(intervention.neurons), desc="fast sweep (neuron x request)", unit="pair",
+               unit_scale=True, disable=not progress, leave=False)
     sweep = FastSweep(model, layer, intervention, batch_size, scorer, share_contexts, bar)
     for batch_groups in packed:
         start = time.perf_counter()

@@ -106,6 +106,8 @@ def load_ifeval_prompts(path: str | None = None, num_samples: int | None = None)
     instruction registry so that a bad file fails before any generation."""
     if num_samples is not None and num_samples < 1:
         raise UsageError(f"the number of IFEval samples must be positive, not {num_samples}")
+    if path and not Path(path).expanduser().is_file():  # the user's mistake before NLTK's
+        raise UsageError(f"IFEval file not found: {path}")
     _, registry = _checkers()
     rows = _read_file(Path(path).expanduser(), registry) if path else _read_hub(registry)
     if not rows:

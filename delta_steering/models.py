@@ -21,6 +21,7 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
 
 from .errors import UsageError
+from .sites import Shape, shape_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ORIGINAL_TOKENIZER = "EleutherAI/gpt-neox-20b"
@@ -38,6 +39,12 @@ class ModelSource:
     original: bool
     tokenizer: str | None
     revision: str | None = None
+
+    @property
+    def shape(self) -> Shape:
+        """Layers and delta neurons from the config alone, to check arguments before loading."""
+        config = convert_original_config(self.config) if self.original else MambaConfig(**self.config)
+        return shape_of(config)
 
 
 def looks_like_path(name: str) -> bool:

@@ -1,135 +1,531 @@
-"""Figures for the three steps (matplotlib, headless). Each function writes PNGs and returns their paths."""
+"""Figures for the three steps. Each `*_figure` function builds one matplotlib Figure from a step's
+result dict; `plot_discovery`, `plot_factors` and `plot_verification` write them as PNG (150 dpi)
+and SVG (same stem, for papers) and return the paths written.
+
+Every figure's title says what was measured, on which model, layer and examples; its axes carry
+units. The figures are `matplotlib.figure.Figure` objects, not pyplot's: they render headless (Agg
+for PNG), leave the global backend alone, hold no pyplot state and need no closing.
+"""
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .artifacts import GROUP_TITLES, HIGH_IMPACT
+from .stats import SIGNIFICANCE, is_significant
+
+STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "figure.titlesize": 11,
+         "legend.fontsize": 8.5, "xtick.labelsize": 9, "ytick.labelsize": 9, "axes.spines.top": False,
+         "axes.spines.right": False}
+# tab10 colours (colour-blind-safe pairs), told apart by marker or line style as well
+PLAIN, SIGNIFICANT, BASELINE, GRID = "C0", "C1", "0.35", "0.85"
+HIGH_LINE = {"color": "C2", "ls": "--", "lw": 1.3}
+THRESHOLD_LINE = {"color": "C4", "ls": ":", "lw": 1.6}
+IMPACT_LABEL = "impact = baseline − ablated accuracy (points)"
+TOP_LABELLED = 10
+METRIC_NAMES = {"prompt_level_strict_acc": "IFEval prompt-level strict accuracy",
+                "inst_level_strict_acc": "IFEval instruction-level strict accuracy",
+                "prompt_level_loose_acc": "IFEval prompt-level loose accuracy",
+                "inst_level_loose_acc": "IFEval instruction-level loose accuracy"}
+MODE_TITLES = {"combined": "combined steering", "cluster_ablation": "cluster ablation",
+               "layer_ablation": "layer ablation"}
+FACTOR_SOURCES = {"command-line": "given with --factor", "step2-confirmed": "confirmed in step 2",
+                  "step2-unconfirmed": "unconfirmed in step 2"}
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+# --- shared helpers -----------------------------------------------------------------------------
+
+styled = matplotlib.rc_context(STYLE)  # decorator: a figure function builds its figure under STYLE
+
+
+def _new(width: float, height: float, ncols: int = 1, nrows: int = 1, **kw) -> tuple[Figure, np.ndarray]:
+    """A constrained-layout figure and its axes (always an array)."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    for ax in axes.flat:
+        ax.grid(True, color=GRID, lw=0.6)
+        ax.set_axisbelow(True)
+    return fig, axes.ravel()
+
+
+def _title(fig: Figure, what: str, details: str) -> None:
+    """The figure title: what was measured on what, then a wrapped line of details."""
+    width = int(fig.get_figwidth() * 12)
+    fig.suptitle(_fill(what, width) + "\n" + _fill(details, width))
+
+
+def _fill(text: str, width: int) -> str:
+    """`text` wrapped at spaces (never at hyphens) to `width` characters."""
+    return textwrap.fill(text, width, break_on_hyphens=False)
+
+
+def _wrap(text: str, ax) -> str:
+    """`text` wrapped to the width of the axes `ax` (for panel titles)."""
+    return _fill(text, int(ax.get_position().width * ax.figure.get_figwidth() * 15))
+
+
+def _model(result: dict) -> str:
+    """The model's name, a long local path shortened to its last two parts."""
+    parts = str(result.get("model") or "unknown model").rstrip("/").split("/")
+    return "/".join(parts[-2:])
+
+
+def _minus(text: str) -> str:
+    """`text` with true minus signs (for numbers written into labels)."""
+    return text.replace("-", "−")
+
+
+def _times(factor: float | None) -> str:
+    """' ×k' for a factor, '' for none."""
+    return "" if factor is None else f" ×{factor:g}"
+
+
+def _empty(ax, message: str) -> None:
+    """A panel with nothing to plot says why."""
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color=BASELINE)
+
+
+def _legend(ax, **kw) -> None:
+    """A legend when the axes has labelled artists."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(framealpha=0.9, **kw)
+
+
+def _plain(ax) -> None:
+    """Plain y tick numbers: no offset and no ×10ⁿ multiplier above the axis."""
+    ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+    ax.ticklabel_format(axis="y", style="plain")
+
+
+def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
+    """Write `fig` as OUT/STEM.png (150 dpi) and OUT/STEM.svg; return both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    png, svg = out / f"{stem}.png", out / f"{stem}.svg"
+    fig.savefig(png, dpi=150)
+    with matplotlib.rc_context({"svg.hashsalt": "delta-steering"}):  # reproducible SVG ids
+        fig.savefig(svg, metadata={"Date": None})
+    fig.clear()
+    return [png, svg]
+
+
+# --- step 1 ----------------------------------------------------------------------------------
+
+def _measured(result: dict) -> list[dict]:
+    """Step 1's measured records with a finite impact, largest impact first."""
+    rows = [r for r in result["all_neuron_impacts"] if r.get("measured", True) and r["impact"] is not None]
+    return sorted(rows, key=lambda r: (-r["impact"], r["neuron"]))
+
+
+def _step1_details(result: dict) -> str:
+    """Step 1's title details: examples, ablation, how many neurons were measured."""
+    counts = result.get("num_examples") or {}
+    sizes = set(counts.values())
+    split = f"{len(counts)} tasks × {sizes.pop()}" if len(sizes) == 1 else f"{len(counts)} tasks"
+    records = result["all_neuron_impacts"]
+    measured = sum(bool(r.get("measured", True)) for r in records)
+    shown = len(_measured(result))
+    neurons = (f"all {len(records)} neurons measured" if measured == len(records) else
+               f"{measured} of {len(records)} neurons measured ({len(records) - measured} screened out by "
+               f"attribution, not shown)")
+    if shown < measured:
+        neurons += f"; {measured - shown} with non-finite logits not shown"
+    return (f"{result.get('ablation', 'zero')} ablation, {sum(counts.values())} discovery examples ({split}); "
+            f"{neurons}")
+
+
+def _threshold_lines(ax, result: dict, vertical: bool = False) -> None:
+    """The High Impact cut (impact > 2) and the beneficial threshold, as labelled lines."""
+    line = ax.axvline if vertical else ax.axhline
+    line(HIGH_IMPACT, **HIGH_LINE, label=f"High Impact cut: impact > {HIGH_IMPACT:g}")
+    line(result["threshold"], **THRESHOLD_LINE,
+         label=_minus(f"beneficial threshold: impact ≥ {result['threshold']:g}"))
+
+
+def _impact_points(ax, x: np.ndarray, records: list[dict]) -> None:
+    """Impacts at `x` with their 95% CI, significant neurons (BH q < 0.05) marked apart."""
+    impact = np.array([r["impact"] for r in records], dtype=float)
+    ci = np.array([r.get("ci95") or [r["impact"]] * 2 for r in records], dtype=float).reshape(-1, 2)
+    error = np.clip([impact - ci[:, 0], ci[:, 1] - impact], 0, None)
+    ax.errorbar(x, impact, yerr=error, fmt="none", ecolor="0.6", elinewidth=0.8, label="95% CI (bootstrap)")
+    significant = np.array([is_significant(r.get("q_value")) for r in records], dtype=bool)
+    ax.scatter(x[~significant], impact[~significant], s=16, color=PLAIN, zorder=3,
+               label=f"not significant ({(~significant).sum()})")
+    ax.scatter(x[significant], impact[significant], s=34, marker="D", color=SIGNIFICANT, edgecolor="k",
+               linewidth=0.5, zorder=4, label=f"significant, BH q < {SIGNIFICANCE:g} ({significant.sum()})")
+
+
+def _label_neurons(ax, x, y, neurons, rotate: bool = False, beside: bool = False) -> None:
+    """Neuron IDs written just above (or right of) the points (x, y)."""
+    offset, align = ((6, 0), {"ha": "left", "va": "center"}) if beside else (
+        (0, 3), {"ha": "center", "va": "bottom"})
+    for xi, yi, neuron in zip(x, y, neurons):
+        ax.annotate(str(neuron), (xi, yi), xytext=offset, textcoords="offset points", fontsize=8,
+                    rotation=90 if rotate else 0, **align)
+
+
+@styled
+def impact_ranked_figure(result: dict) -> Figure:
+    """Step 1: every measured neuron's impact by rank, with CI, significance, thresholds and top IDs."""
+    records = _measured(result)
+    fig, (ax,) = _new(10, 5)
+    _title(fig, f"Step 1: single-neuron ablation impact, {_model(result)}, layer {result['layer']}",
+           _step1_details(result) + f"; labels: IDs of the top {min(TOP_LABELLED, len(records))} neurons")
+    ax.set(xlabel="neuron rank by impact", ylabel=IMPACT_LABEL)
+    if not records:
+        _empty(ax, "no neuron was measured")
+        return fig
+    rank = np.arange(1, len(records) + 1)
+    _impact_points(ax, rank, records)
+    top = records[:TOP_LABELLED]
+    tops = [max(r["impact"], (r.get("ci95") or [0, r["impact"]])[1]) for r in top]
+    _label_neurons(ax, rank[:len(top)], tops, [r["neuron"] for r in top], rotate=len(records) > 30)
+    if len(records) > 100:
+        ax.set(xscale="log", xlabel="neuron rank by impact (log scale)")
+    ax.axhline(0, color="0.2", lw=0.7)
+    _threshold_lines(ax, result)
+    ax.margins(y=0.12)
+    _legend(ax, loc="upper right")
+    return fig
+
+
+@styled
+def impact_histogram_figure(result: dict) -> Figure:
+    """Step 1: how many neurons have each impact, by group, with the two thresholds."""
+    records = _measured(result)
+    fig, (ax,) = _new(7, 4.8)
+    _title(fig, f"Step 1: distribution of single-neuron impacts, {_model(result)}, layer {result['layer']}",
+           _step1_details(result))
+    ax.set(xlabel=IMPACT_LABEL, ylabel="neurons (count)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if not records:
+        _empty(ax, "no neuron was measured")
+        return fig
+    impact = np.array([r["impact"] for r in records])
+    edges = np.histogram_bin_edges(impact, bins=min(50, max(8, len(impact) // 4)))
+    classes = [(impact > HIGH_IMPACT, SIGNIFICANT, f"High Impact (> {HIGH_IMPACT:g})"),
+               (np.abs(impact) <= HIGH_IMPACT, PLAIN, f"Neutral (|impact| ≤ {HIGH_IMPACT:g})"),
+               (impact < -HIGH_IMPACT, "C7", f"impact < −{HIGH_IMPACT:g}")]
+    shown = [(impact[mask], color, f"{label}: {mask.sum()}") for mask, color, label in classes if mask.any()]
+    ax.hist([s[0] for s in shown], bins=edges, stacked=True, color=[s[1] for s in shown],
+            label=[s[2] for s in shown], edgecolor="white", linewidth=0.5)
+    _threshold_lines(ax, result, vertical=True)
+    _legend(ax, loc="upper right")
+    return fig
+
+
+@styled
+def variance_vs_impact_figure(result: dict) -> Figure:
+    """Step 1: each measured neuron's delta variance on the Pile against its impact."""
+    records = _measured(result)
+    fig, (ax,) = _new(9, 5)
+    tokens = result.get("delta_statistics_tokens")
+    _title(fig, f"Step 1: delta variance vs ablation impact, {_model(result)}, layer {result['layer']}",
+           _step1_details(result) + (f"; Δ statistics over {tokens} Pile tokens" if tokens else ""))
+    ax.set(xlabel="variance of Δ = softplus(dt_pre) over Pile tokens (unitless)",
+           ylabel=IMPACT_LABEL)
+    if not records:
+        _empty(ax, "no neuron was measured")
+        return fig
+    variance = np.array([r["delta_variance"] for r in records], dtype=float)
+    _impact_points(ax, variance, records)
+    if (variance > 0).all():
+        ax.set(xscale="log", xlabel=ax.get_xlabel() + ", log scale")
+    high = [r for r in records if r["impact"] > HIGH_IMPACT][:TOP_LABELLED]
+    _label_neurons(ax, [r["delta_variance"] for r in high], [r["impact"] for r in high],
+                   [r["neuron"] for r in high], beside=True)
+    ax.axhline(0, color="0.2", lw=0.7)
+    _threshold_lines(ax, result)
+    ax.margins(y=0.12)
+    _legend(ax, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
 
 
 def plot_discovery(result: dict, output_dir: str | Path) -> list[Path]:
-    """Step 1: ranked impacts with CI whiskers, impact histogram with the ±2 thresholds, variance vs impact."""
-    out = Path(output_dir)
-    records = [r for r in result["all_neuron_impacts"] if r["impact"] is not None]
-    impact = np.array([r["impact"] for r in records])
-    ci = np.array([r["ci95"] if r["ci95"] else [r["impact"]] * 2 for r in records])
-    layer = result["layer"]
+    """Step 1's figures (ranked impacts, histogram, variance vs impact) as PNG and SVG."""
+    out, layer = Path(output_dir), result["layer"]
+    return [*_save(impact_ranked_figure(result), out, f"impact_ranked_L{layer}"),
+            *_save(impact_histogram_figure(result), out, f"impact_histogram_L{layer}"),
+            *_save(variance_vs_impact_figure(result), out, f"variance_vs_impact_L{layer}")]
 
-    fig, ax = plt.subplots(figsize=(10, 4))
-    rank = np.arange(len(records))
-    ax.errorbar(rank, impact, yerr=[impact - ci[:, 0], ci[:, 1] - impact], fmt=".", ms=3, lw=0.6,
-                ecolor="0.7", color="C0")
-    ax.axhline(0, color="k", lw=0.8)
-    ax.axhline(result["threshold"], color="C3", ls="--", lw=0.8, label=f"threshold {result['threshold']}")
-    ax.set(xlabel="neuron rank", ylabel="impact (baseline - ablated, points)",
-           title=f"Delta neuron ablation impact, layer {layer} (95% CI)")
-    ax.legend()
-    paths = [_save(fig, out / f"impact_ranked_L{layer}.png")]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.hist(impact, bins=min(50, max(5, len(impact) // 4)), color="C0")
-    for x in (-2, 2):
-        ax.axvline(x, color="C3", ls="--", lw=0.8)
-    ax.set(xlabel="impact (points)", ylabel="neurons", title=f"Impact distribution, layer {layer}")
-    paths.append(_save(fig, out / f"impact_histogram_L{layer}.png"))
+# --- step 2 ----------------------------------------------------------------------------------
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    variance = np.array([r["delta_variance"] for r in records])
-    ax.scatter(variance, impact, s=8)
-    ax.set(xscale="log" if (variance > 0).all() else "linear", xlabel="delta variance (Pile)",
-           ylabel="impact (points)", title=f"Delta variance vs impact, layer {layer}")
-    paths.append(_save(fig, out / f"variance_vs_impact_L{layer}.png"))
-    return paths
+def _heldout_count(result: dict) -> int | None:
+    """How many held-out examples step 2 used (selection + confirmation halves)."""
+    if "selection_examples" in result:
+        return len(result["selection_examples"]) + len(result.get("confirmation_examples", []))
+    group = next(iter(result["groups"].values()), None)
+    return group["selection_size"] + group["confirmation_size"] if group else None
+
+
+def _factor_axis(ax, factors) -> None:
+    """A log factor axis ticked at exactly the factors used."""
+    ax.set_xscale("log")
+    ax.set_xticks(factors, labels=[f"{f:g}" for f in factors])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _verdict(optimal: dict | None) -> str:
+    """One group's outcome in words: its confirmed or unconfirmed optimum, or no factor."""
+    if optimal is None:
+        return "no factor could be scored"
+    if not optimal["beats_baseline"]:
+        return _minus(f"no factor beats the baseline (best: ×{optimal['selection_best_factor']:g}, "
+                      f"{optimal['selection']['delta']:+.1f} points)")
+    c = optimal.get("confirmation") or {}
+    tested = "" if c.get("delta") is None or c.get("p_value") is None else _minus(
+        f": Δ\u00a0{c['delta']:+.1f} points, p\u00a0=\u00a0{c['p_value']:.2g} on the confirmation half")
+    return f"optimum ×{optimal['factor']:g}, " + ("confirmed" if optimal["confirmed"] else "unconfirmed") + tested
+
+
+def _mark_optimum(ax, optimal: dict | None, rows: list[dict]) -> None:
+    """A star at the chosen factor: filled when confirmed, hollow when not."""
+    if not optimal or not optimal["beats_baseline"]:
+        return
+    row = next((r for r in rows if r["factor"] == optimal["factor"]), None)
+    if row is None:
+        return
+    confirmed = optimal["confirmed"]
+    ax.scatter([row["factor"]], [row["accuracy"]], s=260, marker="*", zorder=5, linewidth=1.3,
+               color=SIGNIFICANT if confirmed else "none", edgecolor="k" if confirmed else SIGNIFICANT,
+               label=f"optimum ×{optimal['factor']:g} ({'confirmed' if confirmed else 'unconfirmed'})")
+
+
+def _group_panel(ax, name: str, group: dict, optimal: dict | None, base: float) -> None:
+    """One group's selection-half accuracy by factor: line, CI band, baseline line, optimum."""
+    title = GROUP_TITLES.get(name, name)
+    ax.axhline(base, color=BASELINE, ls="--", lw=1, label=f"baseline, factor 1 ({base:.1f}%)")
+    rows = sorted((r for r in group["results"] if r["accuracy"] is not None), key=lambda r: r["factor"])
+    if not rows:
+        why = "no factor could be scored" if group["neurons"] else "empty, nothing amplified"
+        ax.set_title(_wrap(f"{title} group: {why}", ax))
+        return
+    factors = [r["factor"] for r in rows]
+    ci = np.array([[base + r["ci95"][0], base + r["ci95"][1]] if r["ci95"] else [r["accuracy"]] * 2 for r in rows])
+    ax.fill_between(factors, ci[:, 0], ci[:, 1], color=PLAIN, alpha=0.2, lw=0, label="95% CI of the change")
+    ax.plot(factors, [r["accuracy"] for r in rows], "o-", color=PLAIN, label="selection-half accuracy")
+    _mark_optimum(ax, optimal, rows)
+    _factor_axis(ax, factors)
+    ax.set_title(_wrap(f"{title} group ({len(group['neurons'])} neurons): {_verdict(optimal)}", ax))
+    _legend(ax, loc="best")
+
+
+@styled
+def accuracy_vs_factor_figure(result: dict) -> Figure:
+    """Step 2: each group's selection-half accuracy by steering factor, baseline, CI and optimum."""
+    groups = result["groups"]
+    fig, axes = _new(5.2 * max(1, len(groups)), 5, ncols=max(1, len(groups)), sharey=True)
+    first = next(iter(groups.values()), {"selection_size": "?", "confirmation_size": "?"})
+    _title(fig, f"Step 2: accuracy with each neuron group amplified, {_model(result)}, layer {result['layer']}",
+           f"selection half: {first['selection_size']} of {_heldout_count(result)} held-out examples "
+           f"({len(result.get('tasks', []))} tasks); shaded: 95% paired-bootstrap CI of the change from baseline; "
+           f"the optimum is tested once on the confirmation half ({first['confirmation_size']} examples)")
+    base = result["selection_baseline_accuracy"]
+    for ax, (name, group) in zip(axes, groups.items()):
+        _group_panel(ax, name, group, result["optimal_factors"].get(name), base)
+        ax.set_xlabel("steering factor (log scale; 1 = baseline)")
+    axes[0].set_ylabel("accuracy on the selection half (%)")
+    return fig
+
+
+@styled
+def step1_vs_heldout_figure(result: dict) -> Figure:
+    """Step 2: each ranked neuron's held-out impact against its step-1 impact, with y = x."""
+    ranking = result["importance_ranking"]
+    rows = [r for r in ranking["neurons"] if r["impact"] is not None and r["step1_impact"] is not None]
+    rho = ranking.get("spearman_step1_vs_heldout")
+    fig, (ax,) = _new(6.2, 6.2)
+    _title(fig, f"Step 2: do step-1 impacts replicate? {_model(result)}, layer {result['layer']}",
+           f"n = {len(rows)} neurons, Spearman ρ = {'n/a' if rho is None else f'{rho:.2f}'}; each neuron "
+           f"ablated alone on {_heldout_count(result)} held-out examples; labels: step-1 High Impact neurons")
+    ax.set(xlabel="step-1 impact, discovery examples (points)", ylabel="held-out impact (points)")
+    if not rows:
+        _empty(ax, "no neuron was ranked")
+        return fig
+    x = np.array([r["step1_impact"] for r in rows], dtype=float)
+    y = np.array([r["impact"] for r in rows], dtype=float)
+    ci = np.array([r.get("ci95") or [r["impact"]] * 2 for r in rows], dtype=float)
+    ax.errorbar(x, y, yerr=np.clip([y - ci[:, 0], ci[:, 1] - y], 0, None), fmt="o", color=PLAIN, ms=5,
+                ecolor="0.6", elinewidth=0.8, label="neuron (held-out 95% CI)")
+    low, high = min(x.min(), ci.min(), 0), max(x.max(), ci.max(), HIGH_IMPACT)
+    limits = [low - 0.05 * (high - low) - 0.1, high + 0.05 * (high - low) + 0.1]
+    ax.plot(limits, limits, color=BASELINE, ls="--", lw=1, label="y = x (same impact)")
+    ax.axvline(HIGH_IMPACT, **HIGH_LINE, label=f"High Impact cut ({HIGH_IMPACT:g} points)")
+    ax.axhline(HIGH_IMPACT, **HIGH_LINE)
+    labelled = x > HIGH_IMPACT
+    _label_neurons(ax, x[labelled], y[labelled], [r["neuron"] for r, h in zip(rows, labelled) if h], beside=True)
+    ax.set(xlim=limits, ylim=limits, aspect="equal")
+    _legend(ax, loc="upper left")
+    return fig
+
+
+@styled
+def perplexity_vs_layer_figure(result: dict) -> Figure:
+    """Step 2: Pile perplexity change with the High Impact neurons ablated / amplified at each layer."""
+    ppl = result["perplexity"]
+    entries, base = ppl["layers"], ppl["baseline"]
+    layers = [e["layer"] for e in entries]
+    fig, (ax,) = _new(7.5, 4.8)
+    source = FACTOR_SOURCES.get(ppl.get("factor_source"), ppl.get("factor_source"))
+    _title(fig, f"Step 2: Pile perplexity with layer {result['layer']}'s High Impact neurons steered at each "
+                f"layer, {_model(result)}",
+           f"{len(ppl.get('neurons', []))} neurons; {(ppl.get('documents') or {}).get('count', '?')} evaluation "
+           f"documents; baseline perplexity {base:.3f}"
+           + ("" if ppl.get("factor") is None else f"; amplified ×{ppl['factor']:g} ({source})"))
+    ax.axhline(0, color=BASELINE, ls="--", lw=1, label=f"baseline ({base:.3f})")
+    ax.plot(layers, [e["ablated"] - base for e in entries], "o-", color=PLAIN, label="ablated (factor 0)")
+    if ppl.get("factor") is not None:
+        ax.plot(layers, [e["amplified"] - base if e.get("amplified") is not None else np.nan for e in entries],
+                "s--", color=SIGNIFICANT, label=f"amplified ×{ppl['factor']:g}")
+    if result["layer"] in layers:
+        ax.axvline(result["layer"], color="0.6", ls=":", lw=1, label=f"discovery layer {result['layer']}")
+    ax.set(xlabel="layer steered", ylabel="Pile perplexity: change from baseline")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _plain(ax)
+    _legend(ax, loc="best")
+    return fig
 
 
 def plot_factors(result: dict, output_dir: str | Path) -> list[Path]:
-    """Step 2: accuracy vs factor per group (CI band, baseline), step-1 vs held-out impacts, perplexity by layer."""
-    out, paths = Path(output_dir), []
-    base = result["selection_baseline_accuracy"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k, (name, group) in enumerate(result["groups"].items()):
-        rows = [r for r in group["results"] if r["accuracy"] is not None and r["ci95"] is not None]
-        if not rows:
-            continue
-        f = np.array([r["factor"] for r in rows])
-        acc = np.array([r["accuracy"] for r in rows])
-        ci = np.array([r["ci95"] for r in rows])
-        ax.plot(f, acc, "o-", color=f"C{k}", label=f"{name} (n={len(group['neurons'])})")
-        ax.fill_between(f, base + ci[:, 0], base + ci[:, 1], color=f"C{k}", alpha=0.2)
-    ax.axhline(base, color="k", ls="--", lw=0.8, label="baseline")
-    ax.set(xscale="log", xlabel="steering factor", ylabel="selection-half accuracy (%)",
-           title=f"Group amplification at layer {result['layer']} (95% CI of the change)")
-    ax.legend()
-    paths.append(_save(fig, out / "accuracy_vs_factor.png"))
-
-    ranking = [r for r in result["importance_ranking"]["neurons"]
-               if r["impact"] is not None and r["step1_impact"] is not None]
-    if ranking:
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter([r["step1_impact"] for r in ranking], [r["impact"] for r in ranking], s=10)
-        ax.axhline(0, color="0.6", lw=0.6)
-        ax.axvline(0, color="0.6", lw=0.6)
-        rho = result["importance_ranking"]["spearman_step1_vs_heldout"]
-        ax.set(xlabel="step-1 impact (discovery)", ylabel="step-2 impact (held-out)",
-               title="Does the discovery replicate?" + ("" if rho is None else f"  Spearman {rho:.2f}"))
-        paths.append(_save(fig, out / "step1_vs_heldout_impact.png"))
-
-    if result.get("perplexity"):
-        ppl = result["perplexity"]
-        layers = [e["layer"] for e in ppl["layers"]]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        ax.plot(layers, [e["ablated"] for e in ppl["layers"]], "o-", label="ablated")
-        if ppl["factor"] is not None:
-            ax.plot(layers, [e["amplified"] for e in ppl["layers"]], "s-", label=f"amplified x{ppl['factor']:g}")
-        ax.axhline(ppl["baseline"], color="k", ls="--", lw=0.8, label="baseline")
-        ax.set(xlabel="layer", ylabel="Pile perplexity", title="High Impact neurons steered at each layer")
-        ax.legend()
-        paths.append(_save(fig, out / "perplexity_vs_layer.png"))
+    """Step 2's figures (accuracy vs factor, step 1 vs held-out, perplexity by layer) as PNG and SVG."""
+    out = Path(output_dir)
+    paths = _save(accuracy_vs_factor_figure(result), out, "accuracy_vs_factor")
+    if any(r["impact"] is not None and r["step1_impact"] is not None for r in result["importance_ranking"]["neurons"]):
+        paths += _save(step1_vs_heldout_figure(result), out, "step1_vs_heldout_impact")
+    if result.get("perplexity") and result["perplexity"].get("layers"):
+        paths += _save(perplexity_vs_layer_figure(result), out, "perplexity_vs_layer")
     return paths
 
 
+# --- step 3 ----------------------------------------------------------------------------------
+
+def _metric_label(result: dict) -> str:
+    """The IFEval metric in words, with its unit."""
+    metric = result["ifeval_metric"]
+    return METRIC_NAMES.get(metric, "IFEval " + metric.replace("_", " ")) + " (%)"
+
+
+def _configuration_label(name: str) -> str:
+    """A configuration name for people: 'ablate_delta_sensitive_L20' -> 'ablate delta-sensitive, L20'."""
+    match = re.fullmatch(r"(.*)_L(\d+)", name)
+    words, layer = (match.group(1), match.group(2)) if match else (name, None)
+    words = words.replace("delta_sensitive", "delta-sensitive").replace("high_variance", "high-variance")
+    return words.replace("_", " ") + ("" if layer is None else f", L{layer}")
+
+
+def _step3_header(result: dict, mode: str) -> tuple[str, str]:
+    """Step 3's title: mode, model, layer and factor (with its source), then the data details."""
+    steered = [e for e in result["configurations"] if e.get("factor") not in (None, 0)]
+    layers = sorted({e["layer"] for e in result["configurations"] if e.get("layer") is not None})
+    span = f"{layers[0]}–{layers[-1]}" if layers and layers == list(range(layers[0], layers[-1] + 1)) else (
+        ", ".join(map(str, layers)))
+    where = (f"layer {result['layer']}" if layers in ([], [result["layer"]]) else
+             f"layer {result['layer']}'s neurons at layers {span}")
+    source = FACTOR_SOURCES.get(result.get("factor_source"), result.get("factor_source"))
+    factor = (f", factor\u00a0×{result['factor']:g} ({source})" if steered and result.get("factor") is not None
+              else ", neuron sets ablated")
+    documents = (result.get("pile_documents") or {}).get("count")
+    details = (f"{_metric_label(result)[:-4]} on {result['num_prompts']} IFEval prompts (greedy)"
+               + (f"; perplexity on {documents} Pile documents" if documents else "")
+               + "; error bars: 95% paired-bootstrap CI of the change from baseline")
+    return f"Step 3: {MODE_TITLES.get(mode, mode)}, {_model(result)}, {where}{factor}", details
+
+
+def _accuracy_bars(ax, result: dict, entries: list[dict], base: float) -> None:
+    """Each configuration's accuracy with the 95% CI of its change, and the baseline line."""
+    x = np.arange(len(entries))
+    acc = np.array([e["accuracy"] for e in entries], dtype=float)
+    ci = np.array([e["ci95"] if e["name"] != "baseline" and e.get("ci95") else [0, 0] for e in entries], dtype=float)
+    error = np.clip([acc - (base + ci[:, 0]), base + ci[:, 1] - acc], 0, None)
+    colors = [BASELINE if e["name"] == "baseline" else PLAIN for e in entries]
+    ax.bar(x, acc, yerr=error, color=colors, capsize=4, error_kw={"elinewidth": 1, "ecolor": "k"})
+    ax.axhline(base, color=BASELINE, ls="--", lw=1, label=f"baseline ({base:.1f}%)")
+    for xi, e, top in zip(x, entries, acc + error[1]):
+        if e["name"] != "baseline" and e.get("delta") is not None:
+            ax.annotate(_minus(f"{e['delta']:+.1f}"), (xi, top), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set(ylabel=_metric_label(result), ylim=(0, min(110, max(10, (acc + error[1]).max() * 1.25))))
+    ax.set_title("accuracy (labels: change from baseline, points)")
+    _legend(ax, loc="upper left")
+
+
+def _perplexity_bars(ax, entries: list[dict]) -> None:
+    """Each configuration's Pile perplexity change from the baseline; 'not measured' where absent."""
+    base = next((e["perplexity"] for e in entries if e["name"] == "baseline"), None)
+    ax.set(ylabel="Pile perplexity: change from baseline")
+    ax.set_title("perplexity" + ("" if base is None else f" (baseline {base:.3f})"))
+    ax.axhline(0, color=BASELINE, ls="--", lw=1, label="baseline")
+    changes = [e.get("perplexity_delta") if e.get("perplexity_delta") is not None else
+               (None if e.get("perplexity") is None or base is None else e["perplexity"] - base) for e in entries]
+    if all(c is None for c in changes):
+        _empty(ax, "perplexity not measured")
+        return
+    for xi, (e, change) in enumerate(zip(entries, changes)):
+        if change is None:
+            ax.text(xi, 0, "not measured", rotation=90, ha="center", va="bottom", fontsize=8, color=BASELINE)
+        elif e["name"] != "baseline":
+            ax.bar(xi, change, color=SIGNIFICANT)
+    _plain(ax)
+
+
+@styled
+def configurations_figure(result: dict, mode: str | None = None) -> Figure:
+    """Step 3: each configuration's IFEval accuracy (95% CI, baseline) and Pile perplexity change."""
+    entries = result["configurations"]
+    base = next((e for e in entries if e["name"] == "baseline"), entries[0])["accuracy"]
+    fig, axes = _new(max(10, 1.3 * len(entries) + 5), 5.2, ncols=2)
+    _title(fig, *_step3_header(result, mode or result.get("mode", "")))
+    _accuracy_bars(axes[0], result, entries, base)
+    _perplexity_bars(axes[1], entries)
+    labels = [_configuration_label(e["name"]) for e in entries]
+    for ax in axes:
+        ax.set_xticks(np.arange(len(entries)), labels=labels, rotation=25, ha="right")
+        ax.set_xlabel("configuration")
+    return fig
+
+
+@styled
+def layer_ablation_vs_layer_figure(result: dict) -> Figure:
+    """Step 3, layer mode: accuracy (95% CI) and perplexity change by the layer steered."""
+    entries = result["configurations"]
+    base_entry = next((e for e in entries if e["name"] == "baseline"), entries[0])
+    steered = sorted((e for e in entries if e is not base_entry and e.get("layer") is not None),
+                     key=lambda e: e["layer"])
+    fig, (acc_ax, ppl_ax) = _new(7.5, 6.5, nrows=2, sharex=True)
+    _title(fig, *_step3_header(result, "layer_ablation"))
+    layers = np.array([e["layer"] for e in steered])
+    acc = np.array([e["accuracy"] for e in steered], dtype=float)
+    ci = np.array([e.get("ci95") or [e["delta"]] * 2 for e in steered], dtype=float).reshape(-1, 2)
+    base = base_entry["accuracy"]
+    acc_ax.errorbar(layers, acc, yerr=np.clip([acc - base - ci[:, 0], base + ci[:, 1] - acc], 0, None), fmt="o-",
+                    color=PLAIN, capsize=4, label="steered" + _times(result.get("factor")))
+    acc_ax.axhline(base, color=BASELINE, ls="--", lw=1, label=f"baseline ({base:.1f}%)")
+    acc_ax.set(ylabel=_fill(_metric_label(result), 24))
+    _legend(acc_ax, loc="best")
+    changes = [np.nan if e.get("perplexity_delta") is None else e["perplexity_delta"] for e in steered]
+    ppl_ax.axhline(0, color=BASELINE, ls="--", lw=1, label="baseline")
+    if np.isnan(changes).all():
+        _empty(ppl_ax, "perplexity not measured")
+    else:
+        ppl_ax.plot(layers, changes, "s-", color=SIGNIFICANT)
+    ppl_ax.set(xlabel="layer steered", ylabel="Pile perplexity:\nchange from baseline")
+    ppl_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _plain(ppl_ax)
+    return fig
+
+
 def plot_verification(results: dict, output_dir: str | Path) -> list[Path]:
-    """Step 3: configurations side by side (accuracy with CI, perplexity); accuracy and perplexity vs layer."""
+    """Step 3's figures per mode (configurations; for layer ablation also by layer) as PNG and SVG."""
     out, paths = Path(output_dir), []
     for mode, result in results.items():
-        entries = result["configurations"]
-        names = [e["name"] for e in entries]
-        base = entries[0]["accuracy"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        x = np.arange(len(entries))
-        err = np.array([[e["accuracy"] - (base + e["ci95"][0]), base + e["ci95"][1] - e["accuracy"]]
-                        for e in entries]).T.clip(min=0)
-        ax1.bar(x, [e["accuracy"] for e in entries], yerr=err, color=["0.6"] + ["C0"] * (len(entries) - 1))
-        ax1.set(xticks=x, ylabel=f"IFEval {result['ifeval_metric']} (%)", title=f"{mode}: accuracy")
-        ax1.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ppl = [e["perplexity"] if e["perplexity"] is not None else np.nan for e in entries]
-        ax2.bar(x, ppl, color=["0.6"] + ["C1"] * (len(entries) - 1))
-        ax2.set(xticks=x, ylabel="Pile perplexity", title=f"{mode}: perplexity")
-        ax2.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        paths.append(_save(fig, out / f"{mode}_configurations.png"))
-        if mode == "layer_ablation":
-            steered = entries[1:]
-            layers = [e["layer"] for e in steered]
-            fig, ax1 = plt.subplots(figsize=(7, 4))
-            ax1.plot(layers, [e["accuracy"] for e in steered], "o-", color="C0", label="accuracy")
-            ax1.axhline(base, color="C0", ls="--", lw=0.8)
-            ax1.set(xlabel="layer", ylabel=f"IFEval {result['ifeval_metric']} (%)",
-                    title=f"Delta-sensitive steering x{result['factor']:g} by layer (dashed: baseline)")
-            ax2 = ax1.twinx()
-            ax2.plot(layers, [e["perplexity"] for e in steered], "s-", color="C1", label="perplexity")
-            ax2.axhline(entries[0]["perplexity"], color="C1", ls="--", lw=0.8)
-            ax2.set_ylabel("Pile perplexity")
-            paths.append(_save(fig, out / "layer_ablation_vs_layer.png"))
+        paths += _save(configurations_figure(result, mode), out, f"{mode}_configurations")
+        if mode == "layer_ablation" and len(result["configurations"]) > 1:
+            paths += _save(layer_ablation_vs_layer_figure(result), out, "layer_ablation_vs_layer")
     return paths

@@ -19,6 +19,23 @@ from torch import nn
 from .errors import UsageError
 
 
+@dataclass(frozen=True)
+class Shape:
+    """A model's layers as far as steering is concerned, known from its config alone."""
+
+    num_layers: int
+    ssm_layers: tuple[int, ...]
+    delta_neurons: int  # per SSM layer
+
+
+def shape_of(model_or_config) -> Shape:
+    """The Shape of a model, a transformers config, or a Shape."""
+    if isinstance(model_or_config, Shape):
+        return model_or_config
+    config = getattr(model_or_config, "config", model_or_config)
+    return Shape(config.num_hidden_layers, tuple(range(config.num_hidden_layers)), config.intermediate_size)
+
+
 @dataclass
 class DeltaSite:
     """The tensors whose rows make layer L's `dt_pre`, one row per delta neuron: `linear` terms
@@ -37,19 +54,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def num_layers(model: nn.Module) -> int:
-    return len(decoder_layers(model))
+def num_layers(model) -> int:
+    return shape_of(model).num_layers
 
 
-def ssm_layers(model: nn.Module) -> list[int]:
+def ssm_layers(model) -> list[int]:
     """The layers that have delta neurons (every layer of a Mamba-1 model)."""
-    return list(range(num_layers(model)))
+    return list(shape_of(model).ssm_layers)
 
 
-def check_layer(model: nn.Module, layer: int, what: str = "layer") -> int:
-    """`layer` if the model has it, else a UsageError naming `what` (e.g. "--layer") and the range."""
+def num_delta_neurons(model) -> int:
+    """Delta neurons per layer: the output channels of `dt_proj` (the config's intermediate_size)."""
+    return shape_of(model).delta_neurons
+
+
+def check_layer(model, layer: int, what: str = "layer") -> int:
+    """`layer` if the model (or config, or Shape) has it, else a UsageError naming `what` (e.g.
+    "--layer") and the range."""
     n = num_layers(model)
-    if not isinstance(layer, int) or not 0 <= layer < n:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
         raise UsageError(f"{what} {layer} out of range: the model has layers 0-{n - 1}")
     return layer
 
@@ -59,12 +82,7 @@ def mixer(model: nn.Module, layer: int) -> nn.Module:
     return decoder_layers(model)[check_layer(model, layer)].mixer
 
 
-def num_delta_neurons(model: nn.Module) -> int:
-    """Delta neurons per layer: the output channels of `dt_proj` (the config's intermediate_size)."""
-    return decoder_layers(model)[0].mixer.dt_proj.out_features
-
-
-def check_neurons(model: nn.Module, neurons: Sequence[int], what: str = "neurons") -> list[int]:
+def check_neurons(model, neurons: Sequence[int], what: str = "neurons") -> list[int]:
     """Neuron ids as ints, each checked against the number of delta neurons per layer."""
     n = num_delta_neurons(model)
     ids = [int(i) for i in neurons]

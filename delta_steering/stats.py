@@ -42,8 +42,12 @@ def compare(base: np.ndarray, other: np.ndarray, indices: np.ndarray, weights: n
         resampled = 100.0 * (other[indices].sum(1) - base[indices].sum(1)) / totals[indices].sum(1)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(resampled, [alpha, 1 - alpha])
-    return {"delta": round(float(delta), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
-            "p_value": sign_test(base, other)}
+    return {"delta": _rounded(delta), "ci95": [_rounded(lo), _rounded(hi)], "p_value": sign_test(base, other)}
+
+
+def _rounded(value: float) -> float:
+    """Four decimals, and never -0.0 (which would print as "-0.00")."""
+    return round(float(value), 4) + 0.0
 
 
 def sign_test(base: np.ndarray, other: np.ndarray) -> float | None:

@@ -7,6 +7,7 @@ computes the same numbers from a shared prefix and a rank-1 correction per neuro
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .batching import Encoded
 from .fast_sweep import fast_loglikelihoods
@@ -17,11 +18,12 @@ from .tasks import Example
 
 
 def naive_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
-                         batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The reference: for each neuron, install its intervention and score every request."""
     logprob = np.empty((len(intervention.neurons), len(encoded)))
     greedy = np.empty((len(intervention.neurons), len(encoded)), dtype=bool)
-    for k, neuron in enumerate(intervention.neurons):
+    for k, neuron in enumerate(tqdm(intervention.neurons, desc="naive sweep", unit="neuron", disable=not progress,
+                                    leave=False)):
         with install(model, layer, intervention.only([neuron])):
             logprob[k], greedy[k] = loglikelihoods(model, tokenizer, encoded, batch_size)
     return logprob, greedy
@@ -31,18 +33,20 @@ ENGINES = {"fast": fast_loglikelihoods, "naive": naive_loglikelihoods}
 
 
 def sweep_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
-                         engine: str = "fast", batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                         engine: str = "fast", batch_size: int | None = None,
+                         progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Log-prob and greedy flag of every request (columns) with each neuron of `intervention` applied
-    alone (rows, in the intervention's order)."""
+    alone (rows, in the intervention's order); `progress` shows a bar that moves every batch."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
-    return ENGINES[engine](model, tokenizer, encoded, layer, intervention, batch_size=batch_size)
+    return ENGINES[engine](model, tokenizer, encoded, layer, intervention, batch_size=batch_size, progress=progress)
 
 
 def sweep_correctness(model, tokenizer, examples: list[Example], layer: int, intervention: Intervention,
-                      engine: str = "fast", batch_size: int | None = None,
-                      encoded: list[Encoded] | None = None) -> np.ndarray:
+                      engine: str = "fast", batch_size: int | None = None, encoded: list[Encoded] | None = None,
+                      progress: bool = False) -> np.ndarray:
     """neurons x examples correctness (1, 0, NaN for non-finite logits) of single-neuron interventions."""
     encoded = encoded or encode_examples(tokenizer, examples)
-    logprob, greedy = sweep_loglikelihoods(model, tokenizer, encoded, layer, intervention, engine, batch_size)
+    logprob, greedy = sweep_loglikelihoods(model, tokenizer, encoded, layer, intervention, engine, batch_size,
+                                           progress)
     return np.stack([correctness(examples, lp, g) for lp, g in zip(logprob, greedy)])

@@ -97,7 +97,7 @@ def run_configuration(model, tokenizer, configuration: Configuration, prompts: l
     with configuration.install(model):
         responses = generate_greedy(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens, batch_size,
                                     progress=True)
-        ppl = perplexity(model, tokenizer, texts, batch_size=batch_size) if texts else None
+        ppl = perplexity(model, tokenizer, texts, batch_size=batch_size, progress=True) if texts else None
     return Outcome(responses, score_responses(prompts, responses), ppl, round(time.time() - started, 2))
 
 
@@ -146,7 +146,7 @@ def print_summary(title: str, entries: list[dict], metric: str, factor: float, f
     ✓ (best) on the best configuration whose gain's 95% CI lies above 0."""
     best = best_configuration(entries)
     print(f"\n{title}  (Accuracy = {metric})")
-    print(f"  {'Experiment':<16} {'Configuration':<34} {'Accuracy':>8} {'Δ from Baseline':>16} {'95% CI':>17} "
+    print(f"  {'Experiment':<18} {'Configuration':<34} {'Accuracy':>8} {'Δ from Baseline':>16} {'95% CI':>17} "
           f"{'Perplexity':>10}")
     for e in entries:
         experiment = "Baseline" if e["name"] == "baseline" else title
@@ -154,7 +154,7 @@ def print_summary(title: str, entries: list[dict], metric: str, factor: float, f
         ci = "" if e["name"] == "baseline" else f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]"
         ppl = "" if e["perplexity"] is None else f"{e['perplexity']:.2f}"
         flag = "  ✓ (best)" if e is best else ""
-        print(f"  {experiment:<16} {e['name']:<34} {e['accuracy']:8.2f} {delta:>16} {ci:>17} {ppl:>10}{flag}")
+        print(f"  {experiment:<18} {e['name']:<34} {e['accuracy']:8.2f} {delta:>16} {ci:>17} {ppl:>10}{flag}")
     if best is None:
         print("  no configuration beats the baseline (no 95% CI of the gain lies above 0)")
     if any(e["factor"] not in (None, 0) for e in entries):

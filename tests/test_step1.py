@@ -46,7 +46,7 @@ def test_json_has_the_seed_fields_and_the_trust_fields(naive_run):
     assert set(naive_run) >= {"beneficial_neurons", "baseline_accuracy", "criterion", "all_neuron_impacts", "layer",
                              "model", "tasks", "validation_size", "per_task_baseline", "delta_variance",
                              "high_variance_neurons", "run"}
-    assert naive_run["criterion"] == "impact >= -2.0%"
+    assert naive_run["criterion"] == "impact >= -2.0 points"
     impacts = [r["impact"] for r in naive_run["all_neuron_impacts"]]
     assert impacts == sorted(impacts, reverse=True) and len(impacts) == 20
     assert naive_run["beneficial_neurons"] == sorted(r["neuron"] for r in naive_run["all_neuron_impacts"]
@@ -87,7 +87,7 @@ def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, p
 
 
 def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, task_file, pile_file, tmp_path,
-                                                    monkeypatch):
+                                                    monkeypatch, capsys):
     from delta_steering import sweep
 
     real = sweep.sweep_correctness
@@ -99,7 +99,9 @@ def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, t
     monkeypatch.setattr(sweep, "sweep_correctness", real)
     # a different layer must not silently reuse the checkpoint
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "22") == 2
+    capsys.readouterr()
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 0
+    assert "resuming: 1 of 2 chunks done" in capsys.readouterr().out
     resumed = json.loads((tmp_path / "out.json").read_text())
     assert strip_run(resumed) == strip_run(naive_run)
     assert not (tmp_path / "step1_checkpoint.json").exists()

@@ -1,0 +1,135 @@
+"""What a user meets first: --help fast and complete, and mistakes (paths, arguments) caught with one
+line and exit status 2 before the model is loaded, with nothing lost."""
+
+import importlib
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from scripts import run_main, step1_file
+
+SCRIPTS = ("step1_neuron_discovery", "step2_steering_factor_determination", "step3_steer_performance_verification")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_option_has_help_and_shows_its_default(script):
+    parser = importlib.import_module(script).build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert options and all(a.help and a.help.strip() for a in options), [a.dest for a in options if not a.help]
+    text = "".join(parser.format_help().split())  # argparse wraps lines, also at hyphens
+    for action in options:
+        if action.default is not None and action.nargs != 0:
+            assert "".join(f"(default: {action.default})".split()) in text, action.dest
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_without_importing_torch(script):
+    code = f"import sys, {script} as s; s.build_parser().format_help(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.stdout.strip() == "False", done.stderr
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, f"{script}.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "--model" in done.stdout
+    assert time.monotonic() - started < 10  # generous: about 0.3 s on an idle machine
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a script loads the model: the mistakes below must be caught before."""
+    from delta_steering import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture
+def inputs(tiny_model_dir, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(json.dumps({"context": f"Key {i} is", "choices": [" red", " blue"], "label": i % 2})
+                            + "\n" for i in range(6)))
+    pile = tmp_path / "pile.txt"
+    pile.write_text("The quick brown fox.\n\nParis is the capital of France.\n")
+    return {"model": tiny_model_dir, "task": task, "pile": pile,
+            "step1": step1_file(tmp_path / "d.json", {0: 3.0, 1: 0.5}, 23, tiny_model_dir, 32)}
+
+
+def step1(inputs, out, *extra):
+    return ["--model", inputs["model"], "--device", "cpu", "--tasks", inputs["task"], "--pile_path", inputs["pile"],
+            "--save_path", out / "d.json", "--output_dir", out, "--no_plots", *extra]
+
+
+def one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_output_paths_are_checked_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("keep me")
+    assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), "--output_dir", tmp_path / "a_file"]) == 2
+    assert "--output_dir" in one_line(capsys) and (tmp_path / "a_file").read_text() == "keep me"
+    assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), "--save_path", tmp_path / "a_file" / "d.json"]) == 2
+    assert "--save_path" in one_line(capsys)
+    assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), "--save_path", tmp_path]) == 2
+    assert "is a folder" in one_line(capsys)
+    import os
+
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(read_only) else real_access(p, mode))
+    assert run_main(SCRIPTS[0], step1(inputs, read_only)) == 2  # root may write anywhere: the check is simulated
+    assert "not writable" in one_line(capsys)
+    args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--no_plots"]
+    assert run_main(SCRIPTS[1], [*args, "--output_dir", tmp_path / "a_file"]) == 2
+    assert "--output_dir" in one_line(capsys)
+    assert run_main(SCRIPTS[2], [*args, "--factor", "2", "--output_dir", tmp_path / "a_file" / "x"]) == 2
+    assert "--output_dir" in one_line(capsys)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("extra,message", [
+    (["--layer", "24"], "--layer 24 out of range"),
+    (["--neurons", "0-40"], "neuron 32 out of range"),
+    (["--pile_path", "/no/such/pile.txt"], "Pile path not found"),
+    (["--tasks", "lambada_openai", "--model", "./models/mamba_trained_on_pile"], "local model directory not found"),
+])
+def test_step1_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, capsys, extra, message):
+    assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), *extra]) == 2
+    assert message in one_line(capsys)
+
+
+@pytest.mark.usefixtures("no_model_load")
+@pytest.mark.parametrize("extra,message", [
+    (["--layer", "30"], "--layer 30 out of range"),
+    (["--perplexity_ablation", "--perplexity_layers", "40"], "--perplexity_layers 40 out of range"),
+    (["--factors", "0,2"], "--factors must be positive"),
+])
+def test_step2_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, capsys, extra, message):
+    args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--tasks", inputs["task"],
+            "--output_dir", tmp_path, "--no_plots", *extra]
+    assert run_main(SCRIPTS[1], args) == 2
+    assert message in one_line(capsys)
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_step3_names_a_missing_prompt_file_before_nltk(inputs, tmp_path, capsys, monkeypatch):
+    from delta_steering import ifeval
+
+    def no_punkt():
+        raise ifeval.UsageError("NLTK's punkt_tab tokenizer is not installed")
+
+    monkeypatch.setattr(ifeval, "ensure_punkt", no_punkt)
+    args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--factor", "2",
+            "--ifeval_path", tmp_path / "missing.jsonl", "--output_dir", tmp_path, "--no_plots"]
+    assert run_main(SCRIPTS[2], args) == 2
+    assert "IFEval file not found" in one_line(capsys)
+    assert run_main(SCRIPTS[2], [*args[:-5], "--layers", "40", "--layer_ablation", *args[-5:]]) == 2
+    assert "--layers 40" in one_line(capsys)
