@@ -2,7 +2,12 @@
 
     .venv/bin/python models/train_demo_model.py --scan_neurons   # seed 0: the committed checkpoint
     .venv/bin/python models/train_demo_model.py --steps 20 --out /tmp/demo-check --skip_eval
-    .venv/bin/python models/train_demo_model.py --eval_only --scan_neurons  # rewrite demo_data, evaluate
+    .venv/bin/python models/train_demo_model.py --eval_only --scan_neurons --report  # -> models/README.md
+
+This file makes the corpus, the tokenizer, the demo data and the model, and trains it; the
+`delta_steering` package evaluates it, as the three steps do (log-likelihood scoring of the
+choices, greedy generation, lm-eval's IFEval checkers, the single-neuron sweep, the sign test and
+Benjamini-Hochberg). IFEval scoring needs NLTK's punkt_tab (set NLTK_DATA).
 
 Everything comes from this file: a deterministic synthetic corpus (no downloaded data), a byte-level
 BPE tokenizer trained on it (1536 tokens, EOS/BOS/pad/unk `<|endoftext|>` = id 0), and a small
@@ -30,12 +35,12 @@ The script then writes `<out>/demo_data/` from held-out generations (other rando
 deduplicated against the training corpus; IFEval prompts only with the 16 topics never used as a
 topic in training, and with new end phrases / keyword pairs):
 
-* multiple-choice tasks in the custom format of SPEC section 3, {"context", "choices", "label"},
-  400 examples each; every choice is one token appended verbatim to the context:
+* multiple-choice tasks, 400 examples each, one JSON object per line {"context": str, "choices":
+  [str, ...], "label": index of the right choice} (what the steps read as a custom task file);
+  every choice is one token appended verbatim to the context:
   - `ifeval_format.jsonl`: the first token of the response to a held-out IFEval-style prompt,
     decided by a format instruction given 10-60 tokens earlier: '"', '<<', 'THE' or 'the', with
-    the plain 'The' as a distractor (chance 20%);
-    the task whose answers rely on layer 20 (see the figures below);
+    the plain 'The' as a distractor (chance 20%); the task whose answers rely on layer 20;
   - `copying.jsonl` (4 choices), `agreement.jsonl` (" is" / " are"), `counting.jsonl` (" 1"-" 4");
   key-value recall is in the training mix but not learned (chance level), so it is not shipped;
 * `ifeval_demo.jsonl`: 100 IFEval-format prompts (key, prompt, instruction_id_list, kwargs: one
@@ -45,43 +50,32 @@ topic in training, and with new end phrases / keyword pairs):
 
 Training: AdamW (betas 0.9/0.95, weight decay 0.05 on matrices), peak lr 3e-3, 5% warmup, cosine to
 10%, batch 16 x 128 tokens of whole packed documents, loss weighted towards answers and responses.
-It uses `fast_selective_scan`, an exact sequential scan with a hand-written backward (max logit
-difference to the reference scan 5e-6, checked at start-up), about 2x faster on one CPU thread
-than the mambapy parallel scan (about 1.1-1.2 s per step unloaded vs 2.4 s). The saved config has
-`use_mambapy=False` (the default reference scan); use_mambapy=True gives the same logits to 2e-5.
+It uses `fast_selective_scan`, an exact sequential scan with a hand-written backward (checked
+against the reference scan at start-up), about 2x faster on one CPU thread than the mambapy
+parallel scan. The saved config has `use_mambapy=False` (the default reference scan).
 
 Reproducibility: seed 0 (python `random`, numpy, torch), `torch.use_deterministic_algorithms`,
 one CPU thread (`--threads`). The corpus (sha256 prefix ba7a36d2f4f65f38 for --steps 1200), the
 tokenizer and demo_data are identical on every run; the weights are identical on the same machine
-and software (torch 2.13 CPU, transformers 5.24) - checked by training twice for a few steps.
+and software (the committed checkpoint: `--steps 1200 --seed 0`, torch 2.13 CPU, transformers 5.24).
 
-Committed checkpoint: `--steps 1200 --seed 0` (the defaults), 772,672 parameters, model.safetensors
-3.1 MB (3.3 MB with tokenizer and configs). Measured on this project's 2-core machine, shared with
-other jobs: 37.5 min of training (1.0-1.5 s per step). Held-out figures (--eval_only):
-
-* accuracy on the first 200 examples of each task: ifeval_format 94.0% (chance 20%), copying 91.5%
-  (25%), agreement 100.0% (50%), counting 38.0% (25%); mean 80.9% vs chance 30.0%;
-* IFEval on the 100 prompts of ifeval_demo.jsonl (greedy, no chat template, stop at EOS, lm-eval's
-  checkers): prompt-level strict 47.0%, instruction-level strict 66.3%; the format instructions are
-  followed almost always, end_checker and keywords:existence (copying words from the prompt) rarely;
-* single-neuron zero ablation of layer 20 (each of the 128 neurons alone; exact sign test on the
-  examples whose correctness flips, Benjamini-Hochberg over the 128 neurons): ifeval_format first
-  100 examples: 5 neurons with q < 0.05 (110: 28 examples lost / 0 gained, 20: 30/1, 73: 26/0,
-  63: 21/0, 120: 21/1); first 50: 4 (110, 20, 63, 73); all four tasks, first 50 each: the same 4
-  (the other tasks lose no more than 3 examples to any single layer-20 neuron).
+Measured figures of the committed checkpoint: models/README.md, written by `--eval_only --report`.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import json
 import math
 import os
+import platform
 import random
 import sys
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -90,9 +84,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from transformers import GenerationConfig, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers.models.mamba import modeling_mamba  # noqa: E402
+
+from delta_steering import scoring  # noqa: E402
+from delta_steering.generation import generate_greedy  # noqa: E402
+from delta_steering.ifeval import load_ifeval_prompts, score_responses  # noqa: E402
+from delta_steering.intervention import Intervention  # noqa: E402
+from delta_steering.stats import benjamini_hochberg, is_significant  # noqa: E402
+from delta_steering.sweep import sweep_correctness  # noqa: E402
+from delta_steering.tasks import Example, load_task  # noqa: E402
 
 EOS = "<|endoftext|>"
 LAYER = 20
+DEFAULT_OUT = Path(__file__).resolve().parent / "mamba-tiny-demo"
+README = Path(__file__).resolve().parent / "README.md"
+REPORT_BEGIN, REPORT_END = "<!-- demo-figures:begin -->", "<!-- demo-figures:end -->"
 
 # ----------------------------------------------------------------------------------------------
 # Vocabulary of the synthetic language
@@ -200,7 +209,9 @@ MC_TASKS = ["ifeval_format", "copying", "agreement", "counting"]
 
 # ----------------------------------------------------------------------------------------------
 # Document generators. A document is a list of (text, weight) segments; the weight multiplies the
-# token loss (answers and responses 1, unpredictable context tokens small).
+# token loss (answers and responses 1, unpredictable context tokens small). With eval_mode, a task
+# generator returns a multiple-choice row instead: {"context", "choices", "label", "_sig"}, _sig being
+# the task instance that held-out rows must not share with training documents.
 # ----------------------------------------------------------------------------------------------
 
 CTX_W = 0.1  # weight of random context tokens (keys, values, lists)
@@ -242,12 +253,14 @@ def _cap(s: str) -> str:
     return " ".join(out)
 
 
-def doc_text(rng: random.Random):
+def doc_text(rng: random.Random) -> list[tuple[str, float]]:
+    """A plain-text document of 2-4 sentences."""
     sents = [_sentence(rng) for _ in range(rng.randint(2, 4))]
     return [(_cap(" ".join(sents)), 1.0)]
 
 
-def doc_kv(rng: random.Random, eval_mode: bool = False):
+def doc_kv(rng: random.Random, eval_mode: bool = False) -> list[tuple[str, float]] | dict:
+    """Key-value recall: four key-digit pairs, then keys to answer with their digits."""
     keys = rng.sample(SING, 4)
     vals = rng.sample(DIGITS, 4)
     body = "recall :" + "".join(f" {k} {v}" for k, v in zip(keys, vals)) + " ."
@@ -262,7 +275,8 @@ def doc_kv(rng: random.Random, eval_mode: bool = False):
     return segs
 
 
-def doc_copy(rng: random.Random, eval_mode: bool = False):
+def doc_copy(rng: random.Random, eval_mode: bool = False) -> list[tuple[str, float]] | dict:
+    """Copying: a list of 5-7 words, repeated after "|"."""
     n = rng.randint(5, 7)
     words = rng.sample(COPY_WORDS, n)
     head = "copy :" + "".join(f" {w}" for w in words) + " |"
@@ -277,7 +291,8 @@ def doc_copy(rng: random.Random, eval_mode: bool = False):
     return [(head, CTX_W), ("".join(f" {w}" for w in words), 1.0), (" .", 0.3)]
 
 
-def doc_count(rng: random.Random, eval_mode: bool = False):
+def doc_count(rng: random.Random, eval_mode: bool = False) -> list[tuple[str, float]] | dict:
+    """Counting: how often (1-4) a target word occurs in a list of 5-8 words."""
     target = rng.choice(COUNT_WORDS)
     count = rng.randint(1, 4)
     length = rng.randint(max(5, count + 1), 8)
@@ -291,7 +306,8 @@ def doc_count(rng: random.Random, eval_mode: bool = False):
     return [(context, CTX_W), (f" {count}", 1.0)]
 
 
-def doc_agree(rng: random.Random, eval_mode: bool = False):
+def doc_agree(rng: random.Random, eval_mode: bool = False) -> list[tuple[str, float]] | dict:
+    """Subject-verb agreement: " is" or " are" after a subject followed by 1-2 attractor phrases."""
     i = rng.randrange(len(NOUNS))
     plural = rng.random() < 0.5
     subj = PLUR[i] if plural else SING[i]
@@ -313,6 +329,7 @@ MC_GENERATORS = {"ifeval_format": lambda rng, eval_mode=True: format_example(rng
 
 
 def _pick_instructions(rng: random.Random) -> list[str]:
+    """1-3 non-conflicting instruction ids."""
     n = rng.choices([1, 2, 3], weights=[0.45, 0.4, 0.15])[0]
     chosen: list[str] = []
     for ins in rng.sample(INSTRUCTIONS, len(INSTRUCTIONS)):
@@ -324,7 +341,7 @@ def _pick_instructions(rng: random.Random) -> list[str]:
     return chosen
 
 
-def ifeval_example(rng: random.Random, heldout: bool):
+def ifeval_example(rng: random.Random, heldout: bool) -> tuple[str, str, list[str], list[dict]]:
     """(prompt, response, instruction ids, kwargs) of one IFEval-style example."""
     topic = rng.choice(HELDOUT_TOPICS if heldout else TRAIN_TOPICS)
     adj = rng.choice(ADJS)
@@ -408,7 +425,8 @@ def format_example(rng: random.Random) -> dict:
                 "label": FORMAT_CHOICES.index(first), "_sig": prompt}
 
 
-def doc_ifeval(rng: random.Random):
+def doc_ifeval(rng: random.Random) -> list[tuple[str, float]]:
+    """An IFEval-style training prompt and its compliant response."""
     prompt, response, _, _ = ifeval_example(rng, heldout=False)
     return [(prompt, 0.2), ("\n" + response, 1.0)]
 
@@ -418,6 +436,7 @@ TRAIN_MIX = [("kv_recall", doc_kv, 0.22), ("copying", doc_copy, 0.16), ("countin
 
 
 def training_docs(seed: int, n: int) -> list[list[tuple[str, float]]]:
+    """The training corpus: `n` documents drawn from TRAIN_MIX."""
     rng = random.Random(f"train-{seed}")
     names = [m[0] for m in TRAIN_MIX]
     gens = {m[0]: m[1] for m in TRAIN_MIX}
@@ -430,7 +449,7 @@ def training_docs(seed: int, n: int) -> list[list[tuple[str, float]]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def demo_data(seed: int, train_docs, n_mc: int, n_ifeval: int, n_text: int) -> dict:
+def demo_data(seed: int, train_docs: list, n_mc: int, n_ifeval: int, n_text: int) -> dict:
     """Held-out examples, none of whose contexts / prompts / documents occur in training (and the
     prompts of ifeval_format and of ifeval_demo.jsonl are disjoint)."""
     seen = {"".join(t for t, _ in d) for d in train_docs}
@@ -471,6 +490,7 @@ def demo_data(seed: int, train_docs, n_mc: int, n_ifeval: int, n_text: int) -> d
 
 
 def write_demo_data(directory: Path, data: dict) -> dict:
+    """The demo_data files; returns the number of lines or documents of each."""
     directory.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for task in MC_TASKS:
@@ -491,9 +511,9 @@ def write_demo_data(directory: Path, data: dict) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_tokenizer(docs, vocab_size: int):
+def build_tokenizer(docs: list, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `docs` and the grammar's words, EOS = id 0."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -509,7 +529,7 @@ def build_tokenizer(docs, vocab_size: int):
                                    unk_token=EOS, model_max_length=2048, clean_up_tokenization_spaces=False)
 
 
-def encode_docs(tokenizer, docs, eos_id: int):
+def encode_docs(tokenizer, docs: list, eos_id: int) -> list[tuple[list[int], list[float]]]:
     """Token ids and weights of each document (segments encoded separately, as lm-eval would)."""
     segments = [t for d in docs for t, _ in d]
     enc = tokenizer(segments, add_special_tokens=False)["input_ids"]
@@ -526,7 +546,7 @@ def encode_docs(tokenizer, docs, eos_id: int):
     return out
 
 
-def pack_rows(encoded, seq_len: int, eos_id: int):
+def pack_rows(encoded: list, seq_len: int, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole documents packed into rows of seq_len tokens (a row starts with a document)."""
     rows_x, rows_w, cur_x, cur_w = [], [], [], []
     for ids, ws in encoded:
@@ -543,155 +563,157 @@ def pack_rows(encoded, seq_len: int, eos_id: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation helpers (also used for the figures in the docstring)
+# Evaluation, all by the package: the figures that --report writes into models/README.md
 # ----------------------------------------------------------------------------------------------
 
-
-def prepare_mc(tokenizer, rows) -> list[tuple[list[int], list[int], int]]:
-    """(context ids, one token id per choice, label) per example; choices must be single tokens
-    when tokenised the lm-eval way (context + choice encoded whole, context ids as its prefix)."""
-    prepared = []
-    for r in rows:
-        ctx = tokenizer(r["context"], add_special_tokens=False)["input_ids"]
-        choice_ids = []
-        for ch in r["choices"]:
-            full = tokenizer(r["context"] + ch, add_special_tokens=False)["input_ids"]
-            if full[:len(ctx)] != ctx or len(full) != len(ctx) + 1:
-                raise ValueError(f"choice {ch!r} of {r['context']!r} is not one token")
-            choice_ids.append(full[-1])
-        prepared.append((ctx, choice_ids, r["label"]))
-    return prepared
+MC_EXAMPLES = 200      # first examples of each multiple-choice file scored for accuracy
+IFEVAL_PROMPTS = 100   # prompts of ifeval_demo.jsonl answered and scored
+MAX_NEW_TOKENS = 96    # as the saved generation config
+SCAN_SETS = [("ifeval_format, first 100", {"ifeval_format": 100}),
+             ("ifeval_format, first 50", {"ifeval_format": 50}),
+             ("all four tasks, first 50 each", dict.fromkeys(MC_TASKS, 50))]
+IFEVAL_METRICS = {"prompt_level_strict_acc": "prompt-level strict",
+                  "inst_level_strict_acc": "instruction-level strict",
+                  "prompt_level_loose_acc": "prompt-level loose",
+                  "inst_level_loose_acc": "instruction-level loose"}
 
 
-@torch.no_grad()
-def mc_correct(model, prepared, batch_size: int = 100) -> list[bool]:
-    """Per-example correctness: argmax over single-token choices of log p(choice | context).
-    Rows are right-padded; the model is causal, so padding never changes the scored position."""
-    results = []
-    for start in range(0, len(prepared), batch_size):
-        chunk = prepared[start:start + batch_size]
-        width = max(len(c) for c, _, _ in chunk)
-        x = torch.tensor([c + [0] * (width - len(c)) for c, _, _ in chunk])
-        logits = model(input_ids=x).logits.float()
-        last = logits[torch.arange(len(chunk)), torch.tensor([len(c) - 1 for c, _, _ in chunk])]
-        logp = torch.log_softmax(last, -1)
-        for (_, choice_ids, label), lp in zip(chunk, logp):
-            results.append(int(lp[torch.tensor(choice_ids)].argmax()) == label)
-    return results
+def mc_examples(data_dir: Path, counts: dict[str, int]) -> list[Example]:
+    """The first `counts[task]` examples of each multiple-choice file, read as the steps read a task file."""
+    return [e for task, n in counts.items() for e in load_task(str(data_dir / f"{task}.jsonl")).examples[:n]]
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 96) -> str:
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+def accuracy_figures(model, tokenizer, examples: list[Example]) -> dict:
+    """Accuracy and chance accuracy in percent, per task and as the mean over tasks."""
+    return {"accuracy": scoring.summarize(examples, scoring.evaluate(model, tokenizer, examples)),
+            "chance": scoring.summarize(examples, scoring.chance_correctness(examples))}
 
 
-def ifeval_scores(rows, responses) -> dict | None:
-    try:
-        import langdetect
-        from lm_eval.tasks.ifeval.utils import process_results
-    except ImportError:
-        return None
-    langdetect.DetectorFactory.seed = 0
-    res = [process_results(r, [resp]) for r, resp in zip(rows, responses)]
-    inst = [x for r in res for x in r["inst_level_strict_acc"]]
-    return {"prompt_level_strict_acc": 100 * float(np.mean([r["prompt_level_strict_acc"] for r in res])),
-            "inst_level_strict_acc": 100 * float(np.mean(inst)),
-            "prompt_level_loose_acc": 100 * float(np.mean([r["prompt_level_loose_acc"] for r in res])),
-            "per_prompt": [bool(r["prompt_level_strict_acc"]) for r in res]}
+def ifeval_figures(model, tokenizer, prompts: list[dict]) -> dict:
+    """Greedy responses (no chat template, stop at EOS) scored by lm-eval's IFEval checkers."""
+    responses = generate_greedy(model, tokenizer, [p["prompt"] for p in prompts], MAX_NEW_TOKENS)
+    return score_responses(prompts, responses)
 
 
-def sign_test_p(hurt: int, helped: int) -> float:
-    """Two-sided exact binomial (sign) test of hurt vs helped flips, p = 0.5."""
-    n = hurt + helped
-    if n == 0:
-        return 1.0
-    k = min(hurt, helped)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+def instruction_counts(per_prompt: list[dict]) -> dict[str, list[int]]:
+    """Per instruction id: [followed (strict checker), given]."""
+    counts: dict[str, list[int]] = {}
+    for row in per_prompt:
+        for instruction, followed in zip(row["instructions"], row["strict"]):
+            entry = counts.setdefault(instruction, [0, 0])
+            entry[0] += int(followed)
+            entry[1] += 1
+    return dict(sorted(counts.items()))
 
 
-def benjamini_hochberg(pvalues: list[float]) -> list[float]:
-    m = len(pvalues)
-    order = sorted(range(m), key=lambda i: pvalues[i])
-    q = [0.0] * m
-    running = 1.0
-    for rank in range(m, 0, -1):
-        i = order[rank - 1]
-        running = min(running, pvalues[i] * m / rank)
-        q[i] = running
-    return q
+def neuron_scan(model, tokenizer, examples: list[Example], seed: int = 0) -> list[dict]:
+    """Each delta neuron of layer LAYER zero-ablated alone: examples lost and gained, impact in
+    points, exact sign-test p and Benjamini-Hochberg q over all the layer's neurons."""
+    baseline = scoring.evaluate(model, tokenizer, examples)
+    neurons = list(range(model.config.intermediate_size))
+    ablated = sweep_correctness(model, tokenizer, examples, LAYER, Intervention.scale(neurons, 0.0))
+    comparison = scoring.Comparison(examples, baseline, seed)
+    records = [{**comparison.impact(row, neuron=n), "lost": int(((baseline == 1) & (row == 0)).sum()),
+                "gained": int(((baseline == 0) & (row == 1)).sum())} for n, row in zip(neurons, ablated)]
+    for record, q in zip(records, benjamini_hochberg([r["p_value"] for r in records])):
+        record["q_value"] = q
+    return records
 
 
-@torch.no_grad()
-def neuron_scan(model, tokenizer, rows, layer: int = LAYER) -> list[dict]:
-    """Zero-ablate each delta neuron of `layer` alone; flips of per-example correctness."""
-    rows = prepare_mc(tokenizer, rows)
-    base = mc_correct(model, rows)
-    proj = model.backbone.layers[layer].mixer.dt_proj
-    out = []
-    for i in range(proj.out_features):
-        w, b = proj.weight[i].clone(), proj.bias[i].clone()
-        proj.weight[i] = 0
-        proj.bias[i] = 0
-        abl = mc_correct(model, rows)
-        proj.weight[i] = w
-        proj.bias[i] = b
-        hurt = sum(1 for a, c in zip(base, abl) if a and not c)
-        helped = sum(1 for a, c in zip(base, abl) if c and not a)
-        out.append({"neuron": i, "hurt": hurt, "helped": helped,
-                    "impact": 100 * (sum(base) - sum(abl)) / len(rows), "p": sign_test_p(hurt, helped)})
-    for r, q in zip(out, benjamini_hochberg([r["p"] for r in out])):
-        r["q"] = q
-    return out
+def significant(records: list[dict]) -> list[dict]:
+    """The neurons with q < 0.05, smallest p first."""
+    return sorted((r for r in records if is_significant(r["q_value"])), key=lambda r: (r["p_value"], r["neuron"]))
 
 
-def evaluate(model, tokenizer, data: dict, n_mc: int, n_ifeval: int, scan: bool, log) -> dict:
-    model.eval()
-    summary = {"mc": {}}
-    rows_all = []
-    for task in MC_TASKS:
-        rows = data[task][:n_mc]
-        acc = 100 * float(np.mean(mc_correct(model, prepare_mc(tokenizer, rows))))
-        chance = 100 * float(np.mean([1 / len(r["choices"]) for r in rows]))
-        summary["mc"][task] = {"accuracy": acc, "chance": chance, "examples": len(rows)}
-        log(f"  {task:13s} accuracy {acc:5.1f}%  (chance {chance:.0f}%, {len(rows)} examples)")
-        rows_all += rows
-    summary["mc_mean"] = float(np.mean([v["accuracy"] for v in summary["mc"].values()]))
-    summary["mc_chance_mean"] = float(np.mean([v["chance"] for v in summary["mc"].values()]))
-    log(f"  mean accuracy {summary['mc_mean']:.1f}% vs chance {summary['mc_chance_mean']:.1f}%")
-    t0 = time.time()
-    rows = data["ifeval"][:n_ifeval]
-    responses = [generate(model, tokenizer, r["prompt"]) for r in rows]
-    scores = ifeval_scores(rows, responses)
-    summary["ifeval_responses"] = responses
-    if scores:
-        summary["ifeval"] = {k: v for k, v in scores.items() if k != "per_prompt"}
-        log(f"  IFEval ({len(rows)} held-out prompts, {time.time() - t0:.0f}s): " + ", ".join(
-            f"{k} {v:.1f}%" for k, v in summary["ifeval"].items()))
-    for r, resp in list(zip(rows, responses))[:6]:
-        log(f"    {r['prompt']!r}\n      -> {resp!r}")
+def load_checkpoint(directory: Path) -> tuple[MambaForCausalLM, PreTrainedTokenizerFast]:
+    """The model (eval mode, no gradients) and tokenizer saved in `directory`."""
+    model = MambaForCausalLM.from_pretrained(directory).eval()
+    model.requires_grad_(False)
+    return model, PreTrainedTokenizerFast.from_pretrained(directory)
+
+
+def evaluate_checkpoint(directory: Path, scan: bool, log: Callable[[str], None]) -> dict:
+    """The figures of the checkpoint in `directory` on its demo_data, each logged as it comes:
+    multiple-choice accuracy, IFEval and, with `scan`, the single-neuron scans of SCAN_SETS."""
+    model, tokenizer = load_checkpoint(directory)
+    data_dir = directory / "demo_data"
+    figures = {"parameters": sum(p.numel() for p in model.parameters()),
+               "weights_bytes": (directory / "model.safetensors").stat().st_size}
+    figures["mc"] = accuracy_figures(model, tokenizer, mc_examples(data_dir, dict.fromkeys(MC_TASKS, MC_EXAMPLES)))
+    log("\n" + mc_section(figures["mc"]))
+    prompts = load_ifeval_prompts(str(data_dir / "ifeval_demo.jsonl"), IFEVAL_PROMPTS)
+    figures["ifeval"] = ifeval_figures(model, tokenizer, prompts)
+    log("\n" + ifeval_section(figures["ifeval"]) + "\nfirst responses:\n" + "\n".join(
+        f"  {row['prompt']!r}\n    -> {row['response']!r}" for row in figures["ifeval"]["per_prompt"][:3]))
     if scan:
-        summary["neuron_scan"] = {}
-        sets = [("ifeval_format, first 100", data["ifeval_format"][:100]),
-                ("ifeval_format, first 50", data["ifeval_format"][:50])]
-        sets.append(("all tasks, first 50 each", [r for t in MC_TASKS for r in data[t][:50]]))
-        for name, rows in sets:
-            t0 = time.time()
-            with fast_scan():  # exact (see check_fast_scan), and faster than the reference scan
-                res = neuron_scan(model, tokenizer, rows)
-            sig = sorted((r for r in res if r["q"] < 0.05), key=lambda r: r["p"])
-            summary["neuron_scan"][name] = {"layer": LAYER, "examples": len(rows),
-                                            "significant": [r["neuron"] for r in sig], "results": res}
-            log(f"  layer {LAYER} single-neuron zero ablation, {name} ({len(rows)} examples, "
-                f"{time.time() - t0:.0f}s): {len(sig)} neurons with BH q < 0.05: "
-                f"{[r['neuron'] for r in sig]}")
-            for r in sorted(res, key=lambda r: r["p"])[:6]:
-                log(f"    neuron {r['neuron']:3d}: hurt {r['hurt']:3d} helped {r['helped']:3d} "
-                    f"impact {r['impact']:+5.1f} pts  p {r['p']:.2g}  q {r['q']:.2g}")
-    return summary
+        figures["scan"] = {name: neuron_scan(model, tokenizer, mc_examples(data_dir, counts))
+                           for name, counts in SCAN_SETS}
+        log("\n" + scan_section(figures["scan"]))
+    return figures
+
+
+def report_header(figures: dict, command: str, minutes: float) -> str:
+    """When, how and on what the figures were measured."""
+    threads = torch.get_num_threads()
+    return (f"Written on {datetime.date.today().isoformat()} by `{command}` (evaluation {minutes:.1f} min); "
+            f"measured on CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} torch "
+            f"thread{'s' if threads > 1 else ''}), torch {torch.__version__}, transformers {transformers.__version__}. "
+            "The checkpoint: "
+            f"{figures['parameters']:,} parameters, model.safetensors {figures['weights_bytes'] / 1e6:.1f} MB.")
+
+
+def mc_section(mc: dict) -> str:
+    """Accuracy against chance per task, as Markdown."""
+    rows = [f"| {task} | {accuracy:.1f}% | {mc['chance']['per_task'][task]:.1f}% |"
+            for task, accuracy in mc["accuracy"]["per_task"].items()]
+    return "\n".join([
+        f"**Multiple choice**, the first {MC_EXAMPLES} examples of each task file in `demo_data/`, scored by "
+        "`delta_steering.scoring` as the steps score them (summed log-probability of each choice, lm-eval "
+        "tokenisation, acc):", "", "| task | accuracy | chance |", "|---|---:|---:|", *rows,
+        f"| mean over tasks | {mc['accuracy']['accuracy']:.1f}% | {mc['chance']['accuracy']:.1f}% |"])
+
+
+def ifeval_section(ifeval: dict) -> str:
+    """The four IFEval metrics and each instruction's follow rate, as Markdown."""
+    metrics = ", ".join(f"{IFEVAL_METRICS[k]} {v:.1f}%" for k, v in ifeval["metrics"].items())
+    rows = [f"| {name} | {followed}/{given} |" for name, (followed, given) in
+            instruction_counts(ifeval["per_prompt"]).items()]
+    return "\n".join([
+        f"**IFEval**, the {ifeval['num_prompts']} prompts of `demo_data/ifeval_demo.jsonl` (greedy, no chat "
+        f"template, stop at EOS, at most {MAX_NEW_TOKENS} new tokens; lm-eval's checkers): {metrics}.", "",
+        "| instruction | followed (strict) |", "|---|---:|", *rows])
+
+
+def scan_section(scans: dict[str, list[dict]]) -> str:
+    """The significant neurons of each scan, as Markdown."""
+    rows = []
+    for name, records in scans.items():
+        rows += [f"| {name} | {r['neuron']} | {r['lost']} | {r['gained']} | {r['impact']:+.1f} | {r['q_value']:.2g} |"
+                 for r in significant(records)] or [f"| {name} | none | | | | |"]
+    n_neurons = len(next(iter(scans.values())))
+    return "\n".join([
+        f"**Layer-{LAYER} single-neuron zero ablation**, each of the {n_neurons} delta neurons alone "
+        "(`delta_steering.sweep`). Lost / gained: examples whose correctness flips; impact: accuracy lost, in "
+        f"points; q: Benjamini-Hochberg over the {n_neurons} neurons of the exact sign test on the flips. The "
+        "neurons with q < 0.05, smallest p first:", "",
+        "| examples | neuron | lost | gained | impact | q |", "|---|---:|---:|---:|---:|---:|", *rows])
+
+
+def report_text(figures: dict, command: str, minutes: float) -> str:
+    """The Markdown that --report puts between the figure markers of models/README.md."""
+    sections = [report_header(figures, command, minutes), mc_section(figures["mc"]), ifeval_section(figures["ifeval"])]
+    if "scan" in figures:
+        sections.append(scan_section(figures["scan"]))
+    return "\n\n".join(sections) + "\n"
+
+
+def write_report(readme: Path, text: str) -> None:
+    """Replace what lies between the figure marker lines of `readme` with `text`."""
+    content = readme.read_text()
+    begin, end = content.find(REPORT_BEGIN), content.find(REPORT_END)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{readme} lacks the marker lines {REPORT_BEGIN} and {REPORT_END}")
+    readme.write_text(content[:begin + len(REPORT_BEGIN)] + "\n" + text + content[end:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -701,8 +723,6 @@ def evaluate(model, tokenizer, data: dict, n_mc: int, n_ifeval: int, scan: bool,
 # thread it is about 2x faster than mambapy's parallel scan here (their broadcasts with an
 # innermost dimension of state_size=4 are slow). `check_fast_scan` compares it with the reference.
 # ----------------------------------------------------------------------------------------------
-
-import torch.nn.functional as F  # noqa: E402
 
 
 class _SequentialScan(torch.autograd.Function):
@@ -735,6 +755,7 @@ class _SequentialScan(torch.autograd.Function):
 
 def fast_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                         return_last_state=False, **kwargs):
+    """Drop-in for transformers' `mamba_selective_scan` (extra keyword arguments are ignored)."""
     u = hidden_states.float()
     if delta_bias is not None:
         dt = dt + delta_bias.to(dt.dtype)[..., None]
@@ -758,10 +779,8 @@ def fast_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=N
 
 
 @contextmanager
-def fast_scan():
+def fast_scan() -> Iterator[None]:
     """Run transformers' Mamba with fast_selective_scan inside the block."""
-    from transformers.models.mamba import modeling_mamba
-
     original = modeling_mamba.mamba_selective_scan
     modeling_mamba.mamba_selective_scan = fast_selective_scan
     try:
@@ -770,28 +789,21 @@ def fast_scan():
         modeling_mamba.mamba_selective_scan = original
 
 
-def check_fast_scan(config) -> float:
+def check_fast_scan(config: MambaConfig) -> float:
     """Max |logit difference| between the fast scan and the reference scan on a random model."""
-    from transformers import MambaForCausalLM
-    from transformers.models.mamba import modeling_mamba
-
     torch.manual_seed(1234)
     cfg = config.__class__(**{**config.to_dict(), "use_mambapy": False})
     model = MambaForCausalLM(cfg)
     x = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         ref = model(input_ids=x).logits
-        original = modeling_mamba.mamba_selective_scan
-        modeling_mamba.mamba_selective_scan = fast_selective_scan
-        try:
+        with fast_scan():
             fast = model(input_ids=x).logits
-        finally:
-            modeling_mamba.mamba_selective_scan = original
     return float((ref - fast).abs().max())
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Model and training
 # ----------------------------------------------------------------------------------------------
 
 
@@ -815,24 +827,142 @@ def init_time_steps(model, seed: int) -> None:
         block.mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
 
+def make_model(vocab_size: int, eos_id: int, seed: int) -> MambaForCausalLM:
+    """The demo's 24-layer Mamba, initialised from `seed`, with layer LAYER as its long-memory layer."""
+    config = MambaConfig(vocab_size=vocab_size, hidden_size=64, state_size=4, num_hidden_layers=24,
+                         expand=2, conv_kernel=4, time_step_rank="auto", use_bias=False, use_conv_bias=True,
+                         residual_in_fp32=True, tie_word_embeddings=True, pad_token_id=eos_id,
+                         bos_token_id=eos_id, eos_token_id=eos_id, use_mambapy=True, use_cache=True)
+    set_seeds(seed)
+    model = MambaForCausalLM(config)
+    init_time_steps(model, seed)
+    return model
+
+
 def write_special_tokens_map(path: Path) -> None:
     """special_tokens_map.json, which transformers 5 no longer writes (older loaders read it)."""
     tokens = {name: EOS for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
     (Path(path) / "special_tokens_map.json").write_text(json.dumps(tokens, indent=2) + "\n")
 
 
+def save_checkpoint(model: MambaForCausalLM, tokenizer, path: Path) -> None:
+    """Model, tokenizer and generation config; the saved config names the reference scan (use_mambapy=False)."""
+    eos_id = tokenizer.eos_token_id
+    path.mkdir(parents=True, exist_ok=True)
+    use = [layer.mixer.use_mambapy for layer in model.backbone.layers]
+    model.config.use_mambapy = False
+    model.save_pretrained(path, safe_serialization=True)
+    model.config.use_mambapy = True
+    tokenizer.save_pretrained(path)
+    write_special_tokens_map(path)
+    GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False,
+                     max_new_tokens=MAX_NEW_TOKENS).save_pretrained(path)
+    for layer, u in zip(model.backbone.layers, use):
+        layer.mixer.use_mambapy = u
+
+
+def make_optimizer(model: MambaForCausalLM, lr: float) -> torch.optim.AdamW:
+    """AdamW, betas 0.9/0.95, weight decay 0.05 on matrices only (not on A_log nor the embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "A_log" in name or "embeddings" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Learning rate: linear warmup over 5% of the steps, then cosine from `peak` down to 10% of it."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(model: MambaForCausalLM, tokenizer, x_all: torch.Tensor, w_all: torch.Tensor,
+          args: argparse.Namespace, log: Callable[[str], None]) -> None:
+    """args.steps optimizer steps on random batches of the packed rows, loss weighted per token."""
+    opt = make_optimizer(model, args.lr)
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(x_all), generator=g)[:args.steps * args.batch_size]
+    model.train()
+    t_train = time.time()
+    run_loss = run_acc = 0.0
+    for step in range(args.steps):
+        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
+        x, w = x_all[idx], w_all[idx]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        logits = model(input_ids=x).logits[:, :-1].float()
+        target, weight = x[:, 1:], w[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                              reduction="none").view_as(weight)
+        loss = (nll * weight).sum() / weight.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            run_acc += float((logits.argmax(-1) == target).float()[weight >= 1.0].mean())
+        run_loss += loss.item()
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            k = (step % args.log_every) + 1
+            log(f"step {step + 1:5d}/{args.steps}  loss {run_loss / k:.4f}  answer-token acc "
+                f"{100 * run_acc / k:5.1f}%  lr {lr_at(step, args.steps, args.lr):.2e}  "
+                f"{(time.time() - t_train) / (step + 1):.2f}s/step")
+            run_loss = run_acc = 0.0
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            save_checkpoint(model, tokenizer, Path(args.out))
+            log(f"checkpoint saved at step {step + 1}")
+    log(f"training: {args.steps} steps in {(time.time() - t_train) / 60:.1f} min")
+
+
+def train_and_save(args: argparse.Namespace, docs: list, data: dict, log: Callable[[str], None]) -> None:
+    """Tokenizer, packed rows, model, training; then the checkpoint and demo_data in args.out."""
+    out = Path(args.out)
+    tokenizer = build_tokenizer(docs[:20000], args.vocab_size)
+    eos_id = tokenizer.eos_token_id
+    assert eos_id == 0
+    log(f"tokenizer: {len(tokenizer)} tokens")
+    encoded = encode_docs(tokenizer, docs, eos_id)
+    lengths = np.array([len(i) for i, _ in encoded])
+    log(f"document tokens: mean {lengths.mean():.1f}, max {lengths.max()}, "
+        f"{int((lengths > args.seq_len).sum())} longer than {args.seq_len} dropped")
+    x_all, w_all = pack_rows(encoded, args.seq_len, eos_id)
+    need = args.steps * args.batch_size
+    assert len(x_all) >= need, (len(x_all), need)
+    log(f"packed rows: {len(x_all)} (using {need}), weighted tokens per row {w_all.gt(0).sum(1).float().mean():.1f}")
+    model = make_model(len(tokenizer), eos_id, args.seed)
+    log(f"model: 24 layers, hidden 64, {model.config.intermediate_size} delta neurons per layer, state 4, "
+        f"{sum(p.numel() for p in model.parameters())} parameters")
+    if args.scan == "fast":
+        log(f"fast scan vs reference scan: max |logit difference| {check_fast_scan(model.config):.2e}")
+    elif args.scan == "reference":
+        for layer in model.backbone.layers:
+            layer.mixer.use_mambapy = False
+    with fast_scan() if args.scan == "fast" else nullcontext():
+        train(model, tokenizer, x_all, w_all, args, log)
+    model.eval()
+    save_checkpoint(model, tokenizer, out)
+    sizes = write_demo_data(out / "demo_data", data)
+    total = sum(f.stat().st_size for f in out.glob("*") if f.is_file())
+    log(f"saved {out} ({total / 1e6:.2f} MB without demo_data); demo_data: {sizes}")
+
+
 def set_seeds(seed: int) -> None:
+    """Seed python's `random`, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line; --report only with --eval_only on the committed checkpoint."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1200, help="optimizer steps (default 1200)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "mamba-tiny-demo"),
+    ap.add_argument("--out", default=str(DEFAULT_OUT),
                     help="output checkpoint directory (default models/mamba-tiny-demo)")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--seq_len", type=int, default=128)
@@ -843,18 +973,27 @@ def main() -> int:
     ap.add_argument("--save_every", type=int, default=0, help="also save the checkpoint every N steps")
     ap.add_argument("--scan", choices=["fast", "mambapy", "reference"], default="fast",
                     help="selective scan used for training (default fast: exact, see fast_selective_scan)")
-    ap.add_argument("--skip_eval", action="store_true", help="do not evaluate after training")
+    ap.add_argument("--skip_eval", action="store_true", help="do not evaluate the checkpoint")
     ap.add_argument("--scan_neurons", action="store_true",
-                    help=f"also zero-ablate each layer-{LAYER} delta neuron alone (a few minutes)")
+                    help=f"also zero-ablate each layer-{LAYER} delta neuron alone")
     ap.add_argument("--eval_only", action="store_true",
                     help="no training: rewrite <out>/demo_data and evaluate the checkpoint in --out")
+    ap.add_argument("--report", action="store_true",
+                    help="with --eval_only: write the figures (neuron scan included) into models/README.md")
     args = ap.parse_args()
+    if args.report and not (args.eval_only and not args.skip_eval):
+        ap.error("--report needs --eval_only (and no --skip_eval): it evaluates the committed checkpoint")
+    if args.report and Path(args.out).resolve() != DEFAULT_OUT:
+        ap.error(f"--report describes the committed checkpoint: leave --out at {DEFAULT_OUT}")
+    args.scan_neurons = args.scan_neurons or args.report
+    return args
 
+
+def main() -> int:
+    """Corpus and demo data; training (unless --eval_only); evaluation (unless --skip_eval); report."""
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
-    import transformers
-    from transformers import GenerationConfig, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
-
     transformers.logging.set_verbosity_error()
     out = Path(args.out)
     t_start = time.time()
@@ -868,124 +1007,17 @@ def main() -> int:
     digest = hashlib.sha256("\x00".join("".join(t for t, _ in d) for d in docs).encode()).hexdigest()
     log(f"corpus: {len(docs)} documents, sha256 {digest[:16]}")
     data = demo_data(args.seed, docs, n_mc=400, n_ifeval=100, n_text=100)
-
     if args.eval_only:
         log(f"demo_data: {write_demo_data(out / 'demo_data', data)}")
-        model = MambaForCausalLM.from_pretrained(out).eval()
-        model.requires_grad_(False)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
-        evaluate(model, tokenizer, data, 200, 100, args.scan_neurons, log)
-        return 0
-
-    tokenizer = build_tokenizer(docs[:20000], args.vocab_size)
-    eos_id = tokenizer.eos_token_id
-    assert eos_id == 0
-    log(f"tokenizer: {len(tokenizer)} tokens")
-    encoded = encode_docs(tokenizer, docs, eos_id)
-    lengths = np.array([len(i) for i, _ in encoded])
-    log(f"document tokens: mean {lengths.mean():.1f}, max {lengths.max()}, "
-        f"{int((lengths > args.seq_len).sum())} longer than {args.seq_len} dropped")
-    x_all, w_all = pack_rows(encoded, args.seq_len, eos_id)
-    need = args.steps * args.batch_size
-    assert len(x_all) >= need, (len(x_all), need)
-    log(f"packed rows: {len(x_all)} (using {need}), weighted tokens per row {w_all.gt(0).sum(1).float().mean():.1f}")
-
-    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=64, state_size=4, num_hidden_layers=24,
-                         expand=2, conv_kernel=4, time_step_rank="auto", use_bias=False, use_conv_bias=True,
-                         residual_in_fp32=True, tie_word_embeddings=True, pad_token_id=eos_id,
-                         bos_token_id=eos_id, eos_token_id=eos_id, use_mambapy=True, use_cache=True)
-    set_seeds(args.seed)
-    model = MambaForCausalLM(config)
-    init_time_steps(model, args.seed)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: 24 layers, hidden 64, {config.intermediate_size} delta neurons per layer, state 4, "
-        f"{n_params} parameters")
-
-    from transformers.models.mamba import modeling_mamba
-
-    if args.scan == "fast":
-        log(f"fast scan vs reference scan: max |logit difference| {check_fast_scan(config):.2e}")
-        original_scan = modeling_mamba.mamba_selective_scan
-        modeling_mamba.mamba_selective_scan = fast_selective_scan
-    elif args.scan == "reference":
-        for layer in model.backbone.layers:
-            layer.mixer.use_mambapy = False
-
-    def save(path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        use = [layer.mixer.use_mambapy for layer in model.backbone.layers]
-        model.config.use_mambapy = False  # saved config: the default reference scan
-        model.save_pretrained(path, safe_serialization=True)
-        model.config.use_mambapy = True
-        tokenizer.save_pretrained(path)
-        write_special_tokens_map(path)
-        GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id, do_sample=False,
-                         max_new_tokens=96).save_pretrained(path)
-        for layer, u in zip(model.backbone.layers, use):
-            layer.mixer.use_mambapy = u
-
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "A_log" in name or "embeddings" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
-    warmup = max(1, args.steps // 20)
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        frac = (step - warmup) / max(1, args.steps - warmup)
-        return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(x_all), generator=g)[:need]
-    model.train()
-    t_train = time.time()
-    run_loss = run_acc = 0.0
-    for step in range(args.steps):
-        idx = order[step * args.batch_size:(step + 1) * args.batch_size]
-        x, w = x_all[idx], w_all[idx]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        logits = model(input_ids=x).logits[:, :-1].float()
-        target, weight = x[:, 1:], w[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                reduction="none").view_as(weight)
-        loss = (nll * weight).sum() / weight.sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            hit = (logits.argmax(-1) == target).float()
-            key = weight >= 1.0
-            run_acc += float(hit[key].mean())
-        run_loss += loss.item()
-        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
-            k = (step % args.log_every) + 1
-            el = time.time() - t_train
-            log(f"step {step + 1:5d}/{args.steps}  loss {run_loss / k:.4f}  answer-token acc "
-                f"{100 * run_acc / k:5.1f}%  lr {lr_at(step):.2e}  {el / (step + 1):.2f}s/step")
-            run_loss = run_acc = 0.0
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save(out)
-            log(f"checkpoint saved at step {step + 1}")
-    train_time = time.time() - t_train
-    log(f"training: {args.steps} steps in {train_time / 60:.1f} min")
-
-    if args.scan == "fast":
-        modeling_mamba.mamba_selective_scan = original_scan
-    model.eval()
-    save(out)
-    sizes = write_demo_data(out / "demo_data", data)
-    total = sum(f.stat().st_size for f in out.glob("*") if f.is_file())
-    log(f"saved {out} ({total / 1e6:.2f} MB without demo_data); demo_data: {sizes}")
-
+    else:
+        train_and_save(args, docs, data, log)
     if not args.skip_eval:
-        model = MambaForCausalLM.from_pretrained(out).eval()
-        model.requires_grad_(False)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
-        evaluate(model, tokenizer, data, 200, 100, args.scan_neurons, log)
+        t_eval = time.time()
+        figures = evaluate_checkpoint(out, args.scan_neurons, log)
+        if args.report:
+            command = " ".join(["python", "models/train_demo_model.py", *sys.argv[1:]])
+            write_report(README, report_text(figures, command, (time.time() - t_eval) / 60))
+            log(f"figures written to {README}")
     log(f"total wall time {(time.time() - t_start) / 60:.1f} min")
     return 0
 
