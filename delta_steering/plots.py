@@ -88,7 +88,8 @@ def _times(factor: float | None) -> str:
 
 
 def _empty(ax, message: str) -> None:
-    """A panel with nothing to plot says why."""
+    """A panel with nothing to plot says why (and shows no meaningless y ticks)."""
+    ax.set_yticks([])
     ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", color=BASELINE)
 
 
@@ -469,7 +470,8 @@ def _perplexity_bars(ax, entries: list[dict]) -> None:
         return
     for xi, (e, change) in enumerate(zip(entries, changes)):
         if change is None:
-            ax.text(xi, 0, "not measured", rotation=90, ha="center", va="bottom", fontsize=8, color=BASELINE)
+            ax.annotate("not measured", (xi, 0), xytext=(0, 5), textcoords="offset points", rotation=90,
+                        ha="center", va="bottom", fontsize=8, color=BASELINE)
         elif e["name"] != "baseline":
             ax.bar(xi, change, color=SIGNIFICANT)
     _plain(ax)
@@ -487,7 +489,7 @@ def configurations_figure(result: dict, mode: str | None = None) -> Figure:
     labels = [_configuration_label(e["name"]) for e in entries]
     for ax in axes:
         ax.set_xticks(np.arange(len(entries)), labels=labels, rotation=25, ha="right")
-        ax.set_xlabel("configuration")
+        ax.set(xlabel="configuration", xlim=(-0.6, len(entries) - 0.4))
     return fig
 
 
