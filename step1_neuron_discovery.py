@@ -87,8 +87,12 @@ def measure(args, run, source, examples) -> tuple[dict, dict]:
     timings["baseline"] = round(time.time() - t, 2)
     print_baseline(examples, baseline, layer)
 
+    engine = ds.sweep.engine_for(model, args.engine)
     screened = {"requested_neurons": neurons}
-    if args.method == "attribution":
+    if args.method == "attribution" and not ds.fast_sweep.covers(model):
+        print(f"note: attribution covers {', '.join(ds.fast_sweep.FAMILIES)} models; every neuron of --neurons is "
+              "measured exactly instead")
+    elif args.method == "attribution":
         t = time.time()
         estimates, neurons = ds.discovery.attribution_screen(model, tokenizer, examples, encoded, layer, neurons,
                                                              ablation, args.batch_size, args.verify_top)
@@ -96,7 +100,7 @@ def measure(args, run, source, examples) -> tuple[dict, dict]:
         screened.update(attribution_estimates=estimates, verified_neurons=neurons)
 
     def ablate_each(chunk: list[int]) -> dict:
-        rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), args.engine,
+        rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), engine,
                                           args.batch_size, encoded, progress=True)
         return {str(n): row.tolist() for n, row in zip(chunk, rows)}
 
@@ -106,6 +110,7 @@ def measure(args, run, source, examples) -> tuple[dict, dict]:
     rows = run.map(work, f"ablating layer {layer}, {args.chunk_neurons} neurons a chunk", unit="chunk")
     timings["sweep"] = round(time.time() - t, 2)
     context = {"layer": layer, "neurons": neurons, "baseline": baseline.tolist(), "screened": screened,
+               "engine": engine,
                "delta_statistics": {"delta_variance": stats["delta_variance"].tolist(),
                                     "dt_pre_mean": [float(v) for v in stats["dt_pre_mean"]],
                                     "num_tokens": int(stats["num_tokens"]),
@@ -143,7 +148,7 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> d
               f"(estimated impact), {shown[1]} (estimated margin loss)")
     result = ds.discovery.discovery_result(
         examples, baseline, records, args.threshold, context["layer"], args.model, parse_names(args.tasks),
-        args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation, engine=args.engine,
+        args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation, engine=context["engine"],
         method=args.method, neurons_tested=len(neurons) + len(unmeasured), **screened)
     result["run"] = ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"])
     ds.discovery.print_summary(result)

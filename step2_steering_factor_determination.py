@@ -106,6 +106,7 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
     ds.steering.verify_steering_effect(model, layer, groups["high_impact"] or groups["neutral"] or [0])
     ranked = ds.factors.ranked_neurons(step1.records, args.max_neurons, args.sample_neurons, args.seed)
     encoded = ds.scoring.encode_examples(tokenizer, examples)
+    engine = ds.sweep.engine_for(model, args.engine)
 
     def evaluate() -> list[float]:
         return ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded).tolist()
@@ -115,7 +116,7 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
             return {factor_key(group, factor): evaluate()}
 
     def ablate_each(chunk: list[int]) -> dict:
-        rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), args.engine,
+        rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), engine,
                                           args.batch_size, encoded, progress=True)
         return {f"neuron/{n}": row.tolist() for n, row in zip(chunk, rows)}
 
@@ -134,7 +135,7 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
         if perplexity_layers else []
     context = {"layer": layer, "tasks": tasks, "data_dir": data_dir, "step1_file": str(step1.path), "groups": groups,
                "factors": args.factor_list, "ranked": ranked, "step1_impacts": step1.records,
-               "baseline": baseline.tolist(), "perplexity_layers": perplexity_layers,
+               "baseline": baseline.tolist(), "perplexity_layers": perplexity_layers, "engine": engine,
                "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
 
     work = {factor_key(g, f): partial(amplify, g, f) for g, neurons in groups.items() if neurons
@@ -219,7 +220,7 @@ def report(args, context: dict, results: dict, examples: list, started: float) -
             result["perplexity"] = perplexity_table(context, results, result["optimal_factors"].get("high_impact"))
         else:
             print("perplexity ablation skipped: the High Impact group is empty")
-    result["engine"] = args.engine
+    result["engine"] = context["engine"]
     result["run"] = ds.results_io.run_record(args, context["model_info"], started)
     return result
 

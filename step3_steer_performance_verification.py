@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow_model_mismatch", action="store_true",
                         help="use step files made with another model")
     parser.add_argument("--layer", type=int, default=None, help="None: the step-1 file's layer")
-    parser.add_argument("--layers", default="18,19,20,21,22", help="layers for --layer_ablation")
+    parser.add_argument("--layers", default=None,
+                        help="layers for --layer_ablation (None: the 5 SSM layers centred on the layer, "
+                             "18-22 for layer 20 of a 24-layer model)")
     parser.add_argument("--ifeval_path", default=None, help="local IFEval JSONL (None: google/IFEval on the Hub)")
     parser.add_argument("--ifeval_metric", default="prompt_level_strict_acc", choices=list(METRICS),
                         help="the metric reported as Accuracy")
@@ -102,8 +104,12 @@ def steering_factor(args) -> tuple[float, str, str | None]:
     return factor, source, step2.sha256
 
 
-def model_layers(args, shape, warn: bool = False) -> list[int]:
-    """--layers filtered to the model's SSM layers (with a warning for the others when `warn`)."""
+def model_layers(args, shape, layer: int, warn: bool = False) -> list[int]:
+    """--layers filtered to the model's SSM layers (with a warning for the others when `warn`); by
+    default the SSM layers around `layer`: two before, itself, two after."""
+    if args.layers is None:
+        at = shape.ssm_layers.index(layer)
+        return list(shape.ssm_layers[max(0, at - 2): at + 3])
     wanted = parse_int_list(args.layers, "layers")
     kept = [at for at in wanted if at in shape.ssm_layers]
     if not kept:
@@ -117,9 +123,9 @@ def model_layers(args, shape, warn: bool = False) -> list[int]:
 def check_arguments(args, shape, step1) -> None:
     """What can be checked against the model's config before it is loaded."""
     step1.check_against(shape)
-    ds.sites.check_layer(shape, args.layer if args.layer is not None else step1.layer, "--layer")
+    layer = ds.sites.check_layer(shape, args.layer if args.layer is not None else step1.layer, "--layer")
     if "layer_ablation" in chosen_modes(args):
-        model_layers(args, shape)
+        model_layers(args, shape, layer)
 
 
 def measure(args, run, source, step1, prompts: list[dict], factor: float, factor_source: str) -> tuple[dict, dict]:
@@ -128,7 +134,7 @@ def measure(args, run, source, step1, prompts: list[dict], factor: float, factor
     model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
     layer = args.layer if args.layer is not None else step1.layer
     modes = chosen_modes(args)
-    layers = model_layers(args, source.shape, warn=True) if "layer_ablation" in modes else []
+    layers = model_layers(args, source.shape, layer, warn=True) if "layer_ablation" in modes else []
     sets, warnings = ds.verification.neuron_sets(step1, source.shape.delta_neurons, args.seed)
     for warning in warnings:
         print(f"warning: {warning}")

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sweep.py                      # 16 neurons x 32 sequences, layer 20, CPU
     python benchmarks/bench_sweep.py --device cuda --neurons 64
+    python benchmarks/bench_sweep.py --family mamba2 --neurons 4   # mamba2-130m's shape: naive only
 
 Both engines zero-ablate the same K neurons on the same E multiple-choice sequences (64-128 tokens,
 a 2-8 token continuation scored). The run checks that they agree (log-probs, greedy flags, per-neuron
@@ -19,12 +20,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from transformers import MambaConfig, MambaForCausalLM
+from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from delta_steering.batching import Encoded
-from delta_steering.fast_sweep import fast_loglikelihoods
+from delta_steering.fast_sweep import covers, fast_loglikelihoods
 from delta_steering.intervention import Intervention
 from delta_steering.scoring import correctness
+from delta_steering.sites import num_delta_neurons
 from delta_steering.sweep import sweep_loglikelihoods
 from delta_steering.tasks import Example
 
@@ -33,6 +35,8 @@ CHOICES = 4
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="mamba", choices=["mamba", "mamba2"],
+                        help="mamba: mamba-130m's shape; mamba2: mamba2-130m's shape (24 heads a layer)")
     parser.add_argument("--neurons", type=int, default=16, help="K neurons swept by both engines")
     parser.add_argument("--examples", type=int, default=32, help="E scored sequences (4 choices per example)")
     parser.add_argument("--layer", type=int, default=20)
@@ -41,18 +45,25 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=None, help="default: each engine's memory budget")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--full_neurons", type=int, default=1536, help="neurons in the projected full sweep")
+    parser.add_argument("--full_neurons", type=int, default=None,
+                        help="neurons in the projected full sweep (default: the layer's delta neurons)")
     parser.add_argument("--no_shared_contexts", action="store_true",
                         help="fast engine without running each example's shared context once per neuron")
     return parser.parse_args()
 
 
-def mamba_130m_shaped(dtype: torch.dtype, device: str, seed: int):
-    """Random-weight MambaForCausalLM with mamba-130m's configuration."""
+def model_130m_shaped(family: str, dtype: torch.dtype, device: str, seed: int):
+    """Random-weight MambaForCausalLM with mamba-130m's configuration, or Mamba2ForCausalLM with
+    mamba2-130m's (hidden 768, 24 layers, 24 heads of 64, state 128, one group)."""
     torch.manual_seed(seed)
-    config = MambaConfig(vocab_size=50280, hidden_size=768, state_size=16, num_hidden_layers=24, expand=2,
-                         conv_kernel=4, pad_token_id=0, bos_token_id=0, eos_token_id=0, use_cache=False)
-    return MambaForCausalLM(config).to(device=device, dtype=dtype).eval()
+    common = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, expand=2, conv_kernel=4, pad_token_id=0,
+                  bos_token_id=0, eos_token_id=0, use_cache=False)
+    if family == "mamba2":
+        model = Mamba2ForCausalLM(Mamba2Config(state_size=128, head_dim=64, num_heads=24, n_groups=1, chunk_size=256,
+                                               **common))
+    else:
+        model = MambaForCausalLM(MambaConfig(state_size=16, **common))
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def random_requests(n_sequences: int, vocab: int, seed: int) -> tuple[list[Example], list[Encoded]]:
@@ -87,13 +98,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    model = mamba_130m_shaped(dtype, args.device, args.seed)
+    model = model_130m_shaped(args.family, dtype, args.device, args.seed)
     tokenizer = SimpleNamespace(pad_token_id=0)
     examples, encoded = random_requests(args.examples, model.config.vocab_size, args.seed)
     rng = np.random.default_rng(args.seed)
-    neurons = sorted(rng.choice(model.config.intermediate_size, args.neurons, replace=False).tolist())
+    n_neurons = num_delta_neurons(model)
+    neurons = sorted(rng.choice(n_neurons, min(args.neurons, n_neurons), replace=False).tolist())
+    full = args.full_neurons or n_neurons
+    if not covers(model):
+        return naive_only(args, model, tokenizer, encoded, neurons, full)
     lengths = [len(e.tokens) for e in encoded]
-    print(f"model: mamba-130m shape, random weights, {args.dtype} on {args.device} "
+    print(f"model: {args.family}-130m shape, random weights, {args.dtype} on {args.device} "
           f"({torch.get_num_threads()} CPU threads); layer {args.layer}; {len(neurons)} neurons x "
           f"{len(encoded)} sequences ({min(lengths)}-{max(lengths)} tokens, {len(examples)} examples of "
           f"{CHOICES} choices); fast engine {'without' if args.no_shared_contexts else 'with'} shared contexts")
@@ -131,7 +146,7 @@ def main() -> None:
     if not (relative <= tolerance and same_nan and same_greedy and same_acc):
         sys.exit("the engines disagree")
 
-    k, full = len(neurons), args.full_neurons
+    k = len(neurons)
     naive_per = naive_s / k
     fast_per = timings["neurons_s"] / k
     naive_full = naive_per * full
@@ -142,6 +157,21 @@ def main() -> None:
     print(f"speedup at {k} neurons: {naive_s / fast_s:.2f}")
     print(f"projected {full} neurons: naive {naive_full / 60:.1f} min, fast {fast_full / 60:.1f} min")
     print(f"speedup: {naive_full / fast_full:.2f}")
+
+
+def naive_only(args, model, tokenizer, encoded, neurons: list[int], full: int) -> None:
+    """A family the fast engine does not cover: the naive engine's time per neuron and the projected
+    full sweep; no speedup to report."""
+    print(f"model: {args.family}-130m shape, random weights, {args.dtype} on {args.device} "
+          f"({torch.get_num_threads()} CPU threads); layer {args.layer}; {len(neurons)} neurons x {len(encoded)} "
+          "sequences")
+    ablation = Intervention.scale(neurons, 0.0)
+    _, naive_s = timed(lambda: sweep_loglikelihoods(model, tokenizer, encoded, args.layer, ablation, "naive",
+                                                    args.batch_size), args.device)
+    per = naive_s / len(neurons)
+    print(f"naive: {naive_s:8.2f} s for {len(neurons)} neurons = {per:.3f} s/neuron; "
+          f"projected {full} neurons: {per * full / 60:.1f} min")
+    print(f"speedup: n/a (the fast engine does not cover {args.family}: its gated RMSNorm mixes a group's heads)")
 
 
 if __name__ == "__main__":

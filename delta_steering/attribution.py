@@ -20,7 +20,8 @@ from .batching import Encoded, pad_batch, request_batches, target_ids, target_ma
 from .intervention import Intervention
 from .mixer import block_input, gated_scan, mixer_pieces, suffix
 from .scoring import choice_lengths, correctness, example_weights
-from .sites import check_layer, decoder_layers, num_delta_neurons
+from .fast_sweep import FAMILIES, covers
+from .sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from .tasks import Example
 
 
@@ -39,11 +40,12 @@ class Attribution:
     kinds: tuple[str, ...]  # "logprob" or "margin", per request
 
 
-def request_scores(lm_head, hidden: Tensor, items: list[Encoded], lengths: list[int], kinds: list[str]) -> Tensor:
+def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengths: list[int],
+                   kinds: list[str]) -> Tensor:
     """Each request's score (see Attribution), differentiable; the LM head runs on target positions only."""
     compact = gather_targets(hidden, items, lengths)
     targets = target_ids(items, hidden.device)[:, None]
-    logits = lm_head(compact[target_mask(items, hidden.device)].to(lm_head.weight.dtype)).float()
+    logits = head(compact[target_mask(items, hidden.device)]).float()
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0]
     margin = logits.gather(-1, targets)[:, 0] - logits.scatter(-1, targets, -torch.inf).amax(-1)
     sizes = [e.n_target for e in items]
@@ -71,7 +73,7 @@ def batch_gradient(model, layer: int, ids: Tensor, items: list[Encoded], lengths
         A = -torch.exp(mixer.A_log.detach().float())
         y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D.detach(), gate)
         out = residual + mixer.out_proj(y.transpose(1, 2).to(mixer.out_proj.weight.dtype))
-        scores = request_scores(model.lm_head, suffix(model, layer, out), items, lengths, kinds)
+        scores = request_scores(OutputHead(model), suffix(model, layer, out), items, lengths, kinds)
         (grad,) = torch.autograd.grad(scores.sum(), dt_pre)
     return scores.detach(), grad, dt_pre.detach()
 
@@ -87,6 +89,8 @@ def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded
                 intervention: Intervention, batch_size: int | None = None, progress: bool = False) -> Attribution:
     """First-order estimate, for every delta neuron of `layer` intervened on alone, of every request's
     score change. `intervention` names what is done to each neuron: all delta neurons of the layer."""
+    if not covers(model):
+        raise ValueError(f"attribution covers {', '.join(FAMILIES)} models, not {family_of(model).name}")
     check_layer(model, layer)
     if list(intervention.neurons) != list(range(num_delta_neurons(model))):
         raise ValueError("attribution needs an intervention on every delta neuron of the layer, in order")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .sites import scan_memory
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -30,10 +32,8 @@ def memory_items(model, bytes_per_item: int, cuda_share: float) -> int:
 
 
 def token_budget(model, max_len: int) -> int:
-    """Tokens per forward pass that fit comfortably: the reference scan keeps two
-    batch x tokens x intermediate x state tensors per layer."""
-    per_token = 2 * model.config.intermediate_size * model.config.state_size * 4 * 3
-    return max(max_len, memory_items(model, per_token, 0.5))
+    """Tokens per forward pass that fit comfortably: what the SSM scans keep per token."""
+    return max(max_len, memory_items(model, scan_memory(model), 0.5))
 
 
 def head_rows(model) -> int:

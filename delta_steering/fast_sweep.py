@@ -36,7 +36,15 @@ from .batching import Encoded, batches, gather_targets, head_rows, pad_batch, to
 from .intervention import Intervention
 from .mixer import LayerState, gated_scan, layer_state, suffix
 from .scoring import target_scores
-from .sites import check_layer, check_neurons, decoder_layers
+from .sites import OutputHead, check_layer, check_neurons, decoder_layers, family_of
+
+FAMILIES = ("mamba", "falcon_mamba")  # the Mamba-1 models whose blocks are a norm, a mixer and a residual
+
+
+def covers(model) -> bool:
+    """Whether the fast engine is exact for this model's family (the rank-1 argument holds and the
+    blocks after layer L are plain Mamba blocks); others run the naive engine."""
+    return family_of(model).name in FAMILIES
 
 
 def steered_dt(model, layer: int, dt_lin: Tensor, intervention: Intervention) -> tuple[Tensor, Tensor]:
@@ -120,8 +128,8 @@ class TargetScorer:
     once (one large matmul is about twice as fast per row on CPU as many small ones), writing each
     pair's summed log-prob and greedy flag into the sweep's arrays."""
 
-    def __init__(self, lm_head, logprob: np.ndarray, greedy: np.ndarray, max_rows: int):
-        self.lm_head, self.logprob, self.greedy, self.max_rows = lm_head, logprob, greedy, max_rows
+    def __init__(self, head: OutputHead, logprob: np.ndarray, greedy: np.ndarray, max_rows: int):
+        self.head, self.logprob, self.greedy, self.max_rows = head, logprob, greedy, max_rows
         self.pending: list[tuple[Tensor, list[Encoded], np.ndarray, np.ndarray]] = []
         self.rows = 0
 
@@ -138,7 +146,7 @@ class TargetScorer:
         width = max(c.shape[1] for c, *_ in self.pending)
         compact = torch.cat([F.pad(c, (0, 0, 0, width - c.shape[1])) for c, *_ in self.pending])
         items = [e for _, chunk, *_ in self.pending for e in chunk]
-        values, flags = target_scores(self.lm_head, compact, items)
+        values, flags = target_scores(self.head, compact, items)
         rows = np.concatenate([r for *_, r, _ in self.pending])
         cols = np.concatenate([c for *_, c in self.pending])
         self.logprob[rows, cols], self.greedy[rows, cols] = values, flags
@@ -204,6 +212,8 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     example) once per neuron, then each continuation from the cached state. `timings`, when given,
     accumulates the seconds spent in the shared prefix ("prefix_s") and in the per-neuron work
     ("neurons_s")."""
+    if not covers(model):
+        raise ValueError(f"the fast engine covers {', '.join(FAMILIES)} models, not {family_of(model).name}")
     check_layer(model, layer)
     check_neurons(model, intervention.neurons)
     logprob = np.full((len(intervention.neurons), len(encoded)), np.nan)
@@ -214,7 +224,7 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     share_contexts = share_contexts and suffix_cache(model) is not None
     groups = context_groups(encoded) if share_contexts else [[i] for i in range(len(encoded))]
     packed = batches(encoded, groups, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
-    scorer = TargetScorer(model.lm_head, logprob, greedy, head_rows(model))
+    scorer = TargetScorer(OutputHead(model), logprob, greedy, head_rows(model))
     timings = timings if timings is not None else {}
     timings.setdefault("prefix_s", 0.0)
     timings.setdefault("neurons_s", 0.0)

@@ -1,6 +1,7 @@
-"""A Mamba-1 block taken apart at its delta site, for the fast engine and attribution: the residual
-stream entering layer L, the pieces its mixer scans, the selective scan itself, and the blocks after it.
-Each piece is computed as transformers' reference (non-CUDA) path computes it."""
+"""A Mamba-1 block (mamba, falcon_mamba) taken apart at its delta site, for the fast engine and
+attribution: the residual stream entering layer L, the pieces its mixer scans, the selective scan
+itself, and the blocks after it. Each piece is computed as transformers' reference (non-CUDA) path
+computes it."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def block_input(model, ids: Tensor, layer: int) -> Tensor:
 
 
 def mixer_pieces(block, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x, gate, W_dt t, B and C of a block's mixer (MambaBlock.norm, in_proj, causal depthwise conv +
-    SiLU, x_proj, `dt_proj.weight @ t`)."""
+    """x, gate, W_dt t, B and C of a block's mixer (the block's norm, in_proj, causal depthwise conv +
+    SiLU, x_proj, falcon_mamba's weightless RMS norms of t, B and C, `dt_proj.weight @ t`)."""
     mixer = block.mixer
     normed = block.norm(hidden.to(dtype=block.norm.weight.dtype))
     tokens = normed.shape[1]
@@ -48,6 +49,8 @@ def mixer_pieces(block, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor,
     x = mixer.act(mixer.conv1d(x.to(mixer.conv1d.weight.dtype))[..., :tokens]).to(gate.dtype)
     time_step, B, C = torch.split(mixer.x_proj(x.transpose(1, 2)),
                                   [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1)
+    if hasattr(mixer, "dt_layernorm"):  # falcon_mamba
+        time_step, B, C = mixer.dt_layernorm(time_step), mixer.b_layernorm(B), mixer.c_layernorm(C)
     dt_lin = mixer.dt_proj.weight @ time_step.transpose(1, 2)
     return x, gate, dt_lin, B, C
 

@@ -1,12 +1,15 @@
-"""Loading a Mamba-1 language model and its tokenizer from a local directory or a Hub id.
+"""Loading a selective-SSM language model and its tokenizer from a local directory or a Hub id.
 
-Local directories are validated before anything is loaded. HF-format checkpoints (`model_type:
-mamba`) load directly; original `state-spaces/mamba-*` checkpoints (`d_model`/`n_layer` config,
-`pytorch_model.bin`) are converted in memory and use the GPT-NeoX-20B tokenizer.
+Local directories are validated before anything is loaded. HF-format checkpoints of every family
+in `sites.FAMILIES` (Mamba-1, Falcon-Mamba, Mamba-2 and the hybrids) load through transformers'
+Auto classes; original `state-spaces/mamba-*` and `state-spaces/mamba2-*` checkpoints (`d_model` /
+`n_layer` / `ssm_cfg` config, `pytorch_model.bin`) are converted in memory and use the GPT-NeoX-20B
+tokenizer.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import math
@@ -18,10 +21,10 @@ from pathlib import Path
 import torch
 import transformers
 from huggingface_hub import hf_hub_download
-from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mamba2Config, MambaConfig
 
 from .errors import UsageError
-from .sites import Shape, shape_of
+from .sites import FAMILIES, Shape, family_of, shape_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ORIGINAL_TOKENIZER = "EleutherAI/gpt-neox-20b"
@@ -40,11 +43,17 @@ class ModelSource:
     tokenizer: str | None
     revision: str | None = None
 
-    @property
+    @functools.cached_property
+    def model_config(self):
+        """The transformers config object (converted for an original checkpoint)."""
+        if self.original:
+            return convert_original_config(self.config)
+        return AutoConfig.from_pretrained(self.path, revision=self.revision)
+
+    @functools.cached_property
     def shape(self) -> Shape:
         """Layers and delta neurons from the config alone, to check arguments before loading."""
-        config = convert_original_config(self.config) if self.original else MambaConfig(**self.config)
-        return shape_of(config)
+        return shape_of(self.model_config)
 
 
 def looks_like_path(name: str) -> bool:
@@ -95,7 +104,7 @@ def is_original_format(config: dict) -> bool:
 
 def check_model_source(name: str, tokenizer: str | None = None, revision: str | None = None) -> ModelSource:
     """Check a model argument without loading weights: the directory and its files, or the Hub
-    repo's config, and that it is a Mamba-1 model. Cheap: run before anything slower."""
+    repo's config, and that it is a family with delta neurons. Cheap: run before anything slower."""
     path = os.path.expanduser(name)
     local = Path(path).exists()
     if local and not Path(path).is_dir():
@@ -106,52 +115,67 @@ def check_model_source(name: str, tokenizer: str | None = None, revision: str | 
         raise UsageError(f"tokenizer directory not found: {tokenizer}")
     config = read_config(path, revision)
     original = is_original_format(config)
-    model_type = config.get("model_type")
-    if not original and model_type != "mamba":
-        if model_type == "mamba2":
-            raise UsageError(f"{name} is a Mamba-2 model (model_type mamba2): not supported yet")
-        raise UsageError(f"{name} is not a Mamba-1 model (model_type {model_type!r})")
+    if not original and config.get("model_type") not in FAMILIES:
+        raise UsageError(f"{name} is not a selective-SSM model this tool knows (model_type "
+                         f"{config.get('model_type')!r}); supported: {', '.join(FAMILIES)}")
     if local:
         validate_local_dir(Path(path), original, tokenizer)
-    return ModelSource(name, path, local, config, original, tokenizer, revision)
+    source = ModelSource(name, path, local, config, original, tokenizer, revision)
+    if original:
+        source.model_config  # an unsupported original configuration fails here, with one line
+    return source
+
+
+# the defaults of mamba_ssm's Mamba2 block, for an original config's ssm_cfg
+MAMBA2_SSM_DEFAULTS = dict(d_state=128, d_conv=4, expand=2, headdim=64, d_ssm=None, ngroups=1, rmsnorm=True,
+                           norm_before_gate=False, dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
+                           dt_limit=(0.0, float("inf")), bias=False, conv_bias=True, chunk_size=256,
+                           D_has_hdim=False)
 
 
 def convert_original_config(config: dict):
-    """MambaConfig for an original state-spaces checkpoint config (d_model, n_layer, ssm_cfg...)."""
-    ssm = config.get("ssm_cfg", {}) or {}
+    """MambaConfig or Mamba2Config for an original state-spaces checkpoint config (d_model, n_layer,
+    ssm_cfg; `"layer": "Mamba2"` in ssm_cfg for Mamba-2)."""
+    ssm = dict(config.get("ssm_cfg", {}) or {})
     multiple = config.get("pad_vocab_size_multiple", 8)
-    vocab = math.ceil(config["vocab_size"] / multiple) * multiple
-    return MambaConfig(
-        vocab_size=vocab,
-        hidden_size=config["d_model"],
-        num_hidden_layers=config["n_layer"],
-        state_size=ssm.get("d_state", 16),
-        expand=ssm.get("expand", 2),
-        conv_kernel=ssm.get("d_conv", 4),
-        time_step_rank=ssm.get("dt_rank", "auto"),
-        use_bias=ssm.get("bias", False),
-        use_conv_bias=ssm.get("conv_bias", True),
-        residual_in_fp32=config.get("residual_in_fp32", True),
-        layer_norm_epsilon=1e-5,
-        tie_word_embeddings=config.get("tie_embeddings", True),
-        pad_token_id=0, bos_token_id=0, eos_token_id=0,
-    )
+    common = dict(vocab_size=math.ceil(config["vocab_size"] / multiple) * multiple, hidden_size=config["d_model"],
+                  num_hidden_layers=config["n_layer"], residual_in_fp32=config.get("residual_in_fp32", True),
+                  layer_norm_epsilon=1e-5, tie_word_embeddings=config.get("tie_embeddings", True),
+                  pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if ssm.pop("layer", "Mamba1") != "Mamba2":
+        return MambaConfig(state_size=ssm.get("d_state", 16), expand=ssm.get("expand", 2),
+                           conv_kernel=ssm.get("d_conv", 4), time_step_rank=ssm.get("dt_rank", "auto"),
+                           use_bias=ssm.get("bias", False), use_conv_bias=ssm.get("conv_bias", True), **common)
+    unknown = sorted(set(ssm) - set(MAMBA2_SSM_DEFAULTS))
+    ssm = {**MAMBA2_SSM_DEFAULTS, **ssm}
+    d_inner = ssm["expand"] * config["d_model"]
+    if unknown or config.get("d_intermediate") or config.get("attn_layer_idx") or ssm["d_ssm"] not in (None, d_inner) \
+            or ssm["norm_before_gate"] or not ssm["rmsnorm"] or ssm["D_has_hdim"] or not config.get("rms_norm", True):
+        raise UsageError("this original Mamba-2 checkpoint has parts transformers' Mamba2ForCausalLM cannot hold "
+                         "(MLP or attention layers, d_ssm, norm_before_gate, LayerNorm or unknown ssm_cfg keys "
+                         f"{unknown}); convert it to the HF format with its own tools")
+    return Mamba2Config(state_size=ssm["d_state"], conv_kernel=ssm["d_conv"], expand=ssm["expand"],
+                        head_dim=ssm["headdim"], num_heads=d_inner // ssm["headdim"], n_groups=ssm["ngroups"],
+                        use_bias=ssm["bias"], use_conv_bias=ssm["conv_bias"], chunk_size=ssm["chunk_size"],
+                        time_step_min=ssm["dt_min"], time_step_max=ssm["dt_max"], time_step_floor=ssm["dt_init_floor"],
+                        time_step_limit=tuple(ssm["dt_limit"]), **common)
 
 
 def convert_original_state_dict(state_dict: dict) -> dict:
-    """Rename original mamba_ssm parameter names to transformers' MambaForCausalLM names."""
+    """Rename original mamba_ssm parameter names to transformers' names (Mamba-1 and Mamba-2 alike:
+    only the embedding differs)."""
     return {key.replace("backbone.embedding.", "backbone.embeddings."): value for key, value in state_dict.items()}
 
 
 def _load_original(source: ModelSource, dtype: torch.dtype):
     weights = Path(source.path) / "pytorch_model.bin" if source.local else \
         hf_hub_download(source.path, "pytorch_model.bin", revision=source.revision)
-    model = MambaForCausalLM(convert_original_config(source.config))
+    model = AutoModelForCausalLM.from_config(source.model_config)
     state_dict = convert_original_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
     if missing or unexpected:
-        raise UsageError(f"original-format checkpoint {source.name} does not match Mamba: "
+        raise UsageError(f"original-format checkpoint {source.name} does not match {type(model).__name__}: "
                          f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     return model.to(dtype)
@@ -188,7 +212,7 @@ def load_model(source: ModelSource | str, device: str = "cuda", dtype: str = "fl
         model = _load_original(source, DTYPES[dtype])
         tok = load_tokenizer(source.tokenizer or ORIGINAL_TOKENIZER)
     else:
-        model = MambaForCausalLM.from_pretrained(source.path, revision=source.revision, dtype=DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(source.path, revision=source.revision, dtype=DTYPES[dtype])
         tok = load_tokenizer(source.tokenizer or source.path, revision=None if source.tokenizer else source.revision)
     model.to(device).eval()
     model.requires_grad_(False)
@@ -216,19 +240,34 @@ def ssm_backend() -> str:
 
 
 def describe(model) -> dict:
-    """Summary of a loaded model for run records and the CLI."""
+    """Summary of a loaded model for run records and the CLI: its family, SSM layers and what a delta
+    neuron is."""
     source = getattr(model, "_delta_steering_source", {}) or {}
     param = next(model.parameters())
+    shape, family = shape_of(model), family_of(model)
     return {
         "model": source.get("model", getattr(model.config, "_name_or_path", None)),
         "revision": source.get("revision") or getattr(model.config, "_commit_hash", None),
         "original_format": source.get("original_format", False),
-        "layers": model.config.num_hidden_layers,
+        "family": family.name,
+        "layers": shape.num_layers,
+        "ssm_layers": compact_ranges(shape.ssm_layers),
         "hidden_size": model.config.hidden_size,
-        "intermediate_size": model.config.intermediate_size,
-        "delta_neurons_per_layer": model.config.intermediate_size,
+        "delta_neurons_per_layer": shape.delta_neurons,
+        "delta_neuron": family.neuron,
         "parameters": sum(p.numel() for p in model.parameters()),
         "device": str(param.device),
         "dtype": str(param.dtype).replace("torch.", ""),
         "ssm_backend": ssm_backend(),
     }
+
+
+def compact_ranges(ids) -> str:
+    """0,1,2,3,5 -> "0-3,5"."""
+    ids, parts = sorted(ids), []
+    for i in ids:
+        if parts and parts[-1][1] == i - 1:
+            parts[-1][1] = i
+        else:
+            parts.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts)

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .batching import Encoded, gather_targets, pad_batch, request_batches, target_ids, target_mask, token_budget
+from .sites import OutputHead
 from .stats import bootstrap_indices, compare
 from .tasks import Example, task_names
 
@@ -35,12 +36,12 @@ def encode_examples(tokenizer, examples: list[Example]) -> list[Encoded]:
     return [encode_pair(tokenizer, c, t) for e in examples for c, t in e.requests]
 
 
-def target_scores(lm_head, compact: torch.Tensor, encoded: list[Encoded]):
+def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded]):
     """Summed log-prob (NaN where a logit is not finite) and all-greedy flag of each request's
     targets, from their final hidden states in the compact layout of `batching.gather_targets`."""
     mask = target_mask(encoded, compact.device)
     targets = target_ids(encoded, compact.device)
-    logits = lm_head(compact[mask].to(lm_head.weight.dtype)).float()  # residual_in_fp32: fp32 hidden
+    logits = head(compact[mask]).float()
     token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
     token_ok = torch.isfinite(logits).all(-1)
     token_greedy = (logits.argmax(-1) == targets) & token_ok
@@ -63,11 +64,12 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
     batches = request_batches(encoded, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
     logprob = np.full(len(encoded), np.nan)
     greedy = np.zeros(len(encoded), dtype=bool)
+    head = OutputHead(model)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         items = [encoded[i] for i in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-        hidden = model.backbone(input_ids=ids, use_cache=False).last_hidden_state
-        logprob[batch], greedy[batch] = target_scores(model.lm_head, gather_targets(hidden, items, lengths), items)
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        logprob[batch], greedy[batch] = target_scores(head, gather_targets(hidden, items, lengths), items)
     return logprob, greedy
 
 

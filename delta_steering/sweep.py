@@ -10,9 +10,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .batching import Encoded
-from .fast_sweep import fast_loglikelihoods
+from .fast_sweep import FAMILIES as FAST_FAMILIES
+from .fast_sweep import covers, fast_loglikelihoods
 from .intervention import Intervention
 from .scoring import correctness, encode_examples, loglikelihoods
+from .sites import family_of
 from .steering import install
 from .tasks import Example
 
@@ -30,6 +32,16 @@ def naive_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, i
 
 
 ENGINES = {"fast": fast_loglikelihoods, "naive": naive_loglikelihoods}
+
+
+def engine_for(model, engine: str) -> str:
+    """The engine a run uses: the one asked for, or the naive one (saying so once) where the fast
+    engine does not cover the model's family."""
+    if engine == "fast" and not covers(model):
+        print(f"note: the fast engine covers {', '.join(FAST_FAMILIES)} models; this {family_of(model).name} model "
+              "runs the naive engine (the same results, the whole model per neuron)")
+        return "naive"
+    return engine
 
 
 def sweep_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,

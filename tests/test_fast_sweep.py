@@ -11,6 +11,7 @@ from delta_steering.delta_stats import delta_statistics
 from delta_steering.fast_sweep import context_groups, fast_loglikelihoods
 from delta_steering.intervention import Intervention
 from delta_steering.scoring import correctness, encode_examples, loglikelihoods
+from delta_steering.sites import OutputHead
 from delta_steering.steering import steer
 from delta_steering.sweep import sweep_correctness, sweep_loglikelihoods
 from delta_steering.tasks import Example
@@ -194,7 +195,7 @@ def test_greedy_margin_gradient(tiny_model, tokenizer, examples, encoded):
     def margins():
         with torch.no_grad():
             hidden = tiny_model.backbone(input_ids=ids).last_hidden_state
-            return request_scores(tiny_model.lm_head, hidden, items, lengths, ["margin"] * len(items)).numpy()
+            return request_scores(OutputHead(tiny_model), hidden, items, lengths, ["margin"] * len(items)).numpy()
 
     base = margins()
     np.testing.assert_allclose(att.base[rows], base, atol=1e-4)
@@ -216,3 +217,40 @@ def test_estimated_impacts(tiny_model, tokenizer, examples, encoded):
     np.testing.assert_array_equal(estimated_correctness(examples, att)[0], correctness(examples, base_lp, base_greedy))
     impact, margin_loss = estimated_impacts(examples, att)
     assert not impact.any() and not margin_loss.any()
+
+
+# --- other families ----------------------------------------------------------------------------
+
+
+def test_falcon_mamba_fast_equals_naive_and_attribution_matches_finite_differences(tokenizer, examples, encoded):
+    """Falcon-Mamba normalises t, B and C inside the mixer; the fast engine and attribution take that
+    path too."""
+    from families import make_tiny
+
+    model = make_tiny("falcon_mamba", vocab_size=len(tokenizer), num_hidden_layers=4)
+    for intervention in (Intervention.scale(NEURONS, 0.0), Intervention.scale(NEURONS, 3.0)):
+        naive_lp, naive_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 2, intervention, engine="naive")
+        fast_lp, fast_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 2, intervention, engine="fast")
+        np.testing.assert_allclose(fast_lp, naive_lp, rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(fast_greedy, naive_greedy)
+    base, _ = loglikelihoods(model, tokenizer, encoded)
+    assert np.abs(naive_lp - base).max() > 1e-3
+    chosen = mc_only(examples)
+    chosen_encoded = encode_examples(tokenizer, chosen)
+    base, _ = loglikelihoods(model, tokenizer, chosen_encoded)
+    exact = fast_loglikelihoods(model, tokenizer, chosen_encoded, 2, Intervention.scale(ALL, 1.01))[0] - base
+    estimate = attribution(model, tokenizer, chosen, chosen_encoded, 2, Intervention.scale(ALL, 1.01)).delta
+    assert np.linalg.norm(estimate - exact) < 0.1 * np.linalg.norm(exact)
+
+
+def test_families_without_the_fast_engine_run_the_naive_one(tokenizer, encoded, capsys):
+    from delta_steering.sweep import engine_for
+    from families import make_tiny
+
+    model = make_tiny("mamba2", vocab_size=len(tokenizer))
+    assert engine_for(model, "fast") == "naive" and "runs the naive engine" in capsys.readouterr().out
+    assert engine_for(model, "naive") == "naive"
+    with pytest.raises(ValueError, match="fast engine covers"):
+        fast_loglikelihoods(model, tokenizer, encoded, 0, Intervention.scale([0], 0.0))
+    lp, _ = sweep_loglikelihoods(model, tokenizer, encoded, 0, Intervention.scale([0, 3], 0.0), engine="naive")
+    assert lp.shape == (2, len(encoded)) and np.isfinite(lp).all()

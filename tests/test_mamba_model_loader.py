@@ -69,9 +69,8 @@ def test_missing_directory_and_missing_files(tiny_model_dir, tmp_path):
         load_mamba_model(str(bare), device="cpu")
 
 
-@pytest.mark.parametrize("model_type,message", [("gpt2", "not a Mamba-1 model (model_type 'gpt2')"),
-                                                ("llama", "model_type 'llama'"),
-                                                ("mamba2", "Mamba-2 model (model_type mamba2): not supported yet")])
+@pytest.mark.parametrize("model_type,message", [("gpt2", "not a selective-SSM model this tool knows (model_type 'gpt2')"),
+                                                ("llama", "model_type 'llama'); supported: mamba, falcon_mamba")])
 def test_other_architectures_are_refused(tiny_model_dir, tmp_path, model_type, message):
     other = copy_dir(tiny_model_dir, tmp_path / model_type)
     config = json.loads((other / "config.json").read_text())
@@ -105,3 +104,50 @@ def test_cli_prints_the_summary_and_exits_2_on_bad_input(tiny_model_dir):
     bad = subprocess.run([sys.executable, "mamba_model_loader.py", "./missing", "--device", "cpu"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: local model directory not found: ./missing"]
+
+
+@pytest.mark.parametrize("name", ["falcon_mamba", "jamba", "zamba", "mamba2", "bamba", "zamba2", "nemotron_h",
+                                  "granitemoehybrid", "falcon_h1"])
+def test_every_family_loads_from_a_local_directory(name, tokenizer, tmp_path):
+    from families import TINY, make_tiny
+
+    model = make_tiny(name, vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_mamba_model(str(tmp_path), device="cpu")
+    assert type(loaded).__name__ == TINY[name][1]
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    info = describe(loaded)
+    assert info["family"] == name and info["delta_neurons_per_layer"] == (4 if TINY[name][2] == "mamba2" else 32)
+    done = subprocess.run([sys.executable, "mamba_model_loader.py", str(tmp_path), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and f"family: {name}" in done.stdout and "ssm_layers:" in done.stdout
+
+
+def test_original_mamba2_checkpoint_is_converted(tokenizer, tmp_path):
+    """A Mamba-2 model saved the way mamba_ssm saves it (d_model / n_layer / ssm_cfg, embedding named
+    backbone.embedding): the loader gives the same logits."""
+    from families import make_tiny
+
+    model = make_tiny("mamba2", vocab_size=len(tokenizer), tie_word_embeddings=True)
+    config = model.config
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": config.hidden_size, "d_intermediate": 0, "n_layer": config.num_hidden_layers,
+        "vocab_size": config.vocab_size, "pad_vocab_size_multiple": 1, "rms_norm": True, "residual_in_fp32": True,
+        "tie_embeddings": True, "ssm_cfg": {"layer": "Mamba2", "d_state": config.state_size,
+                                            "d_conv": config.conv_kernel, "expand": config.expand,
+                                            "headdim": config.head_dim, "ngroups": config.n_groups,
+                                            "chunk_size": config.chunk_size}}))
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    loaded, _ = load_mamba_model(str(tmp_path), device="cpu", tokenizer=str(ROOT / "models" / "mamba-tiny-demo"))
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert describe(loaded)["family"] == "mamba2" and describe(loaded)["original_format"] is True
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                      "attn_layer_idx": [1]}))
+    with pytest.raises(UsageError, match="Mamba2ForCausalLM cannot hold"):
+        load_mamba_model(str(tmp_path), device="cpu")
