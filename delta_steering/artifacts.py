@@ -138,11 +138,13 @@ def steering_factor(optimal: dict | None) -> tuple[float | None, str]:
 
 @dataclass(frozen=True)
 class Factors:
-    """What step 3 takes from step 2's file: each group's optimal factor record."""
+    """What later runs take from step 2's file: the layer, each group's neurons and optimal factor."""
 
     path: Path
     sha256: str
     optimal: dict[str, dict | None]
+    layer: int | None = None
+    groups: dict[str, list[int]] | None = None
 
     def steering_factor(self, group: str = "high_impact") -> tuple[float | None, str]:
         return steering_factor(self.optimal.get(group))
@@ -158,4 +160,6 @@ def read_factors(path: Path) -> Factors:
                for v in optimal.values()):
         raise UsageError(f"{what} {path}: optimal_factors must hold {{factor, selection_best_factor, confirmed}} "
                          "records")
-    return Factors(Path(path), file_digest(path), optimal)
+    groups = {name: group.get("neurons", []) for name, group in data.get("groups", {}).items()
+              if isinstance(group, dict)}
+    return Factors(Path(path), file_digest(path), optimal, data.get("layer"), groups)

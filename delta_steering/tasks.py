@@ -1,10 +1,12 @@
 """Zero-shot tasks as lm-evaluation-harness builds them, and their fixed-seed partitions.
 
 Each document becomes an `Example`: one (context, continuation) request per choice, the gold label
-and the metric (lm-eval's prompt text, target delimiter and metric for each built-in task). Built-in
-tasks come from the Hub or from `--data_dir DIR/<task>/<split>.jsonl` in the Hub dataset's schema; a
-`.jsonl` path is a custom task of {"context", "choices", "label"} lines (metric acc, each choice
-appended to the context verbatim).
+and the metric. A task name (any lm-eval task, tag or group whose requests are log-likelihoods) is
+built by lm-eval's own task objects: its prompts, choices and target delimiter, zero-shot, from the
+Hub or from `--data_dir DIR/<task>/<split>.jsonl` in the Hub dataset's schema. `name:metric` picks
+acc or acc_norm; by default the original study's metric for its six tasks, and for other tasks
+acc_norm when the task's YAML lists it, else acc. A `.jsonl` path is a custom task of
+{"context", "choices", "label"} lines (metric acc, each choice appended to the context verbatim).
 
 Every pool is shuffled with a fixed seed: its first half is the *discovery* partition (step 1), the
 second the *held-out* partition (step 2), so no step evaluates on the examples another selected on.
@@ -13,15 +15,19 @@ second the *held-out* partition (step 2), so no step evaluates on the examples a
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import harness
 from .errors import UsageError
 from .results_io import read_jsonl
 
 PARTITION_SEED = 1234  # fixed, independent of --seed: the discovery/held-out split never moves
+# the original study's metric for each of its tasks (lambada: every target token greedy)
+STUDY_METRICS = {"lambada_openai": "greedy", "hellaswag": "acc_norm", "piqa": "acc", "arc_easy": "acc",
+                 "arc_challenge": "acc_norm", "winogrande": "acc"}
+METRICS = ("acc", "acc_norm")
 
 
 @dataclass(frozen=True)
@@ -38,103 +44,66 @@ class Example:
 
 @dataclass
 class Task:
+    """A pool of documents, each turned into an Example only when a partition asks for it."""
+
     name: str
-    examples: list[Example]
+    size: int
+    example: Callable[[int], Example]  # document index -> Example
+
+    @property
+    def examples(self) -> list[Example]:
+        return [self.example(i) for i in range(self.size)]
 
 
-def _multiple_choice(context: str, choices: list[str]) -> tuple:
-    """lm-eval's multiple_choice requests: context, then " " + choice (the target delimiter)."""
-    return tuple((context, " " + c) for c in choices)
+def metric_of(task, requested: str | None) -> str:
+    """The metric an lm-eval task is scored with: greedy for loglikelihood tasks (lambada), else the
+    requested one, the original study's, or acc_norm when the task lists it, else acc."""
+    if task.OUTPUT_TYPE == "loglikelihood":
+        return "greedy"
+    listed = [m["metric"] for m in (task.config.metric_list or [])]
+    if requested is not None:
+        if requested not in METRICS:
+            raise UsageError(f"task {task.task_name}: unknown metric {requested!r}; use {' or '.join(METRICS)}")
+        return requested
+    return STUDY_METRICS.get(task.task_name) or ("acc_norm" if "acc_norm" in listed else "acc")
 
 
-def _lambada(doc: dict):
-    words = doc["text"].split(" ")
-    target = words[-1]
-    return ((" ".join(words[:-1]), " " + target),), (target,), 0
-
-
-def _hellaswag_clean(text: str) -> str:
-    text = text.strip().replace(" [title]", ". ")
-    text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ")
-
-
-def _hellaswag(doc: dict):
-    context = _hellaswag_clean(doc["activity_label"] + ": " + doc["ctx_a"] + " " + doc["ctx_b"].capitalize())
-    choices = [_hellaswag_clean(e) for e in doc["endings"]]
-    return _multiple_choice(context, choices), tuple(choices), int(doc["label"])
-
-
-def _piqa(doc: dict):
-    choices = [doc["sol1"], doc["sol2"]]
-    return _multiple_choice(f"Question: {doc['goal']}\nAnswer:", choices), tuple(choices), int(doc["label"])
-
-
-def _arc(doc: dict):
-    choices = list(doc["choices"]["text"])
-    label = list(doc["choices"]["label"]).index(doc["answerKey"])
-    return _multiple_choice(f"Question: {doc['question']}\nAnswer:", choices), tuple(choices), label
-
-
-def _winogrande(doc: dict):
-    """Partial scoring: the contexts differ (sentence up to the blank, filled with each option) and
-    the shared continuation after the blank is scored."""
-    blank = doc["sentence"].index("_")
-    contexts = [doc["sentence"][:blank] + option for option in (doc["option1"], doc["option2"])]
-    target = " " + doc["sentence"][blank + 1:].strip()
-    return tuple((c, target) for c in contexts), tuple(contexts), {"1": 0, "2": 1}[doc["answer"]]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    hub_path: str
-    hub_name: str | None
-    split: str
-    metric: str
-    build: Callable[[dict], tuple]
-
-
-BUILTIN_TASKS = {
-    "lambada_openai": TaskSpec("EleutherAI/lambada_openai", "default", "test", "greedy", _lambada),
-    "hellaswag": TaskSpec("Rowan/hellaswag", None, "validation", "acc_norm", _hellaswag),
-    "piqa": TaskSpec("baber/piqa", None, "validation", "acc", _piqa),
-    "arc_easy": TaskSpec("allenai/ai2_arc", "ARC-Easy", "test", "acc", _arc),
-    "arc_challenge": TaskSpec("allenai/ai2_arc", "ARC-Challenge", "test", "acc_norm", _arc),
-    "winogrande": TaskSpec("allenai/winogrande", "winogrande_xl", "validation", "acc", _winogrande),
-}
-
-
-def _hub_docs(name: str, spec: TaskSpec) -> list[dict]:
-    from datasets import load_dataset
-
+def harness_example(task, docs, metric: str, doc_id: int) -> Example:
+    """Document `doc_id` of an lm-eval task as lm-eval builds its requests, zero-shot."""
     try:
-        return list(load_dataset(spec.hub_path, spec.hub_name, split=spec.split))
-    except Exception as e:
-        raise UsageError(
-            f"cannot load task {name} from the Hub ({spec.hub_path}: {type(e).__name__}); pass --data_dir DIR "
-            f"with DIR/{name}/{spec.split}.jsonl in the Hub schema") from None
+        return _harness_example(task, docs[doc_id], metric, doc_id)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise UsageError(f"task {task.task_name} document {doc_id} does not fit the task's schema: "
+                         f"{type(e).__name__}: {e}") from None
 
 
-def _builtin_task(name: str, data_dir: str | None) -> Task:
-    spec = BUILTIN_TASKS[name]
-    if data_dir is not None:
-        path = Path(data_dir) / name / f"{spec.split}.jsonl"
-        if not path.is_file():
-            raise UsageError(f"--data_dir has no file for task {name}: {path} not found")
-        docs, source = read_jsonl(path, "task file"), str(path)
-    else:
-        docs, source = _hub_docs(name, spec), spec.hub_path
-    examples = []
-    for doc_id, doc in enumerate(docs):
-        try:
-            requests, choices, label = spec.build(doc)
-        except (KeyError, ValueError, TypeError, AttributeError) as e:
-            raise UsageError(f"task {name} ({source}) document {doc_id + 1} does not fit the "
-                             f"{spec.hub_path} schema: {type(e).__name__}: {e}") from None
-        examples.append(Example(name, doc_id, requests, choices, label, spec.metric))
-    if not examples:
-        raise UsageError(f"task {name} ({source}) has no documents")
-    return Task(name, examples)
+def _harness_example(task, doc: dict, metric: str, doc_id: int) -> Example:
+    context = task.fewshot_context(doc, num_fewshot=0)
+    instances = task.construct_requests(doc=doc, ctx=context, metadata=(task.task_name, doc_id, 1))
+    instances = instances if isinstance(instances, list) else [instances]
+    if task.OUTPUT_TYPE == "loglikelihood":
+        context, target = instances[0].arguments[:2]
+        return Example(task.task_name, doc_id, ((context, target),), (target,), 0, metric)
+    choices = tuple(task.doc_to_choice(doc))
+    gold = task.doc_to_text(doc) if task.multiple_input else task.doc_to_target(doc)
+    gold = choices.index(gold) if isinstance(gold, str) else gold
+    if not isinstance(gold, int) or not 0 <= gold < len(choices):
+        raise UsageError(f"task {task.task_name} document {doc_id}: not one gold choice ({gold!r})")
+    requests = tuple(tuple(i.arguments[:2]) for i in instances[: len(choices)])
+    return Example(task.task_name, doc_id, requests, choices, gold, metric)
+
+
+def harness_tasks(spec: str, data_dir: str | None) -> list[Task]:
+    """The leaf tasks of `name[:metric]`, lm-eval task, tag or group."""
+    name, _, metric = spec.partition(":")
+    tasks = []
+    for task in harness.load_tasks([name], data_dir).values():
+        if task.multiple_target:
+            raise UsageError(f"task {task.task_name} has several gold answers per document; not supported")
+        docs = task.eval_docs
+        tasks.append(Task(task.task_name, len(docs),
+                          lambda i, t=task, d=docs, m=metric_of(task, metric or None): harness_example(t, d, m, i)))
+    return tasks
 
 
 def _custom_task(path: Path) -> Task:
@@ -152,42 +121,49 @@ def _custom_task(path: Path) -> Task:
         if not ok:
             raise UsageError(f"task file {path} line {doc_id + 1}: expected {{\"context\": str, \"choices\": "
                              f"[non-empty str, ...], \"label\": int index into choices}}")
-        requests = tuple((context, c) for c in choices)
-        examples.append(Example(name, doc_id, requests, tuple(choices), label, "acc"))
-    return Task(name, examples)
+        examples.append(Example(name, doc_id, tuple((context, c) for c in choices), tuple(choices), label, "acc"))
+    return Task(name, len(examples), examples.__getitem__)
 
 
-def load_task(name_or_path: str, data_dir: str | None = None) -> Task:
-    """A built-in task by name, or a custom task file by path."""
-    if name_or_path in BUILTIN_TASKS:
-        return _builtin_task(name_or_path, data_dir)
-    if name_or_path.endswith(".jsonl"):
-        if not Path(name_or_path).is_file():
-            raise UsageError(f"task file not found: {name_or_path}")
-        return _custom_task(Path(name_or_path))
-    raise UsageError(f"unknown task {name_or_path!r}: use one of {', '.join(BUILTIN_TASKS)} or a .jsonl file")
+def load_tasks(spec: str, data_dir: str | None = None) -> list[Task]:
+    """A custom task file by path, or the leaf tasks of an lm-eval task, tag or group name."""
+    if spec.endswith(".jsonl"):
+        if not Path(spec).is_file():
+            raise UsageError(f"task file not found: {spec}")
+        return [_custom_task(Path(spec))]
+    return harness_tasks(spec, data_dir)
+
+
+def load_task(spec: str, data_dir: str | None = None) -> Task:
+    """One task (a custom file or an lm-eval task name)."""
+    tasks = load_tasks(spec, data_dir)
+    if len(tasks) != 1:
+        raise UsageError(f"{spec} is a group of {len(tasks)} tasks, not one task")
+    return tasks[0]
+
+
+def partition_ids(size: int, which: str) -> list[int]:
+    """The documents of the discovery (first half) or held-out (second half) partition of a fixed-seed
+    shuffle of a pool of `size`: no step evaluates on the examples an earlier step selected on."""
+    if which not in ("discovery", "heldout"):
+        raise ValueError(f"unknown partition {which!r}")
+    order = list(range(size))
+    random.Random(PARTITION_SEED).shuffle(order)
+    half = size // 2
+    return order[:half] if which == "discovery" else order[half:]
 
 
 def partition(task: Task, which: str) -> list[Example]:
-    """The discovery (first half) or held-out (second half) examples of a fixed-seed shuffle of the pool,
-    built-in task or custom file alike: no step evaluates on the examples an earlier step selected on."""
-    if which not in ("discovery", "heldout"):
-        raise ValueError(f"unknown partition {which!r}")
-    order = list(range(len(task.examples)))
-    random.Random(PARTITION_SEED).shuffle(order)
-    half = len(order) // 2
-    chosen = order[:half] if which == "discovery" else order[half:]
-    return [task.examples[i] for i in chosen]
+    """The examples of partition `which` of a task (see partition_ids)."""
+    return [task.example(i) for i in partition_ids(task.size, which)]
 
 
 def load_examples(tasks: list[str], data_dir: str | None, which: str, n: int) -> list[Example]:
     """The first `n` examples of partition `which` of each task, concatenated task by task."""
     if n < 1:
         raise UsageError(f"the number of examples per task must be at least 1, got {n}")
-    examples = []
-    for name in tasks:
-        examples += partition(load_task(name, data_dir), which)[:n]
-    return examples
+    return [task.example(i) for spec in tasks for task in load_tasks(spec, data_dir)
+            for i in partition_ids(task.size, which)[:n]]
 
 
 def task_names(examples: list[Example]) -> list[str]:

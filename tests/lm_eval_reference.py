@@ -3,7 +3,7 @@ independent reference the project's task construction and scoring are checked ag
 
 import os
 
-from delta_steering.tasks import BUILTIN_TASKS
+from handwritten_tasks import BUILTIN_TASKS
 
 LM_EVAL_YAML = {
     "lambada_openai": "lambada/lambada_openai.yaml",

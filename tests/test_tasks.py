@@ -1,23 +1,43 @@
-"""Task construction: the (context, continuation) pairs of lm-evaluation-harness, the partition,
-custom task files and their errors."""
+"""Task construction through lm-evaluation-harness: the six tasks of the original study request for
+request and metric for metric as before, any harness task or tag, generative tasks refused, the
+partition, custom task files and their errors."""
 
 import json
 
+import numpy as np
 import pytest
 
-from delta_steering.cli import UsageError
-from delta_steering.tasks import BUILTIN_TASKS, load_examples, load_task, partition
-from lm_eval_reference import lm_eval_requests
+from delta_steering.errors import UsageError
+from delta_steering.scoring import correctness
+from delta_steering.tasks import load_examples, load_task, load_tasks, partition
+from handwritten_tasks import BUILTIN_TASKS, handwritten_examples
+from lm_eval_reference import lm_eval_task
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_TASKS))
-def test_requests_equal_lm_eval(shared_data, name):
-    data_dir = shared_data / "tasks_hf"
-    split = BUILTIN_TASKS[name].split
-    expected = lm_eval_requests(name, str(data_dir / name / f"{split}.jsonl"), limit=20)
-    task = load_task(name, str(data_dir))
-    ours = [(e.doc_id, pair) for e in task.examples[:20] for pair in e.requests]
-    assert sorted(ours) == sorted(expected)
+def test_the_six_tasks_equal_the_handwritten_reference_on_every_document(shared_data, name):
+    data_file = shared_data / "tasks_hf" / name / f"{BUILTIN_TASKS[name].split}.jsonl"
+    ours = load_task(name, str(shared_data / "tasks_hf")).examples
+    reference = handwritten_examples(name, str(data_file))
+    assert len(ours) == len(reference)
+    for a, b in zip(ours, reference):
+        assert (a.doc_id, a.requests, a.label, a.metric) == (b.doc_id, b.requests, b.label, b.metric), a.doc_id
+        assert a.metric == "greedy" or a.choices == b.choices
+
+
+@pytest.mark.parametrize("name", ["hellaswag", "piqa", "arc_challenge", "winogrande"])
+def test_per_document_metric_equals_lm_evals_process_results(shared_data, name):
+    """Random log-likelihoods scored by this project and by lm-eval's own task agree document by
+    document (the first 300)."""
+    data_file = shared_data / "tasks_hf" / name / f"{BUILTIN_TASKS[name].split}.jsonl"
+    task = lm_eval_task(name, str(data_file))
+    docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+    ours = load_task(name, str(shared_data / "tasks_hf")).examples
+    rng = np.random.default_rng(0)
+    for example in ours[:300]:
+        lls = -rng.uniform(1, 40, len(example.requests))
+        expected = task.process_results(docs[example.doc_id], [(float(x), False) for x in lls])[example.metric]
+        assert correctness([example], lls, np.zeros(len(lls), dtype=bool))[0] == expected, example.doc_id
 
 
 def write_jsonl(path, rows):
@@ -83,9 +103,43 @@ def test_custom_task_errors_name_the_line(tmp_path, rows, match):
         load_task(path)
 
 
+def test_any_harness_task_and_tag_with_its_metric(tmp_path):
+    """boolq is no task of the original study: lm-eval builds it (its prompt, choices, acc); a tag
+    expands to its tasks; name:metric picks the metric."""
+    (tmp_path / "boolq").mkdir()
+    write_jsonl(tmp_path / "boolq" / "validation.jsonl",
+                [{"question": f"is it {i}", "passage": "Some text.", "label": i % 2, "idx": i} for i in range(4)])
+    boolq = load_task("boolq", str(tmp_path)).examples
+    assert boolq[1].requests == (("Some text.\nQuestion: is it 1?\nAnswer:", " no"),
+                                 ("Some text.\nQuestion: is it 1?\nAnswer:", " yes"))
+    assert boolq[1].label == 1 and boolq[0].label == 0 and boolq[0].metric == "acc"
+    for name, rows in (("piqa", hub_rows("piqa", 4)),):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "validation.jsonl", rows)
+    assert load_task("piqa:acc_norm", str(tmp_path)).examples[0].metric == "acc_norm"
+    assert load_task("piqa", str(tmp_path)).examples[0].metric == "acc"  # the original study's
+    with pytest.raises(UsageError, match="unknown metric 'f1'"):
+        load_task("piqa:f1", str(tmp_path))
+
+
+def test_a_tag_expands_to_its_tasks(shared_data):
+    tasks = load_tasks("ai2_arc", str(shared_data / "tasks_hf"))
+    assert sorted(t.name for t in tasks) == ["arc_challenge", "arc_easy"]
+    metrics = {e.task: e.metric for e in load_examples(["ai2_arc"], str(shared_data / "tasks_hf"), "discovery", 2)}
+    assert metrics == {"arc_easy": "acc", "arc_challenge": "acc_norm"}
+
+
+@pytest.mark.parametrize("name,message", [("gsm8k", "gsm8k has output_type generate_until"),
+                                          ("wikitext", "wikitext has output_type loglikelihood_rolling"),
+                                          ("no_such_task", "unknown task 'no_such_task'")])
+def test_tasks_that_cannot_be_scored_by_log_likelihood_are_refused(name, message):
+    with pytest.raises(UsageError, match=message):
+        load_tasks(name)
+
+
 def test_unknown_task_and_missing_data_file(tmp_path):
-    with pytest.raises(UsageError, match="unknown task 'boolq'.*lambada_openai"):
-        load_task("boolq")
+    with pytest.raises(UsageError, match="unknown task 'boolqq'"):
+        load_task("boolqq")
     with pytest.raises(UsageError, match="hellaswag/validation.jsonl not found"):
         load_task("hellaswag", str(tmp_path))
     bad = tmp_path / "broken.jsonl"

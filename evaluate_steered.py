@@ -1,0 +1,185 @@
+"""Any lm-evaluation-harness benchmark under delta-neuron steering, against the unsteered model.
+
+    python evaluate_steered.py --tasks mmlu,gsm8k --steer 20:4,38,100-110:5
+    python evaluate_steered.py --tasks truthfulqa_mc2 --from_step2 cluster9_ablation_results/cluster9_ablation_results_all_neurons.json
+    python evaluate_steered.py --model models/mamba-tiny-demo --device cpu --tasks piqa --data_dir DIR \\
+        --steer 20:20,73,120:2 --limit 50
+
+The model is loaded by this project's loader and steered through its weights (`steer`), so the
+steering holds on every code path lm-eval takes (batched log-likelihood, generation with a cache).
+lm-eval's `simple_evaluate` runs once on the unsteered model and once with every --steer applied.
+Writes lm-eval's results JSON for each, and a comparison per task and metric: both values with the
+harness's stderr, Δ, and a paired 95% CI and sign test over the documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+import delta_steering as ds
+from delta_steering.cli import (add_model_args, check_output_dir, check_positive, main_guard, parse_int_list,
+                                parse_names, step_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = step_parser(__doc__)
+    add_model_args(parser)
+    parser.add_argument("--tasks", required=True, help="lm-eval task, tag or group names, comma-separated")
+    parser.add_argument("--steer", action="append", default=[], metavar="LAYER:NEURONS:FACTOR",
+                        help="steer NEURONS (ids and ranges, e.g. 4,38,100-110) of LAYER by FACTOR; repeatable, "
+                             "all applied together")
+    parser.add_argument("--from_step2", default=None, metavar="FILE",
+                        help="steer step 2's High Impact neurons at its layer by its High Impact factor")
+    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (None: the Hub)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N documents of each task (None: all)")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (None: each task's own)")
+    parser.add_argument("--output_dir", default="steered_evaluation", help="results JSONs")
+    return parser
+
+
+def parse_args() -> argparse.Namespace:
+    """The arguments, checked: everything that can be wrong without the model fails here."""
+    args = build_parser().parse_args()
+    if bool(args.steer) == bool(args.from_step2):
+        raise ds.UsageError("give --steer LAYER:NEURONS:FACTOR (one or more) or --from_step2 FILE")
+    args.batch_size = args.batch_size or 8
+    for flag in ("limit", "batch_size"):
+        check_positive(getattr(args, flag), f"--{flag}")
+    check_output_dir(args.output_dir, "--output_dir")
+    args.specs = [parse_steer(text) for text in args.steer]
+    return args
+
+
+def parse_steer(text: str) -> dict:
+    """LAYER:NEURONS:FACTOR -> {"layer", "neurons", "factor"}."""
+    parts = text.split(":")
+    try:
+        layer, neurons, factor = int(parts[0]), parse_int_list(parts[1], "steer"), float(parts[2])
+        if len(parts) != 3:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ds.UsageError(f"malformed --steer {text!r}: use LAYER:NEURONS:FACTOR, e.g. 20:4,38,100-110:5") from None
+    return {"layer": layer, "neurons": neurons, "factor": factor}
+
+
+def step2_steering(path: str) -> tuple[list[dict], str]:
+    """Step 2's High Impact neurons, layer and factor, and where the factor comes from."""
+    step2 = ds.artifacts.read_factors(Path(path))
+    factor, source = step2.steering_factor("high_impact")
+    neurons = (step2.groups or {}).get("high_impact")
+    if factor is None or not neurons or step2.layer is None:
+        raise ds.UsageError(f"step-2 file {path} has no High Impact neurons, layer and factor; use --steer")
+    if source == "step2-unconfirmed":
+        print(f"warning: step 2 did not confirm a High Impact factor; steering with its selection-best factor "
+              f"x{factor:g}, unconfirmed")
+    return [{"layer": step2.layer, "neurons": neurons, "factor": factor}], source
+
+
+def run(model, tokenizer, args, specs: list[dict] | None) -> dict:
+    """lm-eval's results on fresh task objects, with the steering of `specs` installed (None: none)."""
+    tasks = ds.harness.benchmark_tasks(parse_names(args.tasks), args.data_dir)
+    handles = [ds.steer(model, s["layer"], s["neurons"], s["factor"]) for s in specs or []]
+    try:
+        return ds.harness.evaluate(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.seed)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def compare_results(plain: dict, steered: dict, seed: int) -> dict:
+    """Per task and metric: both values with the harness's stderr, Δ, paired CI and sign test."""
+    table = {}
+    for task, values in plain["results"].items():
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(",")
+            if metric.endswith("_stderr") or not filter_name or not isinstance(value, (int, float)):
+                continue
+            other = steered["results"].get(task, {}).get(key)
+            entry = {"unsteered": value, "unsteered_stderr": _stderr(values, metric, filter_name), "steered": other,
+                     "steered_stderr": _stderr(steered["results"].get(task, {}), metric, filter_name)}
+            entry.update(paired(plain.get("samples", {}).get(task, []), steered.get("samples", {}).get(task, []),
+                                metric, filter_name, seed))
+            table.setdefault(task, {})[key] = entry
+    return table
+
+
+def _stderr(values: dict, metric: str, filter_name: str):
+    stderr = values.get(f"{metric}_stderr,{filter_name}")
+    return stderr if isinstance(stderr, (int, float)) else None
+
+
+def paired(plain: list[dict], steered: list[dict], metric: str, filter_name: str, seed: int) -> dict:
+    """Δ over the documents both runs scored, its paired bootstrap 95% CI and sign-test p (lm-eval's
+    units); None where the metric is not a per-document number."""
+    base = ds.harness.per_document(plain, metric, filter_name)
+    other = ds.harness.per_document(steered, metric, filter_name)
+    docs = sorted(set(base) & set(other))
+    if not docs:
+        return {"delta": None, "ci95": None, "p_value": None, "n": 0}
+    indices = ds.stats.bootstrap_indices(np.zeros(len(docs)), seed=seed)
+    result = ds.stats.compare(np.array([base[d] for d in docs]), np.array([other[d] for d in docs]), indices,
+                              weights=np.full(len(docs), 1.0 / len(docs)))
+    return {**result, "n": len(docs)}
+
+
+def print_table(table: dict) -> None:
+    print(f"\n  {'task':<28} {'metric':<22} {'unsteered':>16} {'steered':>16} {'Δ':>8} {'95% CI':>18} {'p':>7}")
+    for task, metrics in table.items():
+        for key, e in metrics.items():
+            def shown(value, stderr):
+                return "n/a" if value is None else f"{value:.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
+            delta = "" if e["delta"] is None else f"{e['delta']:+.4f}"
+            ci = "" if e["ci95"] is None else f"[{e['ci95'][0]:+.4f}, {e['ci95'][1]:+.4f}]"
+            p = "" if e["p_value"] is None else f"{e['p_value']:.3g}"
+            print(f"  {task:<28} {key:<22} {shown(e['unsteered'], e['unsteered_stderr']):>16} "
+                  f"{shown(e['steered'], e['steered_stderr']):>16} {delta:>8} {ci:>18} {p:>7}")
+
+
+def save(args, plain: dict, steered: dict, table: dict, specs: list[dict], source: str, started: float,
+         model_info: dict) -> None:
+    """lm-eval's results JSON of each run (without the per-document samples) and the comparison."""
+    out = Path(args.output_dir)
+    for name, result in (("unsteered", plain), ("steered", steered)):
+        path = ds.results_io.write_json(out / f"{name}_results.json", ds.harness.results_json(result))
+        print(f"lm-eval results: {path}")
+    comparison = {"format_version": ds.artifacts.FORMAT_VERSION, "description": DESCRIPTION, "model": args.model,
+                  "steering": specs, "factor_source": source, "tasks": table,
+                  "run": ds.results_io.run_record(args, model_info, started)}
+    print(f"comparison: {ds.results_io.write_json(out / 'comparison.json', comparison)}")
+
+
+DESCRIPTION = (
+    "lm-eval benchmarks, unsteered and steered (every `steering` entry applied together through the weights). "
+    "tasks.<task>.<metric,filter>: lm-eval's value and stderr for each run, in lm-eval's units; delta = steered - "
+    "unsteered; ci95 = paired bootstrap 95% CI of delta over the documents both runs scored; p_value = exact sign "
+    "test over the documents whose score changed.")
+
+
+@main_guard
+def main() -> None:
+    args = parse_args()
+    started = time.time()
+    source = ds.models.check_model_source(args.model, args.tokenizer)
+    specs, factor_source = (args.specs, "command-line") if args.specs else step2_steering(args.from_step2)
+    for spec in specs:
+        ds.sites.check_layer(source.shape, spec["layer"], "--steer layer")
+        ds.sites.check_neurons(source.shape, spec["neurons"], "--steer")
+    ds.harness.check_names(parse_names(args.tasks), args.data_dir)  # before the model loads
+    model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+    for spec in specs:
+        ds.steering.verify_steering_effect(model, spec["layer"], spec["neurons"])
+    print("unsteered:")
+    plain = run(model, tokenizer, args, None)
+    print("steered: " + "; ".join(f"layer {s['layer']}, {len(s['neurons'])} neurons x{s['factor']:g}" for s in specs))
+    steered = run(model, tokenizer, args, specs)
+    table = compare_results(plain, steered, args.seed)
+    print_table(table)
+    save(args, plain, steered, table, specs, factor_source, started, ds.models.describe(model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""evaluate_steered.py end to end on a tiny model with local task files: lm-eval's results for both
+runs, the comparison with the steering specification, a generative benchmark, and bad input."""
+
+import json
+
+import pytest
+
+from scripts import run_main
+from test_harness import write_piqa
+
+
+def write_gsm8k(folder, n=2):
+    (folder / "gsm8k").mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"It is {2 * i}.\n#### {2 * i}"} for i in range(n)]
+    (folder / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def evaluate(tiny_model_dir, out, *extra):
+    return run_main("evaluate_steered", ["--model", tiny_model_dir, "--device", "cpu", "--output_dir", out,
+                                         "--batch_size", "4", *extra])
+
+
+def test_steered_against_unsteered_with_a_generative_benchmark(tiny_model_dir, tmp_path, capsys):
+    data = write_piqa(tmp_path / "data")
+    write_gsm8k(data)
+    assert evaluate(tiny_model_dir, tmp_path / "out", "--tasks", "piqa,gsm8k", "--data_dir", data, "--num_fewshot",
+                    "0", "--limit", "2", "--steer", "20:0-15:0.1", "--steer", "22:3:4") == 0
+    out = tmp_path / "out"
+    plain, steered = (json.loads((out / f"{n}_results.json").read_text()) for n in ("unsteered", "steered"))
+    assert set(plain["results"]) == set(steered["results"]) == {"piqa", "gsm8k"}
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["steering"] == [{"layer": 20, "neurons": list(range(16)), "factor": 0.1},
+                                      {"layer": 22, "neurons": [3], "factor": 4.0}]
+    piqa = comparison["tasks"]["piqa"]["acc,none"]
+    assert piqa["unsteered"] == plain["results"]["piqa"]["acc,none"] and piqa["n"] == 2
+    assert piqa["steered"] == steered["results"]["piqa"]["acc,none"]
+    assert piqa["delta"] == pytest.approx(piqa["steered"] - piqa["unsteered"], abs=1e-4)
+    assert "exact_match,strict-match" in comparison["tasks"]["gsm8k"]
+    assert "acc,none" in capsys.readouterr().out
+
+
+def test_from_step2_steers_the_high_impact_group(tiny_model_dir, tmp_path, capsys):
+    data = write_piqa(tmp_path / "data")
+    step2 = tmp_path / "step2.json"
+    step2.write_text(json.dumps({"format_version": 1, "layer": 21, "groups": {"high_impact": {"neurons": [1, 2]}},
+                                 "optimal_factors": {"high_impact": {"factor": 1.0, "beats_baseline": False,
+                                                                     "selection_best_factor": 3.0,
+                                                                     "confirmed": False}}}))
+    assert evaluate(tiny_model_dir, tmp_path / "out", "--tasks", "piqa", "--data_dir", data, "--limit", "2",
+                    "--from_step2", step2) == 0
+    comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert comparison["steering"] == [{"layer": 21, "neurons": [1, 2], "factor": 3.0}]
+    assert comparison["factor_source"] == "step2-unconfirmed" and "unconfirmed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tasks", "piqa"], "give --steer"),
+    (["--tasks", "piqa", "--steer", "20:1-3"], "malformed --steer '20:1-3'"),
+    (["--tasks", "piqa", "--steer", "20:40:2"], "neuron 40 out of range"),
+    (["--tasks", "piqa", "--steer", "24:1:2"], "--steer layer 24 out of range"),
+    (["--tasks", "no_such_benchmark", "--steer", "20:1:2"], "unknown task 'no_such_benchmark'"),
+])
+def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, extra, message):
+    assert evaluate(tiny_model_dir, tmp_path, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
