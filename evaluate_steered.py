@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (None: the Hub)")
     parser.add_argument("--limit", type=int, default=None, help="the first N documents of each task (None: all)")
     parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (None: each task's own)")
+    parser.add_argument("--gen_kwargs", default=None,
+                        help="generation settings for generative tasks, as lm-eval takes them, e.g. max_gen_toks=64")
     parser.add_argument("--output_dir", default="steered_evaluation", help="results JSONs")
     return parser
 
@@ -84,7 +86,8 @@ def run(model, tokenizer, args, specs: list[dict] | None) -> dict:
     tasks = ds.harness.benchmark_tasks(parse_names(args.tasks), args.data_dir)
     handles = [ds.steer(model, s["layer"], s["neurons"], s["factor"]) for s in specs or []]
     try:
-        return ds.harness.evaluate(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.seed)
+        return ds.harness.evaluate(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.seed,
+                                   args.gen_kwargs)
     finally:
         for handle in handles:
             handle.remove()

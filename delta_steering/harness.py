@@ -169,7 +169,7 @@ def results_json(result: dict) -> dict:
 
 
 def evaluate(model, tokenizer, tasks: dict, limit: int | None, num_fewshot: int | None, batch_size: int,
-             seed: int) -> dict:
+             seed: int, gen_kwargs: str | None = None) -> dict:
     """lm-eval's simple_evaluate on a loaded model as it is now (steering included), through HFLM:
     lm-eval's results dict, with the per-document samples."""
     from lm_eval import simple_evaluate
@@ -180,8 +180,8 @@ def evaluate(model, tokenizer, tasks: dict, limit: int | None, num_fewshot: int 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     no_index = TaskManager(include_defaults=False)  # the tasks are built already: spare the index of every YAML
     return simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, num_fewshot=num_fewshot,
-                           log_samples=True, task_manager=no_index, random_seed=seed, numpy_random_seed=seed,
-                           torch_random_seed=seed, fewshot_random_seed=seed)
+                           gen_kwargs=gen_kwargs, log_samples=True, task_manager=no_index, random_seed=seed,
+                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
 
 
 def per_document(samples: list[dict], metric: str, filter_name: str) -> dict[int, float]:

@@ -24,7 +24,8 @@ def test_steered_against_unsteered_with_a_generative_benchmark(tiny_model_dir, t
     data = write_piqa(tmp_path / "data")
     write_gsm8k(data)
     assert evaluate(tiny_model_dir, tmp_path / "out", "--tasks", "piqa,gsm8k", "--data_dir", data, "--num_fewshot",
-                    "0", "--limit", "2", "--steer", "20:0-15:0.1", "--steer", "22:3:4") == 0
+                    "0", "--limit", "2", "--gen_kwargs", "max_gen_toks=8", "--steer", "20:0-15:0.1",
+                    "--steer", "22:3:4") == 0
     out = tmp_path / "out"
     plain, steered = (json.loads((out / f"{n}_results.json").read_text()) for n in ("unsteered", "steered"))
     assert set(plain["results"]) == set(steered["results"]) == {"piqa", "gsm8k"}
