@@ -5,16 +5,31 @@ continuation, the pair is encoded whole and split at the context's length, no sp
 empty context is preceded by EOS). The LM head runs only where a continuation token is predicted.
 acc is the argmax of summed log-prob, acc_norm of log-prob per character of the choice (lm-eval's
 `len(choice)`), and a greedy example (lambada) is correct when every target token is the argmax.
+
+Requests whose context tokens are identical (the choices of a multiple-choice example) can run that
+context once: on float32 Mamba-1 models (mamba, falcon_mamba) with transformers 5.x's cache, each
+context is read once, its per-layer state (conv window and SSM state) is cached and replicated,
+and each continuation is read token by token from it. That is exact, not an approximation: the
+model is causal, so the members' states agree up to the last context token, and transformers'
+one-token cached step computes the same recurrence as its full-sequence scan (a multi-token
+forward after a prefill would restart the SSM state at zero, so continuations go one token at a
+time). Contexts of equal length share a forward (no padding to mask), and the continuations of
+many examples step together.
 """
 
 from __future__ import annotations
 
+import inspect
+from itertools import chain
+
 import numpy as np
 import torch
+import transformers
 from tqdm.auto import tqdm
 
-from .batching import Encoded, gather_targets, pad_batch, request_batches, target_ids, target_mask, token_budget
-from .sites import OutputHead
+from .batching import (Encoded, batches, gather_targets, head_rows, memory_items, pad_batch, request_batches,
+                       target_ids, target_mask, token_budget)
+from .sites import OutputHead, decoder_layers, family_of
 from .stats import bootstrap_indices, compare
 from .tasks import Example, task_names
 
@@ -56,20 +71,151 @@ def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded
     return logprob.cpu().numpy(), greedy.cpu().numpy()
 
 
+SHARED_CONTEXT_FAMILIES = ("mamba", "falcon_mamba")  # every block a Mamba-1 mixer: state = conv window + SSM
+
+
+def can_share_contexts(model) -> bool:
+    """Whether a context shared by several requests can run once, exactly: a float32 model of a
+    Mamba-1 family whose blocks take transformers 5.x's `cache=` (its one-token step continues the
+    scan's recurrence). In half precision the step rounds to the model's dtype where the scan keeps
+    float32 (the D skip), a difference far above the whole path's own rounding."""
+    if family_of(model).name not in SHARED_CONTEXT_FAMILIES or model.dtype != torch.float32:
+        return False
+    linear_caches = hasattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin")
+    return linear_caches and "cache" in inspect.signature(type(decoder_layers(model)[0]).forward).parameters
+
+
+def context_length(e: Encoded) -> int:
+    """How many tokens the model reads before the first target is predicted."""
+    return len(e.tokens) - e.n_target
+
+
+def shared_context_groups(encoded: list[Encoded]) -> list[list[int]]:
+    """Requests (two or more, with a context and a target) whose context tokens are identical."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(encoded):
+        if e.n_target and context_length(e):
+            groups.setdefault(e.tokens[: context_length(e)], []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def state_bytes(model) -> int:
+    """Bytes of one sequence's cached state: each layer's conv window and SSM state, float32."""
+    mixers = [block.mixer for block in decoder_layers(model)]
+    return sum(4 * m.intermediate_size * (m.ssm_state_size + m.conv_kernel_size) for m in mixers)
+
+
+def merged_cache(model, caches: list) -> transformers.DynamicCache:
+    """One cache holding the states of several, batch after batch (through the public Cache API)."""
+    merged = transformers.DynamicCache(config=model.config)
+    for layer in range(len(decoder_layers(model))):
+        merged.update_conv_state(torch.cat([c.get_conv_state(layer) for c in caches]), layer)
+        merged.update_recurrent_state(torch.cat([c.get_recurrent_state(layer) for c in caches]), layer)
+    return merged
+
+
+def read_contexts(model, contexts: list[tuple[int, ...]], batch_size: int | None,
+                  budget: int) -> tuple[torch.Tensor, transformers.DynamicCache]:
+    """Each context read once, contexts of equal length in one forward (`contexts` sorted by length):
+    the final hidden state at each context's last token (contexts x hidden) and a cache of their states."""
+    device = next(model.parameters()).device
+    lasts, caches, start = [], [], 0
+    while start < len(contexts):
+        width = len(contexts[start])
+        most = batch_size or max(1, budget // width)
+        stop = start + 1
+        while stop < len(contexts) and stop - start < most and len(contexts[stop]) == width:
+            stop += 1
+        cache = transformers.DynamicCache(config=model.config)
+        ids = torch.tensor(contexts[start:stop], device=device)
+        lasts.append(model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[:, -1])
+        caches.append(cache)
+        start = stop
+    return torch.cat(lasts), merged_cache(model, caches)
+
+
+def continuation_hidden(model, encoded: list[Encoded], groups: list[list[int]], batch_size: int | None,
+                        budget: int) -> tuple[torch.Tensor, list[int]]:
+    """Final hidden states at the scored positions of the requests of some context groups, compact
+    (requests x most targets x hidden), and the requests in that order (most targets first): each
+    context read once, then all continuations together, one token per forward, from the cached state."""
+    groups = sorted(groups, key=lambda g: context_length(encoded[g[0]]))
+    last, cache = read_contexts(model, [encoded[g[0]].tokens[: context_length(encoded[g[0]])] for g in groups],
+                                batch_size, budget)
+    rows = sorted(((i, k) for k, g in enumerate(groups) for i in g), key=lambda r: -encoded[r[0]].n_target)
+    members = [i for i, _ in rows]
+    tails = [encoded[i].n_target - 1 for i in members]  # inputs after the context, read one by one
+    compact = last.new_zeros(len(rows), tails[0] + 1, last.shape[-1])
+    compact[:, 0] = last[[k for _, k in rows]]
+    cache.reorder_cache(torch.tensor([k for _, k in rows], device=last.device))  # a state per request
+    active = len(rows)
+    for step in range(tails[0]):
+        keep = sum(t > step for t in tails)
+        if keep != active:  # requests still reading stay a prefix
+            cache.reorder_cache(torch.arange(keep, device=last.device))
+            active = keep
+        ids = torch.tensor([[encoded[i].tokens[step - encoded[i].n_target]] for i in members[:active]],
+                           device=last.device)
+        hidden = model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
+        compact[:active, step + 1] = hidden[:, 0]
+    return compact, members
+
+
+def chunked_target_scores(head: OutputHead, compact: torch.Tensor, items: list[Encoded], max_rows: int):
+    """`target_scores` of requests sorted by most targets first, in slices whose logits fit `max_rows`."""
+    step = max(1, max_rows // compact.shape[1])
+    scores = [target_scores(head, compact[start: start + step, : items[start].n_target], items[start: start + step])
+              for start in range(0, len(items), step)]
+    return np.concatenate([lp for lp, _ in scores]), np.concatenate([g for _, g in scores])
+
+
+def whole_scores(model, tokenizer, encoded: list[Encoded], requests: list[int], batch_size: int | None,
+                 budget: int, head: OutputHead):
+    """(requests, summed log-probs, greedy flags) of each right-padded batch of whole sequences."""
+    device = next(model.parameters()).device
+    for batch in request_batches([encoded[i] for i in requests], batch_size, budget):
+        items = [encoded[requests[j]] for j in batch]
+        ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+        yield [requests[j] for j in batch], *target_scores(head, gather_targets(hidden, items, lengths), items)
+
+
+def shared_scores(model, encoded: list[Encoded], groups: list[list[int]], batch_size: int | None, budget: int,
+                  head: OutputHead):
+    """(requests, summed log-probs, greedy flags) of each pack of context groups stepping together,
+    as many requests as their cached states fit the memory budget."""
+    if not groups:
+        return
+    most = max(1, memory_items(model, state_bytes(model), 0.25))
+    for pack in batches(encoded, groups, most, budget):
+        compact, members = continuation_hidden(model, encoded, pack, batch_size, budget)
+        yield members, *chunked_target_scores(head, compact, [encoded[i] for i in members], head_rows(model))
+
+
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | None = None,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Summed log-prob (NaN where logits are not finite) and greedy flag of every request."""
+                   progress: bool = False, share_contexts: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-prob (NaN where logits are not finite) and greedy flag of every request.
+
+    `share_contexts` (default: on CPU) runs a context shared by several requests once where that is
+    exact (`can_share_contexts`); the other requests run whole. It is off on GPUs by default: a
+    one-token step launches as many kernels as a whole forward, so there stepping costs more than the
+    context tokens it saves. `batch_size` bounds the sequences of a full-sequence forward (whole
+    requests, contexts); a step holds no sequence dimension, so continuations step together as many
+    as their cached states fit the memory budget."""
     device = next(model.parameters()).device
-    batches = request_batches(encoded, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
+    share = (device.type == "cpu" if share_contexts is None else share_contexts) and can_share_contexts(model)
+    groups = shared_context_groups(encoded) if share else []
+    alone = sorted(set(range(len(encoded))) - {i for g in groups for i in g})
     logprob = np.full(len(encoded), np.nan)
     greedy = np.zeros(len(encoded), dtype=bool)
     head = OutputHead(model)
-    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
-        items = [encoded[i] for i in batch]
-        ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-        logprob[batch], greedy[batch] = target_scores(head, gather_targets(hidden, items, lengths), items)
+    budget = token_budget(model, max(len(e.tokens) for e in encoded))
+    with tqdm(total=len(encoded), desc="scoring", unit="request", disable=not progress, leave=False) as bar:
+        for requests, values, flags in chain(whole_scores(model, tokenizer, encoded, alone, batch_size, budget, head),
+                                             shared_scores(model, encoded, groups, batch_size, budget, head)):
+            logprob[requests], greedy[requests] = values, flags
+            bar.update(len(requests))
     return logprob, greedy
 
 

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from delta_steering.scoring import (correctness, encode_examples, encode_pair, evaluate, loglikelihoods,
-                                    summarize)
+from delta_steering.scoring import (can_share_contexts, correctness, encode_examples, encode_pair, evaluate,
+                                    loglikelihoods, shared_context_groups, summarize)
 from delta_steering.tasks import Example
+from families import make_tiny
 
 PAIRS = [("Question: What is the capital of France?\nAnswer:", " Paris"),
          ("The quick brown fox ", "jumps over the lazy dog."),
@@ -51,6 +52,92 @@ def test_batched_loglikelihoods_equal_naive(tiny_model, tokenizer, batch_size):
         ref_lp, ref_g = naive_loglikelihood(tiny_model, tokenizer, c, t)
         assert lp == pytest.approx(ref_lp, abs=1e-4)
         assert g == ref_g
+
+
+# multiple choice (continuations of 1 to many tokens), a moved trailing space, empty contexts (EOS
+# shared), and requests alone in their context
+SHARED = [("Question: What is the capital of France?\nAnswer:", (" Paris", " London, the capital of England", " a")),
+          ("The quick brown fox ", ("jumps over the lazy dog.", "sleeps")),
+          ("", ("In the beginning", "Hello there", "x")),
+          ("1 2 3 4", (" 5",)), ("apples, oranges;", (" bananas! cherries?",))]
+SHARED_PAIRS = [(c, t) for c, choices in SHARED for t in choices]
+
+
+def family_model(name: str, tokenizer):
+    return make_tiny(name, vocab_size=len(tokenizer))
+
+
+def tokens_read(model, fn) -> int:
+    """How many input tokens the model's embeddings see while `fn` runs."""
+    seen = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].numel()))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return sum(seen)
+
+
+def test_requests_that_share_a_context_are_grouped(tokenizer):
+    encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
+    assert shared_context_groups(encoded) == [[0, 1, 2], [3, 4], [5, 6, 7]]
+
+
+@pytest.mark.parametrize("family", ["mamba", "falcon_mamba"])
+@pytest.mark.parametrize("batch_size", [1, 2, None])
+def test_shared_contexts_equal_whole_sequences_and_naive(tiny_model, tokenizer, family, batch_size):
+    model = tiny_model if family == "mamba" else family_model(family, tokenizer)
+    assert can_share_contexts(model)
+    encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
+    shared_lp, shared_greedy = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=True)
+    whole_lp, whole_greedy = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=False)
+    np.testing.assert_allclose(shared_lp, whole_lp, rtol=0, atol=1e-4)
+    assert np.array_equal(shared_greedy, whole_greedy)
+    for (c, t), lp, g in zip(SHARED_PAIRS, shared_lp, shared_greedy):
+        ref_lp, ref_g = naive_loglikelihood(model, tokenizer, c, t)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert g == ref_g
+
+
+def test_a_shared_context_is_read_once_by_default_on_cpu(tiny_model, tokenizer):
+    encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
+    groups = shared_context_groups(encoded)
+    grouped = {i for g in groups for i in g}
+    once = (sum(len(encoded[g[0]].tokens) - encoded[g[0]].n_target for g in groups)
+            + sum(encoded[i].n_target - 1 for i in grouped)
+            + sum(len(e.tokens) - 1 for i, e in enumerate(encoded) if i not in grouped))
+    # batch size 1: no padding, every token read is a token of a request
+    assert tokens_read(tiny_model, lambda: loglikelihoods(tiny_model, tokenizer, encoded, 1)) == once
+    whole = sum(len(e.tokens) - 1 for e in encoded)
+    assert tokens_read(tiny_model, lambda: loglikelihoods(tiny_model, tokenizer, encoded, 1,
+                                                          share_contexts=False)) == whole > once
+
+
+def assert_whole_sequences(model, tokenizer, encoded):
+    """`share_contexts=True` changes nothing where contexts are not shared: same numbers, every token read."""
+    assert not can_share_contexts(model)
+    asked = loglikelihoods(model, tokenizer, encoded, share_contexts=True)
+    whole = loglikelihoods(model, tokenizer, encoded, share_contexts=False)
+    assert np.array_equal(asked[0], whole[0]) and np.array_equal(asked[1], whole[1])
+    read = tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1, share_contexts=True))
+    assert read == sum(len(e.tokens) - 1 for e in encoded)
+    return asked
+
+
+@pytest.mark.parametrize("family", ["mamba2", "jamba"])
+def test_families_without_shared_contexts_run_whole_sequences(tokenizer, family):
+    model = family_model(family, tokenizer)
+    logprob, greedy = assert_whole_sequences(model, tokenizer, [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS])
+    for (c, t), lp, g in zip(SHARED_PAIRS, logprob, greedy):
+        ref_lp, ref_g = naive_loglikelihood(model, tokenizer, c, t)
+        assert lp == pytest.approx(ref_lp, abs=1e-4)
+        assert g == ref_g
+
+
+def test_half_precision_runs_whole_sequences(tokenizer):
+    """transformers' one-token step rounds to bfloat16 where its scan keeps float32."""
+    model = family_model("mamba", tokenizer).to(torch.bfloat16)
+    assert_whole_sequences(model, tokenizer, [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS])
 
 
 def make_examples():
