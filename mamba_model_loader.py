@@ -1,9 +1,11 @@
-"""Load a Mamba-1 language model and its tokenizer from a local directory or a Hub id.
+"""Load a selective-SSM language model (Mamba-1, Mamba-2 or a hybrid) and its tokenizer from a local
+directory or a Hub id.
 
     python mamba_model_loader.py state-spaces/mamba-130m-hf --device cpu
+    python mamba_model_loader.py state-spaces/mamba2-130m --device cpu
     python mamba_model_loader.py models/mamba-tiny-demo
 
-Prints the model's summary (layers, delta neurons per layer, parameters, SSM backend), or one line
+Prints the model's summary (family, SSM layers, delta neurons per layer, parameters, SSM backend), or one line
 saying what is wrong. The loading itself is `delta_steering.models` (`load_mamba_model`, `describe`),
 which this module also exposes: `from mamba_model_loader import load_mamba_model`.
 """
