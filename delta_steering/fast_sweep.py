@@ -47,24 +47,14 @@ def covers(model) -> bool:
     return family_of(model).name in FAMILIES
 
 
-def steered_dt(model, layer: int, dt_lin: Tensor, intervention: Intervention) -> tuple[Tensor, Tensor]:
-    """`dt_pre` of the intervention's channels before and after it, (neurons, batch, tokens): the
-    arithmetic `steer` applies to weight rows, applied to the cached W_dt t, in the model's dtype."""
-    rows = torch.tensor(intervention.neurons, device=dt_lin.device)
-    lin = dt_lin[:, rows].transpose(0, 1)  # (neurons, batch, tokens)
-    bias = decoder_layers(model)[layer].mixer.dt_proj.bias.detach()[rows]
-    before = lin + bias.float().to(lin.dtype)[:, None, None]
-    lin_after, bias_after = intervention.edit(lin, bias)
-    return before, lin_after + bias_after.float().to(lin.dtype)[:, None, None]
-
-
 def steered_outputs(model, layer: int, state: LayerState, intervention: Intervention) -> Tensor:
     """Block L's output with each neuron steered alone: the rank-1 correction
     out_L + W_out[:, i] * (y_i' - y_i), stacked (neurons * batch, tokens, hidden), neuron-major.
     Both scans run through the same code, so the difference has no offset from summation order."""
     mixer = decoder_layers(model)[layer].mixer
     rows = torch.tensor(intervention.neurons, device=state.x.device)
-    before, after = steered_dt(model, layer, state.dt_lin, intervention)
+    lin = state.dt_lin[:, rows].transpose(0, 1)  # (neurons, batch, tokens)
+    before, after = intervention.dt_pre(lin, mixer.dt_proj.bias.detach()[rows])
     x = state.x[:, rows].transpose(0, 1)  # (neurons, batch, tokens)
     gate = state.gate[:, rows].transpose(0, 1)
     A = -torch.exp(mixer.A_log.detach()[rows].float())[:, None, :]  # (neurons, 1, state)

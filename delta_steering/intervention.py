@@ -3,7 +3,7 @@
 An `Intervention` lists neurons of one layer and, for each, either a factor (dt_pre multiplied by
 it: steering, or zero ablation with factor 0) or a value (dt_pre replaced by it: mean ablation).
 With no neurons it is "no steering", an intervention like any other. `edit` is the arithmetic,
-applied to weight rows by `steer` and to cached `W_dt t` terms by the fast engine.
+applied to weight rows by `steer` and, through `dt_pre`, to cached `W_dt t` terms by the fast engine.
 """
 
 from __future__ import annotations
@@ -78,6 +78,15 @@ class Intervention:
             values = torch.tensor(self.values, dtype=torch.float32, device=bias.device)
             return torch.zeros_like(linear), values.to(bias.dtype)
         return linear, bias
+
+    def dt_pre(self, linear: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt_pre of this intervention's neurons before and after it, from their cached linear terms
+        (neurons, ...) and biases (neurons,): `edit` as `steer` applies it to weight rows, the bias
+        added in the linear term's dtype as the models add it."""
+        shape = (-1,) + (1,) * (linear.dim() - 1)
+        lin_after, bias_after = self.edit(linear, bias)
+        return (linear + bias.float().to(linear.dtype).view(shape),
+                lin_after + bias_after.float().to(linear.dtype).view(shape))
 
 
 NO_STEERING = Intervention()
