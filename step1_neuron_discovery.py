@@ -89,8 +89,8 @@ def measure(args, run, source, examples) -> tuple[dict, dict]:
 
     engine = ds.sweep.engine_for(model, args.engine)
     screened = {"requested_neurons": neurons}
-    if args.method == "attribution" and not ds.fast_sweep.covers(model):
-        print(f"note: attribution covers {', '.join(ds.fast_sweep.FAMILIES)} models; every neuron of --neurons is "
+    if args.method == "attribution" and not ds.attribution.covers(model):
+        print(f"note: attribution covers {', '.join(ds.attribution.FAMILIES)} models; every neuron of --neurons is "
               "measured exactly instead")
     elif args.method == "attribution":
         t = time.time()

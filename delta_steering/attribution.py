@@ -20,9 +20,15 @@ from .batching import Encoded, pad_batch, request_batches, target_ids, target_ma
 from .intervention import Intervention
 from .mixer import block_input, gated_scan, mixer_pieces, suffix
 from .scoring import choice_lengths, correctness, example_weights
-from .fast_sweep import FAMILIES, covers
 from .sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from .tasks import Example
+
+FAMILIES = ("mamba", "falcon_mamba")  # the Mamba-1 models: block L's channel-wise mixer written out
+
+
+def covers(model) -> bool:
+    """Whether attribution applies to this model's family: it writes out a Mamba-1 mixer (mixer.py)."""
+    return family_of(model).name in FAMILIES
 
 
 @dataclass
