@@ -1,11 +1,11 @@
 """The fast exact single-neuron sweep: every neuron of an intervention applied on its own, every
-request scored, from one shared prefix per example batch and a rank-1 correction per neuron.
+request scored, from one shared prefix per example batch and a low-rank correction per neuron.
 
-Why it is exact, not an approximation: intervening on delta neuron i of layer L changes only
-`dt_pre[..., i]`, so only channel i of layer L's selective scan (the scan's channels are independent;
-B and C come from `x_proj`, upstream of `dt_proj`). Layer L's output therefore changes by a rank-1
-term, `out_L' = out_L + W_out[:, i] * (y_i' - y_i)`, with y the gated scan output. Per batch of
-examples the engine
+Why it is exact, not an approximation (Mamba-1; Mamba-2 below): intervening on delta neuron i of
+layer L changes only `dt_pre[..., i]`, so only channel i of layer L's selective scan (the scan's
+channels are independent; B and C come from `x_proj`, upstream of `dt_proj`). Layer L's output
+therefore changes by a rank-1 term, `out_L' = out_L + W_out[:, i] * (y_i' - y_i)`, with y the gated
+scan output. Per batch of examples the engine
 
 1. runs the embeddings, blocks 0..L-1 and block L once (the prefix, shared by every neuron);
 2. recomputes channel i's scan with the new `dt_pre_i` (an N-dimensional state: cheap), for many
@@ -18,11 +18,17 @@ model. Two more exact savings: requests that share their context (the choices of
 example) run it once per neuron and continue token by token from the cached state, and the LM head
 runs on many chunks' scored positions at once. Results equal the naive engine's up to float rounding
 (~1e-6 relative).
+
+Mamba-2 (mixer2): a neuron is a head, which changes only its own head_dim channels of the scan, but
+the gated RMSNorm before `out_proj` rescales the rest of the head's group by a per-token factor, so
+the correction is a group term plus a head term (exact algebra, see mixer2). Contexts are shared
+unless the model limits its time step, which transformers' one-token cached step ignores.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import numpy as np
@@ -34,16 +40,18 @@ from tqdm.auto import tqdm
 
 from .batching import Encoded, batches, gather_targets, head_rows, pad_batch, token_budget
 from .intervention import Intervention
+from . import mixer2
 from .mixer import LayerState, gated_scan, layer_state, suffix
 from .scoring import target_scores
 from .sites import OutputHead, check_layer, check_neurons, decoder_layers, family_of
 
-FAMILIES = ("mamba", "falcon_mamba")  # the Mamba-1 models whose blocks are a norm, a mixer and a residual
+FAMILIES = ("mamba", "falcon_mamba", "mamba2")  # every block a norm, an SSM mixer and a residual
 
 
 def covers(model) -> bool:
-    """Whether the fast engine is exact for this model's family (the rank-1 argument holds and the
-    blocks after layer L are plain Mamba blocks); others run the naive engine."""
+    """Whether the fast engine is exact for this model's family (its layer-L correction is written
+    out, mixer or mixer2, and the blocks after layer L are plain SSM blocks); the hybrids, whose later
+    blocks include attention, run the naive engine."""
     return family_of(model).name in FAMILIES
 
 
@@ -66,6 +74,14 @@ def steered_outputs(model, layer: int, state: LayerState, intervention: Interven
     return hidden.to(state.output.dtype).flatten(0, 1)
 
 
+def layer_pieces(model):
+    """The family's (layer_state, steered_outputs): block L's state on an example batch, and its
+    output with each neuron steered alone (Mamba-1 here, Mamba-2 in mixer2)."""
+    if family_of(model).kind == "mamba2":
+        return mixer2.layer_state, mixer2.steered_outputs
+    return layer_state, steered_outputs
+
+
 def context_groups(encoded: list[Encoded]) -> list[list[int]]:
     """Requests whose context tokens (all but the continuation) are identical, in first-seen order.
     Mamba is causal, so their states agree up to the last context token."""
@@ -76,10 +92,13 @@ def context_groups(encoded: list[Encoded]) -> list[list[int]]:
 
 
 def suffix_cache(model):
-    """A fresh transformers cache for the blocks after layer L, or None where this transformers
-    version's MambaBlock does not take the 5.x `cache=` argument (contexts are then not shared)."""
+    """A fresh transformers cache for the blocks after layer L, or None where contexts are not shared:
+    this transformers version's blocks do not take the 5.x `cache=` argument, or a Mamba-2 model
+    limits its time step (`time_step_limit`), which transformers' one-token cached step ignores."""
     linear_caches = hasattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin")  # 5.x Mamba caches
     if not linear_caches or "cache" not in inspect.signature(type(decoder_layers(model)[0]).forward).parameters:
+        return None
+    if tuple(getattr(model.config, "time_step_limit", (0.0, math.inf))) != (0.0, math.inf):
         return None
     return transformers.DynamicCache(config=model.config)
 
@@ -150,6 +169,7 @@ class FastSweep:
                  scorer: TargetScorer, share_contexts: bool, bar):
         self.model, self.layer, self.intervention = model, layer, intervention
         self.batch_size, self.scorer, self.share_contexts, self.bar = batch_size, scorer, share_contexts, bar
+        self.layer_state, self.steered_outputs = layer_pieces(model)
 
     def neurons_per_chunk(self, pairs_per_neuron: int, width: int) -> int:
         """How many neurons share one suffix forward: their (neuron, sequence) pairs fill the user's
@@ -175,7 +195,7 @@ class FastSweep:
             sub, sub_items = state.rows(members), [items[i] for i in members]
             for first in range(0, len(neurons), step):
                 chunk = neurons[first: first + step]
-                steered = steered_outputs(self.model, self.layer, sub, self.intervention.only(chunk))
+                steered = self.steered_outputs(self.model, self.layer, sub, self.intervention.only(chunk))
                 neuron_rows = np.repeat(np.arange(first, first + len(chunk)), len(members))
                 request_cols = np.tile([columns[i] for i in members], len(chunk))
                 if shared:
@@ -226,7 +246,7 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
         columns = [i for g in batch_groups for i in g]
         items = [encoded[i] for i in columns]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-        state = layer_state(model, ids, layer)
+        state = sweep.layer_state(model, ids, layer)
         timings["prefix_s"] += time.perf_counter() - start
         start = time.perf_counter()
         local, at = [], 0

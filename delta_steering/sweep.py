@@ -1,7 +1,7 @@
 """Single-neuron sweeps: every neuron of an intervention applied on its own, every example scored.
 
 `naive` runs the whole model once per neuron through `steer`: the reference. `fast` (fast_sweep)
-computes the same numbers from a shared prefix and a rank-1 correction per neuron.
+computes the same numbers from a shared prefix and a low-rank correction per neuron.
 """
 
 from __future__ import annotations

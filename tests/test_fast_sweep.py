@@ -243,14 +243,75 @@ def test_falcon_mamba_fast_equals_naive_and_attribution_matches_finite_differenc
     assert np.linalg.norm(estimate - exact) < 0.1 * np.linalg.norm(exact)
 
 
-def test_families_without_the_fast_engine_run_the_naive_one(tokenizer, encoded, capsys):
+@pytest.fixture(scope="module")
+def mamba2_models(tokenizer):
+    """Tiny 4-layer Mamba-2 models with one group and two groups of heads."""
+    from families import make_tiny
+
+    return {groups: make_tiny("mamba2", vocab_size=len(tokenizer), num_hidden_layers=4, n_groups=groups)
+            for groups in (1, 2)}
+
+
+MAMBA2_INTERVENTIONS = (Intervention.scale([0, 1, 2, 3], 0.0), Intervention.scale([0, 1, 2, 3], 0.5),
+                        Intervention.scale([0, 1, 2, 3], 3.0), Intervention.set([0, 3], [-2.0, 1.5]))
+
+
+def assert_fast_equals_naive(model, tokenizer, encoded, layer, intervention, **fast_options):
+    """The fast engine's log-probs within float rounding of the naive engine's, greedy flags equal,
+    on requests of different lengths padded into one batch; returns the naive log-probs."""
+    naive_lp, naive_greedy = sweep_loglikelihoods(model, tokenizer, encoded, layer, intervention, engine="naive")
+    fast_lp, fast_greedy = fast_loglikelihoods(model, tokenizer, encoded, layer, intervention, **fast_options)
+    np.testing.assert_allclose(fast_lp, naive_lp, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(fast_greedy, naive_greedy)
+    return naive_lp
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("layer", [0, 2, 3])
+def test_mamba2_fast_equals_naive(mamba2_models, tokenizer, encoded, groups, layer):
+    """A head's new scan and the gated RMSNorm's rescaling of its group, on the first, a middle and
+    the last layer, for scaling (zero, 0.5, 3) and setting dt_pre."""
+    model = mamba2_models[groups]
+    base, _ = loglikelihoods(model, tokenizer, encoded)
+    for intervention in MAMBA2_INTERVENTIONS:
+        naive_lp = assert_fast_equals_naive(model, tokenizer, encoded, layer, intervention)
+        assert np.abs(naive_lp - base).max() > 1e-3  # the intervention does change the scores
+
+
+@pytest.mark.parametrize("batch_size, share", [(1, True), (None, False), (3, True)])
+def test_mamba2_fast_is_independent_of_batch_size_and_context_sharing(mamba2_models, tokenizer, encoded,
+                                                                      batch_size, share):
+    assert_fast_equals_naive(mamba2_models[2], tokenizer, encoded, 1, MAMBA2_INTERVENTIONS[2],
+                             batch_size=batch_size, share_contexts=share)
+
+
+def test_mamba2_time_step_limit_runs_contexts_whole(tokenizer, encoded):
+    """transformers' one-token cached step ignores `time_step_limit` where its scan clamps dt, so
+    with a limit the fast engine reads each request whole, and still equals the naive engine."""
+    from delta_steering.fast_sweep import suffix_cache
+    from families import make_tiny
+
+    model = make_tiny("mamba2", vocab_size=len(tokenizer), num_hidden_layers=3, time_step_limit=(0.05, 0.8))
+    assert suffix_cache(model) is None
+    for intervention in MAMBA2_INTERVENTIONS[::3]:
+        assert_fast_equals_naive(model, tokenizer, encoded, 1, intervention)
+
+
+def test_hybrids_run_the_naive_engine(tokenizer, examples, encoded, capsys):
     from delta_steering.sweep import engine_for
     from families import make_tiny
 
-    model = make_tiny("mamba2", vocab_size=len(tokenizer))
-    assert engine_for(model, "fast") == "naive" and "runs the naive engine" in capsys.readouterr().out
+    model = make_tiny("bamba", vocab_size=len(tokenizer))
+    assert engine_for(model, "fast") == "naive"
+    assert capsys.readouterr().out.strip().endswith("this bamba model runs the naive engine (the same results, "
+                                                    "the whole model per neuron)")
     assert engine_for(model, "naive") == "naive"
     with pytest.raises(ValueError, match="fast engine covers"):
         fast_loglikelihoods(model, tokenizer, encoded, 0, Intervention.scale([0], 0.0))
     lp, _ = sweep_loglikelihoods(model, tokenizer, encoded, 0, Intervention.scale([0, 3], 0.0), engine="naive")
     assert lp.shape == (2, len(encoded)) and np.isfinite(lp).all()
+
+
+def test_attribution_stays_mamba1(mamba2_models, tokenizer, examples, encoded):
+    with pytest.raises(ValueError, match="attribution covers mamba, falcon_mamba models, not mamba2"):
+        attribution(mamba2_models[1], tokenizer, examples, encoded, 0, Intervention.scale(range(4), 0.0))

@@ -1,0 +1,133 @@
+"""A Mamba-2 block (mamba2) taken apart at its delta site, for the fast engine: the pieces block L's
+mixer computed on the real forward, one head's selective scan, and block L's output with one head
+steered.
+
+A delta neuron is a head h. Changing its dt_pre changes only head h's scan output y_h (the heads are
+independent in the scan; B and C come from the conv, upstream of dt; the D skip does not depend on
+dt). The gated RMSNorm then rescales every channel of h's group g by the new per-token
+r = rsqrt(var' + eps) / rsqrt(var + eps), so with P_g = W_out[:, g] @ normed_g (precomputed)
+
+    out_L' = out_L + (r - 1) P_g + W_out[:, h] @ (w_h * silu(z_h) * (y_h' - y_h) * rsqrt(var' + eps)),
+
+exact algebra, a group term and a head_dim-rank term per neuron.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import astuple, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .intervention import Intervention
+from .mixer import block_input
+from .sites import decoder_layers
+
+
+@dataclass
+class LayerState:
+    """Block L on one right-padded example batch, kept while the batch's neurons are swept.
+    Token-first like transformers' Mamba-2 mixer: (batch, tokens, ...)."""
+
+    output: Tensor  # the residual stream after block L, from the real block (batch x tokens x hidden)
+    x: Tensor  # post-conv activations, per head (batch x tokens x heads x head_dim), model dtype
+    B: Tensor  # batch x tokens x groups x state
+    C: Tensor  # batch x tokens x groups x state
+    dt_lin: Tensor  # in_proj's dt outputs, without dt_bias (batch x tokens x heads), model dtype
+    gated: Tensor  # the gated norm's input y * silu(z), per head (batch x tokens x heads x head_dim), float32
+    gate: Tensor  # silu(z), per head (batch x tokens x heads x head_dim), float32
+    variance: Tensor  # the gated norm's mean square per group (batch x tokens x groups), float32
+    projected: Tensor  # P_g = W_out[:, g] @ normed_g (batch x groups x tokens x hidden), float32
+
+    def rows(self, members: list[int]) -> "LayerState":
+        """The state of some sequences of the batch."""
+        return LayerState(*(t[members] for t in astuple(self)))
+
+
+@contextmanager
+def recorded(mixer):
+    """While the mixer runs: in_proj's output and the gated norm's inputs (scan output y, gate z)
+    and output, as the model computes them."""
+    seen: dict[str, Tensor] = {}
+    hooks = [mixer.in_proj.register_forward_hook(lambda _m, _i, out: seen.update(projected=out)),
+             mixer.norm.register_forward_hook(lambda _m, inputs, out: seen.update(scan=inputs[0], z=inputs[1],
+                                                                                 normed=out))]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@torch.no_grad()
+def layer_state(model, ids: Tensor, layer: int) -> LayerState:
+    """Run the prefix once: block L's real output and the pieces its mixer computed (the conv of
+    in_proj's xBC recomputed as transformers' `causal_conv1d_fn` computes it)."""
+    block = decoder_layers(model)[layer]
+    mixer = block.mixer
+    with recorded(mixer) as seen:
+        output = block(block_input(model, ids, layer))
+    batch, tokens, _ = output.shape
+    heads, head_dim, groups, state = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
+    _, xBC, dt_lin = seen["projected"].split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)
+    xBC = mixer.act(mixer.conv1d(xBC.transpose(1, 2).to(mixer.conv1d.weight.dtype))[..., :tokens])
+    x, B, C = xBC.transpose(1, 2).to(dt_lin.dtype).split([mixer.intermediate_size, groups * state, groups * state], -1)
+    gate = F.silu(seen["z"].float())
+    gated = seen["scan"].float() * gate
+    variance = gated.view(batch, tokens, groups, -1).pow(2).mean(-1)
+    columns = mixer.out_proj.weight.detach().float().view(-1, groups, mixer.intermediate_size // groups)
+    projected = torch.einsum("btgc,hgc->bgth", seen["normed"].float().view(batch, tokens, groups, -1), columns)
+    per_head = (batch, tokens, heads, head_dim)
+    return LayerState(output, x.reshape(per_head), B.reshape(batch, tokens, groups, state),
+                      C.reshape(batch, tokens, groups, state), dt_lin, gated.view(per_head), gate.view(per_head),
+                      variance, projected)
+
+
+def head_scan(x: Tensor, dt_pre: Tensor, A: Tensor, B: Tensor, C: Tensor, limit: tuple[float, float]) -> Tensor:
+    """Mamba-2's selective scan of single heads without the D skip (it does not depend on dt), in
+    float32 as a recurrence over tokens: the SSD chunk scan's result up to float rounding.
+
+    x: (..., tokens, head_dim); dt_pre: (..., tokens); A: (...); B, C: (..., tokens, state), broadcast.
+    Returns y (..., tokens, head_dim). Each step keeps one (head_dim x state) state per head and
+    example; the outputs are read inside the loop, so the states over tokens are never stored."""
+    dt = F.softplus(dt_pre).clamp(*limit).float()
+    decay = torch.exp(A.float()[..., None] * dt)  # (..., tokens)
+    drive = dt[..., None] * x.float()  # (..., tokens, head_dim)
+    B, C = B.float(), C.float()
+    state = torch.zeros(*torch.broadcast_shapes(drive.shape[:-2], B.shape[:-2]), x.shape[-1], B.shape[-1],
+                        device=x.device)
+    ys = []
+    for step in range(x.shape[-2]):
+        state = decay[..., step, None, None] * state + drive[..., step, :, None] * B[..., step, None, :]
+        ys.append((state @ C[..., step, :, None])[..., 0])
+    return torch.stack(ys, dim=-2)
+
+
+def steered_outputs(model, layer: int, state: LayerState, intervention: Intervention) -> Tensor:
+    """Block L's output with each head steered alone (see the module docstring), stacked
+    (neurons * batch, tokens, hidden), neuron-major. Both scans run through the same code, so
+    y_h' - y_h has no offset from summation order."""
+    mixer = decoder_layers(model)[layer].mixer
+    heads = torch.tensor(intervention.neurons, device=state.x.device)
+    groups = heads // (mixer.num_heads // mixer.n_groups)
+    lin = state.dt_lin[..., heads].permute(2, 0, 1)  # (neurons, batch, tokens)
+    before, after = intervention.dt_pre(lin, mixer.dt_bias.detach()[heads])
+    x = state.x[:, :, heads].permute(2, 0, 1, 3)  # (neurons, batch, tokens, head_dim)
+    B, C = (t[:, :, groups].permute(2, 0, 1, 3) for t in (state.B, state.C))
+    A = -torch.exp(mixer.A_log.detach()[heads].float())[:, None]  # (neurons, 1)
+    y = head_scan(x, torch.stack([before, after]), A, B, C, tuple(mixer.time_step_limit))
+    change = y[1] - y[0]  # (neurons, batch, tokens, head_dim)
+    gate, gated = (t[:, :, heads].permute(2, 0, 1, 3) for t in (state.gate, state.gated))
+    group_size = mixer.intermediate_size // mixer.n_groups
+    variance = state.variance[..., groups].permute(2, 0, 1)
+    new_variance = variance + ((2 * gated + gate * change) * gate * change).sum(-1) / group_size
+    eps = mixer.norm.variance_epsilon
+    scale, new_scale = torch.rsqrt(variance + eps), torch.rsqrt(new_variance + eps)
+    weight = mixer.norm.weight.detach().float().view(mixer.num_heads, -1)[heads][:, None, None]
+    columns = mixer.out_proj.weight.detach().float().view(-1, mixer.num_heads, mixer.head_dim)[:, heads]
+    head_term = torch.einsum("nbtp,hnp->nbth", weight * gate * change * new_scale[..., None], columns)
+    group_term = (new_scale / scale - 1)[..., None] * state.projected[:, groups].transpose(0, 1)
+    hidden = state.output.float()[None] + group_term + head_term
+    return hidden.to(state.output.dtype).flatten(0, 1)
