@@ -1,14 +1,16 @@
-"""Naive vs fast single-neuron sweep on a model of mamba-130m's shape (random weights, no download).
+"""Naive vs fast single-neuron sweep on a model of mamba-130m's or mamba2-130m's shape (random weights,
+no download).
 
     python benchmarks/bench_sweep.py                      # 16 neurons x 32 sequences, layer 20, CPU
     python benchmarks/bench_sweep.py --device cuda --neurons 64
-    python benchmarks/bench_sweep.py --family mamba2 --neurons 4   # mamba2-130m's shape: naive only
+    python benchmarks/bench_sweep.py --family mamba2 --neurons 4   # mamba2-130m's shape (24 heads)
 
 Both engines zero-ablate the same K neurons on the same E multiple-choice sequences (64-128 tokens,
 a 2-8 token continuation scored). The run checks that they agree (log-probs, greedy flags, per-neuron
-accuracies), prints seconds per neuron and the projected time for all 1536 neurons, and last a line
-`speedup: X.XX` = projected naive / projected fast full sweep. The fast engine's shared prefix (layers
-0..L, once per example batch) is paid once per sweep, so its projection is prefix + 1536 x per-neuron.
+accuracies), prints seconds per neuron and the projected time for all N neurons of the layer (1536
+channels of mamba-130m, 24 heads of mamba2-130m), and last a line `speedup: X.XX` = projected naive /
+projected fast full sweep. The fast engine's shared prefix (layers 0..L, once per example batch) is
+paid once per sweep, so its projection is prefix + N x per-neuron.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
 from delta_steering.batching import Encoded
-from delta_steering.fast_sweep import covers, fast_loglikelihoods
+from delta_steering.fast_sweep import fast_loglikelihoods
 from delta_steering.intervention import Intervention
 from delta_steering.scoring import correctness
 from delta_steering.sites import num_delta_neurons
@@ -105,8 +107,6 @@ def main() -> None:
     n_neurons = num_delta_neurons(model)
     neurons = sorted(rng.choice(n_neurons, min(args.neurons, n_neurons), replace=False).tolist())
     full = args.full_neurons or n_neurons
-    if not covers(model):
-        return naive_only(args, model, tokenizer, encoded, neurons, full)
     lengths = [len(e.tokens) for e in encoded]
     print(f"model: {args.family}-130m shape, random weights, {args.dtype} on {args.device} "
           f"({torch.get_num_threads()} CPU threads); layer {args.layer}; {len(neurons)} neurons x "
@@ -157,21 +157,6 @@ def main() -> None:
     print(f"speedup at {k} neurons: {naive_s / fast_s:.2f}")
     print(f"projected {full} neurons: naive {naive_full / 60:.1f} min, fast {fast_full / 60:.1f} min")
     print(f"speedup: {naive_full / fast_full:.2f}")
-
-
-def naive_only(args, model, tokenizer, encoded, neurons: list[int], full: int) -> None:
-    """A family the fast engine does not cover: the naive engine's time per neuron and the projected
-    full sweep; no speedup to report."""
-    print(f"model: {args.family}-130m shape, random weights, {args.dtype} on {args.device} "
-          f"({torch.get_num_threads()} CPU threads); layer {args.layer}; {len(neurons)} neurons x {len(encoded)} "
-          "sequences")
-    ablation = Intervention.scale(neurons, 0.0)
-    _, naive_s = timed(lambda: sweep_loglikelihoods(model, tokenizer, encoded, args.layer, ablation, "naive",
-                                                    args.batch_size), args.device)
-    per = naive_s / len(neurons)
-    print(f"naive: {naive_s:8.2f} s for {len(neurons)} neurons = {per:.3f} s/neuron; "
-          f"projected {full} neurons: {per * full / 60:.1f} min")
-    print(f"speedup: n/a (the fast engine does not cover {args.family}: its gated RMSNorm mixes a group's heads)")
 
 
 if __name__ == "__main__":
