@@ -1,6 +1,8 @@
 """The fast sweep engine against the naive one (weight-editing `steer` + a full forward per neuron),
 and the attribution estimate against finite differences of the exact engine."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -283,6 +285,21 @@ def test_mamba2_fast_is_independent_of_batch_size_and_context_sharing(mamba2_mod
                                                                       batch_size, share):
     assert_fast_equals_naive(mamba2_models[2], tokenizer, encoded, 1, MAMBA2_INTERVENTIONS[2],
                              batch_size=batch_size, share_contexts=share)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mamba2_fast_is_as_exact_as_naive_in_half_precision(mamba2_models, tokenizer, encoded, dtype):
+    """Half-precision weights (the head's scan and the corrections stay in float32): the fast
+    engine's log-probs are no further from the float32 model's than the naive engine's own rounding
+    takes them, and the greedy flags equal the naive engine's."""
+    intervention = MAMBA2_INTERVENTIONS[1]
+    exact, _ = sweep_loglikelihoods(mamba2_models[2], tokenizer, encoded, 1, intervention, engine="naive")
+    model = copy.deepcopy(mamba2_models[2]).to(dtype)
+    naive_lp, naive_greedy = sweep_loglikelihoods(model, tokenizer, encoded, 1, intervention, engine="naive")
+    fast_lp, fast_greedy = fast_loglikelihoods(model, tokenizer, encoded, 1, intervention)
+    rounding = np.abs(naive_lp - exact).max()
+    assert 0 < np.abs(fast_lp - exact).max() <= 1.5 * rounding
+    np.testing.assert_array_equal(fast_greedy, naive_greedy)
 
 
 def test_mamba2_time_step_limit_runs_contexts_whole(tokenizer, encoded):
