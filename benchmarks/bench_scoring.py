@@ -1,8 +1,9 @@
 """The project's log-likelihood scoring against lm-evaluation-harness's `HFLM.loglikelihood`: the same
-requests, the same model (mamba-130m's shape, random weights, no download), one run.
+requests, the same model (mamba-130m's or mamba2-130m's shape, random weights, no download), one run.
 
     python benchmarks/bench_scoring.py                                  # 10 documents of each of the six tasks
     python benchmarks/bench_scoring.py --tasks hellaswag arc_easy piqa  # the three multiple-choice ones
+    python benchmarks/bench_scoring.py --family mamba2 --contexts shared   # Mamba-2 reads them whole by default
 
 The requests are those of the first N discovery documents of each task, built by the project
 (`tasks.load_examples`, `scoring.encode_examples`); lm-eval gets the same (context, continuation)
@@ -27,12 +28,13 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from delta_steering.batching import Encoded
-from delta_steering.scoring import correctness, encode_examples, loglikelihoods
+from delta_steering.scoring import correctness, encode_examples, loglikelihoods, shares_contexts
 from delta_steering.tasks import Example, load_examples
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")  # the study's six
 Scores = tuple[np.ndarray, np.ndarray]  # summed log-prob and greedy flag of each request
+CONTEXTS = {"default": None, "shared": True, "whole": False}  # loglikelihoods' share_contexts
 TOLERANCE = 1e-4  # relative, on summed log-probs: fp32 rounding differs with batch shapes
 
 
@@ -48,8 +50,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="the random model's weights")
-    parser.add_argument("--no_shared_contexts", action="store_true",
-                        help="ours without running a context shared by several requests once (whole sequences)")
+    parser.add_argument("--family", default="mamba", choices=["mamba", "mamba2"], help="the 130m model's family")
+    parser.add_argument("--contexts", default="default", choices=list(CONTEXTS),
+                        help="ours: read a context shared by several requests once (shared), every request "
+                             "whole (whole), or as scoring decides for the model and device (default)")
     return parser.parse_args()
 
 
@@ -119,7 +123,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer)
-    model = model_130m_shaped("mamba", torch.float32, args.device, args.seed)
+    model = model_130m_shaped(args.family, torch.float32, args.device, args.seed)
     examples = load_examples(args.tasks, args.data_dir, "discovery", args.docs)
     encoded = encode_examples(tokenizer, examples)
     requests = instances(examples)
@@ -127,13 +131,13 @@ def main() -> None:
               max_length=2048)
     if not same_tokens(lm, requests, encoded):
         sys.exit("lm-eval tokenises the requests differently")
-    share = False if args.no_shared_contexts else None  # None: where exact, on CPU
+    share = CONTEXTS[args.contexts]
     lengths = [len(e.tokens) for e in encoded]
-    print(f"model: mamba-130m shape, random weights, float32 on {args.device} ({torch.get_num_threads()} CPU threads); "
+    print(f"model: {args.family}-130m shape, random weights, float32 on {args.device} ({torch.get_num_threads()} CPU threads); "
           f"{len(examples)} documents of {', '.join(args.tasks)}: {len(encoded)} requests of {min(lengths)}-"
           f"{max(lengths)} tokens (mean {np.mean(lengths):.0f}); batch size: "
-          f"{args.batch_size or 'ours its memory budget, lm-eval 1'}; ours "
-          f"{'without' if args.no_shared_contexts else 'with'} shared contexts")
+          f"{args.batch_size or 'ours its memory budget, lm-eval 1'}; ours reads shared contexts "
+          f"{'once' if shares_contexts(model, share) else 'with every request'} (--contexts {args.contexts})")
 
     def ours(chosen: list[int]):
         return loglikelihoods(model, tokenizer, [encoded[i] for i in chosen], args.batch_size, share_contexts=share)

@@ -27,8 +27,6 @@ unless the model limits its time step, which transformers' one-token cached step
 
 from __future__ import annotations
 
-import inspect
-import math
 import time
 
 import numpy as np
@@ -43,9 +41,10 @@ from .intervention import Intervention
 from . import mixer2
 from .mixer import LayerState, gated_scan, layer_state, suffix
 from .scoring import target_scores
-from .sites import OutputHead, check_layer, check_neurons, decoder_layers, family_of
+from .sites import (SSM_ONLY_FAMILIES, OutputHead, cached_steps_continue_scan, check_layer, check_neurons,
+                    decoder_layers, family_of)
 
-FAMILIES = ("mamba", "falcon_mamba", "mamba2")  # every block a norm, an SSM mixer and a residual
+FAMILIES = SSM_ONLY_FAMILIES  # every block a norm, an SSM mixer (written out: mixer, mixer2) and a residual
 
 
 def covers(model) -> bool:
@@ -92,15 +91,10 @@ def context_groups(encoded: list[Encoded]) -> list[list[int]]:
 
 
 def suffix_cache(model):
-    """A fresh transformers cache for the blocks after layer L, or None where contexts are not shared:
-    this transformers version's blocks do not take the 5.x `cache=` argument, or a Mamba-2 model
-    limits its time step (`time_step_limit`), which transformers' one-token cached step ignores."""
-    linear_caches = hasattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin")  # 5.x Mamba caches
-    if not linear_caches or "cache" not in inspect.signature(type(decoder_layers(model)[0]).forward).parameters:
-        return None
-    if tuple(getattr(model.config, "time_step_limit", (0.0, math.inf))) != (0.0, math.inf):
-        return None
-    return transformers.DynamicCache(config=model.config)
+    """A fresh transformers cache for the blocks after layer L, or None where continuing from a
+    cached context would not give the full forward's numbers (`cached_steps_continue_scan`):
+    contexts are then not shared."""
+    return transformers.DynamicCache(config=model.config) if cached_steps_continue_scan(model) else None
 
 
 def shared_context_hidden(model, layer: int, steered: Tensor, items: list[Encoded], cache) -> Tensor:

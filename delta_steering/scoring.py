@@ -7,19 +7,18 @@ acc is the argmax of summed log-prob, acc_norm of log-prob per character of the 
 `len(choice)`), and a greedy example (lambada) is correct when every target token is the argmax.
 
 Requests whose context tokens are identical (the choices of a multiple-choice example) can run that
-context once: on float32 Mamba-1 models (mamba, falcon_mamba) with transformers 5.x's cache, each
-context is read once, its per-layer state (conv window and SSM state) is cached and replicated,
-and each continuation is read token by token from it. That is exact, not an approximation: the
-model is causal, so the members' states agree up to the last context token, and transformers'
-one-token cached step computes the same recurrence as its full-sequence scan (a multi-token
-forward after a prefill would restart the SSM state at zero, so continuations go one token at a
-time). Contexts of equal length share a forward (no padding to mask), and the continuations of
-many examples step together.
+context once: by default on CPU for float32 Mamba-1 models (mamba, falcon_mamba), where it is faster,
+and on request for float32 Mamba-2. Each context is read once, its per-layer state (conv window and
+SSM state) is cached and replicated, and each continuation is read token by token from it. That is
+exact, not an approximation: the model is causal, so the members' states agree up to the last
+context token, and transformers' one-token cached step computes the same recurrence as its
+full-sequence scan (a multi-token forward after a prefill would restart the SSM state at zero, so
+continuations go one token at a time). Contexts of equal length share a forward (no padding to
+mask), and the continuations of many examples step together.
 """
 
 from __future__ import annotations
 
-import inspect
 from itertools import chain
 
 import numpy as np
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .batching import (Encoded, batches, gather_targets, head_rows, memory_items, pad_batch, request_batches,
                        target_ids, target_mask, token_budget)
-from .sites import OutputHead, decoder_layers, family_of
+from .sites import OutputHead, cached_steps_continue_scan, decoder_layers, family_of
 from .stats import bootstrap_indices, compare
 from .tasks import Example, task_names
 
@@ -71,18 +70,26 @@ def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded
     return logprob.cpu().numpy(), greedy.cpu().numpy()
 
 
-SHARED_CONTEXT_FAMILIES = ("mamba", "falcon_mamba")  # every block a Mamba-1 mixer: state = conv window + SSM
-
-
 def can_share_contexts(model) -> bool:
-    """Whether a context shared by several requests can run once, exactly: a float32 model of a
-    Mamba-1 family whose blocks take transformers 5.x's `cache=` (its one-token step continues the
-    scan's recurrence). In half precision the step rounds to the model's dtype where the scan keeps
-    float32 (the D skip), a difference far above the whole path's own rounding."""
-    if family_of(model).name not in SHARED_CONTEXT_FAMILIES or model.dtype != torch.float32:
-        return False
-    linear_caches = hasattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin")
-    return linear_caches and "cache" in inspect.signature(type(decoder_layers(model)[0]).forward).parameters
+    """Whether a context shared by several requests can run once, exactly: a float32 model whose
+    cached one-token steps continue its scan (`cached_steps_continue_scan`). In half precision the
+    step rounds to the model's dtype where the scan keeps float32 (the D skip), a difference far
+    above the whole path's own rounding."""
+    return model.dtype == torch.float32 and cached_steps_continue_scan(model)
+
+
+def shares_contexts_by_default(model) -> bool:
+    """Where reading a shared context once is also faster: Mamba-1 on CPU. On GPUs a one-token step
+    launches as many kernels as a whole forward; on Mamba-2 it costs about as much as its chunked
+    scan spends on many tokens (`benchmarks/bench_scoring.py --family mamba2`: slower than whole)."""
+    return next(model.parameters()).device.type == "cpu" and family_of(model).kind == "mamba1"
+
+
+def shares_contexts(model, share_contexts: bool | None) -> bool:
+    """Whether scoring reads shared contexts once: as asked (None: `shares_contexts_by_default`),
+    where that is exact."""
+    wanted = shares_contexts_by_default(model) if share_contexts is None else share_contexts
+    return wanted and can_share_contexts(model)
 
 
 def context_length(e: Encoded) -> int:
@@ -100,9 +107,13 @@ def shared_context_groups(encoded: list[Encoded]) -> list[list[int]]:
 
 
 def state_bytes(model) -> int:
-    """Bytes of one sequence's cached state: each layer's conv window and SSM state, float32."""
-    mixers = [block.mixer for block in decoder_layers(model)]
-    return sum(4 * m.intermediate_size * (m.ssm_state_size + m.conv_kernel_size) for m in mixers)
+    """Bytes of one sequence's cached state, float32: each layer's conv window and SSM state
+    (Mamba-2's conv runs over x, B and C: `conv_dim` channels)."""
+    total = 0
+    for mixer in (block.mixer for block in decoder_layers(model)):
+        conv_channels = getattr(mixer, "conv_dim", mixer.intermediate_size)
+        total += 4 * (conv_channels * mixer.conv_kernel_size + mixer.intermediate_size * mixer.ssm_state_size)
+    return total
 
 
 def merged_cache(model, caches: list) -> transformers.DynamicCache:
@@ -197,14 +208,12 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
                    progress: bool = False, share_contexts: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-prob (NaN where logits are not finite) and greedy flag of every request.
 
-    `share_contexts` (default: on CPU) runs a context shared by several requests once where that is
-    exact (`can_share_contexts`); the other requests run whole. It is off on GPUs by default: a
-    one-token step launches as many kernels as a whole forward, so there stepping costs more than the
-    context tokens it saves. `batch_size` bounds the sequences of a full-sequence forward (whole
-    requests, contexts); a step holds no sequence dimension, so continuations step together as many
-    as their cached states fit the memory budget."""
-    device = next(model.parameters()).device
-    share = (device.type == "cpu" if share_contexts is None else share_contexts) and can_share_contexts(model)
+    `share_contexts` runs a context shared by several requests once where that is exact
+    (`can_share_contexts`); the other requests run whole. By default it is on where that is also
+    faster (`shares_contexts_by_default`). `batch_size` bounds the sequences of a full-sequence
+    forward (whole requests, contexts); a step holds no sequence dimension, so continuations step
+    together as many as their cached states fit the memory budget."""
+    share = shares_contexts(model, share_contexts)
     groups = shared_context_groups(encoded) if share else []
     alone = sorted(set(range(len(encoded))) - {i for g in groups for i in g})
     logprob = np.full(len(encoded), np.nan)
