@@ -21,6 +21,20 @@ class Encoded:
     tokens: tuple[int, ...]
     n_target: int
 
+    @property
+    def context_length(self) -> int:
+        """How many tokens the model reads before the first target is predicted."""
+        return len(self.tokens) - self.n_target
+
+
+def context_groups(encoded: list[Encoded]) -> list[list[int]]:
+    """Requests whose context tokens (all but the continuation) are identical, in first-seen order.
+    Mamba is causal, so their states agree up to the last context token."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, e in enumerate(encoded):
+        groups.setdefault(e.tokens[: e.context_length], []).append(i)
+    return list(groups.values())
+
 
 def memory_items(model, bytes_per_item: int, cuda_share: float) -> int:
     """How many items of `bytes_per_item` fit: `cuda_share` of the free GPU memory, or 256 MiB on CPU."""

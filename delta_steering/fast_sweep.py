@@ -36,7 +36,7 @@ import transformers
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .batching import Encoded, batches, gather_targets, head_rows, pad_batch, token_budget
+from .batching import Encoded, batches, context_groups, gather_targets, head_rows, pad_batch, token_budget
 from .intervention import Intervention
 from . import mixer2
 from .mixer import LayerState, gated_scan, layer_state, suffix
@@ -81,15 +81,6 @@ def layer_pieces(model):
     return layer_state, steered_outputs
 
 
-def context_groups(encoded: list[Encoded]) -> list[list[int]]:
-    """Requests whose context tokens (all but the continuation) are identical, in first-seen order.
-    Mamba is causal, so their states agree up to the last context token."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, e in enumerate(encoded):
-        groups.setdefault(e.tokens[: len(e.tokens) - e.n_target], []).append(i)
-    return list(groups.values())
-
-
 def suffix_cache(model):
     """A fresh transformers cache for the blocks after layer L, or None where continuing from a
     cached context would not give the full forward's numbers (`cached_steps_continue_scan`):
@@ -105,7 +96,7 @@ def shared_context_hidden(model, layer: int, steered: Tensor, items: list[Encode
     steered: block L's steered output (neurons x members x tokens x hidden), the members sharing
     their first `context` positions. Returns (neurons, members, max targets, hidden)."""
     n_neurons, n_members = steered.shape[:2]
-    context = len(items[0].tokens) - items[0].n_target  # input positions 0..context-1 are shared
+    context = items[0].context_length  # input positions 0..context-1 are shared
     tails = [e.n_target - 1 for e in items]  # the inputs after the context, read one by one
     last = suffix(model, layer, steered[:, 0, :context], cache)[:, -1]  # predicts every first target
     out = last.new_zeros(n_neurons, n_members, max(tails) + 1, last.shape[-1])
@@ -178,7 +169,7 @@ class FastSweep:
         if singles:
             yield singles, False, self.neurons_per_chunk(len(singles), max(lengths[i] for i in singles))
         for group in (g for g in groups if len(g) > 1):
-            context = len(items[group[0]].tokens) - items[group[0]].n_target
+            context = items[group[0]].context_length
             yield group, self.share_contexts, self.neurons_per_chunk(1 if self.share_contexts else len(group), context)
 
     def batch(self, state: LayerState, items: list[Encoded], lengths: list[int], columns: list[int],

@@ -26,7 +26,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .batching import (Encoded, batches, gather_targets, head_rows, memory_items, pad_batch, request_batches,
+from .batching import (Encoded, batches, context_groups, gather_targets, head_rows, memory_items, pad_batch, request_batches,
                        target_ids, target_mask, token_budget)
 from .sites import OutputHead, cached_steps_continue_scan, decoder_layers, family_of
 from .stats import bootstrap_indices, compare
@@ -92,18 +92,11 @@ def shares_contexts(model, share_contexts: bool | None) -> bool:
     return wanted and can_share_contexts(model)
 
 
-def context_length(e: Encoded) -> int:
-    """How many tokens the model reads before the first target is predicted."""
-    return len(e.tokens) - e.n_target
-
-
 def shared_context_groups(encoded: list[Encoded]) -> list[list[int]]:
     """Requests (two or more, with a context and a target) whose context tokens are identical."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, e in enumerate(encoded):
-        if e.n_target and context_length(e):
-            groups.setdefault(e.tokens[: context_length(e)], []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
+    groups = ([i for i in g if encoded[i].n_target] for g in context_groups(encoded)
+              if encoded[g[0]].context_length)
+    return [g for g in groups if len(g) > 1]
 
 
 def state_bytes(model) -> int:
@@ -150,8 +143,8 @@ def continuation_hidden(model, encoded: list[Encoded], groups: list[list[int]], 
     """Final hidden states at the scored positions of the requests of some context groups, compact
     (requests x most targets x hidden), and the requests in that order (most targets first): each
     context read once, then all continuations together, one token per forward, from the cached state."""
-    groups = sorted(groups, key=lambda g: context_length(encoded[g[0]]))
-    last, cache = read_contexts(model, [encoded[g[0]].tokens[: context_length(encoded[g[0]])] for g in groups],
+    groups = sorted(groups, key=lambda g: encoded[g[0]].context_length)
+    last, cache = read_contexts(model, [encoded[g[0]].tokens[: encoded[g[0]].context_length] for g in groups],
                                 batch_size, budget)
     rows = sorted(((i, k) for k, g in enumerate(groups) for i in g), key=lambda r: -encoded[r[0]].n_target)
     members = [i for i, _ in rows]

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from delta_steering.attribution import attribution, estimated_correctness, estimated_impacts, request_scores
-from delta_steering.batching import pad_batch
+from delta_steering.batching import context_groups, pad_batch
 from delta_steering.delta_stats import delta_statistics
-from delta_steering.fast_sweep import context_groups, fast_loglikelihoods
+from delta_steering.fast_sweep import fast_loglikelihoods
 from delta_steering.intervention import Intervention
 from delta_steering.scoring import correctness, encode_examples, loglikelihoods
 from delta_steering.sites import OutputHead
