@@ -24,8 +24,8 @@ import numpy as np
 import delta_steering as ds
 from delta_steering.artifacts import STEP1_DEFAULTS
 from delta_steering.cli import (DEFAULT_FACTORS, add_model_args, add_pile_args, add_run_args, add_sweep_args,
-                                check_output_dir, check_positive, main_guard, parse_float_list, parse_int_list,
-                                parse_names, step_parser)
+                                check_device, check_output_dir, check_positive, main_guard, parse_factors,
+                                parse_int_list, parse_names, step_parser)
 
 STEP = "step2"
 
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow_model_mismatch", action="store_true",
                         help="use a step-1 file made with another model")
     parser.add_argument("--layer", type=int, default=None, help="None: the step-1 file's layer")
+    parser.add_argument("--transfer_layer", action="store_true",
+                        help="steer the step-1 neurons at a --layer other than the one they were found at "
+                             "(recorded in the results)")
     parser.add_argument("--tasks", default=None, help="None: the step-1 file's tasks")
     parser.add_argument("--data_dir", default=None, help="None: the step-1 file's data_dir")
     parser.add_argument("--factors", default=DEFAULT_FACTORS,
@@ -66,16 +69,14 @@ def parse_args() -> argparse.Namespace:
     for flag in ("max_neurons", "sample_neurons", "chunk_neurons", "pile_samples"):
         check_positive(getattr(args, flag), f"--{flag}")
     args.factor_list = steering_factors(args.factors)
+    check_device(args.device)
     check_output_dir(args.output_dir, "--output_dir")
     return args
 
 
 def steering_factors(text: str) -> list[float]:
     """--factors as a list without factor 1 (the baseline, always a candidate)."""
-    factors = parse_float_list(text)
-    if any(f <= 0 for f in factors):
-        raise ds.UsageError("--factors must be positive (0 is ablation, which step 1 measures)")
-    factors = [f for f in dict.fromkeys(factors) if f != 1]
+    factors = [f for f in dict.fromkeys(parse_factors(text)) if f != 1]
     if not factors:
         raise ds.UsageError("--factors names no steering factor other than 1 (the baseline)")
     return factors
@@ -95,16 +96,18 @@ def perplexity_key(layer: int | None, factor: float | None) -> str:
     return f"perplexity/{layer}/{factor!r}"
 
 
-def measure(args, run, source, step1, examples: list, layer: int, tasks: list[str], data_dir) -> tuple[dict, dict]:
+def measure(args, run, model, tokenizer, step1, examples: list, layer: int, perplexity_layers: list[int]
+            ) -> tuple[dict, dict]:
     """The context every process computes alike (baseline, groups, ranked neurons) and the results of
     this process's share of the work: a group amplified by a factor, a chunk of ranked neurons
     ablated one at a time, Pile perplexity with the High Impact neurons steered at one layer."""
-    model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    ppl_layers = perplexity_layers_of(args, source.shape)
     groups = step1.groups
-    ablation = ds.Intervention.ablation(step1.ablation, range(source.shape.delta_neurons), step1.dt_pre_mean)
-    ds.steering.verify_steering_effect(model, layer, groups["high_impact"] or groups["neutral"] or [0])
+    ablation = step1.ablation_of(range(ds.sites.num_delta_neurons(model)))
     ranked = ds.factors.ranked_neurons(step1.records, args.max_neurons, args.sample_neurons, args.seed)
+    ds.steering.verify_steering_effect(model, [ds.Steering(layer, ds.Intervention.scale(neurons, args.factor_list[0]))
+                                               for neurons in groups.values() if neurons][:1])
+    if ranked:
+        ds.steering.verify_steering_effect(model, ds.Steering(layer, ablation.only(ranked[:1])))
     encoded = ds.scoring.encode_examples(tokenizer, examples)
     engine = ds.sweep.engine_for(model, args.engine)
 
@@ -130,13 +133,13 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
     if base["accuracy"] is None:
         raise ds.UsageError(f"the baseline has non-finite logits ({base['non_finite']}); try --dtype float32")
     print(f"Baseline accuracy {base['accuracy']:.2f}% on {len(examples)} held-out examples, layer {layer}")
-    perplexity_layers = ppl_layers if args.perplexity_ablation and groups["high_impact"] else []
+    perplexity_layers = perplexity_layers if groups["high_impact"] else []
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation") \
         if perplexity_layers else []
-    context = {"layer": layer, "tasks": tasks, "data_dir": data_dir, "step1_file": str(step1.path), "groups": groups,
-               "factors": args.factor_list, "ranked": ranked, "step1_impacts": step1.records,
-               "baseline": baseline.tolist(), "perplexity_layers": perplexity_layers, "engine": engine,
-               "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
+    context = {"layer": layer, "groups": groups, "factors": args.factor_list, "ranked": ranked,
+               "step1_impacts": step1.records, "baseline": baseline.tolist(), "perplexity_layers": perplexity_layers,
+               "engine": engine, "pile_documents": ds.pile.pile_record(texts, "evaluation"),
+               "model_info": ds.models.describe(model)}
 
     work = {factor_key(g, f): partial(amplify, g, f) for g, neurons in groups.items() if neurons
             for f in args.factor_list}
@@ -147,11 +150,12 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
         work.update({perplexity_key(at, 0.0): partial(perplexity_at, at, 0.0) for at in perplexity_layers})
     results = run.map(work, "amplifying groups, ablating ranked neurons")
     if perplexity_layers:
-        # the amplified perplexities need the High Impact factor: a shard computes the factor results
-        # it lacks (the same computations, so the same factor as every other slice)
-        for f in args.factor_list:
-            if factor_key("high_impact", f) not in results:
-                results.update(amplify("high_impact", f))
+        # the amplified perplexities need the High Impact factor: a slice computes (and checkpoints)
+        # the factor results it lacks, the same computations as every other slice's
+        missing = {factor_key("high_impact", f): partial(amplify, "high_impact", f) for f in args.factor_list
+                   if factor_key("high_impact", f) not in results}
+        if missing:
+            results.update(run.map(missing, "High Impact factors for perplexity", shared=False))
         high_impact = group_table("high_impact", context, results, examples, args.seed)
         factor, _ = ds.artifacts.steering_factor(high_impact["optimal"])
         if factor is not None:
@@ -185,15 +189,15 @@ def perplexity_table(context: dict, results: dict, optimal: dict | None) -> dict
     return table
 
 
-def report(args, context: dict, results: dict, examples: list, started: float) -> dict:
+def report(args, context: dict, results: dict, examples: list, tasks: list[str], data_dir: str | None,
+           started: float) -> "ds.artifacts.Factors":
     """Factor tables, optimal factors, importance ranking and perplexity, from the measured results:
-    the step-2 file's contents."""
+    the step-2 file."""
     baseline = np.array(context["baseline"], dtype=float)
     base, layer = ds.scoring.summarize(examples, baseline), context["layer"]
     selection, confirmation = ds.factors.selection_split(examples)
-    result = {"format_version": ds.artifacts.FORMAT_VERSION, "description": ds.factors.DESCRIPTION,
-              "model": args.model, "layer": layer, "tasks": context["tasks"], "data_dir": context["data_dir"],
-              "num_examples": args.num_examples, "step1_file": context["step1_file"],
+    result = {"description": ds.factors.DESCRIPTION, "tasks": tasks, "data_dir": data_dir,
+              "num_examples": args.num_examples,
               "baseline_accuracy": base["accuracy"], "per_task_baseline": base["per_task"],
               "chance_accuracy": ds.scoring.summarize(examples, ds.scoring.chance_correctness(examples))["accuracy"],
               "groups": {},
@@ -222,36 +226,45 @@ def report(args, context: dict, results: dict, examples: list, started: float) -
             print("perplexity ablation skipped: the High Impact group is empty")
     result["engine"] = context["engine"]
     result["run"] = ds.results_io.run_record(args, context["model_info"], started)
-    return result
+    groups, optimal = result.pop("groups"), result.pop("optimal_factors")
+    return ds.artifacts.Factors(ds.artifacts.Provenance(**context["provenance"]), groups=groups, optimal=optimal,
+                                report=result)
 
 
 @main_guard
 def main() -> None:
     args = parse_args()
     started = time.time()
-    step1_path = ds.artifacts.locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file", "--neurons_file")
-    step1 = ds.artifacts.read_discovery(step1_path)
-    step1.check_model(args.model, args.allow_model_mismatch)
-    run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args, step1_sha256=step1.sha256))
-    source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
+    step1 = ds.artifacts.read_discovery(ds.artifacts.locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file",
+                                                            "--neurons_file"))
     layer = args.layer if args.layer is not None else step1.layer
-    if source is not None:
-        step1.check_against(source.shape)
-        ds.sites.check_layer(source.shape, layer, "--layer")
-        perplexity_layers_of(args, source.shape)
-    if args.pile_path and args.perplexity_ablation:
-        ds.pile.local_files(args.pile_path)
     tasks = parse_names(args.tasks) if args.tasks else step1.tasks
     data_dir = args.data_dir or step1.data_dir
+    merging = args.merge is not None
+    if not merging:
+        source = ds.models.check_model_source(args.model, args.tokenizer)
+        ds.sites.check_layer(source.shape, layer, "--layer" if args.layer is not None else f"{step1.what}: layer")
+        transferred = {**step1.check_model(source, args.allow_model_mismatch),
+                       **step1.check_layer(layer, args.transfer_layer)}
+        step1.check_against(source.shape)
+        ppl_layers = perplexity_layers_of(args, source.shape) if args.perplexity_ablation else []
+    if args.pile_path and args.perplexity_ablation:
+        ds.pile.local_files(args.pile_path)
+    run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args, step1_sha256=step1.sha256))
     examples = ds.tasks.load_examples(tasks, data_dir, "heldout", args.num_examples)
-    context, results = run.merged() if run.merging else measure(args, run, source, step1, examples, layer, tasks,
-                                                                 data_dir)
+    if merging:
+        context, results = run.merged()
+    else:
+        model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+        context, results = measure(args, run, model, tokenizer, step1, examples, layer, ppl_layers)
+        context["provenance"] = ds.artifacts.Provenance.of(source, layer, {"step1_file": step1}, transferred).to_json()
     if run.publish(context, results):
-        result = report(args, context, results, examples, started)
-        path = ds.results_io.write_json(Path(args.output_dir) / ds.artifacts.STEP2_NAME, result)
-        if not args.no_plots:
-            for plot in ds.plots.plot_factors(result, args.output_dir):
-                print(f"plot: {plot}")
+        factors = report(args, context, results, examples, tasks, data_dir, started)
+        with run.saving():
+            path = ds.results_io.write_json(Path(args.output_dir) / ds.artifacts.STEP2_NAME, factors.to_json())
+            if not args.no_plots:
+                for plot in ds.plots.plot_factors(factors.to_json(), args.output_dir):
+                    print(f"plot: {plot}")
         print(f"results: {path}")
     run.close()
 

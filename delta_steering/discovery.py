@@ -3,9 +3,11 @@ paired confidence interval, an exact sign test and Benjamini-Hochberg q-values; 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from .artifacts import FORMAT_VERSION, HIGH_IMPACT, delta_sensitive, impact_groups
+from .artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, impact_groups
 from .attribution import attribution, estimated_impacts
 from .intervention import Intervention
 from .scoring import Comparison, chance_correctness, summarize
@@ -52,25 +54,22 @@ def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons:
     return records
 
 
-def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, layer: int,
-                     model_name: str, tasks: list[str], validation_size: int, delta_stats: dict, **extra) -> dict:
-    """The step-1 file: the original study's four fields first, then what later steps read and what
-    a researcher needs to trust and reuse them."""
+def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, provenance: Provenance,
+                     tasks: list[str], validation_size: int, delta_stats: dict, data_dir: str | None = None,
+                     ablation: str = "zero", **extra) -> Discovery:
+    """The step-1 file: the original study's fields first, then what later steps read and what a
+    researcher needs to trust and reuse them."""
     summary, chance = summarize(examples, baseline), summarize(examples, chance_correctness(examples))
     impacts = [r for r in records if r["impact"] is not None]
-    delta_variance = [float(v) for v in delta_stats["delta_variance"]]
     groups = impact_groups(records)
-    ranking = [int(i) for i in np.argsort(-np.array(delta_variance), kind="stable")]
-    return {
+    discovery = Discovery(provenance, tasks=tasks, data_dir=data_dir, ablation=ablation, records=records, groups=groups,
+                          delta_variance=[float(v) for v in delta_stats["delta_variance"]],
+                          dt_pre_mean=[float(v) for v in delta_stats["dt_pre_mean"]])
+    report = {
         "beneficial_neurons": sorted(r["neuron"] for r in impacts if r["impact"] >= threshold),
         "baseline_accuracy": summary["accuracy"],
         "criterion": f"impact >= {threshold} points",
-        "all_neuron_impacts": records,
-        "format_version": FORMAT_VERSION,
         "description": DESCRIPTION,
-        "layer": layer,
-        "model": model_name,
-        "tasks": tasks,
         "validation_size": validation_size,
         "measured_neurons": sum(r["measured"] for r in records),
         "num_examples": {t: sum(e.task == t for e in examples) for t in summary["per_task"]},
@@ -78,17 +77,14 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
         "chance_accuracy": chance["accuracy"],
         "per_task_chance": chance["per_task"],
         "threshold": threshold,
-        "groups": groups,
         "significant_neurons": sorted(r["neuron"] for r in records if is_significant(r["q_value"])),
-        "delta_variance": delta_variance,
-        "dt_pre_mean": [float(v) for v in delta_stats["dt_pre_mean"]],
-        "delta_variance_ranking": ranking,
-        "high_variance_neurons": ranking[: len(delta_sensitive(records, groups))],
+        "high_variance_neurons": discovery.variance_ranking[: len(delta_sensitive(records, groups))],
         "delta_statistics_tokens": int(delta_stats["num_tokens"]),
         "delta_statistics_documents": delta_stats.get("documents"),
         "discovery_examples": example_ids(examples),
         **extra,
     }
+    return replace(discovery, report=report)
 
 
 def print_summary(result: dict, top: int = 10) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .errors import UsageError
-from .results_io import parse_jsonl
+from .results_io import read_jsonl_rows, warn
 
 HUB_DATASET = "google/IFEval"
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -84,9 +84,8 @@ def _check_row(row: object, where: str, registry: dict) -> dict:
 def _read_file(path: Path, registry: dict) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"IFEval file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [_check_row(row, f"IFEval file {path} line {number}", registry)
-                for number, row in parse_jsonl(f, f"IFEval file {path}")]
+    return [_check_row(row, f"IFEval file {path} line {number}", registry)
+            for number, row in read_jsonl_rows(path, "IFEval file")]
 
 
 def _read_hub(registry: dict) -> list[dict]:
@@ -112,6 +111,8 @@ def load_ifeval_prompts(path: str | None = None, num_samples: int | None = None)
     rows = _read_file(Path(path).expanduser(), registry) if path else _read_hub(registry)
     if not rows:
         raise UsageError(f"no IFEval prompts in {path or HUB_DATASET}")
+    if num_samples is not None and num_samples > len(rows):
+        warn(f"{path or HUB_DATASET} has {len(rows)} IFEval prompts; using all {len(rows)}, not {num_samples}")
     return rows[:num_samples]
 
 

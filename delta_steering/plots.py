@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
 from .artifacts import GROUP_TITLES, HIGH_IMPACT
+from .results_io import WriteError
 from .stats import SIGNIFICANCE, is_significant
 
 STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "figure.titlesize": 11,
@@ -106,13 +107,18 @@ def _plain(ax) -> None:
 
 
 def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
-    """Write `fig` as OUT/STEM.png (150 dpi) and OUT/STEM.svg; return both paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write `fig` as OUT/STEM.png (150 dpi) and OUT/STEM.svg; return both paths. A file that
+    cannot be written is a WriteError naming it, as for the JSON results."""
     png, svg = out / f"{stem}.png", out / f"{stem}.svg"
-    fig.savefig(png, dpi=150)
-    with matplotlib.rc_context({"svg.hashsalt": "delta-steering"}):  # reproducible SVG ids
-        fig.savefig(svg, metadata={"Date": None})
-    fig.clear()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=150)
+        with matplotlib.rc_context({"svg.hashsalt": "delta-steering"}):  # reproducible SVG ids
+            fig.savefig(svg, metadata={"Date": None})
+    except OSError as e:
+        raise WriteError(f"could not write the figure {out / stem}.png/.svg ({e.strerror or e})") from None
+    finally:
+        fig.clear()
     return [png, svg]
 
 

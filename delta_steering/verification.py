@@ -11,10 +11,10 @@ import numpy as np
 from .artifacts import Discovery, delta_sensitive
 from .generation import generate_greedy
 from .ifeval import METRICS, score_responses
-from .intervention import NO_STEERING, Intervention
+from .intervention import Intervention, Steering
 from .perplexity import perplexity
 from .stats import bootstrap_indices, compare
-from .steering import install
+from .steering import apply
 
 MODES = ("combined", "cluster_ablation", "layer_ablation")
 DESCRIPTION = (
@@ -30,20 +30,7 @@ FACTOR_SOURCES = {"command-line": "given with --factor",
                                        "confirmation half"}
 
 
-@dataclass(frozen=True)
-class Configuration:
-    """A named intervention at one layer (none for the baseline)."""
-
-    name: str
-    layer: int | None = None
-    intervention: Intervention = NO_STEERING
-    description: str = "no steering"
-
-    def install(self, model):
-        return install(model, self.layer, self.intervention)
-
-
-BASELINE = Configuration("baseline")
+BASELINE = Steering()  # no steering
 
 
 def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict[str, list[int]], list[str]]:
@@ -62,21 +49,20 @@ def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict
 
 
 def configurations(mode: str, sets: dict[str, list[int]], layer: int, layers: list[int], factor: float,
-                   ablation: str, dt_pre_mean: list[float]) -> list[Configuration]:
-    """The configurations a mode runs, baseline first. Cluster ablation removes each set as step 1
-    removed single neurons (zero or mean ablation)."""
+                   ablation: str, dt_pre_mean: list[float]) -> dict[str, Steering]:
+    """The configurations a mode runs, by name, baseline first. Cluster ablation removes each set as
+    step 1 removed single neurons (zero or mean ablation)."""
     if mode == "combined":
-        return [BASELINE] + [Configuration(f"{k}_L{layer}", layer, Intervention.scale(v, factor),
-                                           f"{k} x{factor:g} at layer {layer}") for k, v in sets.items()]
-    if mode == "cluster_ablation":
-        return [BASELINE] + [Configuration(f"ablate_{k}_L{layer}", layer,
-                                           Intervention.ablation(ablation, v, dt_pre_mean),
-                                           f"{k} {ablation}-ablated at layer {layer}") for k, v in sets.items()]
-    if mode == "layer_ablation":
-        sensitive = sets["delta_sensitive"]
-        return [BASELINE] + [Configuration(f"delta_sensitive_L{l}", l, Intervention.scale(sensitive, factor),
-                                           f"delta_sensitive x{factor:g} at layer {l}") for l in layers]
-    raise ValueError(f"unknown mode {mode!r}")
+        steered = {f"{k}_L{layer}": Steering(layer, Intervention.scale(v, factor)) for k, v in sets.items()}
+    elif mode == "cluster_ablation":
+        steered = {f"ablate_{k}_L{layer}": Steering(layer, Intervention.ablation(ablation, v, dt_pre_mean))
+                   for k, v in sets.items()}
+    elif mode == "layer_ablation":
+        steered = {f"delta_sensitive_L{at}": Steering(at, Intervention.scale(sets["delta_sensitive"], factor))
+                   for at in layers}
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return {"baseline": BASELINE, **steered}
 
 
 @dataclass
@@ -90,11 +76,11 @@ class Outcome:
     seconds: float = 0.0
 
 
-def run_configuration(model, tokenizer, configuration: Configuration, prompts: list[dict], texts: list[str] | None,
+def run_configuration(model, tokenizer, steering: Steering, prompts: list[dict], texts: list[str] | None,
                       max_new_tokens: int, batch_size: int | None) -> Outcome:
     """Generate for every prompt with the configuration's steering active, score, measure perplexity."""
     started = time.time()
-    with configuration.install(model):
+    with apply(model, steering):
         responses = generate_greedy(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens, batch_size,
                                     progress=True)
         ppl = perplexity(model, tokenizer, texts, batch_size=batch_size, progress=True) if texts else None
@@ -110,7 +96,7 @@ def per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray
     return np.array([float(sum(r[kind])) for r in rows]), np.array([float(len(r[kind])) for r in rows])
 
 
-def entry(c: Configuration, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
+def entry(name: str, steering: Steering, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
     """One configuration of the results JSON: the four metrics, accuracy, Δ with paired bootstrap CI
     (over prompts) and sign test, perplexity."""
     metrics = {m: round(outcome.scores["metrics"][m], 4) for m in METRICS}
@@ -120,9 +106,9 @@ def entry(c: Configuration, outcome: Outcome, baseline: Outcome, metric: str, se
     change = compare(base_counts, counts, indices, totals=totals)
     ppl, base_ppl = outcome.perplexity, baseline.perplexity
     return {
-        "name": c.name, "description": c.description, "layer": c.layer,
-        "factor": c.intervention.factors[0] if c.intervention.kind == "scale" else None,
-        "neurons": list(c.intervention.neurons), **metrics, "accuracy": metrics[metric], **change,
+        "name": name, "description": steering.describe(), "layer": steering.layer,
+        "factor": steering.intervention.factors[0] if steering.intervention.kind == "scale" else None,
+        "neurons": steering.neurons, **metrics, "accuracy": metrics[metric], **change,
         "perplexity": ppl, "perplexity_delta": None if ppl is None or base_ppl is None else ppl - base_ppl,
         "num_prompts": outcome.scores["num_prompts"], "seconds": outcome.seconds,
     }

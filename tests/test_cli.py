@@ -79,14 +79,20 @@ def test_output_paths_are_checked_before_any_work(inputs, tmp_path, capsys, monk
     assert "--save_path" in one_line(capsys)
     assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), "--save_path", tmp_path]) == 2
     assert "is a folder" in one_line(capsys)
-    import os
+    from pathlib import Path
 
     read_only = tmp_path / "read_only"
     read_only.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(read_only) else real_access(p, mode))
-    assert run_main(SCRIPTS[0], step1(inputs, read_only)) == 2  # root may write anywhere: the check is simulated
-    assert "not writable" in one_line(capsys)
+    real_write = Path.write_bytes
+
+    def refuse_in_read_only(path, data):
+        if path.parent == read_only:
+            raise PermissionError(13, "Permission denied")
+        return real_write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse_in_read_only)  # root may write anywhere: simulated
+    assert run_main(SCRIPTS[0], step1(inputs, read_only)) == 2
+    assert "not writable (Permission denied)" in one_line(capsys)
     args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--no_plots"]
     assert run_main(SCRIPTS[1], [*args, "--output_dir", tmp_path / "a_file"]) == 2
     assert "--output_dir" in one_line(capsys)
@@ -110,7 +116,7 @@ def test_step1_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, ca
 @pytest.mark.parametrize("extra,message", [
     (["--layer", "30"], "--layer 30 out of range"),
     (["--perplexity_ablation", "--perplexity_layers", "40"], "--perplexity_layers 40 out of range"),
-    (["--factors", "0,2"], "--factors must be positive"),
+    (["--factors", "0,2"], "--factors: factor 0.0 must be > 0"),
 ])
 def test_step2_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, capsys, extra, message):
     args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--tasks", inputs["task"],

@@ -76,7 +76,7 @@ def test_per_neuron_accuracy_equals_direct_weight_zeroing(naive_run, tiny_model_
 
 
 def strip_run(result):
-    return {k: v for k, v in result.items() if k != "run"}
+    return {k: v for k, v in result.items() if k not in ("run", "content_sha256")}
 
 
 def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, pile_file, tmp_path):
@@ -128,10 +128,18 @@ def test_empty_and_malformed_task_files_exit_2(tiny_model_dir, pile_file, tmp_pa
     empty.write_text("")
     assert step1(tiny_model_dir, empty, pile_file, tmp_path) == 2
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"context": "a", "choices": ["x"], "label": 0}\n{"context": "a", "choices": "x", "label": 0}\n')
+    bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{"context": "a", "choices": "x", "label": 0}\n')
     assert step1(tiny_model_dir, bad, pile_file, tmp_path) == 2
+    one_choice = tmp_path / "one_choice.jsonl"
+    one_choice.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{"context": "b", "choices": ["x"], "label": 0}\n')
+    assert step1(tiny_model_dir, one_choice, pile_file, tmp_path) == 2
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes('{"context": "caf\u00e9", "choices": ["x", "y"], "label": 0}\n'.encode("latin-1"))
+    assert step1(tiny_model_dir, not_utf8, pile_file, tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "Traceback" not in " ".join(err)
     assert "empty" in err[0] and "line 2" in err[1]
+    assert "line 2: one choice only" in err[2] and "not UTF-8" in err[3]
 
 
 def test_all_six_builtin_tasks_from_shared_data(shared_data, two_layer_model_dir, pile_file, tmp_path):

@@ -205,7 +205,9 @@ def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, mon
     step1_file.write_text(setup["step1"].read_text())
     assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 0
     resumed = json.loads((tmp_path / "cluster9_ablation_results_all_neurons.json").read_text())
-    assert {**resumed, "run": None, "step1_file": None} == {**result, "run": None, "step1_file": None}
+    unrecorded = {"run": None, "inputs": None, "content_sha256": None}
+    assert {**resumed, **unrecorded} == {**result, **unrecorded}
+    assert resumed["inputs"]["step1_file"]["sha256"] == result["inputs"]["step1_file"]["sha256"]
     assert not (tmp_path / "step2_checkpoint.json").exists()
 
 
@@ -223,12 +225,12 @@ def test_step1_file_lookup_order(setup, tmp_path, monkeypatch, capsys):
     assert step2(setup, tmp_path / "o", "--num_examples", "2", "--factors", "2", "--max_neurons", "1",
                  neurons_file=False) == 0
     saved = json.loads((tmp_path / "o" / "cluster9_ablation_results_all_neurons.json").read_text())
-    assert saved["step1_file"] == "ablation_3_results/discovered_neurons.json"
+    assert saved["inputs"]["step1_file"]["path"] == "ablation_3_results/discovered_neurons.json"
 
 
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.pop("all_neuron_impacts"), "malformed"),
-    (lambda d: d["all_neuron_impacts"].append({"neuron": 128, "impact": 1.0}), "neuron 128 out of range"),
+    (lambda d: d["all_neuron_impacts"].append({"neuron": 128, "impact": 1.0}), "neuron 128 does not fit this model"),
     (lambda d: d.update(model="state-spaces/mamba-130m-hf"), "--allow_model_mismatch"),
     (lambda d: d.update(layer=30), "layer 30 out of range"),
 ])

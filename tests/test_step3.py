@@ -6,8 +6,8 @@ import json
 import pytest
 
 from delta_steering.ifeval import METRICS
-from delta_steering.verification import BASELINE, neuron_sets
-from scripts import interrupting, run_main, step1_file
+from delta_steering.verification import neuron_sets
+from scripts import interrupting, run_main, step1_file, step2_file
 
 pytestmark = pytest.mark.usefixtures("punkt")
 
@@ -30,9 +30,9 @@ def files(tiny_model_dir, tmp_path_factory):
     impacts = {**{n: 3.0 + n for n in HIGH}, **{n: 0.1 for n in range(4, 32)}}
     variance = [float((7 * n) % 32) for n in range(32)]
     step1_file(root / "step1.json", impacts, 20, tiny_model_dir, 32, variance=variance)
-    (root / "step2.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {
+    step2_file(root / "step2.json", root / "step1.json", HIGH, {
         "high_impact": {"factor": 5.0, "beats_baseline": True, "selection_best_factor": 5.0, "confirmed": True},
-        "neutral": {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 0.5, "confirmed": False}}}))
+        "neutral": {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 0.5, "confirmed": False}})
     (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
     return root
 
@@ -84,13 +84,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both,
     monkeypatch.setattr(verification, "run_configuration", interrupting(real, on_call=2))
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 130
     saved = json.loads((tmp_path / "step3_checkpoint.json").read_text())
-    assert list(saved["done"]) == [BASELINE.name] and len(saved["done"][BASELINE.name]["baseline"]["responses"]) == 5
+    assert list(saved["done"]) == ["baseline"] and len(saved["done"]["baseline"]["baseline"]["responses"]) == 5
     monkeypatch.setattr(verification, "run_configuration", real)
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 0
     for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
         resumed, whole = (json.loads((d / name).read_text()) for d in (tmp_path, both))
         for result in (resumed, whole):
-            del result["run"]
+            del result["run"], result["content_sha256"]
             for c in result["configurations"]:
                 del c["seconds"]
         assert resumed == whole
@@ -143,8 +143,8 @@ def test_score_responses_reproduces_gpt4_file(shared_data, tmp_path, capsys):
 def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "bad_prompts.jsonl").write_text('{"key": 1, "prompt": "x"}\n')
-    (tmp_path / "no_factor.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": None}}))
-    (tmp_path / "old_format.json").write_text(json.dumps({"optimal_factors": {"high_impact": 5.0}}))
+    step2_file(tmp_path / "no_factor.json", files / "step1.json", HIGH, {"high_impact": None})
+    (tmp_path / "old_format.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": 5.0}}))
     cases = [
         ({"--neurons_file": tmp_path / "missing.json"}, "missing.json"),
         ({"--factors_file": tmp_path / "missing2.json"}, "missing2.json"),
@@ -166,8 +166,8 @@ def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys
 
 def test_an_unconfirmed_step2_factor_is_used_and_said_so(tiny_model_dir, files, tmp_path, capsys):
     step2 = tmp_path / "unconfirmed.json"
-    step2.write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": {
-        "factor": 1.0, "beats_baseline": False, "selection_best_factor": 3.0, "confirmed": False}}}))
+    step2_file(step2, files / "step1.json", HIGH, {"high_impact": {
+        "factor": 1.0, "beats_baseline": False, "selection_best_factor": 3.0, "confirmed": False}})
     assert step3(tiny_model_dir, files, tmp_path, **{"--factors_file": step2, "--num_samples": 2,
                                                      "--max_new_tokens": 4}) == 0
     result = json.loads((tmp_path / "combined_steering_ifeval_results.json").read_text())
