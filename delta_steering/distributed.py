@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .errors import UsageError
 from .results_io import Checkpoint, differing_keys, read_json, write_json
