@@ -5,10 +5,13 @@
     python step3_steer_performance_verification.py --score_responses responses.jsonl --ifeval_path input_data.jsonl
 
 Sets: delta-sensitive (step 1's High Impact neurons), random and high-variance sets of the same
-size; factor: --factor, else step 2's High Impact factor (confirmed, or marked unconfirmed).
---combined steers each set at the layer, --cluster_ablation ablates each set, --layer_ablation
-steers the delta-sensitive set at each of --layers, --both runs cluster and layer ablation. Every
-configuration is compared with the baseline on the same prompts.
+size; factor: --factor, else step 2's High Impact factor (confirmed, or marked unconfirmed); the
+summary's first line says which and why. The modes keep the original study's names:
+--combined amplifies each set by the factor at the layer, --cluster_ablation ablates each set,
+--layer_ablation amplifies the delta-sensitive set by the factor at each of --layers (an
+amplification, despite its name), --both runs cluster and layer ablation. Every configuration is
+compared with the baseline on the same prompts (the summary gives the smallest Δ they can detect)
+and Pile documents (each perplexity change with a per-document bootstrap 95% CI).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ STEP = "step3"
 OUTPUT_FILES = {"combined": "combined_steering_ifeval_results.json",
                 "cluster_ablation": "cluster_ablation_ifeval_results.json",
                 "layer_ablation": "layer_ablation_ifeval_results.json"}
-TITLES = {"combined": "Combined steering", "cluster_ablation": "Cluster ablation", "layer_ablation": "Layer ablation"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,20 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="cluster_ablation_ifeval_results",
                         help="results, responses, plots and the resume checkpoint")
     modes = parser.add_argument_group("modes (--combined when none is given)")
-    modes.add_argument("--combined", action="store_true", help="baseline and each set steered at the layer")
-    modes.add_argument("--cluster_ablation", action="store_true", help="each set ablated")
-    modes.add_argument("--layer_ablation", action="store_true", help="delta-sensitive steering at each of --layers")
-    modes.add_argument("--both", action="store_true", help="--cluster_ablation and --layer_ablation")
-    parser.add_argument("--neurons_file", default=None, help=f"step-1 JSON (None: {' or else '.join(STEP1_DEFAULTS)})")
-    parser.add_argument("--factors_file", default=None, help=f"step-2 JSON (None: {STEP2_DEFAULTS[0]})")
-    parser.add_argument("--factor", type=float, default=None, help="steering factor (None: the step-2 file's)")
+    modes.add_argument("--combined", action="store_true", help="each set amplified by the factor at the layer")
+    modes.add_argument("--cluster_ablation", action="store_true",
+                       help="each set ablated at the layer (as step 1 ablated single neurons)")
+    modes.add_argument("--layer_ablation", action="store_true",
+                       help="the delta-sensitive set amplified by the factor at each of --layers (the original "
+                            "study's name; nothing is ablated)")
+    modes.add_argument("--both", action="store_true", help="--cluster_ablation and --layer_ablation, not --combined")
+    parser.add_argument("--neurons_file", default=None, help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
+    parser.add_argument("--factors_file", default=None, help=f"step-2 JSON (default: {STEP2_DEFAULTS[0]})")
+    parser.add_argument("--factor", type=float, default=None, help="steering factor (default: the step-2 file's)")
     parser.add_argument("--allow_model_mismatch", action="store_true",
                         help="use step files made with another model")
-    parser.add_argument("--layer", type=int, default=None, help="None: the step-1 file's layer")
+    parser.add_argument("--layer", type=int, default=None, help="default: the step-1 file's layer")
     parser.add_argument("--layers", default=None,
-                        help="layers for --layer_ablation (None: the 5 SSM layers centred on the layer, "
+                        help="layers for --layer_ablation (default: the 5 SSM layers centred on the layer, "
                              "18-22 for layer 20 of a 24-layer model)")
-    parser.add_argument("--ifeval_path", default=None, help="local IFEval JSONL (None: google/IFEval on the Hub)")
+    parser.add_argument("--ifeval_path", default=None, help="local IFEval JSONL (default: google/IFEval on the Hub)")
     parser.add_argument("--ifeval_metric", default="prompt_level_strict_acc", choices=list(METRICS),
                         help="the metric reported as Accuracy")
     parser.add_argument("--max_new_tokens", type=int, default=1280, help="generation length limit per prompt")
@@ -90,18 +95,20 @@ def score_file(args) -> None:
     print(f"results: {path}")
 
 
-def steering_factor(args) -> tuple[float, str, str | None]:
+def steering_factor(args) -> tuple[float, str, str | None, str]:
     """--factor ("command-line"), else step 2's High Impact factor: the confirmed one
-    ("step2-confirmed") or the selection-best one ("step2-unconfirmed"); and the step-2 file's digest."""
+    ("step2-confirmed") or the selection-best one ("step2-unconfirmed"); the step-2 file's digest;
+    and the factor's standing in one line."""
     if args.factor is not None:
-        return args.factor, "command-line", None
+        return args.factor, "command-line", None, ds.verification.factor_standing(args.factor, "command-line", None)
     path = ds.artifacts.locate(args.factors_file, STEP2_DEFAULTS, "step-2 file", "--factors_file (or --factor)")
     step2 = ds.artifacts.read_factors(path)
     factor, source = step2.steering_factor("high_impact")
     if factor is None:
         raise ds.UsageError(f"step-2 file {path} has no High Impact factor (optimal_factors.high_impact); "
                             "pass --factor")
-    return factor, source, step2.sha256
+    return factor, source, step2.sha256, ds.verification.factor_standing(factor, source,
+                                                                         step2.optimal.get("high_impact"))
 
 
 def model_layers(args, shape, layer: int, warn: bool = False) -> list[int]:
@@ -128,7 +135,8 @@ def check_arguments(args, shape, step1) -> None:
         model_layers(args, shape, layer)
 
 
-def measure(args, run, source, step1, prompts: list[dict], factor: float, factor_source: str) -> tuple[dict, dict]:
+def measure(args, run, source, step1, prompts: list[dict], factor: float, factor_source: str,
+            standing: str) -> tuple[dict, dict]:
     """What every process computes alike (sets, layers) and the outcomes of this process's share of
     the configurations, each run once even when several modes use it (the baseline)."""
     model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
@@ -140,12 +148,10 @@ def measure(args, run, source, step1, prompts: list[dict], factor: float, factor
         print(f"warning: {warning}")
     ds.steering.verify_steering_effect(model, layer, sets["delta_sensitive"])
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation")
-    if factor_source == "step2-unconfirmed":
-        print(f"warning: step 2 did not confirm a High Impact factor; steering with its selection-best factor "
-              f"x{factor:g}, unconfirmed")
-    print(f"{len(prompts)} IFEval prompts, {len(texts)} Pile documents; factor {factor:g} ({factor_source}); "
-          f"delta-sensitive set of {len(sets['delta_sensitive'])} neurons at layer {layer}")
+    print(f"{standing}\n{len(prompts)} IFEval prompts, {len(texts)} Pile documents; delta-sensitive set of "
+          f"{len(sets['delta_sensitive'])} neurons at layer {layer}")
     context = {"modes": modes, "layer": layer, "layers": layers, "factor": factor, "factor_source": factor_source,
+               "factor_standing": standing,
                "step1_file": str(step1.path), "ablation": step1.ablation, "sets": sets, "num_prompts": len(prompts),
                "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
 
@@ -169,21 +175,27 @@ def planned(context: dict, dt_pre_mean: list[float], mode: str | None = None) ->
 
 def report(args, context: dict, outcomes: dict, dt_pre_mean: list[float], started: float) -> dict:
     """Per mode: the configurations compared with the baseline, the table; the results by mode."""
-    common = {"format_version": ds.artifacts.FORMAT_VERSION, "description": ds.verification.DESCRIPTION,
-              "model": args.model, **{k: context[k] for k in ("layer", "factor", "factor_source", "step1_file",
-                                                               "sets")},
+    common = {"format_version": ds.artifacts.FORMAT_VERSION, "model": args.model,
+              **{k: context[k] for k in ("layer", "factor", "factor_source", "factor_standing", "step1_file", "sets")},
               "ifeval_metric": args.ifeval_metric, "num_prompts": context["num_prompts"],
               "pile_documents": context["pile_documents"]}
     outcomes = {name: ds.verification.Outcome(**record) for name, record in outcomes.items()}
     results = {}
+    print(f"\n{context['factor_standing']}")
     for mode in context["modes"]:
         chosen = planned(context, dt_pre_mean, mode)
         entries = [ds.verification.entry(c, outcomes[name], outcomes["baseline"], args.ifeval_metric, args.seed)
                    for name, c in chosen.items()]
-        results[mode] = {**common, "mode": mode, "configurations": entries,
+        limit = ds.verification.prompt_limit([outcomes[name] for name in chosen if name != "baseline"],
+                                             outcomes["baseline"], args.ifeval_metric)
+        title = ds.verification.mode_title(mode, context["factor"], context["layer"], context["layers"],
+                                           context["ablation"])
+        results[mode] = {**common, "mode": mode, "mode_title": title,
+                         "description": f"{title}. {ds.verification.DESCRIPTION}", "configurations": entries,
+                         "minimum_detectable_effect": limit,
                          "run": ds.results_io.run_record(args, context["model_info"], started)}
-        ds.verification.print_summary(TITLES[mode], entries, args.ifeval_metric, context["factor"],
-                                      context["factor_source"])
+        ds.verification.print_summary(title, entries, args.ifeval_metric, context["factor"],
+                                      context["factor_source"], limit)
     return results
 
 
@@ -209,7 +221,7 @@ def main() -> None:
     step1 = ds.artifacts.read_discovery(ds.artifacts.locate(args.neurons_file, STEP1_DEFAULTS, "step-1 file",
                                                             "--neurons_file"))
     step1.check_model(args.model, args.allow_model_mismatch)
-    factor, factor_source, step2_sha256 = steering_factor(args)
+    factor, factor_source, step2_sha256, standing = steering_factor(args)
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args, step1_sha256=step1.sha256,
                                                                         step2_sha256=step2_sha256))
     source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
@@ -219,7 +231,7 @@ def main() -> None:
         ds.pile.local_files(args.pile_path)
     prompts = ds.ifeval.load_ifeval_prompts(args.ifeval_path, args.num_samples)
     context, outcomes = run.merged() if run.merging else measure(args, run, source, step1, prompts, factor,
-                                                                  factor_source)
+                                                                  factor_source, standing)
     if run.publish(context, outcomes):
         save(args, report(args, context, outcomes, step1.dt_pre_mean, started), outcomes)
     run.close()

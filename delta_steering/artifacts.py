@@ -16,7 +16,7 @@ from .errors import UsageError
 from .results_io import file_digest, read_json
 
 FORMAT_VERSION = 1
-HIGH_IMPACT = 2.0  # points: High Impact is impact > 2, Neutral is |impact| <= 2 (measured neurons only)
+HIGH_IMPACT = 2.0  # points, the default cut: High Impact is impact > cut, Neutral |impact| <= cut (measured only)
 FALLBACK_SENSITIVE = 20  # the delta-sensitive set when no neuron is High Impact: the top 20 by impact
 STEP1_DEFAULTS = ("discovered_neurons.json", "ablation_3_results/discovered_neurons.json")
 STEP2_NAME = "cluster9_ablation_results_all_neurons.json"
@@ -24,12 +24,12 @@ STEP2_DEFAULTS = (f"cluster9_ablation_results/{STEP2_NAME}",)
 GROUP_TITLES = {"high_impact": "High Impact", "neutral": "Neutral"}
 
 
-def impact_groups(records: list[dict]) -> dict[str, list[int]]:
-    """The grouping rule: High Impact (impact > 2 points) and Neutral (|impact| <= 2), among the
-    neurons measured exactly with finite logits."""
+def impact_groups(records: list[dict], cut: float = HIGH_IMPACT) -> dict[str, list[int]]:
+    """The grouping rule: High Impact (impact > cut points, 2 by default) and Neutral (|impact| <=
+    cut), among the neurons measured exactly with finite logits."""
     measured = [r for r in records if r.get("measured", True) and r["impact"] is not None]
-    return {"high_impact": sorted(r["neuron"] for r in measured if r["impact"] > HIGH_IMPACT),
-            "neutral": sorted(r["neuron"] for r in measured if abs(r["impact"]) <= HIGH_IMPACT)}
+    return {"high_impact": sorted(r["neuron"] for r in measured if r["impact"] > cut),
+            "neutral": sorted(r["neuron"] for r in measured if abs(r["impact"]) <= cut)}
 
 
 def delta_sensitive(records: list[dict], groups: dict[str, list[int]]) -> list[int]:
@@ -91,6 +91,7 @@ class Discovery:
     groups: dict[str, list[int]]
     variance_ranking: list[int]  # every neuron, largest delta variance first
     dt_pre_mean: list[float]
+    high_impact_cut: float = HIGH_IMPACT  # the cut that made the groups (points)
 
     def check_model(self, model_name: str, allow_mismatch: bool) -> None:
         if not allow_mismatch and not same_model(self.model, model_name):
@@ -123,7 +124,8 @@ def read_discovery(path: Path) -> Discovery:
     if set(groups) != set(GROUP_TITLES) or not all(isinstance(v, list) for v in groups.values()):
         raise UsageError(f"{what} {path}: 'groups' must hold the lists {', '.join(GROUP_TITLES)}")
     return Discovery(Path(path), file_digest(path), data["model"], data["layer"], data["tasks"], data.get("data_dir"),
-                     data["ablation"], records, groups, data["delta_variance_ranking"], data["dt_pre_mean"])
+                     data["ablation"], records, groups, data["delta_variance_ranking"], data["dt_pre_mean"],
+                     float(data.get("high_impact_cut", HIGH_IMPACT)))
 
 
 def steering_factor(optimal: dict | None) -> tuple[float | None, str]:

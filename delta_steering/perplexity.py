@@ -72,3 +72,14 @@ def perplexity_change(base: dict[str, list[float]], other: dict[str, list[float]
     return {"delta": round(other_value - base_value, 6) + 0.0, "ci95": interval(other_ppl - base_ppl),
             "relative": round(100 * (other_value / base_value - 1), 6) + 0.0,
             "relative_ci95": interval(100 * (other_ppl / base_ppl - 1))}
+
+
+def describe_change(label: str, value: float, change: dict) -> str:
+    """A perplexity and its change from the baseline with CIs, in one phrase for the console."""
+    if change["delta"] is None:
+        return f"{label} non-finite"
+    lo, hi = change["ci95"]
+    noise = ", within noise" if lo <= 0 <= hi else ""
+    return (f"{label} {value:.4f} (Δ {change['delta']:+.4f} [{lo:+.4f}, {hi:+.4f}], "
+            f"{change['relative']:+.3f}% [{change['relative_ci95'][0]:+.3f}%, {change['relative_ci95'][1]:+.3f}%]"
+            f"{noise})")

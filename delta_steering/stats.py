@@ -99,6 +99,30 @@ def minimum_detectable_effect(discordance: float, weights: np.ndarray, alpha: fl
     return round(100 * float(optimize.brentq(gap, 0.0, p)), 4)
 
 
+def detection_limit(base: np.ndarray, others: list[np.ndarray], weights: np.ndarray, what: str) -> dict:
+    """A run's minimum detectable effect (points) and what it rests on: the comparisons `others`
+    against `base` (`what` says which), their examples and weights, the observed discordance."""
+    rate = discordance(base, others)
+    return {"points": None if rate is None else minimum_detectable_effect(rate, weights),
+            "comparisons": what, "examples": len(weights), "discordance": None if rate is None else round(rate, 4),
+            "alpha": SIGNIFICANCE, "power": POWER}
+
+
+def describe_detection_limit(limit: dict) -> str:
+    """The minimum detectable effect in one line, for the console."""
+    if limit["points"] is None:
+        return (f"minimum detectable effect: none can be given ({limit['comparisons']} changed "
+                f"{'no example' if not limit['discordance'] else 'too few examples'} of {limit['examples']})")
+    return (f"minimum detectable effect {limit['points']:.2f} points ({limit['comparisons']}: paired, "
+            f"{limit['examples']} examples, {100 * limit['discordance']:.1f}% of them changed; two-sided "
+            f"α = {limit['alpha']:g}, {100 * limit['power']:.0f}% power; 4× the examples halve it)")
+
+
+def below_detection(delta: float | None, limit: dict) -> bool:
+    """Whether a reported Δ is smaller in size than the run's minimum detectable effect."""
+    return delta is not None and limit["points"] is not None and abs(delta) < limit["points"]
+
+
 def benjamini_hochberg(p_values: list[float | None]) -> list[float | None]:
     """Benjamini–Hochberg adjusted p-values (q-values); None stays None and is not counted."""
     known = [i for i, p in enumerate(p_values) if p is not None]
