@@ -142,6 +142,7 @@ def measure(args, run, source, step1, examples: list, layer: int, tasks: list[st
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation") \
         if perplexity_layers else []
     context = {"layer": layer, "tasks": tasks, "data_dir": data_dir, "step1_file": str(step1.path), "groups": groups,
+               "high_impact_cut": step1.high_impact_cut,
                "factors": args.factor_list, "ranked": ranked, "step1_impacts": step1.records,
                "baseline": baseline.tolist(), "perplexity_layers": perplexity_layers, "engine": engine,
                "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
@@ -210,6 +211,7 @@ def report(args, context: dict, results: dict, examples: list, started: float) -
     result = {"format_version": ds.artifacts.FORMAT_VERSION, "description": ds.factors.DESCRIPTION,
               "model": args.model, "layer": layer, "tasks": context["tasks"], "data_dir": context["data_dir"],
               "num_examples": args.num_examples, "step1_file": context["step1_file"],
+              "high_impact_cut": context["high_impact_cut"],
               "baseline_accuracy": base["accuracy"], "per_task_baseline": base["per_task"],
               "chance_accuracy": ds.scoring.summarize(examples, ds.scoring.chance_correctness(examples))["accuracy"],
               "groups": {},
