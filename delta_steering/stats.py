@@ -80,23 +80,28 @@ def minimum_detectable_effect(discordance: float, weights: np.ndarray, alpha: fl
     `power` in a two-sided test at level `alpha`, when a share `discordance` of the examples change.
 
     Δ = sum(weights * (other - base)) over examples with weights summing to 100 (points); each example
-    changes with probability `discordance`, a gain more often than a loss. Connor's (1987) normal
-    approximation to McNemar's test, solved for Δ:
+    changes with probability p, a gain more often than a loss. Connor's (1987) normal approximation
+    to McNemar's test, solved for Δ:
         Δ = z(1 - alpha/2) * sqrt(S * p) + z(power) * sqrt(S * (p - d²)),
-    p = discordance, d = Δ / 100 the per-example mean change, S = sum((weights / 100)²), 1/n for a
-    plain mean. None when no example changes (no Δ is possible) or for no examples."""
+    d = Δ / 100 the per-example mean change, S = sum((weights / 100)²) (1/n for a plain mean), and
+    p = max(discordance, d): a gain of d changes at least that share of the examples, so when few
+    examples changed the figure is that of an effect whose every change goes one way. None for no
+    examples."""
     weights = np.asarray(weights, float) / 100
-    if discordance is None or discordance <= 0 or len(weights) == 0:
+    if discordance is None or len(weights) == 0:
         return None
-    s, p = float((weights**2).sum()), min(float(discordance), 1.0)
+    s, observed = float((weights**2).sum()), min(max(float(discordance), 0.0), 1.0)
     z_alpha, z_power = scipy_stats.norm.ppf(1 - alpha / 2), scipy_stats.norm.ppf(power)
 
     def gap(d: float) -> float:
+        p = max(observed, d)
         return d - z_alpha * np.sqrt(s * p) - z_power * np.sqrt(max(s * (p - d * d), 0.0))
 
-    if gap(p) < 0:  # even an effect on every changed example is not detected this often
+    grid = np.linspace(0.0, 1.0, 2001)
+    detected = [i for i, d in enumerate(grid) if i and gap(d) > 0]
+    if not detected:  # not even an effect on every example is detected this often
         return None
-    return round(100 * float(optimize.brentq(gap, 0.0, p)), 4)
+    return round(100 * float(optimize.brentq(gap, grid[detected[0] - 1], grid[detected[0]])), 4)
 
 
 def detection_limit(base: np.ndarray, others: list[np.ndarray], weights: np.ndarray, what: str) -> dict:
@@ -111,8 +116,7 @@ def detection_limit(base: np.ndarray, others: list[np.ndarray], weights: np.ndar
 def describe_detection_limit(limit: dict) -> str:
     """The minimum detectable effect in one line, for the console."""
     if limit["points"] is None:
-        return (f"minimum detectable effect: none can be given ({limit['comparisons']} changed "
-                f"{'no example' if not limit['discordance'] else 'too few examples'} of {limit['examples']})")
+        return f"minimum detectable effect: none, {limit['examples']} examples are too few"
     return (f"minimum detectable effect {limit['points']:.2f} points ({limit['comparisons']}: paired, "
             f"{limit['examples']} examples, {100 * limit['discordance']:.1f}% of them changed; two-sided "
             f"α = {limit['alpha']:g}, {100 * limit['power']:.0f}% power; 4× the examples halve it)")

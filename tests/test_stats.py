@@ -85,19 +85,22 @@ def simulated_detection_rate(n: int, discordance: float, effect: float, runs: in
     return detected / runs
 
 
-@pytest.mark.parametrize("n,discordance", [(400, 0.1), (100, 0.3)])
+@pytest.mark.parametrize("n,discordance", [(400, 0.1), (100, 0.3), (200, 0.005)])
 def test_minimum_detectable_effect_is_detected_80_percent_of_the_time(n, discordance):
     mde = minimum_detectable_effect(discordance, np.full(n, 100 / n))
+    changed = max(discordance, mde / 100)  # few changes observed: the effect changes at least its own share
     rng = np.random.default_rng(0)
-    assert 0.72 <= simulated_detection_rate(n, discordance, mde, 1500, rng) <= 0.88
-    assert simulated_detection_rate(n, discordance, mde / 2, 1500, rng) < 0.4
+    assert 0.72 <= simulated_detection_rate(n, changed, mde, 1500, rng) <= 0.88
+    assert simulated_detection_rate(n, max(discordance, mde / 200), mde / 2, 1500, rng) < 0.4
 
 
 def test_minimum_detectable_effect_shrinks_as_one_over_root_n_and_needs_changes():
     small, large = (minimum_detectable_effect(0.2, np.full(n, 100 / n)) for n in (100, 1600))
     assert large < small / 3.5  # about a quarter, slightly less (the variance shrinks with the effect)
-    assert minimum_detectable_effect(0.0, np.full(10, 10.0)) is None
-    assert minimum_detectable_effect(0.01, np.full(10, 10.0)) is None  # 10 examples, 1% change: undetectable
+    # nothing changed: the effect whose every change is a gain, about (z(0.975) + z(0.8))² / n
+    assert minimum_detectable_effect(0.0, np.full(400, 0.25)) == pytest.approx(100 * 7.85 / 400, rel=0.1)
+    assert minimum_detectable_effect(0.0, np.full(400, 0.25)) == minimum_detectable_effect(0.001, np.full(400, 0.25))
+    assert minimum_detectable_effect(0.5, np.full(3, 100 / 3)) is None  # 3 examples: nothing is detected 80% of times
     # two tasks of unequal size, weighted to a mean of task means: the same as n = 1 / sum(w²)
     weights = np.r_[np.full(50, 50 / 50), np.full(200, 50 / 200)]
     n_effective = 1 / ((weights / 100) ** 2).sum()
