@@ -1,12 +1,18 @@
 """Step 1: discover which delta neurons of a Mamba layer matter, by ablating each one on its own.
 
+A delta neuron is one channel i of a Mamba layer's SSM time-step projection, dt_pre = dt_proj(...),
+whose softplus is the channel's step Δ: how fast its state forgets and takes in each token.
+
     python step1_neuron_discovery.py --save_path discovered_neurons.json
     python step1_neuron_discovery.py --model models/mamba-tiny-demo --device cpu \\
         --tasks models/mamba-tiny-demo/demo_data/copying.jsonl --save_path out.json --neurons 0-31
 
 Baseline accuracy on the discovery examples, per-neuron delta variance on Pile texts, then every
 neuron in --neurons ablated alone: impact = baseline - ablated accuracy (points; positive = the
-neuron helps), with a paired bootstrap 95% CI, an exact sign-test p-value and BH q-values.
+neuron helps), with a paired bootstrap 95% CI, an exact sign-test p-value and BH q-values. The
+groups step 2 amplifies: High Impact (impact > --high_impact_cut points, 2 by default) and Neutral
+(|impact| <= the cut); the cut is a size, not a significance test. The summary ends with the
+smallest impact this run can detect (80% power, alpha 0.05).
 """
 
 from __future__ import annotations
@@ -33,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="ablation_3_results", help="plots and the resume checkpoint")
     parser.add_argument("--layer", type=int, default=20, help="the layer whose delta neurons are ablated")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="built-in task names or .jsonl files, comma-separated")
-    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (None: the Hub)")
+    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (default: the Hub)")
     parser.add_argument("--threshold", type=float, default=-2.0,
-                        help="beneficial neurons: impact >= threshold (points)")
-    parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (None: all)")
+                        help="the original study's beneficial list: impact >= THRESHOLD points (at -2 nearly every "
+                             "neuron passes); it does not make the groups")
+    parser.add_argument("--high_impact_cut", type=float, default=ds.artifacts.HIGH_IMPACT, metavar="POINTS",
+                        help="High Impact group: impact > POINTS; Neutral group: |impact| <= POINTS (a size, not a "
+                             "significance test)")
+    parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (default: all)")
     parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
                         help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
     add_sweep_args(parser)
@@ -54,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
         check_positive(getattr(args, flag), f"--{flag}")
     check_device(args.device)
+    if not args.high_impact_cut >= 0:
+        raise ds.UsageError(f"--high_impact_cut must be 0 or more points, got {args.high_impact_cut}")
     check_output_file(args.save_path, "--save_path")
     check_output_dir(args.output_dir, "--output_dir")
     return args
@@ -138,6 +150,8 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> "
     unmeasured = sorted(set(screened.pop("requested_neurons")) - set(neurons))
     records = ds.discovery.neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"], args.seed,
                                           unmeasured)
+    screened["minimum_detectable_effect"] = ds.stats.detection_limit(
+        baseline, list(ablated), ds.scoring.example_weights(examples), "a neuron ablated vs the baseline")
     if "attribution_estimates" in screened:
         screened.update(ds.discovery.attach_estimates(records, screened["attribution_estimates"]))
         rhos = [screened[k] for k in ("spearman_estimated_impact", "spearman_margin_loss")]
@@ -147,8 +161,8 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> "
     provenance = ds.artifacts.Provenance(**context["provenance"])
     discovery = ds.discovery.discovery_result(
         examples, baseline, records, args.threshold, provenance, parse_names(args.tasks), args.validation_size, stats,
-        data_dir=args.data_dir, ablation=args.ablation, engine=context["engine"], method=args.method,
-        neurons_tested=len(neurons) + len(unmeasured), **screened,
+        data_dir=args.data_dir, ablation=args.ablation, high_impact_cut=args.high_impact_cut,
+        engine=context["engine"], method=args.method, neurons_tested=len(neurons) + len(unmeasured), **screened,
         run=ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"]))
     ds.discovery.print_summary(discovery.to_json())
     return discovery

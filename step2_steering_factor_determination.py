@@ -4,11 +4,14 @@
     python step2_steering_factor_determination.py --model models/mamba-tiny-demo --device cpu \\
         --neurons_file demo_results/discovered_neurons.json --perplexity_ablation --pile_path texts.txt
 
-Amplifies step 1's High Impact and Neutral groups, each as a whole, by each factor. The held-out
-examples are split into a selection half, where each group's factor is chosen (the baseline, factor
-1, is a candidate), and a confirmation half, where the chosen factor's gain is tested once. Also
-re-measures single-neuron impacts on held-out examples (does the discovery replicate?), and with
---perplexity_ablation Pile perplexity with the High Impact neurons steered at each layer.
+Amplifies step 1's groups, each as a whole, by each factor: High Impact (ablating the neuron alone
+cost more than the step-1 file's high_impact_cut, 2 points by default) and Neutral (|impact| within
+the cut). The held-out examples are split into a selection half, where each group's factor is
+chosen (the baseline, factor 1, is a candidate), and a confirmation half, where the chosen factor's
+gain is tested once; the summary gives the smallest gain that half can detect (80% power, alpha
+0.05). Also re-measures single-neuron impacts on held-out examples (does the discovery replicate?),
+and with --perplexity_ablation Pile perplexity with the High Impact neurons steered at each layer,
+each change with a per-document bootstrap 95% CI.
 """
 
 from __future__ import annotations
@@ -38,23 +41,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="cluster9_ablation_results",
                         help="results, plots and the resume checkpoint")
     parser.add_argument("--neurons_file", default=None,
-                        help=f"step-1 JSON (None: {' or else '.join(STEP1_DEFAULTS)})")
+                        help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
     parser.add_argument("--allow_model_mismatch", action="store_true",
                         help="use a step-1 file made with another model")
-    parser.add_argument("--layer", type=int, default=None, help="None: the step-1 file's layer")
+    parser.add_argument("--layer", type=int, default=None, help="default: the step-1 file's layer")
     parser.add_argument("--transfer_layer", action="store_true",
                         help="steer the step-1 neurons at a --layer other than the one they were found at "
                              "(recorded in the results)")
-    parser.add_argument("--tasks", default=None, help="None: the step-1 file's tasks")
-    parser.add_argument("--data_dir", default=None, help="None: the step-1 file's data_dir")
+    parser.add_argument("--tasks", default=None, help="default: the step-1 file's tasks")
+    parser.add_argument("--data_dir", default=None, help="default: the step-1 file's data_dir")
     parser.add_argument("--factors", default=DEFAULT_FACTORS,
                         help="amplification factors tried on each group (factor 1, the baseline, always is)")
-    parser.add_argument("--max_neurons", type=int, default=None, help="rank only the N largest |step-1 impact|")
-    parser.add_argument("--sample_neurons", type=int, default=None, help="rank N step-1 neurons drawn at random")
+    parser.add_argument("--max_neurons", type=int, default=None, metavar="N",
+                        help="importance ranking: re-measure on held-out examples only the N step-1 neurons of "
+                             "largest |impact|, each ablated alone (default: every neuron step 1 measured)")
+    parser.add_argument("--sample_neurons", type=int, default=None, metavar="N",
+                        help="importance ranking: N step-1 neurons drawn at random (seeded) instead")
     add_sweep_args(parser)
     parser.add_argument("--perplexity_ablation", action="store_true",
-                        help="Pile perplexity with the High Impact neurons ablated / amplified at each layer")
-    parser.add_argument("--perplexity_layers", default=None, help="layers for --perplexity_ablation (None: all)")
+                        help="Pile perplexity with the High Impact neurons ablated (x0) and amplified by the "
+                             "group's factor at each layer, each change with a per-document bootstrap 95%% CI")
+    parser.add_argument("--perplexity_layers", default=None, help="layers for --perplexity_ablation (default: all)")
     add_pile_args(parser)
     add_run_args(parser)
     return parser
@@ -125,8 +132,9 @@ def measure(args, run, model, tokenizer, step1, examples: list, layer: int, perp
 
     def perplexity_at(at: int | None, factor: float | None) -> dict:
         with ds.steer(model, at, groups["high_impact"], factor) if at is not None else nullcontext():
-            return {perplexity_key(at, factor): ds.perplexity.perplexity(model, tokenizer, texts,
-                                                                         batch_size=args.batch_size, progress=True)}
+            return {perplexity_key(at, factor): ds.perplexity.document_losses(model, tokenizer, texts,
+                                                                              batch_size=args.batch_size,
+                                                                              progress=True)}
 
     baseline = ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
     base = ds.scoring.summarize(examples, baseline)
@@ -136,10 +144,10 @@ def measure(args, run, model, tokenizer, step1, examples: list, layer: int, perp
     perplexity_layers = perplexity_layers if groups["high_impact"] else []
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation") \
         if perplexity_layers else []
-    context = {"layer": layer, "groups": groups, "factors": args.factor_list, "ranked": ranked,
-               "step1_impacts": step1.records, "baseline": baseline.tolist(), "perplexity_layers": perplexity_layers,
-               "engine": engine, "pile_documents": ds.pile.pile_record(texts, "evaluation"),
-               "model_info": ds.models.describe(model)}
+    context = {"layer": layer, "groups": groups, "high_impact_cut": step1.high_impact_cut, "factors": args.factor_list,
+               "ranked": ranked, "step1_impacts": step1.records, "baseline": baseline.tolist(),
+               "perplexity_layers": perplexity_layers, "engine": engine,
+               "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
 
     work = {factor_key(g, f): partial(amplify, g, f) for g, neurons in groups.items() if neurons
             for f in args.factor_list}
@@ -171,21 +179,29 @@ def group_table(name: str, context: dict, results: dict, examples: list, seed: i
     return ds.factors.group_result(neurons, factors, rows, examples, np.array(context["baseline"], dtype=float), seed)
 
 
-def perplexity_table(context: dict, results: dict, optimal: dict | None) -> dict:
+def perplexity_table(context: dict, results: dict, optimal: dict | None, seed: int) -> dict:
     """Pile perplexity at baseline and with the High Impact neurons ablated / amplified at each layer,
-    amplified by the confirmed factor, else the selection-best one (marked unconfirmed)."""
+    amplified by the confirmed factor, else the selection-best one (marked unconfirmed); each change
+    from the baseline with its per-document paired bootstrap CI."""
     factor, source = ds.artifacts.steering_factor(optimal)
-    print(f"\nPile perplexity ({context['pile_documents']['count']} documents), High Impact neurons at each layer"
-          + ("" if factor is None else f"; amplified x{factor:g} ({source})") + ":")
-    table = {"baseline": results[perplexity_key(None, None)], "neurons": context["groups"]["high_impact"],
+    base = results[perplexity_key(None, None)]
+    table = {"baseline": ds.perplexity.perplexity_of(base), "neurons": context["groups"]["high_impact"],
              "factor": factor, "factor_source": source, "documents": context["pile_documents"], "layers": []}
+    print(f"\nPile perplexity ({context['pile_documents']['count']} documents, baseline {table['baseline']:.4f}), "
+          "High Impact neurons steered at each layer; change from baseline, 95% CI over documents:")
+    kinds = {"ablated": 0.0} if factor is None else {"ablated": 0.0, "amplified": factor}
     for layer in context["perplexity_layers"]:
-        entry = {"layer": layer, "ablated": results[perplexity_key(layer, 0.0)]}
-        if factor is not None:
-            entry["amplified"] = results[perplexity_key(layer, factor)]
+        entry = {"layer": layer}
+        for kind, k in kinds.items():
+            losses = results[perplexity_key(layer, k)]
+            entry[kind] = ds.perplexity.perplexity_of(losses)
+            entry[f"{kind}_change"] = ds.perplexity.perplexity_change(base, losses, seed)
         table["layers"].append(entry)
-        print(f"  layer {layer:>3}: ablated {entry['ablated']:.3f}"
-              + (f", amplified x{factor:g} {entry['amplified']:.3f}" if factor is not None else ""))
+        print(f"  layer {layer:>3}: " + "; ".join(
+            ds.perplexity.describe_change(f"{kind} x{k:g}", entry[kind], entry[f"{kind}_change"])
+            for kind, k in kinds.items()))
+    if factor is not None:
+        print(f"  amplified by x{factor:g}: {ds.verification.FACTOR_SOURCES[source]}")
     return table
 
 
@@ -197,7 +213,7 @@ def report(args, context: dict, results: dict, examples: list, tasks: list[str],
     base, layer = ds.scoring.summarize(examples, baseline), context["layer"]
     selection, confirmation = ds.factors.selection_split(examples)
     result = {"description": ds.factors.DESCRIPTION, "tasks": tasks, "data_dir": data_dir,
-              "num_examples": args.num_examples,
+              "num_examples": args.num_examples, "high_impact_cut": context["high_impact_cut"],
               "baseline_accuracy": base["accuracy"], "per_task_baseline": base["per_task"],
               "chance_accuracy": ds.scoring.summarize(examples, ds.scoring.chance_correctness(examples))["accuracy"],
               "groups": {},
@@ -207,9 +223,14 @@ def report(args, context: dict, results: dict, examples: list, tasks: list[str],
                                                                   baseline[selection])["accuracy"],
               "confirmation_baseline_accuracy": ds.scoring.summarize([examples[i] for i in confirmation],
                                                                      baseline[confirmation])["accuracy"]}
+    amplified = [results[factor_key(g, f)] for g, neurons in context["groups"].items() if neurons
+                 for f in context["factors"]]
+    limit = ds.factors.confirmation_limit(examples, baseline, amplified)
+    result["minimum_detectable_effect"] = limit
     for name in context["groups"]:
         result["groups"][name] = group_table(name, context, results, examples, args.seed)
-        ds.factors.print_group_table(name, result["groups"][name], layer)
+        ds.factors.print_group_table(name, result["groups"][name], layer, limit)
+    print("\n" + ds.stats.describe_detection_limit(limit).capitalize())
     result["optimal_factors"] = {n: g.pop("optimal") for n, g in result["groups"].items()}
 
     ranked = context["ranked"]
@@ -221,7 +242,8 @@ def report(args, context: dict, results: dict, examples: list, tasks: list[str],
     print(f"Spearman correlation of step-1 and held-out impacts: {'n/a' if rho is None else f'{rho:.3f}'}")
     if args.perplexity_ablation:
         if context["perplexity_layers"]:
-            result["perplexity"] = perplexity_table(context, results, result["optimal_factors"].get("high_impact"))
+            result["perplexity"] = perplexity_table(context, results, result["optimal_factors"].get("high_impact"),
+                                                    args.seed)
         else:
             print("perplexity ablation skipped: the High Impact group is empty")
     result["engine"] = context["engine"]

@@ -5,10 +5,13 @@
     python step3_steer_performance_verification.py --score_responses responses.jsonl --ifeval_path input_data.jsonl
 
 Sets: delta-sensitive (step 1's High Impact neurons), random and high-variance sets of the same
-size; factor: --factor, else step 2's High Impact factor (confirmed, or marked unconfirmed).
---combined steers each set at the layer, --cluster_ablation ablates each set, --layer_ablation
-steers the delta-sensitive set at each of --layers, --both runs cluster and layer ablation. Every
-configuration is compared with the baseline on the same prompts.
+size; factor: --factor, else step 2's High Impact factor (confirmed, or marked unconfirmed); the
+summary's first line says which and why. The modes keep the original study's names:
+--combined amplifies each set by the factor at the layer, --cluster_ablation ablates each set,
+--layer_ablation amplifies the delta-sensitive set by the factor at each of --layers (an
+amplification, despite its name), --both runs cluster and layer ablation. Every configuration is
+compared with the baseline on the same prompts (the summary gives the smallest Δ they can detect)
+and Pile documents (each perplexity change with a per-document bootstrap 95% CI).
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ STEP = "step3"
 OUTPUT_FILES = {"combined": "combined_steering_ifeval_results.json",
                 "cluster_ablation": "cluster_ablation_ifeval_results.json",
                 "layer_ablation": "layer_ablation_ifeval_results.json"}
-TITLES = {"combined": "Combined steering", "cluster_ablation": "Cluster ablation", "layer_ablation": "Layer ablation"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,23 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="cluster_ablation_ifeval_results",
                         help="results, responses, plots and the resume checkpoint")
     modes = parser.add_argument_group("modes (--combined when none is given)")
-    modes.add_argument("--combined", action="store_true", help="baseline and each set steered at the layer")
-    modes.add_argument("--cluster_ablation", action="store_true", help="each set ablated")
-    modes.add_argument("--layer_ablation", action="store_true", help="delta-sensitive steering at each of --layers")
-    modes.add_argument("--both", action="store_true", help="--cluster_ablation and --layer_ablation")
-    parser.add_argument("--neurons_file", default=None, help=f"step-1 JSON (None: {' or else '.join(STEP1_DEFAULTS)})")
-    parser.add_argument("--factors_file", default=None, help=f"step-2 JSON (None: {STEP2_DEFAULTS[0]})")
-    parser.add_argument("--factor", type=float, default=None, help="steering factor (None: the step-2 file's)")
+    modes.add_argument("--combined", action="store_true", help="each set amplified by the factor at the layer")
+    modes.add_argument("--cluster_ablation", action="store_true",
+                       help="each set ablated at the layer (as step 1 ablated single neurons)")
+    modes.add_argument("--layer_ablation", action="store_true",
+                       help="the delta-sensitive set amplified by the factor at each of --layers (the original "
+                            "study's name; nothing is ablated)")
+    modes.add_argument("--both", action="store_true", help="--cluster_ablation and --layer_ablation, not --combined")
+    parser.add_argument("--neurons_file", default=None, help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
+    parser.add_argument("--factors_file", default=None, help=f"step-2 JSON (default: {STEP2_DEFAULTS[0]})")
+    parser.add_argument("--factor", type=float, default=None, help="steering factor (default: the step-2 file's)")
     parser.add_argument("--allow_model_mismatch", action="store_true",
                         help="use step files made with another model")
-    parser.add_argument("--layer", type=int, default=None, help="None: the step-1 file's layer")
+    parser.add_argument("--layer", type=int, default=None, help="default: the step-1 file's layer")
     parser.add_argument("--transfer_layer", action="store_true",
                         help="steer the step-1 neurons at a --layer other than the one they were found at "
                              "(recorded in the results)")
     parser.add_argument("--layers", default=None,
-                        help="layers for --layer_ablation (None: the 5 SSM layers centred on the layer, "
+                        help="layers for --layer_ablation (default: the 5 SSM layers centred on the layer, "
                              "18-22 for layer 20 of a 24-layer model)")
-    parser.add_argument("--ifeval_path", default=None, help="local IFEval JSONL (None: google/IFEval on the Hub)")
+    parser.add_argument("--ifeval_path", default=None, help="local IFEval JSONL (default: google/IFEval on the Hub)")
     parser.add_argument("--ifeval_metric", default="prompt_level_strict_acc", choices=list(METRICS),
                         help="the metric reported as Accuracy")
     parser.add_argument("--max_new_tokens", type=int, default=1280, help="generation length limit per prompt")
@@ -129,19 +134,20 @@ def check_inputs(args, source, step1, step2, layer: int) -> dict:
     return transferred
 
 
-def steering_factor(args, step2) -> tuple[float, str]:
+def steering_factor(args, step2) -> tuple[float, str, str]:
     """--factor ("command-line"), else step 2's High Impact factor: the confirmed one
-    ("step2-confirmed") or the selection-best one ("step2-unconfirmed")."""
+    ("step2-confirmed") or the selection-best one ("step2-unconfirmed"); and the factor's standing
+    in one line."""
     if step2 is None:
-        return args.factor, "command-line"
+        return args.factor, "command-line", ds.verification.factor_standing(args.factor, "command-line", None)
     factor, source = step2.steering_factor("high_impact")
     if factor is None:
         raise ds.UsageError(f"{step2.what} has no High Impact factor (optimal_factors.high_impact); pass --factor")
-    return factor, source
+    return factor, source, ds.verification.factor_standing(factor, source, step2.optimal.get("high_impact"))
 
 
-def measure(args, run, model, tokenizer, step1, prompts: list[dict], layer: int, factor: float, factor_source: str
-            ) -> tuple[dict, dict]:
+def measure(args, run, model, tokenizer, step1, prompts: list[dict], layer: int, factor: float, factor_source: str,
+            standing: str) -> tuple[dict, dict]:
     """What every process computes alike (sets, layers) and the outcomes of this process's share of
     the configurations, each run once even when several modes use it (the baseline)."""
     shape = ds.sites.shape_of(model)
@@ -151,13 +157,10 @@ def measure(args, run, model, tokenizer, step1, prompts: list[dict], layer: int,
     for warning in warnings:
         print(f"warning: {warning}")
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation")
-    if factor_source == "step2-unconfirmed":
-        print(f"warning: step 2 did not confirm a High Impact factor; steering with its selection-best factor "
-              f"x{factor:g}, unconfirmed")
-    print(f"{len(prompts)} IFEval prompts, {len(texts)} Pile documents; factor {factor:g} ({factor_source}); "
-          f"delta-sensitive set of {len(sets['delta_sensitive'])} neurons at layer {layer}")
+    print(f"{standing}\n{len(prompts)} IFEval prompts, {len(texts)} Pile documents; delta-sensitive set of "
+          f"{len(sets['delta_sensitive'])} neurons at layer {layer}")
     context = {"modes": modes, "layer": layer, "layers": layers, "factor": factor, "factor_source": factor_source,
-               "ablation": step1.ablation, "sets": sets, "num_prompts": len(prompts),
+               "factor_standing": standing, "ablation": step1.ablation, "sets": sets, "num_prompts": len(prompts),
                "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
     configurations = planned(context, step1.dt_pre_mean)
     ds.steering.verify_steering_effect(model, [c for c in configurations.values() if c.neurons][:1])
@@ -183,21 +186,28 @@ def planned(context: dict, dt_pre_mean: list[float], mode: str | None = None) ->
 def report(args, context: dict, outcomes: dict, dt_pre_mean: list[float], started: float
            ) -> dict[str, "ds.artifacts.Results"]:
     """Per mode: the configurations compared with the baseline, the table; the results by mode."""
-    common = {"description": ds.verification.DESCRIPTION, **{k: context[k] for k in ("factor", "factor_source", "sets")},
+    common = {**{k: context[k] for k in ("factor", "factor_source", "factor_standing", "sets")},
               "ifeval_metric": args.ifeval_metric, "num_prompts": context["num_prompts"],
               "pile_documents": context["pile_documents"]}
     outcomes = {name: ds.verification.Outcome(**record) for name, record in outcomes.items()}
     results = {}
+    print(f"\n{context['factor_standing']}")
     for mode in context["modes"]:
         chosen = planned(context, dt_pre_mean, mode)
         entries = [ds.verification.entry(name, c, outcomes[name], outcomes["baseline"], args.ifeval_metric, args.seed)
                    for name, c in chosen.items()]
+        limit = ds.verification.prompt_limit([outcomes[name] for name in chosen if name != "baseline"],
+                                             outcomes["baseline"], args.ifeval_metric)
+        title = ds.verification.mode_title(mode, context["factor"], context["layer"], context["layers"],
+                                           context["ablation"])
         results[mode] = ds.artifacts.Results(
             ds.artifacts.Provenance(**context["provenance"]), step=STEP,
-            report={**common, "mode": mode, "configurations": entries,
+            report={**common, "mode": mode, "mode_title": title,
+                    "description": f"{title}. {ds.verification.DESCRIPTION}", "configurations": entries,
+                    "minimum_detectable_effect": limit,
                     "run": ds.results_io.run_record(args, context["model_info"], started)})
-        ds.verification.print_summary(TITLES[mode], entries, args.ifeval_metric, context["factor"],
-                                      context["factor_source"])
+        ds.verification.print_summary(title, entries, args.ifeval_metric, context["factor"],
+                                      context["factor_source"], limit)
     return results
 
 
@@ -225,7 +235,7 @@ def main() -> None:
     step2 = None if args.factor is not None else ds.artifacts.read_factors(
         ds.artifacts.locate(args.factors_file, STEP2_DEFAULTS, "step-2 file", "--factors_file (or --factor)"))
     layer = args.layer if args.layer is not None else step1.layer
-    factor, factor_source = steering_factor(args, step2)
+    factor, factor_source, standing = steering_factor(args, step2)
     merging = args.merge is not None
     if not merging:
         source = ds.models.check_model_source(args.model, args.tokenizer)
@@ -239,7 +249,8 @@ def main() -> None:
         context, outcomes = run.merged()
     else:
         model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-        context, outcomes = measure(args, run, model, tokenizer, step1, prompts, layer, factor, factor_source)
+        context, outcomes = measure(args, run, model, tokenizer, step1, prompts, layer, factor,
+                                       factor_source, standing)
         inputs = {"step1_file": step1, **({"step2_file": step2} if step2 else {})}
         context["provenance"] = ds.artifacts.Provenance.of(source, layer, inputs, transferred).to_json()
     if run.publish(context, outcomes):

@@ -24,7 +24,7 @@ from .intervention import ABLATIONS, Intervention, Steering, check_factor
 from .results_io import file_digest, finite, read_json
 
 FORMAT_VERSION = 2
-HIGH_IMPACT = 2.0  # points: High Impact is impact > 2, Neutral is |impact| <= 2 (measured neurons only)
+HIGH_IMPACT = 2.0  # points, the default cut: High Impact is impact > cut, Neutral |impact| <= cut (measured only)
 FALLBACK_SENSITIVE = 20  # the delta-sensitive set when no neuron is High Impact: the top 20 by impact
 STEP1_DEFAULTS = ("discovered_neurons.json", "ablation_3_results/discovered_neurons.json")
 STEP2_NAME = "cluster9_ablation_results_all_neurons.json"
@@ -34,12 +34,12 @@ WHAT = {"step1": "step-1 file", "step2": "step-2 file", "step3": "step-3 file",
         "evaluate_steered": "evaluate_steered comparison"}
 
 
-def impact_groups(records: list[dict]) -> dict[str, list[int]]:
-    """The grouping rule: High Impact (impact > 2 points) and Neutral (|impact| <= 2), among the
-    neurons measured exactly with finite logits."""
+def impact_groups(records: list[dict], cut: float = HIGH_IMPACT) -> dict[str, list[int]]:
+    """The grouping rule: High Impact (impact > cut points, 2 by default) and Neutral (|impact| <=
+    cut), among the neurons measured exactly with finite logits."""
     measured = [r for r in records if r.get("measured", True) and r["impact"] is not None]
-    return {"high_impact": sorted(r["neuron"] for r in measured if r["impact"] > HIGH_IMPACT),
-            "neutral": sorted(r["neuron"] for r in measured if abs(r["impact"]) <= HIGH_IMPACT)}
+    return {"high_impact": sorted(r["neuron"] for r in measured if r["impact"] > cut),
+            "neutral": sorted(r["neuron"] for r in measured if abs(r["impact"]) <= cut)}
 
 
 def delta_sensitive(records: list[dict], groups: dict[str, list[int]]) -> list[int]:
@@ -255,7 +255,7 @@ class Discovery(StepFile):
     STEP = "step1"
     LEAD = ("beneficial_neurons", "baseline_accuracy", "criterion")  # the original study's fields first
     OWN = ("all_neuron_impacts", "format_version", "step", "content_sha256", "model", "model_digest", "family", "layer", "inputs",
-           "transferred", "tasks", "data_dir", "ablation", "groups", "delta_variance", "dt_pre_mean",
+           "transferred", "tasks", "data_dir", "ablation", "high_impact_cut", "groups", "delta_variance", "dt_pre_mean",
            "delta_variance_ranking")
 
     tasks: list[str] = field(default_factory=list)
@@ -263,6 +263,7 @@ class Discovery(StepFile):
     ablation: str = "zero"
     records: list[dict] = field(default_factory=list)  # all_neuron_impacts, by impact
     groups: dict[str, list[int]] = field(default_factory=dict)
+    high_impact_cut: float = HIGH_IMPACT  # the cut that made the groups (points)
     delta_variance: list[float] = field(default_factory=list)
     dt_pre_mean: list[float] = field(default_factory=list)
     report: dict = field(default_factory=dict)
@@ -281,7 +282,8 @@ class Discovery(StepFile):
         rest = {k: v for k, v in self.report.items() if k not in lead}
         return seal({**lead, "all_neuron_impacts": self.records, "format_version": FORMAT_VERSION, "step": self.STEP,
                      **self.provenance.to_json(), "tasks": self.tasks, "data_dir": self.data_dir,
-                     "ablation": self.ablation, "groups": self.groups, "delta_variance": self.delta_variance,
+                     "ablation": self.ablation, "high_impact_cut": self.high_impact_cut, "groups": self.groups,
+                     "delta_variance": self.delta_variance,
                      "dt_pre_mean": self.dt_pre_mean, "delta_variance_ranking": self.variance_ranking, **rest})
 
     @classmethod
@@ -305,10 +307,13 @@ class Discovery(StepFile):
             unknown = set(r.ids(f"groups.{name}", neurons)) - measured
             if unknown:
                 r.fail(f"is malformed: groups.{name} has neuron {min(unknown)}, which all_neuron_impacts lacks")
+        cut = r.get("high_impact_cut", (int, float))
+        if not math.isfinite(cut) or cut < 0:
+            r.fail(f"is malformed: high_impact_cut is {cut!r}, not a number of points >= 0")
         variance = r.numbers("delta_variance")
         report = {k: v for k, v in r.data.items() if k not in cls.OWN}
         return cls(provenance, tasks=tasks, data_dir=r.get("data_dir", str, optional=True), ablation=ablation,
-                   records=records, groups=groups, delta_variance=variance,
+                   records=records, groups=groups, high_impact_cut=float(cut), delta_variance=variance,
                    dt_pre_mean=r.numbers("dt_pre_mean", len(variance)), report=report)
 
     def check_against(self, shape) -> None:

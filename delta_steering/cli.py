@@ -21,7 +21,13 @@ DEFAULT_FACTORS = "0.1,0.25,0.5,0.75,1.5,2,3,5,7,9,10,20,50,100"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The script's docstring as written, and every option's default after its help."""
+    """The script's docstring as written, and an option's default after its help when it has one (an
+    option without one says in its help what happens when it is not given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def step_parser(description: str) -> argparse.ArgumentParser:
@@ -143,19 +149,19 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
 def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> None:
     """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by the three steps."""
     parser.add_argument("--model", default="state-spaces/mamba-130m-hf", help="Hub id or local checkpoint directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (None: the model's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
     parser.add_argument("--device", default=device, help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype; half precision can overflow at large factors (reported, not scored)")
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="sequences per forward pass (None: as many as fit in memory); results do not depend on it")
+                        help="sequences per forward pass (default: as many as fit in memory); results do not depend on it")
     parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
 
 
 def add_pile_args(parser: argparse.ArgumentParser, samples: int = 100) -> None:
     parser.add_argument("--pile_samples", type=int, default=samples, help="Pile documents")
     parser.add_argument("--pile_path", default=None,
-                        help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet; None: the Hub)")
+                        help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet; default: the Hub)")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .errors import UsageError
 from .results_io import Checkpoint, RunLock, WriteError, differing_keys, read_json, write_json

@@ -27,6 +27,27 @@ def test_every_option_has_help_and_shows_its_default(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_an_option_without_a_default_says_what_happens_once(script):
+    text = importlib.import_module(script).build_parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text and "(None:" not in text
+
+
+def test_help_defines_the_groups_and_the_options_a_newcomer_asks_about():
+    def help_of(script):
+        return " ".join(importlib.import_module(script).build_parser().format_help().split())
+
+    step1, step2 = help_of(SCRIPTS[0]), help_of(SCRIPTS[1])
+    assert "A delta neuron is one channel" in step1
+    assert "High Impact group: impact > POINTS; Neutral group: |impact| <= POINTS" in step1
+    assert "--high_impact_cut POINTS" in step1 and "(default: 2.0)" in step1
+    assert "--validation_size VALIDATION_SIZE discovery examples per task" in step1
+    assert "re-measure on held-out examples only the N step-1 neurons of largest |impact|" in step2
+    step3 = help_of(SCRIPTS[2])
+    assert "--cluster_ablation and --layer_ablation, not --combined" in step3
+    assert "amplified by the factor at each of --layers" in step3
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_answers_without_importing_torch(script):
     code = f"import sys, {script} as s; s.build_parser().format_help(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

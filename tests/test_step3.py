@@ -6,7 +6,7 @@ import json
 import pytest
 
 from delta_steering.ifeval import METRICS
-from delta_steering.verification import neuron_sets
+from delta_steering.verification import factor_standing, neuron_sets
 from scripts import interrupting, run_main, step1_file, step2_file
 
 pytestmark = pytest.mark.usefixtures("punkt")
@@ -75,6 +75,47 @@ def test_both_writes_cluster_and_layer_results_with_every_field(both):
     steered = [(both / f"responses_{c['name']}.jsonl").read_text()
                for c in cluster["configurations"][1:] + layer["configurations"][1:]]
     assert any(text != baseline_rows for text in steered)  # steering changes what the model writes
+
+
+def test_titles_and_descriptions_say_what_ran(both):
+    cluster = json.loads((both / "cluster_ablation_ifeval_results.json").read_text())
+    layer = json.loads((both / "layer_ablation_ifeval_results.json").read_text())
+    assert layer["mode_title"] == "Layer ablation: delta-sensitive set, ×5 amplification at layers 19, 21"
+    assert layer["description"].startswith(layer["mode_title"] + ". Step 3, verification")
+    assert [c["description"] for c in layer["configurations"][1:]] == [
+        "delta_sensitive set, ×5 amplification at layer 19", "delta_sensitive set, ×5 amplification at layer 21"]
+    assert cluster["mode_title"] == "Cluster ablation: each set zero-ablated at layer 20"
+    assert cluster["configurations"][1]["description"] == "delta_sensitive set, zero ablation at layer 20"
+    assert layer["factor_standing"].startswith("steering factor ×5: step 2 confirmed it")
+
+
+def test_perplexity_changes_carry_a_ci_and_the_run_its_minimum_detectable_effect(both):
+    layer = json.loads((both / "layer_ablation_ifeval_results.json").read_text())
+    for c in layer["configurations"][1:]:
+        lo, hi = c["perplexity_ci95"]
+        assert lo <= c["perplexity_delta"] + 1e-6 and c["perplexity_delta"] - 1e-6 <= hi
+        assert c["perplexity_relative"] == pytest.approx(100 * c["perplexity_delta"] / layer["configurations"][0][
+            "perplexity"], abs=1e-4)
+    limit = layer["minimum_detectable_effect"]
+    assert limit["examples"] == 5 and limit["alpha"] == 0.05 and limit["power"] == 0.8
+    assert limit["points"] is None or limit["points"] > 0
+
+
+def test_factor_standing_says_which_factor_and_why():
+    lost = {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 2.0, "confirmed": False,
+            "selection": {"accuracy": 40.0, "delta": -4.5, "q_value": 0.3}, "confirmation": None}
+    assert factor_standing(2.0, "step2-unconfirmed", lost) == (
+        "step 2 confirmed no factor; verifying the selection-best ×2, which lost 4.5 points on selection — pass "
+        "--factor to choose")
+    won = {**lost, "factor": 3.0, "beats_baseline": True, "selection_best_factor": 3.0,
+           "selection": {"delta": 2.0}, "confirmation": {"delta": 0.5, "p_value": 0.6}}
+    assert factor_standing(3.0, "step2-unconfirmed", won) == (
+        "step 2 did not confirm its High Impact factor: verifying the selection-best ×3 (Δ +2.00 points on "
+        "selection, then Δ +0.50 on confirmation, not significant) — pass --factor to choose")
+    confirmed = {**won, "confirmed": True, "confirmation": {"delta": 3.0, "p_value": 0.01}}
+    assert factor_standing(3.0, "step2-confirmed", confirmed) == (
+        "steering factor ×3: step 2 confirmed it on its confirmation half (Δ +3.00 points, sign-test p 0.01)")
+    assert factor_standing(7.0, "command-line", None) == "steering factor ×7: given on the command line (--factor)"
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both, tmp_path, monkeypatch):
@@ -174,6 +215,9 @@ def test_an_unconfirmed_step2_factor_is_used_and_said_so(tiny_model_dir, files, 
     assert result["factor"] == 3.0 and result["factor_source"] == "step2-unconfirmed"
     out = capsys.readouterr().out
     assert "NOT confirmed" in out and "unconfirmed" in out
+    standing = "step 2 confirmed no factor; verifying the selection-best ×3 — pass --factor to choose"
+    summary = out[out.index("\nCombined steering: ") - len(standing) - 1:]
+    assert summary.startswith(standing)  # the summary leads with the factor's standing
 
 
 def test_best_mark_only_on_a_gain_whose_ci_lies_above_zero(capsys):
