@@ -18,6 +18,13 @@ def run_main(module_name: str, argv: list[str]) -> int:
     return 0
 
 
+def one_line(capsys) -> str:
+    """The one line a bad input gets on stderr (no traceback): the test fails on anything else."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
 def interrupting(real, on_call: int):
     """A stand-in for `real` that raises KeyboardInterrupt on call number `on_call`, as Ctrl-C would."""
     calls = []

@@ -15,7 +15,7 @@ from delta_steering.artifacts import Provenance, content_digest, read_discovery,
 from delta_steering.errors import UsageError
 from delta_steering.models import check_model_source
 from delta_steering.results_io import RunLock, file_digest
-from scripts import run_main, step1_file, step2_file
+from scripts import one_line, run_main, step1_file, step2_file
 
 OPTIMAL = {"high_impact": {"factor": 5.0, "beats_baseline": True, "selection_best_factor": 5.0, "confirmed": True}}
 
@@ -32,23 +32,6 @@ def files(tiny_model_dir, tmp_path):
                        tasks=[task])
     step2 = step2_file(tmp_path / "step2.json", step1, [0, 1], OPTIMAL)
     return {"model": tiny_model_dir, "task": task, "pile": pile, "step1": step1, "step2": step2, "dir": tmp_path}
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a script loads the model: the mismatches below must be caught before."""
-    from delta_steering import models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return err[0]
 
 
 def edited(path, change, name="edited.json", reseal=True):
@@ -305,3 +288,24 @@ def test_two_runs_into_one_folder_as_the_shell_would(files):
         holder.wait()
     err = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(err) == 1 and "in use by another run" in err[0], done.stderr
+
+
+@pytest.mark.parametrize("case", ["hand_edited_step2", "nan_factor", "layer_mismatch"])
+def test_boundaries_as_the_shell_sees_them(files, case):
+    """The same refusals from a real process: exit status 2, one line on stderr, no traceback."""
+    at_19 = step1_file(files["dir"] / "at19.json", {0: 3.0}, 19, files["model"], 32, tasks=[files["task"]])
+    hand_edited = edited(files["step2"], lambda d: d["optimal_factors"]["high_impact"].update(factor=7.0), reseal=False)
+    script, extra, message = {
+        "hand_edited_step2": ("step3_steer_performance_verification.py", ["--factors_file", hand_edited],
+                              "was changed after its step wrote it"),
+        "nan_factor": ("step3_steer_performance_verification.py", ["--factor", "nan"], "not a finite number"),
+        "layer_mismatch": ("step2_steering_factor_determination.py", ["--neurons_file", at_19, "--layer", "20"],
+                           "field layer is 19"),
+    }[case]
+    argv = ["--model", files["model"], "--device", "cpu", "--output_dir", files["dir"] / "o", "--no_plots"]
+    if script.startswith("step3"):
+        argv += ["--neurons_file", files["step1"]]
+    done = subprocess.run([sys.executable, script, *map(str, argv + extra)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and message in err[0] and "Traceback" not in done.stderr, done.stderr

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from scripts import run_main, step1_file
+from scripts import one_line, run_main, step1_file
 
 SCRIPTS = ("step1_neuron_discovery", "step2_steering_factor_determination", "step3_steer_performance_verification")
 
@@ -59,17 +59,6 @@ def test_help_answers_without_importing_torch(script):
 
 
 @pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a script loads the model: the mistakes below must be caught before."""
-    from delta_steering import models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
-
-
-@pytest.fixture
 def inputs(tiny_model_dir, tmp_path):
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps({"context": f"Key {i} is", "choices": [" red", " blue"], "label": i % 2})
@@ -83,12 +72,6 @@ def inputs(tiny_model_dir, tmp_path):
 def step1(inputs, out, *extra):
     return ["--model", inputs["model"], "--device", "cpu", "--tasks", inputs["task"], "--pile_path", inputs["pile"],
             "--save_path", out / "d.json", "--output_dir", out, "--no_plots", *extra]
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.mark.usefixtures("no_model_load")
