@@ -230,7 +230,7 @@ def report(args, context: dict, results: dict, examples: list, tasks: list[str],
     for name in context["groups"]:
         result["groups"][name] = group_table(name, context, results, examples, args.seed)
         ds.factors.print_group_table(name, result["groups"][name], layer, limit)
-    print("\n" + ds.stats.describe_detection_limit(limit).capitalize())
+    print("\n" + ds.stats.describe_detection_limit(limit))
     result["optimal_factors"] = {n: g.pop("optimal") for n, g in result["groups"].items()}
 
     ranked = context["ranked"]

@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the delta-sensitive set amplified by the factor at each of --layers (the original "
                             "study's name; nothing is ablated)")
     modes.add_argument("--both", action="store_true", help="--cluster_ablation and --layer_ablation, not --combined")
-    parser.add_argument("--neurons_file", default=None, help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
+    parser.add_argument("--neurons_file", default=None,
+                        help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
     parser.add_argument("--factors_file", default=None, help=f"step-2 JSON (default: {STEP2_DEFAULTS[0]})")
     parser.add_argument("--factor", type=float, default=None, help="steering factor (default: the step-2 file's)")
     parser.add_argument("--allow_model_mismatch", action="store_true",

@@ -154,7 +154,8 @@ def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> Non
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype; half precision can overflow at large factors (reported, not scored)")
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="sequences per forward pass (default: as many as fit in memory); results do not depend on it")
+                        help="sequences per forward pass (default: as many as fit in memory); results do not "
+                             "depend on it")
     parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
 
 

@@ -119,7 +119,7 @@ def print_summary(result: dict, top: int = 10) -> None:
     limit = result.get("minimum_detectable_effect")
     if limit:
         below = sum(below_detection(r["impact"], limit) for r in records)
-        print(describe_detection_limit(limit).capitalize()
+        print(describe_detection_limit(limit)
               + (f"\n{below} of {len(records)} measured impacts are below it: too small for this run to tell "
                  "from no effect" if below else ""))
 

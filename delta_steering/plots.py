@@ -467,8 +467,11 @@ def _step3_header(result: dict, mode: str) -> tuple[str, str]:
     details = (f"{_metric_label(result)[:-4]} on {result['num_prompts']} IFEval prompts (greedy)"
                + (f"; perplexity on {documents} Pile documents" if documents else "")
                + "; error bars: 95% paired-bootstrap CI of the change from baseline")
-    what = result.get("mode_title") or MODE_TITLES.get(mode, mode)
-    return f"Step 3: {what}, {_model(result)}, {where}{factor}", details
+    if result.get("mode_title"):  # it says what ran: add where the neurons come from and the factor's source
+        standing = f" (factor {source})" if steered and result.get("factor") is not None else ""
+        neurons = f", layer {result['layer']}'s neurons" if where != f"layer {result['layer']}" else ""
+        return f"Step 3: {result['mode_title']}{standing}, {_model(result)}{neurons}", details
+    return f"Step 3: {MODE_TITLES.get(mode, mode)}, {_model(result)}, {where}{factor}", details
 
 
 def _accuracy_bars(ax, result: dict, entries: list[dict], base: float) -> None:

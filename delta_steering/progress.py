@@ -44,11 +44,12 @@ class tqdm(terminal_tqdm):  # noqa: N801 - a drop-in for tqdm.auto.tqdm
         """Elsewhere than a terminal: a last line for a bar that stays (`leave`), then tqdm's clean-up
         without its final redraw (a carriage return or newline of its own)."""
         if self._plain and not getattr(self, "disable", True):
-            if self.leave is not False and self.n:
+            if self.leave is not False and self.n and self.n != getattr(self, "_written_n", None):
                 self._line()
             self.sp = None  # tqdm's close stops before redrawing a bar that has no display function
         super().close()
 
     def _line(self, msg: str | None = None) -> None:
+        self._written_n = self.n
         self.fp.write((msg or self.__str__()).strip() + "\n")
         self.fp.flush()

@@ -116,8 +116,8 @@ def detection_limit(base: np.ndarray, others: list[np.ndarray], weights: np.ndar
 def describe_detection_limit(limit: dict) -> str:
     """The minimum detectable effect in one line, for the console."""
     if limit["points"] is None:
-        return f"minimum detectable effect: none, {limit['examples']} examples are too few"
-    return (f"minimum detectable effect {limit['points']:.2f} points ({limit['comparisons']}: paired, "
+        return f"Minimum detectable effect: none, {limit['examples']} examples are too few"
+    return (f"Minimum detectable effect {limit['points']:.2f} points ({limit['comparisons']}: paired, "
             f"{limit['examples']} examples, {100 * limit['discordance']:.1f}% of them changed; two-sided "
             f"α = {limit['alpha']:g}, {100 * limit['power']:.0f}% power; 4× the examples halve it)")
 

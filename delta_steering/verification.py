@@ -100,7 +100,8 @@ def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict
     warnings = []
     sensitive = delta_sensitive(step1.records, step1.groups)
     if not step1.groups["high_impact"]:
-        warnings.append(f"step 1 found no High Impact neuron (impact > 2); using its top {len(sensitive)} by impact")
+        warnings.append(f"step 1 found no High Impact neuron (impact > {step1.high_impact_cut:g} points); using its top "
+                        f"{len(sensitive)} by impact")
     others = np.array(sorted(set(range(n_delta_neurons)) - set(sensitive)))
     rng = np.random.default_rng(seed)
     random_set = sorted(int(i) for i in rng.choice(others, size=min(len(sensitive), len(others)), replace=False))

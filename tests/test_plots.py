@@ -347,7 +347,8 @@ def test_step3_titles_say_what_the_mode_ran():
     result = {**step3_result("layer_ablation"),
               "mode_title": "Layer ablation: delta-sensitive set, ×2 amplification at layers 18–20"}
     for fig in (plots.layer_ablation_vs_layer_figure(result), plots.configurations_figure(result)):
-        assert title(fig).startswith("Step 3: Layer ablation: delta-sensitive set, ×2 amplification at layers 18–20")
+        assert title(fig).startswith("Step 3: Layer ablation: delta-sensitive set, ×2 amplification at layers 18–20 "
+                                     f"(factor unconfirmed in step 2), {MODEL}, layer {LAYER}'s neurons")
 
 
 def test_figure_functions_do_not_modify_the_result():

@@ -78,7 +78,8 @@ def simulated_detection_rate(n: int, discordance: float, effect: float, runs: in
     detected = 0
     for _ in range(runs):
         u = rng.random(n)
-        gained, lost = int((u < (discordance + d) / 2).sum()), int(((u >= (discordance + d) / 2) & (u < discordance)).sum())
+        gain_share = (discordance + d) / 2
+        gained, lost = int((u < gain_share).sum()), int(((u >= gain_share) & (u < discordance)).sum())
         base = np.r_[np.zeros(gained), np.ones(lost), np.zeros(n - gained - lost)]
         other = np.r_[np.ones(gained), np.zeros(lost), np.zeros(n - gained - lost)]
         detected += sign_test(base, other) < 0.05 and gained > lost
