@@ -49,8 +49,6 @@ class Intervention:
         if len(set(self.neurons)) != len(self.neurons):
             twice = sorted({n for n in self.neurons if self.neurons.count(n) > 1})
             raise UsageError(f"neuron {twice[0]} is listed twice in one intervention")
-        if given is not None and not all(math.isfinite(v) for v in given):
-            raise UsageError(f"an intervention's factors and values must be finite numbers, got {list(given)[:5]}")
 
     @classmethod
     def scale(cls, neurons: Sequence[int], factor: float | Sequence[float]) -> "Intervention":

@@ -150,7 +150,7 @@ def test_step1_merge_refuses_shards_of_other_arguments(step1_setup, tmp_path, ca
 def test_step2_under_torchrun_and_in_shards_equals_one_process(step1_setup, step1_single, tmp_path):
     root, common = step1_setup
     step1_file = tmp_path / "step1.json"
-    step1_file.write_text(json.dumps(step1_single))
+    step1_file.write_text((root / "single" / "out.json").read_text())
     argv = ["--model", common[1], "--device", "cpu", "--neurons_file", step1_file, "--factors", "0.5,3",
             "--chunk_neurons", "4", "--max_neurons", "10", "--perplexity_ablation", "--perplexity_layers", "22,23",
             "--pile_path", root / "pile.txt", "--no_plots"]

@@ -213,6 +213,7 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
 
 
 def test_a_neuron_whose_p_value_underflows_to_zero_is_significant():
+    from delta_steering.artifacts import Provenance
     from delta_steering.discovery import discovery_result, neuron_impacts
     from delta_steering.tasks import Example
 
@@ -222,8 +223,9 @@ def test_a_neuron_whose_p_value_underflows_to_zero_is_significant():
     records = neuron_impacts(examples, baseline, ablated, [0, 1], [1.0, 2.0], seed=0)
     assert records[0]["neuron"] == 0 and records[0]["p_value"] == 0.0 and records[0]["q_value"] == 0.0
     stats = {"delta_variance": [1.0, 2.0], "dt_pre_mean": [0.0, 0.0], "num_tokens": 5}
-    result = discovery_result(examples, baseline, records, -2.0, 0, "m", ["t"], 1200, stats)
-    assert result["significant_neurons"] == [0]
+    provenance = Provenance("m", "0" * 64, "mamba", 0)
+    result = discovery_result(examples, baseline, records, -2.0, provenance, ["t"], 1200, stats)
+    assert result.report["significant_neurons"] == [0]
 
 
 def test_discovery_examples_are_recorded(naive_run, task_file):

@@ -10,6 +10,7 @@ import torch
 
 import numpy as np
 
+from delta_steering.artifacts import seal
 from delta_steering.factors import group_result, mark, print_group_table, selection_best, selection_split
 from delta_steering.stats import minimum_detectable_effect
 from delta_steering.scoring import evaluate, summarize
@@ -275,7 +276,7 @@ def test_bad_step1_files_exit_2(setup, tmp_path, capsys, change, message):
     data = json.loads(setup["step1"].read_text())
     change(data)
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(seal(data)))  # consistent, as a step would write it: only the field is wrong
     assert step2(setup, tmp_path, neurons_file=path) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
