@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steer step 2's High Impact neurons at its layer by its High Impact factor")
     parser.add_argument("--allow_model_mismatch", action="store_true",
                         help="use a step-2 file made with another model (recorded in comparison.json)")
-    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (None: the Hub)")
-    parser.add_argument("--limit", type=int, default=None, help="the first N documents of each task (None: all)")
-    parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (None: each task's own)")
+    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (default: the Hub)")
+    parser.add_argument("--limit", type=int, default=None, help="the first N documents of each task (default: all)")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     parser.add_argument("--gen_kwargs", default=None,
                         help="generation settings for generative tasks, as lm-eval takes them, e.g. max_gen_toks=64")
     parser.add_argument("--output_dir", default="steered_evaluation", help="results JSONs")
