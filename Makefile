@@ -38,7 +38,10 @@ space := $(empty) $(empty)
 DEMO_TASK_FILES := $(subst $(space),$(comma),$(foreach t,$(DEMO_TASKS),$(DEMO_DATA)/$(t).jsonl))
 DEMO_COMMON := --model $(DEMO_MODEL) --device cpu --pile_path $(DEMO_DATA)/text.txt --pile_samples 50
 
+# Step 3's IFEval checkers need NLTK's punkt_tab: checked first, so that a missing copy stops the demo
+# at once (saying where NLTK looked and how to get it) rather than after steps 1 and 2.
 demo: install
+	$(PY) -m delta_steering.ifeval
 	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(DEMO_TASK_FILES) --validation_size 200 \
 	  --method attribution --verify_top 24 \
 	  --save_path $(DEMO_OUT)/discovered_neurons.json --output_dir $(DEMO_OUT)/step1 --overwrite

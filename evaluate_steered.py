@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import delta_steering as ds
-from delta_steering.cli import (add_model_args, check_output_dir, check_positive, main_guard, parse_int_list,
-                                parse_names, step_parser)
+from delta_steering.cli import (add_model_args, check_device, check_output_dir, check_positive, main_guard,
+                                parse_names, parse_steer, step_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,10 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     parser.add_argument("--tasks", required=True, help="lm-eval task, tag or group names, comma-separated")
     parser.add_argument("--steer", action="append", default=[], metavar="LAYER:NEURONS:FACTOR",
-                        help="steer NEURONS (ids and ranges, e.g. 4,38,100-110) of LAYER by FACTOR; repeatable, "
-                             "all applied together")
+                        help="steer NEURONS (ids and ranges, e.g. 4,38,100-110) of LAYER by FACTOR (> 0; 0 is zero "
+                             "ablation); repeatable, all applied together")
     parser.add_argument("--from_step2", default=None, metavar="FILE",
                         help="steer step 2's High Impact neurons at its layer by its High Impact factor")
+    parser.add_argument("--allow_model_mismatch", action="store_true",
+                        help="use a step-2 file made with another model (recorded in comparison.json)")
     parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (None: the Hub)")
     parser.add_argument("--limit", type=int, default=None, help="the first N documents of each task (None: all)")
     parser.add_argument("--num_fewshot", type=int, default=None, help="few-shot examples (None: each task's own)")
@@ -43,54 +45,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args() -> argparse.Namespace:
-    """The arguments, checked: everything that can be wrong without the model fails here."""
+def parse_args() -> tuple[argparse.Namespace, list]:
+    """The arguments, checked (everything that can be wrong without the model fails here), and the
+    --steer steerings."""
     args = build_parser().parse_args()
     if bool(args.steer) == bool(args.from_step2):
         raise ds.UsageError("give --steer LAYER:NEURONS:FACTOR (one or more) or --from_step2 FILE")
     args.batch_size = args.batch_size or 8
     for flag in ("limit", "batch_size"):
         check_positive(getattr(args, flag), f"--{flag}")
+    custom = [name for name in parse_names(args.tasks) if name.endswith(".jsonl")]
+    if custom:
+        raise ds.UsageError(f"--tasks {custom[0]}: evaluate_steered.py runs lm-eval tasks only; a .jsonl task file is "
+                            "scored by steps 1 and 2 (--tasks FILE.jsonl there)")
+    check_device(args.device)
     check_output_dir(args.output_dir, "--output_dir")
-    args.specs = [parse_steer(text) for text in args.steer]
-    return args
+    return args, [parse_steer(text) for text in args.steer]
 
 
-def parse_steer(text: str) -> dict:
-    """LAYER:NEURONS:FACTOR -> {"layer", "neurons", "factor"}."""
-    parts = text.split(":")
-    try:
-        layer, neurons, factor = int(parts[0]), parse_int_list(parts[1], "steer"), float(parts[2])
-        if len(parts) != 3:
-            raise ValueError
-    except (ValueError, IndexError):
-        raise ds.UsageError(f"malformed --steer {text!r}: use LAYER:NEURONS:FACTOR, e.g. 20:4,38,100-110:5") from None
-    return {"layer": layer, "neurons": neurons, "factor": factor}
-
-
-def step2_steering(path: str) -> tuple[list[dict], str]:
-    """Step 2's High Impact neurons, layer and factor, and where the factor comes from."""
-    step2 = ds.artifacts.read_factors(Path(path))
-    factor, source = step2.steering_factor("high_impact")
-    neurons = (step2.groups or {}).get("high_impact")
-    if factor is None or not neurons or step2.layer is None:
-        raise ds.UsageError(f"step-2 file {path} has no High Impact neurons, layer and factor; use --steer")
-    if source == "step2-unconfirmed":
+def step2_steering(path: str, source, allow_mismatch: bool) -> tuple[ds.Steering, str, "ds.artifacts.Factors", dict]:
+    """Step 2's High Impact neurons at its layer by its factor and the factor's source, checked
+    against this run's model and the step-1 file it names; the file, and the transfer to record."""
+    step2 = ds.artifacts.read_factors(path)
+    transferred = step2.check_model(source, allow_mismatch)
+    print(step2.check_named_input("step1_file"))
+    steering, factor_source = step2.steering("high_impact")
+    if factor_source == "step2-unconfirmed":
         print(f"warning: step 2 did not confirm a High Impact factor; steering with its selection-best factor "
-              f"x{factor:g}, unconfirmed")
-    return [{"layer": step2.layer, "neurons": neurons, "factor": factor}], source
+              f"x{steering.intervention.factors[0]:g}, unconfirmed")
+    return steering, factor_source, step2, transferred
 
 
-def run(model, tokenizer, args, specs: list[dict] | None) -> dict:
-    """lm-eval's results on fresh task objects, with the steering of `specs` installed (None: none)."""
+def run(model, tokenizer, args, steerings: list) -> dict:
+    """lm-eval's results on fresh task objects, with `steerings` installed (none: unsteered)."""
     tasks = ds.harness.benchmark_tasks(parse_names(args.tasks), args.data_dir)
-    handles = [ds.steer(model, s["layer"], s["neurons"], s["factor"]) for s in specs or []]
-    try:
+    with ds.steering.apply(model, steerings):
         return ds.harness.evaluate(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.seed,
                                    args.gen_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def compare_results(plain: dict, steered: dict, seed: int) -> dict:
@@ -142,17 +133,13 @@ def print_table(table: dict) -> None:
                   f"{shown(e['steered'], e['steered_stderr']):>16} {delta:>8} {ci:>18} {p:>7}")
 
 
-def save(args, plain: dict, steered: dict, table: dict, specs: list[dict], source: str, started: float,
-         model_info: dict) -> None:
+def save(args, plain: dict, steered: dict, comparison: "ds.artifacts.Results") -> None:
     """lm-eval's results JSON of each run (without the per-document samples) and the comparison."""
     out = Path(args.output_dir)
     for name, result in (("unsteered", plain), ("steered", steered)):
         path = ds.results_io.write_json(out / f"{name}_results.json", ds.harness.results_json(result))
         print(f"lm-eval results: {path}")
-    comparison = {"format_version": ds.artifacts.FORMAT_VERSION, "description": DESCRIPTION, "model": args.model,
-                  "steering": specs, "factor_source": source, "tasks": table,
-                  "run": ds.results_io.run_record(args, model_info, started)}
-    print(f"comparison: {ds.results_io.write_json(out / 'comparison.json', comparison)}")
+    print(f"comparison: {ds.results_io.write_json(out / 'comparison.json', comparison.to_json())}")
 
 
 DESCRIPTION = (
@@ -164,24 +151,33 @@ DESCRIPTION = (
 
 @main_guard
 def main() -> None:
-    args = parse_args()
+    args, steerings = parse_args()
     started = time.time()
     source = ds.models.check_model_source(args.model, args.tokenizer)
-    specs, factor_source = (args.specs, "command-line") if args.specs else step2_steering(args.from_step2)
-    for spec in specs:
-        ds.sites.check_layer(source.shape, spec["layer"], "--steer layer")
-        ds.sites.check_neurons(source.shape, spec["neurons"], "--steer")
+    factor_source, inputs, transferred = "command-line", {}, {}
+    if args.from_step2:
+        steering, factor_source, step2, transferred = step2_steering(args.from_step2, source, args.allow_model_mismatch)
+        steerings, inputs = [steering], {"step2_file": step2}
+    for steering in steerings:
+        ds.sites.check_layer(source.shape, steering.layer, "--steer layer")
+        ds.sites.check_neurons(source.shape, steering.neurons, "--steer")
     ds.harness.check_names(parse_names(args.tasks), args.data_dir)  # before the model loads
     model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    for spec in specs:
-        ds.steering.verify_steering_effect(model, spec["layer"], spec["neurons"])
+    ds.steering.verify_steering_effect(model, steerings)
     print("unsteered:")
-    plain = run(model, tokenizer, args, None)
-    print("steered: " + "; ".join(f"layer {s['layer']}, {len(s['neurons'])} neurons x{s['factor']:g}" for s in specs))
-    steered = run(model, tokenizer, args, specs)
+    plain = run(model, tokenizer, args, [])
+    print("steered: " + "; ".join(s.describe() for s in steerings))
+    steered = run(model, tokenizer, args, steerings)
     table = compare_results(plain, steered, args.seed)
     print_table(table)
-    save(args, plain, steered, table, specs, factor_source, started, ds.models.describe(model))
+    layers = {s.layer for s in steerings}
+    comparison = ds.artifacts.Results(
+        ds.artifacts.Provenance.of(source, layers.pop() if len(layers) == 1 else None, inputs, transferred),
+        step="evaluate_steered",
+        report={"description": DESCRIPTION, "steering": [s.to_json() for s in steerings],
+                "factor_source": factor_source, "tasks": table,
+                "run": ds.results_io.run_record(args, ds.models.describe(model), started)})
+    save(args, plain, steered, comparison)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """Step 1: discover which delta neurons of a Mamba layer matter, by ablating each one on its own.
 
+A delta neuron is one channel i of a Mamba layer's SSM time-step projection, dt_pre = dt_proj(...),
+whose softplus is the channel's step Δ: how fast its state forgets and takes in each token.
+
     python step1_neuron_discovery.py --save_path discovered_neurons.json
     python step1_neuron_discovery.py --model models/mamba-tiny-demo --device cpu \\
         --tasks models/mamba-tiny-demo/demo_data/copying.jsonl --save_path out.json --neurons 0-31
 
 Baseline accuracy on the discovery examples, per-neuron delta variance on Pile texts, then every
 neuron in --neurons ablated alone: impact = baseline - ablated accuracy (points; positive = the
-neuron helps), with a paired bootstrap 95% CI, an exact sign-test p-value and BH q-values.
+neuron helps), with a paired bootstrap 95% CI, an exact sign-test p-value and BH q-values. The
+groups step 2 amplifies: High Impact (impact > --high_impact_cut points, 2 by default) and Neutral
+(|impact| <= the cut); the cut is a size, not a significance test. The summary ends with the
+smallest impact this run can detect (80% power, alpha 0.05).
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import numpy as np
 
 import delta_steering as ds
 from delta_steering.cli import (DEFAULT_TASKS, add_model_args, add_pile_args, add_run_args, add_sweep_args,
-                                check_output_dir, check_output_file, check_positive, main_guard, parse_int_list,
-                                parse_names, step_parser)
+                                check_device, check_output_dir, check_output_file, check_positive, main_guard,
+                                parse_int_list, parse_names, step_parser)
 
 STEP = "step1"
 
@@ -33,10 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default="ablation_3_results", help="plots and the resume checkpoint")
     parser.add_argument("--layer", type=int, default=20, help="the layer whose delta neurons are ablated")
     parser.add_argument("--tasks", default=DEFAULT_TASKS, help="built-in task names or .jsonl files, comma-separated")
-    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (None: the Hub)")
+    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (default: the Hub)")
     parser.add_argument("--threshold", type=float, default=-2.0,
-                        help="beneficial neurons: impact >= threshold (points)")
-    parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (None: all)")
+                        help="the original study's beneficial list: impact >= THRESHOLD points (at -2 nearly every "
+                             "neuron passes); it does not make the groups")
+    parser.add_argument("--high_impact_cut", type=float, default=ds.artifacts.HIGH_IMPACT, metavar="POINTS",
+                        help="High Impact group: impact > POINTS; Neutral group: |impact| <= POINTS (a size, not a "
+                             "significance test)")
+    parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (default: all)")
     parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
                         help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
     add_sweep_args(parser)
@@ -53,6 +63,9 @@ def parse_args() -> argparse.Namespace:
     args = build_parser().parse_args()
     for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
         check_positive(getattr(args, flag), f"--{flag}")
+    check_device(args.device)
+    if not args.high_impact_cut >= 0:
+        raise ds.UsageError(f"--high_impact_cut must be 0 or more points, got {args.high_impact_cut}")
     check_output_file(args.save_path, "--save_path")
     check_output_dir(args.output_dir, "--output_dir")
     return args
@@ -65,21 +78,18 @@ def requested_neurons(args, shape) -> list[int]:
     return ds.sites.check_neurons(shape, requested, "--neurons") if requested else list(range(shape.delta_neurons))
 
 
-def measure(args, run, source, examples) -> tuple[dict, dict]:
+def measure(args, run, model, tokenizer, neurons: list[int], examples) -> tuple[dict, dict]:
     """What every process computes alike (baseline, delta statistics, attribution screen) and the
     correctness rows of its share of the neurons (under torchrun, all of them)."""
-    model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    layer, neurons = args.layer, requested_neurons(args, source.shape)
+    layer, n_delta = args.layer, ds.sites.num_delta_neurons(model)
     timings = {}
 
     t = time.time()
     texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
     stats = ds.delta_stats.delta_statistics(model, tokenizer, texts, layer)
     timings["delta_statistics"] = round(time.time() - t, 2)
-    ablation = ds.Intervention.ablation(args.ablation, range(source.shape.delta_neurons),
-                                        [float(v) for v in stats["dt_pre_mean"]])
-    ds.steering.verify_steering_effect(model, layer, neurons[:1],
-                                       lambda: ds.steering.install(model, layer, ablation.only(neurons[:1])))
+    ablation = ds.Intervention.ablation(args.ablation, range(n_delta), [float(v) for v in stats["dt_pre_mean"]])
+    ds.steering.verify_steering_effect(model, ds.Steering(layer, ablation.only(neurons[:1])))
 
     encoded = ds.scoring.encode_examples(tokenizer, examples)
     t = time.time()
@@ -131,7 +141,7 @@ def print_baseline(examples, baseline: np.ndarray, layer: int) -> None:
               f"{sum(e.task == name for e in examples)} examples)")
 
 
-def report(args, context: dict, rows: dict, examples: list, started: float) -> dict:
+def report(args, context: dict, rows: dict, examples: list, started: float) -> "ds.artifacts.Discovery":
     """Impacts, statistics and the console summary, from the measured rows: the step-1 file's contents."""
     neurons, baseline = context["neurons"], np.array(context["baseline"], dtype=float)
     ablated = np.array([rows[str(n)] for n in neurons], dtype=float)
@@ -140,19 +150,22 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> d
     unmeasured = sorted(set(screened.pop("requested_neurons")) - set(neurons))
     records = ds.discovery.neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"], args.seed,
                                           unmeasured)
+    screened["minimum_detectable_effect"] = ds.stats.detection_limit(
+        baseline, list(ablated), ds.scoring.example_weights(examples), "a neuron ablated vs the baseline")
     if "attribution_estimates" in screened:
         screened.update(ds.discovery.attach_estimates(records, screened["attribution_estimates"]))
         rhos = [screened[k] for k in ("spearman_estimated_impact", "spearman_margin_loss")]
         shown = ["n/a" if r is None else f"{r:.3f}" for r in rhos]
         print(f"attribution vs exact impact on {len(neurons)} verified neurons: Spearman {shown[0]} "
               f"(estimated impact), {shown[1]} (estimated margin loss)")
-    result = ds.discovery.discovery_result(
-        examples, baseline, records, args.threshold, context["layer"], args.model, parse_names(args.tasks),
-        args.validation_size, stats, data_dir=args.data_dir, ablation=args.ablation, engine=context["engine"],
-        method=args.method, neurons_tested=len(neurons) + len(unmeasured), **screened)
-    result["run"] = ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"])
-    ds.discovery.print_summary(result)
-    return result
+    provenance = ds.artifacts.Provenance(**context["provenance"])
+    discovery = ds.discovery.discovery_result(
+        examples, baseline, records, args.threshold, provenance, parse_names(args.tasks), args.validation_size, stats,
+        data_dir=args.data_dir, ablation=args.ablation, high_impact_cut=args.high_impact_cut,
+        engine=context["engine"], method=args.method, neurons_tested=len(neurons) + len(unmeasured), **screened,
+        run=ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"]))
+    ds.discovery.print_summary(discovery.to_json())
+    return discovery
 
 
 @main_guard
@@ -161,18 +174,23 @@ def main() -> None:
     started = time.time()
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args))
     source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
-    if source is not None:
-        requested_neurons(args, source.shape)
+    neurons = requested_neurons(args, source.shape) if source is not None else None
     if args.pile_path:
         ds.pile.local_files(args.pile_path)
     examples = ds.tasks.load_examples(parse_names(args.tasks), args.data_dir, "discovery", args.validation_size)
-    context, rows = run.merged() if run.merging else measure(args, run, source, examples)
+    if run.merging:
+        context, rows = run.merged()
+    else:
+        model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+        context, rows = measure(args, run, model, tokenizer, neurons, examples)
+        context["provenance"] = ds.artifacts.Provenance.of(source, args.layer).to_json()
     if run.publish(context, rows):
-        result = report(args, context, rows, examples, started)
-        ds.results_io.write_json(args.save_path, result)
-        if not args.no_plots:
-            for path in ds.plots.plot_discovery(result, args.output_dir):
-                print(f"plot: {path}")
+        discovery = report(args, context, rows, examples, started)
+        with run.saving():
+            ds.results_io.write_json(args.save_path, discovery.to_json())
+            if not args.no_plots:
+                for path in ds.plots.plot_discovery(discovery.to_json(), args.output_dir):
+                    print(f"plot: {path}")
         print(f"results: {args.save_path}")
     run.close()
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import importlib
 
 PUBLIC = {
-    "steer": "steering", "ablate": "steering", "install": "steering", "SteeringHandle": "steering",
-    "verify_steering_effect": "steering", "Intervention": "intervention", "NO_STEERING": "intervention",
-    "delta_statistics": "delta_stats", "num_delta_neurons": "sites", "num_layers": "sites",
+    "steer": "steering", "apply": "steering", "install": "steering", "SteeringHandle": "steering",
+    "verify_steering_effect": "steering", "Intervention": "intervention", "Steering": "intervention",
+    "NO_STEERING": "intervention", "delta_statistics": "delta_stats", "num_delta_neurons": "sites",
     "ssm_layers": "sites", "SteeringError": "errors", "UsageError": "errors",
     "load_mamba_model": "models",
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
+from .intervention import Intervention, Steering, check_factor
 
 ENGINE_CHOICES = ("fast", "naive")  # the keys of sweep.ENGINES
 # the original study's defaults
@@ -20,11 +21,18 @@ DEFAULT_FACTORS = "0.1,0.25,0.5,0.75,1.5,2,3,5,7,9,10,20,50,100"
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The script's docstring as written, and every option's default after its help."""
+    """The script's docstring as written, and an option's default after its help when it has one (an
+    option without one says in its help what happens when it is not given)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.required:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def step_parser(description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    """A script's parser. No abbreviations: `--factors 5` must not silently mean `--factors_file 5`."""
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
 
 def main_guard(main: Callable[[], int | None]) -> Callable[[], None]:
@@ -51,7 +59,7 @@ def parse_int_list(text: str | None, what: str = "neurons") -> list[int] | None:
     """Parse '0-127', '3,5,9-12' into a sorted list of distinct ints; None stays None."""
     if text is None:
         return None
-    ids: set[int] = set()
+    ids: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
         if not part:
@@ -61,22 +69,47 @@ def parse_int_list(text: str | None, what: str = "neurons") -> list[int] | None:
             lo, hi = int(lo), int(hi) if sep else int(lo)
             if hi < lo:
                 raise ValueError
-            ids.update(range(lo, hi + 1))
+            ids.extend(range(lo, hi + 1))
         except ValueError:
             raise UsageError(f"malformed --{what} {text!r}: use ids and ranges like 0-127 or 3,5,9-12") from None
     if not ids:
         raise UsageError(f"--{what} {text!r} names no ids")
+    if len(set(ids)) < len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise UsageError(f"--{what} {text!r} names {twice[0]} more than once")
     return sorted(ids)
 
 
-def parse_float_list(text: str, what: str = "factors") -> list[float]:
+def parse_factors(text: str, what: str = "factors") -> list[float]:
+    """Comma-separated steering factors, each checked (finite, > 0)."""
     try:
         values = [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise UsageError(f"malformed --{what} {text!r}: use comma-separated numbers like 0.5,2,10") from None
     if not values:
         raise UsageError(f"--{what} is empty")
-    return values
+    return [check_factor(v, f"--{what}") for v in values]
+
+
+def parse_steer(text: str) -> Steering:
+    """--steer LAYER:NEURONS:FACTOR (e.g. 20:4,38,100-110:5; factor 0 is zero ablation) as a Steering."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        layer, factor = int(parts[0]), float(parts[2])
+    except ValueError:
+        raise UsageError(f"malformed --steer {text!r}: use LAYER:NEURONS:FACTOR, e.g. 20:4,38,100-110:5") from None
+    neurons = parse_int_list(parts[1], "steer")
+    return Steering(layer, Intervention.scale(neurons, check_factor(factor, f"--steer {text}", ablation=True)))
+
+
+def check_device(device: str) -> str:
+    """cpu, cuda or cuda:N (mps where PyTorch has it): anything else is refused before the model loads."""
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or index and not (kind == "cuda" and index.isdigit()):
+        raise UsageError(f"unknown --device {device!r}: use cpu, cuda or cuda:N")
+    return device
 
 
 def parse_names(text: str) -> list[str]:
@@ -90,13 +123,19 @@ def check_positive(value: int | None, flag: str) -> None:
 
 
 def check_output_dir(path: str | os.PathLike, flag: str) -> None:
-    """A folder the run can write to (created if absent), checked before any work."""
+    """A folder the run can write to, checked before any work by creating it (if absent) and a file
+    in it: permissions, read-only or pseudo file systems all answer here, not after the work."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: {existing} is not writable")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not writable ({e.strerror or e})") from None
 
 
 def check_output_file(path: str | os.PathLike, flag: str) -> None:
@@ -110,19 +149,19 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
 def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> None:
     """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by the three steps."""
     parser.add_argument("--model", default="state-spaces/mamba-130m-hf", help="Hub id or local checkpoint directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (None: the model's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
     parser.add_argument("--device", default=device, help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype; half precision can overflow at large factors (reported, not scored)")
     parser.add_argument("--batch_size", type=int, default=None,
-                        help="sequences per forward pass (None: as many as fit in memory); results do not depend on it")
+                        help="sequences per forward pass (default: as many as fit in memory); results do not depend on it")
     parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
 
 
 def add_pile_args(parser: argparse.ArgumentParser, samples: int = 100) -> None:
     parser.add_argument("--pile_samples", type=int, default=samples, help="Pile documents")
     parser.add_argument("--pile_path", default=None,
-                        help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet; None: the Hub)")
+                        help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet; default: the Hub)")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:

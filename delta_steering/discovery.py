@@ -3,13 +3,15 @@ paired confidence interval, an exact sign test and Benjamini-Hochberg q-values; 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
-from .artifacts import FORMAT_VERSION, HIGH_IMPACT, delta_sensitive, impact_groups
+from .artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, impact_groups
 from .attribution import attribution, estimated_impacts
 from .intervention import Intervention
 from .scoring import Comparison, chance_correctness, summarize
-from .stats import SIGNIFICANCE, benjamini_hochberg, is_significant, spearman
+from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, describe_detection_limit, is_significant, spearman
 from .tasks import example_ids
 
 DESCRIPTION = (
@@ -17,7 +19,10 @@ DESCRIPTION = (
     "Accuracies in percent (mean over tasks of per-task accuracy); impact = baseline - ablated accuracy, in "
     "percentage points (positive: the neuron helps); ci95 = paired bootstrap 95% CI of the impact; p_value = "
     "exact sign test over the examples that changed; q_value = Benjamini-Hochberg over every requested neuron. "
-    "groups: high_impact (impact > 2 points) and neutral (|impact| <= 2), the sets step 2 amplifies. "
+    "groups: high_impact (impact > high_impact_cut points) and neutral (|impact| <= high_impact_cut), the sets "
+    "step 2 amplifies; the cut is a size, not a significance test. beneficial_neurons: impact >= threshold (the "
+    "original study's list). minimum_detectable_effect: the smallest impact (points) a single-neuron ablation on "
+    "these examples detects with 80% power at alpha 0.05, from the observed share of examples that changed. "
     "delta_variance: per neuron, the variance of Delta = softplus(dt_pre) over the tokens of the statistics Pile "
     "documents; delta_variance_ranking orders every neuron by it.")
 
@@ -52,25 +57,23 @@ def neuron_impacts(examples, baseline: np.ndarray, ablated: np.ndarray, neurons:
     return records
 
 
-def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, layer: int,
-                     model_name: str, tasks: list[str], validation_size: int, delta_stats: dict, **extra) -> dict:
-    """The step-1 file: the original study's four fields first, then what later steps read and what
-    a researcher needs to trust and reuse them."""
+def discovery_result(examples, baseline: np.ndarray, records: list[dict], threshold: float, provenance: Provenance,
+                     tasks: list[str], validation_size: int, delta_stats: dict, data_dir: str | None = None,
+                     ablation: str = "zero", high_impact_cut: float = HIGH_IMPACT, **extra) -> Discovery:
+    """The step-1 file: the original study's fields first, then what later steps read and what a
+    researcher needs to trust and reuse them."""
     summary, chance = summarize(examples, baseline), summarize(examples, chance_correctness(examples))
     impacts = [r for r in records if r["impact"] is not None]
-    delta_variance = [float(v) for v in delta_stats["delta_variance"]]
-    groups = impact_groups(records)
-    ranking = [int(i) for i in np.argsort(-np.array(delta_variance), kind="stable")]
-    return {
+    groups = impact_groups(records, high_impact_cut)
+    discovery = Discovery(provenance, tasks=tasks, data_dir=data_dir, ablation=ablation, records=records, groups=groups,
+                          high_impact_cut=high_impact_cut,
+                          delta_variance=[float(v) for v in delta_stats["delta_variance"]],
+                          dt_pre_mean=[float(v) for v in delta_stats["dt_pre_mean"]])
+    report = {
         "beneficial_neurons": sorted(r["neuron"] for r in impacts if r["impact"] >= threshold),
         "baseline_accuracy": summary["accuracy"],
         "criterion": f"impact >= {threshold} points",
-        "all_neuron_impacts": records,
-        "format_version": FORMAT_VERSION,
         "description": DESCRIPTION,
-        "layer": layer,
-        "model": model_name,
-        "tasks": tasks,
         "validation_size": validation_size,
         "measured_neurons": sum(r["measured"] for r in records),
         "num_examples": {t: sum(e.task == t for e in examples) for t in summary["per_task"]},
@@ -78,17 +81,14 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
         "chance_accuracy": chance["accuracy"],
         "per_task_chance": chance["per_task"],
         "threshold": threshold,
-        "groups": groups,
         "significant_neurons": sorted(r["neuron"] for r in records if is_significant(r["q_value"])),
-        "delta_variance": delta_variance,
-        "dt_pre_mean": [float(v) for v in delta_stats["dt_pre_mean"]],
-        "delta_variance_ranking": ranking,
-        "high_variance_neurons": ranking[: len(delta_sensitive(records, groups))],
+        "high_variance_neurons": discovery.variance_ranking[: len(delta_sensitive(records, groups))],
         "delta_statistics_tokens": int(delta_stats["num_tokens"]),
         "delta_statistics_documents": delta_stats.get("documents"),
         "discovery_examples": example_ids(examples),
         **extra,
     }
+    return replace(discovery, report=report)
 
 
 def print_summary(result: dict, top: int = 10) -> None:
@@ -112,9 +112,16 @@ def print_summary(result: dict, top: int = 10) -> None:
               f"measured exactly; the other {unmeasured} were screened out by attribution (no impact, in no "
               "group; counted as p = 1 by BH)")
     print(f"\n{len(result['beneficial_neurons'])} beneficial ({result['criterion']}), "
-          f"{len(result['groups']['high_impact'])} high impact (> {HIGH_IMPACT}), "
+          f"{len(result['groups']['high_impact'])} High Impact (impact > {result['high_impact_cut']:g}), "
+          f"{len(result['groups']['neutral'])} Neutral (|impact| <= {result['high_impact_cut']:g}), "
           f"{len(result['significant_neurons'])} significant (q < {SIGNIFICANCE}) of {len(result['all_neuron_impacts'])}"
           + (f"; {broken} with non-finite logits" if broken else ""))
+    limit = result.get("minimum_detectable_effect")
+    if limit:
+        below = sum(below_detection(r["impact"], limit) for r in records)
+        print(describe_detection_limit(limit).capitalize()
+              + (f"\n{below} of {len(records)} measured impacts are below it: too small for this run to tell "
+                 "from no effect" if below else ""))
 
 
 def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],

@@ -13,16 +13,17 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .errors import UsageError
-from .results_io import Checkpoint, differing_keys, read_json, write_json
+from .results_io import Checkpoint, RunLock, WriteError, differing_keys, read_json, write_json
 
 SHARD_DIR = "shards"
 # arguments that change neither what a step measures nor how it is split into items
@@ -159,16 +160,20 @@ class StepRun:
         self.args, self.step, self.fingerprint = args, step, fingerprint
         self.workers = start_workers(args)
         self.merging = args.merge is not None
-        self.checkpoint = None if self.merging else Checkpoint(
-            self.workers.checkpoint_file(args.output_dir, step), fingerprint, args.overwrite)
+        checkpoint_file = self.workers.checkpoint_file(args.output_dir, step)
+        self.lock = RunLock(Path(args.output_dir) / f"{step}.merge.lock" if self.merging
+                            else checkpoint_file.with_name(checkpoint_file.name + ".lock"))
+        atexit.register(self.lock.release)
+        self.checkpoint = None if self.merging else Checkpoint(checkpoint_file, fingerprint, args.overwrite)
 
     def merged(self) -> tuple[dict, dict]:
         return read_shards(self.args.merge, self.args.output_dir, self.step, self.fingerprint)
 
-    def map(self, work: dict[str, Callable[[], dict]], desc: str, unit: str = "item") -> dict:
+    def map(self, work: dict[str, Callable[[], dict]], desc: str, unit: str = "item", shared: bool = True) -> dict:
         """Compute this process's share of `work` (name -> compute), skipping the items its checkpoint
-        holds and saving after each, then gather every process's results."""
-        mine = self.workers.share(list(work))
+        holds and saving after each, then gather every process's results. With `shared=False` every
+        process computes every item (what a later item needs and a slice may lack)."""
+        mine = self.workers.share(list(work)) if shared else list(work)
         done = [name for name in mine if name in self.checkpoint.done]
         results: dict = {}
         for name in done:
@@ -188,8 +193,20 @@ class StepRun:
             print(f"shard: {path}")
         return self.merging or self.workers.writes_outputs
 
+    @contextmanager
+    def saving(self) -> Iterator[None]:
+        """Around writing the outputs: a file that cannot be written is one line saying where the
+        work is kept, so that rerunning the same command finishes the job without redoing it."""
+        try:
+            yield
+        except WriteError as e:
+            kept = "the shard files" if self.merging else self.checkpoint.path
+            raise UsageError(f"{e}; the work is kept in {kept}, rerun the same command to finish") from None
+
     def close(self) -> None:
-        """Once the outputs are written: every process drops its checkpoint (under torchrun together)."""
+        """Once the outputs are written: every process drops its checkpoint (under torchrun together)
+        and its lock."""
         self.workers.barrier()
         if not self.merging:
             self.checkpoint.path.unlink(missing_ok=True)
+        self.lock.release()

@@ -16,31 +16,23 @@ import random
 import numpy as np
 
 from .artifacts import GROUP_TITLES
-from .scoring import Comparison
-from .stats import SIGNIFICANCE, benjamini_hochberg, is_significant, spearman
+from .scoring import Comparison, example_weights
+from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, detection_limit, is_significant, spearman
 
 DESCRIPTION = (
     "Step 2, steering factors: step 1's High Impact and Neutral groups, each amplified as a whole at `layer`. "
     "Accuracies in percent (mean over tasks of per-task accuracy). groups.<g>.results: the selection-half table, "
     "factor 1 (the baseline) first; delta = accuracy - baseline (points), ci95 = paired bootstrap 95% CI of delta, "
-    "p_value = exact sign test, q_value = Benjamini-Hochberg over the group's factors. optimal_factors.<g>: the "
+    "p_value = exact sign test, q_value = Benjamini-Hochberg over the group's factors, label = the measured verdict "
+    "(significant gain, significant loss, no significant change). optimal_factors.<g>: the "
     "factor chosen on the selection half (1.0 when none beats the baseline) and its one test on the confirmation "
     "half (significant: sign-test p < 0.05 with a positive delta). importance_ranking: single neurons ablated on "
-    "all held-out examples, impact = baseline - ablated (points).")
+    "all held-out examples, impact = baseline - ablated (points). minimum_detectable_effect: the smallest gain "
+    "(points) the confirmation half detects with 80% power at alpha 0.05, from the share of its examples the "
+    "factors changed. perplexity: Pile perplexity with the High Impact group steered at each layer; each "
+    "<kind>_change holds delta = perplexity - baseline and relative = percent change, each with a per-document "
+    "paired bootstrap 95% CI (ci95, relative_ci95).")
 SELECTION_SEED = 4321  # fixed, independent of --seed: the selection/confirmation split never moves
-
-
-def strength(factor: float) -> str:
-    """The original study's words for a factor's size."""
-    if factor == 1:
-        return "Baseline"
-    if factor < 1:
-        return "Suppress"
-    if factor <= 3:
-        return "Moderate"
-    if factor <= 8:
-        return "Strong"
-    return "Very strong"
 
 
 def mark(delta: float | None, q_value: float | None) -> str:
@@ -50,6 +42,14 @@ def mark(delta: float | None, q_value: float | None) -> str:
     if is_significant(q_value):
         return "✓" if delta > 0 else "✗" if delta < 0 else "~"
     return "~"
+
+
+def measured_verdict(delta: float | None, q_value: float | None) -> str:
+    """What the selection half measured for a factor, in words, after its mark."""
+    words = {"✓": "significant gain", "✗": "significant loss", "~": "no significant change",
+             "?": "not scored (non-finite logits)"}
+    symbol = mark(delta, q_value)
+    return f"{symbol} {words[symbol]}"
 
 
 def selection_split(examples) -> tuple[list[int], list[int]]:
@@ -74,7 +74,7 @@ def factor_table(comparison: Comparison, factors: list[float], rows: list[np.nda
     entries = [comparison.entry(correct, factor=float(factor)) for factor, correct in zip(factors, rows)]
     for entry, q in zip(entries, benjamini_hochberg([e["p_value"] for e in entries])):
         entry["q_value"] = q
-        entry["label"] = f"{mark(entry['delta'], q)} {strength(entry['factor'])}"
+        entry["label"] = measured_verdict(entry["delta"], q)
     return table + entries
 
 
@@ -126,6 +126,15 @@ def group_result(neurons: list[int], factors: list[float], rows: dict[float, np.
     return group
 
 
+def confirmation_limit(examples, baseline: np.ndarray, rows: list[np.ndarray]) -> dict:
+    """The minimum detectable effect of the confirmation half: its examples, weighted as accuracy
+    weighs them, and the share of them that the amplified groups (`rows`, all held-out examples) change."""
+    _, confirmation = selection_split(examples)
+    return detection_limit(baseline[confirmation], [np.asarray(r, float)[confirmation] for r in rows],
+                           example_weights([examples[i] for i in confirmation]),
+                           "a group's factor vs the baseline on the confirmation half")
+
+
 def importance_ranking(step1_records: list[dict], ablated: list[np.ndarray], neurons: list[int],
                        comparison: Comparison) -> dict:
     """Single-neuron ablation impacts on held-out examples beside the step-1 (discovery) impacts."""
@@ -150,15 +159,16 @@ def ranked_neurons(step1_records: list[dict], max_neurons: int | None, sample_ne
     return [r["neuron"] for r in records[:max_neurons]]
 
 
-def print_group_table(name: str, group: dict, layer: int) -> None:
-    """One group's selection table and its verdict: chosen factor, confirmation, or no factor."""
+def print_group_table(name: str, group: dict, layer: int, limit: dict | None = None) -> None:
+    """One group's selection table and its verdict: chosen factor, confirmation (said to be below the
+    minimum detectable effect `limit` when it is), or no factor."""
     title = GROUP_TITLES.get(name, name)
     print(f"\n{title} neurons (n={len(group['neurons'])}) amplified at layer {layer}")
     if not group["neurons"]:
         print("  (empty group: nothing to amplify)")
         return
     print(f"  selection half ({group['selection_size']} examples; q: BH over the group's factors)")
-    print(f"  {'Factor':>7}  {'Accuracy':>8}  {'Δ':>7}  {'95% CI':>17}  {'q':>8}  Effect")
+    print(f"  {'Factor':>7}  {'Accuracy':>8}  {'Δ':>7}  {'95% CI':>17}  {'q':>8}  Measured")
     for r in group["results"]:
         acc = "non-finite" if r["accuracy"] is None else f"{r['accuracy']:8.2f}"
         delta = "" if r["delta"] is None or r["factor"] == 1 else f"{r['delta']:+7.2f}"
@@ -166,6 +176,10 @@ def print_group_table(name: str, group: dict, layer: int) -> None:
         q = "" if r["q_value"] is None else f"{r['q_value']:8.3g}"
         print(f"  {r['factor']:>7g}  {acc:>8}  {delta:>7}  {ci:>17}  {q:>8}  {r['label']}")
     print("  " + verdict(title, group["optimal"], group["confirmation_size"]))
+    confirmation = (group["optimal"] or {}).get("confirmation") or {}
+    if limit and below_detection(confirmation.get("delta"), limit):
+        print(f"  the confirmation Δ {confirmation['delta']:+.2f} is below the minimum detectable effect of the "
+              f"confirmation half ({limit['points']:.2f} points): this run could not have told it from no effect")
 
 
 def verdict(title: str, optimal: dict | None, confirmation_size: int) -> str:

@@ -8,7 +8,7 @@ prompt leaves behind, and hence its continuation, does not depend on the padding
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 
 def default_batch_size(model: torch.nn.Module) -> int:

@@ -3,13 +3,14 @@
 The checkers live in `lm_eval.tasks.ifeval` (the `lm_eval[ifeval]` extra). Importing them downloads
 NLTK's `punkt_tab` when it is missing, so `ensure_punkt` runs first and turns a missing, offline
 punkt_tab into one clear error instead of a hang or a download log.
+
+    python -m delta_steering.ifeval     # is punkt_tab there? (exit 2 and one line saying how to get it)
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import random
 import socket
 import warnings
@@ -17,34 +18,44 @@ from pathlib import Path
 from types import ModuleType
 
 from .errors import UsageError
-from .results_io import parse_jsonl
+from .results_io import read_jsonl_rows, warn
 
 HUB_DATASET = "google/IFEval"
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 FIELDS = {"key": int, "prompt": str, "instruction_id_list": list, "kwargs": list}
 
 
+PUNKT = "tokenizers/punkt_tab/english/"
+
+
+def punkt_missing() -> str | None:
+    """None when NLTK's `punkt_tab` loads, else one line: the folders NLTK searched and how to get it."""
+    import nltk
+
+    try:
+        nltk.data.find(PUNKT)
+        return None
+    except LookupError:
+        return ("NLTK's punkt_tab (needed by the IFEval checkers) is in none of NLTK's folders "
+                f"({', '.join(map(str, nltk.data.path))}): download it with `python -m nltk.downloader -d DIR "
+                "punkt_tab` and set NLTK_DATA=DIR, or set NLTK_DATA to a folder that holds tokenizers/punkt_tab")
+
+
 def ensure_punkt() -> None:
     """Make NLTK's `punkt_tab` loadable: find it, else try one quiet download, else a UsageError."""
     import nltk
 
-    try:
-        nltk.data.find("tokenizers/punkt_tab/english/")
+    if punkt_missing() is None:
         return
-    except LookupError:
-        pass
     timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # nltk's urlopen has none: a firewalled network would hang
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             nltk.download("punkt_tab", quiet=True, raise_on_error=False, print_error_to=io.StringIO())
-        nltk.data.find("tokenizers/punkt_tab/english/")
+        nltk.data.find(PUNKT)
     except (LookupError, OSError, ValueError):
-        raise UsageError(
-            "NLTK's punkt_tab tokenizer (needed by the IFEval checkers) is not installed and cannot be "
-            "downloaded: set NLTK_DATA to a folder containing tokenizers/punkt_tab "
-            f"(NLTK_DATA={os.environ.get('NLTK_DATA', '')!r})") from None
+        raise UsageError(f"{punkt_missing()}; it could not be downloaded now") from None
     finally:
         socket.setdefaulttimeout(timeout)
 
@@ -84,9 +95,8 @@ def _check_row(row: object, where: str, registry: dict) -> dict:
 def _read_file(path: Path, registry: dict) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"IFEval file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [_check_row(row, f"IFEval file {path} line {number}", registry)
-                for number, row in parse_jsonl(f, f"IFEval file {path}")]
+    return [_check_row(row, f"IFEval file {path} line {number}", registry)
+            for number, row in read_jsonl_rows(path, "IFEval file")]
 
 
 def _read_hub(registry: dict) -> list[dict]:
@@ -112,6 +122,8 @@ def load_ifeval_prompts(path: str | None = None, num_samples: int | None = None)
     rows = _read_file(Path(path).expanduser(), registry) if path else _read_hub(registry)
     if not rows:
         raise UsageError(f"no IFEval prompts in {path or HUB_DATASET}")
+    if num_samples is not None and num_samples > len(rows):
+        warn(f"{path or HUB_DATASET} has {len(rows)} IFEval prompts; using all {len(rows)}, not {num_samples}")
     return rows[:num_samples]
 
 
@@ -174,3 +186,17 @@ def score_responses(prompts: list[dict], responses: list[str]) -> dict:
                  sum(r["follow_all_loose"] for r in per_prompt) / len(per_prompt), sum(loose) / len(loose))
     return {"metrics": {name: 100 * value for name, value in zip(METRICS, fractions)},
             "num_prompts": len(per_prompt), "num_instructions": len(strict), "per_prompt": per_prompt}
+
+
+if __name__ == "__main__":
+    from .cli import main_guard
+
+    @main_guard
+    def check_punkt() -> None:
+        """`make demo`'s first step: fail at once, not after steps 1 and 2, when step 3 could not score."""
+        missing = punkt_missing()
+        if missing:
+            raise UsageError(missing)
+        print("NLTK punkt_tab found (IFEval checkers ready)")
+
+    check_punkt()

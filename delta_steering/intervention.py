@@ -8,12 +8,28 @@ applied to weight rows by `steer` and, through `dt_pre`, to cached `W_dt t` term
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from .errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 ABLATIONS = ("zero", "mean")
+
+
+def check_factor(value: float, where: str, ablation: bool = False) -> float:
+    """A steering factor as it enters a run (command line, step file, --steer): finite and > 0, or
+    0 where ablation is meant (`ablation`); the one place factors are validated."""
+    factor = float(value)
+    if not math.isfinite(factor):
+        raise UsageError(f"{where}: factor {value!r} is not a finite number")
+    if factor < 0 or factor == 0 and not ablation:
+        allowed = ">= 0 (0 is zero ablation)" if ablation else "> 0 (0 would ablate the neurons, not steer them)"
+        raise UsageError(f"{where}: factor {value!r} must be {allowed}")
+    return factor
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,11 @@ class Intervention:
         given = self.factors if self.factors is not None else self.values
         if given is not None and len(given) != len(self.neurons):
             raise ValueError(f"{len(given)} factors or values for {len(self.neurons)} neurons")
+        if len(set(self.neurons)) != len(self.neurons):
+            twice = sorted({n for n in self.neurons if self.neurons.count(n) > 1})
+            raise UsageError(f"neuron {twice[0]} is listed twice in one intervention")
+        if given is not None and not all(math.isfinite(v) for v in given):
+            raise UsageError(f"an intervention's factors and values must be finite numbers, got {list(given)[:5]}")
 
     @classmethod
     def scale(cls, neurons: Sequence[int], factor: float | Sequence[float]) -> "Intervention":
@@ -67,19 +88,20 @@ class Intervention:
         picked = tuple(given[position[n]] for n in neurons)
         return Intervention(tuple(neurons), *((picked, None) if self.factors is not None else (None, picked)))
 
-    def edit(self, linear: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def edit(self, linear: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """The intervened linear term and bias of this intervention's neurons: rows of both along
-        dim 0 (linear may have any trailing dims), in their own dtypes."""
+        dim 0 (linear may have any trailing dims), in their own dtypes. Factors and values pass
+        through float32 on the way, whatever the tensors' dtype."""
         shape = (-1,) + (1,) * (linear.dim() - 1)
         if self.kind == "scale":
-            factors = torch.tensor(self.factors, dtype=torch.float32, device=linear.device)
+            factors = bias.float().new_tensor(self.factors).to(linear.device)
             return linear * factors.to(linear.dtype).view(shape), bias * factors.to(bias.dtype)
         if self.kind == "set":
-            values = torch.tensor(self.values, dtype=torch.float32, device=bias.device)
-            return torch.zeros_like(linear), values.to(bias.dtype)
+            values = bias.float().new_tensor(self.values)
+            return linear.new_zeros(linear.shape), values.to(bias.dtype)
         return linear, bias
 
-    def dt_pre(self, linear: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def dt_pre(self, linear: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """dt_pre of this intervention's neurons before and after it, from their cached linear terms
         (neurons, ...) and biases (neurons,): `edit` as `steer` applies it to weight rows, the bias
         added in the linear term's dtype as the models add it."""
@@ -90,3 +112,57 @@ class Intervention:
 
 
 NO_STEERING = Intervention()
+
+
+@dataclass(frozen=True)
+class Steering:
+    """An intervention at a layer: what steps 2 and 3, evaluate_steered.py and the export apply
+    (no neurons: no steering, at no layer). `steering.apply` installs it."""
+
+    layer: int | None = None
+    intervention: Intervention = NO_STEERING
+
+    @property
+    def neurons(self) -> list[int]:
+        return list(self.intervention.neurons)
+
+    def describe(self) -> str:
+        """For people: "x5 on 3 neurons at layer 20", "3 neurons zero-ablated at layer 20"."""
+        iv = self.intervention
+        if iv.kind == "none":
+            return "no steering"
+        count = f"{len(iv.neurons)} neuron{'s' * (len(iv.neurons) != 1)}"
+        factors = sorted(set(iv.factors or ()))
+        if iv.kind == "set":
+            return f"{count} set to fixed values (mean ablation) at layer {self.layer}"
+        if factors == [0.0]:
+            return f"{count} zero-ablated at layer {self.layer}"
+        return "x" + "/".join(f"{f:g}" for f in factors) + f" on {count} at layer {self.layer}"
+
+    def to_json(self) -> dict:
+        """{"layer", "neurons", "factor"} (one factor for all), or per-neuron "factors" / "values"."""
+        iv = self.intervention
+        record = {"layer": self.layer, "neurons": list(iv.neurons)}
+        if iv.kind == "scale" and len(set(iv.factors)) == 1:
+            return {**record, "factor": iv.factors[0]}
+        if iv.kind != "none":
+            record["factors" if iv.kind == "scale" else "values"] = list(iv.factors or iv.values)
+        return record
+
+    @classmethod
+    def from_json(cls, record: dict, where: str) -> "Steering":
+        """The inverse of to_json, checked: a UsageError naming `where` for anything malformed."""
+        try:
+            layer, neurons = record["layer"], record["neurons"]
+            if not isinstance(layer, int) or not all(isinstance(n, int) and not isinstance(n, bool) for n in neurons):
+                raise TypeError
+            if "values" in record:
+                return cls(layer, Intervention.set(neurons, record["values"]))
+            factors = record["factors"] if "factors" in record else record["factor"]
+            factors = [factors] * len(neurons) if isinstance(factors, (int, float)) else factors
+            return cls(layer, Intervention.scale(neurons, [check_factor(f, where, ablation=True) for f in factors]))
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, UsageError):
+                raise
+            raise UsageError(f"{where}: malformed steering record {record!r}") from None
+

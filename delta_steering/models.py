@@ -10,6 +10,7 @@ tokenizer.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -24,7 +25,7 @@ from huggingface_hub import hf_hub_download
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mamba2Config, MambaConfig
 
 from .errors import UsageError
-from .sites import FAMILIES, Shape, family_of, shape_of
+from .sites import FAMILIES, Shape, family_of, meta_model, shape_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ORIGINAL_TOKENIZER = "EleutherAI/gpt-neox-20b"
@@ -54,6 +55,30 @@ class ModelSource:
     def shape(self) -> Shape:
         """Layers and delta neurons from the config alone, to check arguments before loading."""
         return shape_of(self.model_config)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The model's identity before its weights load: SHA-256 of its configuration and of every
+        parameter's name and shape (see config_digest)."""
+        return config_digest(self.model_config)
+
+    @property
+    def family(self) -> str:
+        return self.model_config.model_type
+
+
+# config keys that say where or with which software a model was saved, not what it is
+UNIDENTIFYING_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash",
+                      "_attn_implementation_autoset", "architectures")
+
+
+def config_digest(config) -> str:
+    """SHA-256 of a transformers config (canonical JSON, less UNIDENTIFYING_KEYS) and of the names and
+    shapes of the parameters it makes: equal for the same architecture and sizes in any dtype or folder."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in UNIDENTIFYING_KEYS}
+    shapes = [(name, list(p.shape)) for name, p in meta_model(config).named_parameters()]
+    text = json.dumps({"config": fields, "parameters": shapes}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def looks_like_path(name: str) -> bool:
@@ -109,8 +134,8 @@ def check_model_source(name: str, tokenizer: str | None = None, revision: str | 
     local = Path(path).exists()
     if local and not Path(path).is_dir():
         raise UsageError(f"model path {path} is a file; pass the checkpoint directory")
-    if not local and looks_like_path(name):
-        raise UsageError(f"local model directory not found: {name}")
+    if not local and (looks_like_path(name) or Path(path).parent.is_dir() and Path(path).parent != Path(".")):
+        raise UsageError(f"local model directory not found: {name}")  # e.g. models/mamba-tiny-dmeo
     if tokenizer is not None and looks_like_path(tokenizer) and not Path(tokenizer).expanduser().exists():
         raise UsageError(f"tokenizer directory not found: {tokenizer}")
     config = read_config(path, revision)

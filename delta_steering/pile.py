@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from .errors import UsageError
-from .results_io import parse_jsonl
+from .results_io import parse_jsonl, warn
 
 HUB_SOURCES = (
     ("monology/pile-uncopyrighted", {"streaming": True}),
@@ -126,6 +126,9 @@ def load_pile_texts(num_samples: int, seed: int = 0, path: str | Path | None = N
         raise UsageError(f"no non-empty documents{f' for {role}' if role else ''} in {path or 'the Pile source'}"
                          + (f" ({len(pool)} in all; {role} takes every second one from position {ROLES[role]})"
                             if role else ""))
+    if len(texts) < num_samples:
+        warn(f"{path or 'the Pile source'} gives {len(texts)} {role or ''} documents; using {len(texts)}, not "
+             f"{num_samples}".replace("  ", " "))
     return texts
 
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
 from .artifacts import GROUP_TITLES, HIGH_IMPACT
+from .results_io import WriteError
 from .stats import SIGNIFICANCE, is_significant
 
 STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "figure.titlesize": 11,
@@ -29,13 +30,14 @@ PLAIN, SIGNIFICANT, BASELINE, GRID = "C0", "C1", "0.35", "0.85"
 HIGH_LINE = {"color": "C2", "ls": "--", "lw": 1.3}
 THRESHOLD_LINE = {"color": "C4", "ls": ":", "lw": 1.6}
 IMPACT_LABEL = "impact = baseline − ablated accuracy (points)"
+PERPLEXITY_LABEL = "Pile perplexity: change from baseline (%)"
 TOP_LABELLED = 10
 METRIC_NAMES = {"prompt_level_strict_acc": "IFEval prompt-level strict accuracy",
                 "inst_level_strict_acc": "IFEval instruction-level strict accuracy",
                 "prompt_level_loose_acc": "IFEval prompt-level loose accuracy",
                 "inst_level_loose_acc": "IFEval instruction-level loose accuracy"}
 MODE_TITLES = {"combined": "combined steering", "cluster_ablation": "cluster ablation",
-               "layer_ablation": "layer ablation"}
+               "layer_ablation": "layer ablation (amplification at each layer)"}  # results without mode_title
 FACTOR_SOURCES = {"command-line": "given with --factor", "step2-confirmed": "confirmed in step 2",
                   "step2-unconfirmed": "unconfirmed in step 2"}
 
@@ -105,14 +107,34 @@ def _plain(ax) -> None:
     ax.ticklabel_format(axis="y", style="plain")
 
 
+def _relative_changes(changes: list[dict | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Perplexity changes in percent of the baseline and their error bars (2 x n, from the 95% CIs);
+    NaN where not measured or not finite."""
+    known = [c if c and c.get("relative") is not None else None for c in changes]
+    values = np.array([np.nan if c is None else c["relative"] for c in known], dtype=float)
+    ci = np.array([[np.nan, np.nan] if c is None else c["relative_ci95"] for c in known], dtype=float).reshape(-1, 2)
+    return values, np.clip([values - ci[:, 0], ci[:, 1] - values], 0, None)
+
+
+def _step3_changes(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3's perplexity changes (percent) and error bars, per configuration."""
+    return _relative_changes([{"relative": e.get("perplexity_relative"), "relative_ci95": e.get(
+        "perplexity_relative_ci95")} for e in entries])
+
+
 def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
-    """Write `fig` as OUT/STEM.png (150 dpi) and OUT/STEM.svg; return both paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write `fig` as OUT/STEM.png (150 dpi) and OUT/STEM.svg; return both paths. A file that
+    cannot be written is a WriteError naming it, as for the JSON results."""
     png, svg = out / f"{stem}.png", out / f"{stem}.svg"
-    fig.savefig(png, dpi=150)
-    with matplotlib.rc_context({"svg.hashsalt": "delta-steering"}):  # reproducible SVG ids
-        fig.savefig(svg, metadata={"Date": None})
-    fig.clear()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png, dpi=150)
+        with matplotlib.rc_context({"svg.hashsalt": "delta-steering"}):  # reproducible SVG ids
+            fig.savefig(svg, metadata={"Date": None})
+    except OSError as e:
+        raise WriteError(f"could not write the figure {out / stem}.png/.svg ({e.strerror or e})") from None
+    finally:
+        fig.clear()
     return [png, svg]
 
 
@@ -141,10 +163,15 @@ def _step1_details(result: dict) -> str:
             f"{neurons}")
 
 
+def _cut(result: dict) -> float:
+    """The High Impact cut (points) the step-1 run grouped with."""
+    return result.get("high_impact_cut", HIGH_IMPACT)
+
+
 def _threshold_lines(ax, result: dict, vertical: bool = False) -> None:
-    """The High Impact cut (impact > 2) and the beneficial threshold, as labelled lines."""
+    """The High Impact cut (impact > cut) and the beneficial threshold, as labelled lines."""
     line = ax.axvline if vertical else ax.axhline
-    line(HIGH_IMPACT, **HIGH_LINE, label=f"High Impact cut: impact > {HIGH_IMPACT:g}")
+    line(_cut(result), **HIGH_LINE, label=f"High Impact cut: impact > {_cut(result):g}")
     line(result["threshold"], **THRESHOLD_LINE,
          label=_minus(f"beneficial threshold: impact ≥ {result['threshold']:g}"))
 
@@ -208,11 +235,11 @@ def impact_histogram_figure(result: dict) -> Figure:
     if not records:
         _empty(ax, "no neuron was measured")
         return fig
-    impact = np.array([r["impact"] for r in records])
+    impact, cut = np.array([r["impact"] for r in records]), _cut(result)
     edges = np.histogram_bin_edges(impact, bins=min(50, max(8, len(impact) // 4)))
-    classes = [(impact > HIGH_IMPACT, SIGNIFICANT, f"High Impact (> {HIGH_IMPACT:g})"),
-               (np.abs(impact) <= HIGH_IMPACT, PLAIN, f"Neutral (|impact| ≤ {HIGH_IMPACT:g})"),
-               (impact < -HIGH_IMPACT, "C7", f"impact < −{HIGH_IMPACT:g}")]
+    classes = [(impact > cut, SIGNIFICANT, f"High Impact (> {cut:g})"),
+               (np.abs(impact) <= cut, PLAIN, f"Neutral (|impact| ≤ {cut:g})"),
+               (impact < -cut, "C7", f"impact < −{cut:g}")]
     shown = [(impact[mask], color, f"{label}: {mask.sum()}") for mask, color, label in classes if mask.any()]
     ax.hist([s[0] for s in shown], bins=edges, stacked=True, color=[s[1] for s in shown],
             label=[s[2] for s in shown], edgecolor="white", linewidth=0.5)
@@ -238,7 +265,7 @@ def variance_vs_impact_figure(result: dict) -> Figure:
     _impact_points(ax, variance, records)
     if (variance > 0).all():
         ax.set(xscale="log", xlabel=ax.get_xlabel() + ", log scale")
-    high = [r for r in records if r["impact"] > HIGH_IMPACT][:TOP_LABELLED]
+    high = [r for r in records if r["impact"] > _cut(result)][:TOP_LABELLED]
     _label_neurons(ax, [r["delta_variance"] for r in high], [r["impact"] for r in high],
                    [r["neuron"] for r in high], beside=True)
     ax.axhline(0, color="0.2", lw=0.7)
@@ -355,12 +382,13 @@ def step1_vs_heldout_figure(result: dict) -> Figure:
     ci = np.array([r.get("ci95") or [r["impact"]] * 2 for r in rows], dtype=float)
     ax.errorbar(x, y, yerr=np.clip([y - ci[:, 0], ci[:, 1] - y], 0, None), fmt="o", color=PLAIN, ms=5,
                 ecolor="0.6", elinewidth=0.8, label="neuron (held-out 95% CI)")
-    low, high = min(x.min(), ci.min(), 0), max(x.max(), ci.max(), HIGH_IMPACT)
+    cut = _cut(result)
+    low, high = min(x.min(), ci.min(), 0), max(x.max(), ci.max(), cut)
     limits = [low - 0.05 * (high - low) - 0.1, high + 0.05 * (high - low) + 0.1]
     ax.plot(limits, limits, color=BASELINE, ls="--", lw=1, label="y = x (same impact)")
-    ax.axvline(HIGH_IMPACT, **HIGH_LINE, label=f"High Impact cut ({HIGH_IMPACT:g} points)")
-    ax.axhline(HIGH_IMPACT, **HIGH_LINE)
-    labelled = x > HIGH_IMPACT
+    ax.axvline(cut, **HIGH_LINE, label=f"High Impact cut ({cut:g} points)")
+    ax.axhline(cut, **HIGH_LINE)
+    labelled = x > cut
     _label_neurons(ax, x[labelled], y[labelled], [r["neuron"] for r, h in zip(rows, labelled) if h], beside=True)
     ax.set(xlim=limits, ylim=limits, aspect="equal")
     _legend(ax, loc="upper left")
@@ -369,25 +397,28 @@ def step1_vs_heldout_figure(result: dict) -> Figure:
 
 @styled
 def perplexity_vs_layer_figure(result: dict) -> Figure:
-    """Step 2: Pile perplexity change with the High Impact neurons ablated / amplified at each layer."""
+    """Step 2: Pile perplexity's relative change, with its 95% CI, with the High Impact neurons
+    ablated / amplified at each layer, and the zero line (no change)."""
     ppl = result["perplexity"]
     entries, base = ppl["layers"], ppl["baseline"]
-    layers = [e["layer"] for e in entries]
+    layers = np.array([e["layer"] for e in entries])
     fig, (ax,) = _new(7.5, 4.8)
     source = FACTOR_SOURCES.get(ppl.get("factor_source"), ppl.get("factor_source"))
     _title(fig, f"Step 2: Pile perplexity with layer {result['layer']}'s High Impact neurons steered at each "
                 f"layer, {_model(result)}",
            f"{len(ppl.get('neurons', []))} neurons; {(ppl.get('documents') or {}).get('count', '?')} evaluation "
-           f"documents; baseline perplexity {base:.3f}"
+           f"documents; baseline perplexity {base:.3f}; error bars: 95% paired-bootstrap CI over documents"
            + ("" if ppl.get("factor") is None else f"; amplified ×{ppl['factor']:g} ({source})"))
-    ax.axhline(0, color=BASELINE, ls="--", lw=1, label=f"baseline ({base:.3f})")
-    ax.plot(layers, [e["ablated"] - base for e in entries], "o-", color=PLAIN, label="ablated (factor 0)")
+    ax.axhline(0, color=BASELINE, ls="--", lw=1, label=f"no change (baseline {base:.3f})")
+    kinds = [("ablated", "o-", PLAIN, "ablated (factor 0)")]
     if ppl.get("factor") is not None:
-        ax.plot(layers, [e["amplified"] - base if e.get("amplified") is not None else np.nan for e in entries],
-                "s--", color=SIGNIFICANT, label=f"amplified ×{ppl['factor']:g}")
+        kinds.append(("amplified", "s--", SIGNIFICANT, f"amplified ×{ppl['factor']:g}"))
+    for shift, (kind, style, color, label) in zip((-0.06, 0.06), kinds):
+        values, error = _relative_changes([e.get(f"{kind}_change") for e in entries])
+        ax.errorbar(layers + shift, values, yerr=error, fmt=style, color=color, capsize=3, label=label)
     if result["layer"] in layers:
         ax.axvline(result["layer"], color="0.6", ls=":", lw=1, label=f"discovery layer {result['layer']}")
-    ax.set(xlabel="layer steered", ylabel="Pile perplexity: change from baseline")
+    ax.set(xlabel="layer steered", ylabel=PERPLEXITY_LABEL)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _plain(ax)
     _legend(ax, loc="best")
@@ -436,7 +467,8 @@ def _step3_header(result: dict, mode: str) -> tuple[str, str]:
     details = (f"{_metric_label(result)[:-4]} on {result['num_prompts']} IFEval prompts (greedy)"
                + (f"; perplexity on {documents} Pile documents" if documents else "")
                + "; error bars: 95% paired-bootstrap CI of the change from baseline")
-    return f"Step 3: {MODE_TITLES.get(mode, mode)}, {_model(result)}, {where}{factor}", details
+    what = result.get("mode_title") or MODE_TITLES.get(mode, mode)
+    return f"Step 3: {what}, {_model(result)}, {where}{factor}", details
 
 
 def _accuracy_bars(ax, result: dict, entries: list[dict], base: float) -> None:
@@ -458,22 +490,23 @@ def _accuracy_bars(ax, result: dict, entries: list[dict], base: float) -> None:
 
 
 def _perplexity_bars(ax, entries: list[dict]) -> None:
-    """Each configuration's Pile perplexity change from the baseline; 'not measured' where absent."""
+    """Each configuration's Pile perplexity change from the baseline (percent, 95% CI), the zero
+    line; 'not measured' where absent."""
     base = next((e["perplexity"] for e in entries if e["name"] == "baseline"), None)
-    ax.set(ylabel="Pile perplexity: change from baseline")
-    ax.set_title("perplexity" + ("" if base is None else f" (baseline {base:.3f})"))
-    ax.axhline(0, color=BASELINE, ls="--", lw=1, label="baseline")
-    changes = [e.get("perplexity_delta") if e.get("perplexity_delta") is not None else
-               (None if e.get("perplexity") is None or base is None else e["perplexity"] - base) for e in entries]
-    if all(c is None for c in changes):
+    ax.set(ylabel=PERPLEXITY_LABEL)
+    ax.set_title("perplexity" + ("" if base is None else f" (baseline {base:.3f}; bars: 95% CI over documents)"))
+    ax.axhline(0, color=BASELINE, ls="--", lw=1, label="no change")
+    values, error = _step3_changes(entries)
+    steered = np.array([e["name"] != "baseline" for e in entries])
+    if np.isnan(values[steered]).all():
         _empty(ax, "perplexity not measured")
         return
-    for xi, (e, change) in enumerate(zip(entries, changes)):
-        if change is None:
+    for xi, (e, value) in enumerate(zip(entries, values)):
+        if e["name"] != "baseline" and np.isnan(value):
             ax.annotate("not measured", (xi, 0), xytext=(0, 5), textcoords="offset points", rotation=90,
                         ha="center", va="bottom", fontsize=8, color=BASELINE)
-        elif e["name"] != "baseline":
-            ax.bar(xi, change, color=SIGNIFICANT)
+    x = np.flatnonzero(steered & ~np.isnan(values))
+    ax.bar(x, values[x], yerr=error[:, x], color=SIGNIFICANT, capsize=4, error_kw={"elinewidth": 1, "ecolor": "k"})
     _plain(ax)
 
 
@@ -511,13 +544,15 @@ def layer_ablation_vs_layer_figure(result: dict) -> Figure:
     acc_ax.axhline(base, color=BASELINE, ls="--", lw=1, label=f"baseline ({base:.1f}%)")
     acc_ax.set(ylabel=_fill(_metric_label(result), 24))
     _legend(acc_ax, loc="best")
-    changes = [np.nan if e.get("perplexity_delta") is None else e["perplexity_delta"] for e in steered]
-    ppl_ax.axhline(0, color=BASELINE, ls="--", lw=1, label="baseline")
+    changes, error = _step3_changes(steered)
+    ppl_ax.axhline(0, color=BASELINE, ls="--", lw=1, label="no change")
     if np.isnan(changes).all():
         _empty(ppl_ax, "perplexity not measured")
     else:
-        ppl_ax.plot(layers, changes, "s-", color=SIGNIFICANT)
-    ppl_ax.set(xlabel="layer steered", ylabel="Pile perplexity:\nchange from baseline")
+        ppl_ax.errorbar(layers, changes, yerr=error, fmt="s-", color=SIGNIFICANT, capsize=4,
+                        label="95% CI over documents")
+        _legend(ppl_ax, loc="best")
+    ppl_ax.set(xlabel="layer steered", ylabel="Pile perplexity:\nchange from baseline (%)")
     ppl_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _plain(ppl_ax)
     return fig

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -24,29 +25,49 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(UsageError):
+    """A result file could not be written (full disk, a folder that refuses files)."""
+
+
 @contextmanager
 def atomic_text(path: str | os.PathLike) -> Iterator[TextIO]:
     """A text file written to a temporary name beside `path` and renamed over it when complete, with
-    the permissions an ordinary open() would give it: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    the permissions an ordinary open() would give it: a reader never sees half a file. An OSError
+    becomes a WriteError naming the file and the reason."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"could not write {path} ({e.strerror or e})") from None
         raise
 
 
+def finite(data: Any) -> Any:
+    """`data` with every non-finite float (NaN, inf: non-finite logits, undefined statistics) as None,
+    so that no JSON file holds a bare NaN token, which strict JSON readers refuse."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write JSON atomically (see atomic_text)."""
+    """Write JSON atomically (see atomic_text), non-finite numbers as null."""
     with atomic_text(path) as f:
-        json.dump(data, f, indent=2, ensure_ascii=False, allow_nan=True)
+        json.dump(finite(data), f, indent=2, ensure_ascii=False, allow_nan=False)
         f.write("\n")
     return Path(path)
 
@@ -55,7 +76,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write JSON lines atomically."""
     with atomic_text(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(finite(row), ensure_ascii=False, allow_nan=False) + "\n")
     return Path(path)
 
 
@@ -84,13 +105,27 @@ def parse_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
         yield number, row
 
 
-def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
-    """Read a JSON-lines file (blank lines skipped) with one-line errors naming file and line."""
+def read_jsonl_rows(path: str | os.PathLike, what: str = "file") -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSON-lines file, with one-line errors
+    naming file and line (a missing file, bad JSON, bytes that are not UTF-8)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return [row for _, row in parse_jsonl(f, f"{what} {path}")]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return list(parse_jsonl(f, f"{what} {path}"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
+    """The objects of a JSON-lines file (see read_jsonl_rows)."""
+    return [row for _, row in read_jsonl_rows(path, what)]
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr: the run goes on, the user should know."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -122,6 +157,58 @@ class Checkpoint:
 
     def save(self) -> None:
         write_json(self.path, {"fingerprint": self.fingerprint, "done": self.done})
+
+
+class RunLock:
+    """A lock file held while a run uses an output folder (`path`: host and process id). A second
+    run is refused with one line; a lock left by a process that no longer exists on this host, or
+    by this very process (an earlier run in the same interpreter), is taken over."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.owner = f"{platform.node()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            except FileExistsError:
+                self._take_over_or_refuse()
+                continue
+            except OSError as e:
+                raise WriteError(f"could not write {self.path} ({e.strerror or e})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(self.owner)
+            return
+        raise UsageError(f"could not take the lock {self.path}; another run is starting in the same folder")
+
+    def _take_over_or_refuse(self) -> None:
+        try:
+            host, _, pid = self.path.read_text().strip().partition(" ")
+        except OSError:  # released between our attempt and this read
+            return
+        same_host = host == platform.node()
+        if same_host and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+            self.path.unlink(missing_ok=True)
+            return
+        raise UsageError(f"{self.path.parent} is in use by another run (process {pid} on {host}; lock {self.path}); "
+                         "wait for it to finish or use another output folder"
+                         + ("" if same_host else " (delete the lock if that run is gone)"))
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text().strip() == self.owner:
+                self.path.unlink()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "numpy", "scipy")) -> dict:

@@ -122,7 +122,7 @@ def layer_types(model_or_config) -> tuple[str, ...]:
     return tuple(config.layer_types)
 
 
-def _meta_model(config) -> nn.Module:
+def meta_model(config) -> nn.Module:
     """The model of `config` with no weights (on the meta device): its structure, for free."""
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -132,7 +132,7 @@ def shape_of(model_or_config) -> Shape:
     """The Shape of a model, a transformers config, or a Shape."""
     if isinstance(model_or_config, Shape):
         return model_or_config
-    model = model_or_config if isinstance(model_or_config, nn.Module) else _meta_model(model_or_config)
+    model = model_or_config if isinstance(model_or_config, nn.Module) else meta_model(model_or_config)
     return _shape(model)
 
 
@@ -143,10 +143,6 @@ def _shape(model: nn.Module) -> Shape:
     if not ssm:
         raise UsageError(f"{type(model).__name__} has no SSM layer")
     return Shape(len(types), ssm, _site_rows(model, ssm[0]), types)
-
-
-def num_layers(model) -> int:
-    return shape_of(model).num_layers
 
 
 def ssm_layers(model) -> list[int]:

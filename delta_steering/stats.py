@@ -1,13 +1,16 @@
 """Statistics for configurations compared on the same examples: one paired comparison (Δ, bootstrap
-CI, sign test) used by all three steps, Benjamini-Hochberg q-values and Spearman correlation."""
+CI, sign test) used by all three steps, the smallest Δ such a comparison can detect,
+Benjamini-Hochberg q-values and Spearman correlation."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import optimize
 from scipy import stats as scipy_stats
 
 BOOTSTRAP_RESAMPLES = 1000
 SIGNIFICANCE = 0.05
+POWER = 0.8
 
 
 def bootstrap_indices(groups: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> np.ndarray:
@@ -59,6 +62,69 @@ def sign_test(base: np.ndarray, other: np.ndarray) -> float | None:
     if lost + gained == 0:
         return 1.0
     return float(scipy_stats.binomtest(lost, lost + gained, 0.5).pvalue)
+
+
+def discordance(base: np.ndarray, others: list[np.ndarray]) -> float | None:
+    """The share of examples whose score differs from the baseline, over all the comparisons
+    `others` (rows scored on the same examples as `base`); rows with a NaN score are left out."""
+    base = np.asarray(base, float)
+    rows = [np.asarray(o, float) for o in others if not np.isnan(o).any()]
+    if not rows or np.isnan(base).any():
+        return None
+    return float(np.mean([np.mean(row != base) for row in rows]))
+
+
+def minimum_detectable_effect(discordance: float, weights: np.ndarray, alpha: float = SIGNIFICANCE,
+                              power: float = POWER) -> float | None:
+    """The smallest gain Δ (points) that a paired comparison of 0/1 scores detects with probability
+    `power` in a two-sided test at level `alpha`, when a share `discordance` of the examples change.
+
+    Δ = sum(weights * (other - base)) over examples with weights summing to 100 (points); each example
+    changes with probability p, a gain more often than a loss. Connor's (1987) normal approximation
+    to McNemar's test, solved for Δ:
+        Δ = z(1 - alpha/2) * sqrt(S * p) + z(power) * sqrt(S * (p - d²)),
+    d = Δ / 100 the per-example mean change, S = sum((weights / 100)²) (1/n for a plain mean), and
+    p = max(discordance, d): a gain of d changes at least that share of the examples, so when few
+    examples changed the figure is that of an effect whose every change goes one way. None for no
+    examples."""
+    weights = np.asarray(weights, float) / 100
+    if discordance is None or len(weights) == 0:
+        return None
+    s, observed = float((weights**2).sum()), min(max(float(discordance), 0.0), 1.0)
+    z_alpha, z_power = scipy_stats.norm.ppf(1 - alpha / 2), scipy_stats.norm.ppf(power)
+
+    def gap(d: float) -> float:
+        p = max(observed, d)
+        return d - z_alpha * np.sqrt(s * p) - z_power * np.sqrt(max(s * (p - d * d), 0.0))
+
+    grid = np.linspace(0.0, 1.0, 2001)
+    detected = [i for i, d in enumerate(grid) if i and gap(d) > 0]
+    if not detected:  # not even an effect on every example is detected this often
+        return None
+    return round(100 * float(optimize.brentq(gap, grid[detected[0] - 1], grid[detected[0]])), 4)
+
+
+def detection_limit(base: np.ndarray, others: list[np.ndarray], weights: np.ndarray, what: str) -> dict:
+    """A run's minimum detectable effect (points) and what it rests on: the comparisons `others`
+    against `base` (`what` says which), their examples and weights, the observed discordance."""
+    rate = discordance(base, others)
+    return {"points": None if rate is None else minimum_detectable_effect(rate, weights),
+            "comparisons": what, "examples": len(weights), "discordance": None if rate is None else round(rate, 4),
+            "alpha": SIGNIFICANCE, "power": POWER}
+
+
+def describe_detection_limit(limit: dict) -> str:
+    """The minimum detectable effect in one line, for the console."""
+    if limit["points"] is None:
+        return f"minimum detectable effect: none, {limit['examples']} examples are too few"
+    return (f"minimum detectable effect {limit['points']:.2f} points ({limit['comparisons']}: paired, "
+            f"{limit['examples']} examples, {100 * limit['discordance']:.1f}% of them changed; two-sided "
+            f"α = {limit['alpha']:g}, {100 * limit['power']:.0f}% power; 4× the examples halve it)")
+
+
+def below_detection(delta: float | None, limit: dict) -> bool:
+    """Whether a reported Δ is smaller in size than the run's minimum detectable effect."""
+    return delta is not None and limit["points"] is not None and abs(delta) < limit["points"]
 
 
 def benjamini_hochberg(p_values: list[float | None]) -> list[float | None]:

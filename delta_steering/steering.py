@@ -11,13 +11,14 @@ bit for bit when the last handle is removed.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from contextlib import ExitStack
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .errors import SteeringError
-from .intervention import Intervention
+from .intervention import Intervention, Steering
 from .sites import check_layer, check_neurons, decoder_layers, delta_site, num_delta_neurons
 
 
@@ -89,6 +90,15 @@ def install(model: nn.Module, layer: int, intervention: Intervention) -> Steerin
     return SteeringHandle(state, intervention, layer)
 
 
+def apply(model: nn.Module, steerings: Steering | Sequence[Steering]) -> ExitStack:
+    """Install every steering (layer + intervention) together; closing the returned stack (or leaving
+    its `with` block) removes them all."""
+    stack = ExitStack()
+    for steering in [steerings] if isinstance(steerings, Steering) else steerings:
+        stack.enter_context(install(model, steering.layer, steering.intervention))
+    return stack
+
+
 def steer(model: nn.Module, layer: int, neurons: Sequence[int], factor: float | Sequence[float] = 0.0,
           mode: str = "scale", means: Sequence[float] | torch.Tensor | None = None) -> SteeringHandle:
     """Multiply delta neurons `neurons` of layer `layer` by `factor` (one, or one per neuron), or with
@@ -99,14 +109,6 @@ def steer(model: nn.Module, layer: int, neurons: Sequence[int], factor: float | 
     if mode == "mean":
         return install(model, layer, Intervention.set(neurons, _mean_values(model, neurons, means)))
     raise ValueError(f'unknown steering mode {mode!r}: use "scale" or "mean"')
-
-
-def ablate(model: nn.Module, layer: int, neurons: Sequence[int], ablation: str = "zero",
-           means: Sequence[float] | torch.Tensor | None = None) -> SteeringHandle:
-    """Remove neurons: zero ablation (factor 0) or mean ablation (`means` as for steer)."""
-    if ablation == "mean":
-        return install(model, layer, Intervention.set(neurons, _mean_values(model, neurons, means)))
-    return install(model, layer, Intervention.ablation(ablation, neurons))
 
 
 def _mean_values(model: nn.Module, neurons: Sequence[int], means) -> list[float]:
@@ -134,22 +136,22 @@ def layer_output(model: nn.Module, layer: int, input_ids: torch.Tensor) -> torch
     return out.hidden_states[layer + 1].float()
 
 
-def verify_steering_effect(model: nn.Module, layer: int, neurons: Sequence[int],
-                           intervention: Callable[[], SteeringHandle] | None = None) -> float:
-    """Check once per run that an intervention changes layer `layer`'s output on a probe input.
-
-    By default the intervention is zero-ablation of `neurons`. Returns the largest absolute change;
-    raises SteeringError if there is none (a hook that never fires, a no-op edit)."""
-    if not len(neurons):
+def verify_steering_effect(model: nn.Module, steerings: Steering | Sequence[Steering]) -> float:
+    """Check once per run, with the run's own intervention(s) installed together, that they change
+    the model's output on a probe input. Returns the largest absolute change of the last steered
+    layer's output; raises SteeringError if there is none (a hook that never fires, a no-op edit)."""
+    steerings = [steerings] if isinstance(steerings, Steering) else list(steerings)
+    steerings = [s for s in steerings if s.intervention.neurons]
+    if not steerings:
         return 0.0
-    intervention = intervention or (lambda: install(model, layer, Intervention.scale(neurons, 0.0)))
+    layer = max(s.layer for s in steerings)
     probe = _probe_input(model)
     before = layer_output(model, layer, probe)
-    with intervention():
+    with apply(model, steerings):
         after = layer_output(model, layer, probe)
     change = (after - before).abs().max().item()
     if not change > 0 or not math.isfinite(change):
-        raise SteeringError(
-            f"steering delta neurons {list(neurons)[:5]}... of layer {layer} did not change the layer's "
-            f"output on a probe input (max change {change}); the intervention is not reaching the model")
+        described = "; ".join(s.describe() for s in steerings)
+        raise SteeringError(f"steering ({described}) did not change the model's output on a probe input (max "
+                            f"change {change}); the intervention is not reaching the model")
     return change

@@ -7,7 +7,7 @@ computes the same numbers from a shared prefix and a low-rank correction per neu
 from __future__ import annotations
 
 import numpy as np
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 from .batching import Encoded
 from .fast_sweep import FAMILIES as FAST_FAMILIES

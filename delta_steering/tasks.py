@@ -21,7 +21,7 @@ from typing import Callable
 
 from . import harness
 from .errors import UsageError
-from .results_io import read_jsonl
+from .results_io import read_jsonl, warn
 
 PARTITION_SEED = 1234  # fixed, independent of --seed: the discovery/held-out split never moves
 # the original study's metric for each of its tasks (lambada: every target token greedy)
@@ -121,6 +121,9 @@ def _custom_task(path: Path) -> Task:
         if not ok:
             raise UsageError(f"task file {path} line {doc_id + 1}: expected {{\"context\": str, \"choices\": "
                              f"[non-empty str, ...], \"label\": int index into choices}}")
+        if len(choices) < 2:
+            raise UsageError(f"task file {path} line {doc_id + 1}: one choice only; a multiple-choice item needs at "
+                             "least 2 (with one, every answer is right)")
         examples.append(Example(name, doc_id, tuple((context, c) for c in choices), tuple(choices), label, "acc"))
     return Task(name, len(examples), examples.__getitem__)
 
@@ -153,17 +156,20 @@ def partition_ids(size: int, which: str) -> list[int]:
     return order[:half] if which == "discovery" else order[half:]
 
 
-def partition(task: Task, which: str) -> list[Example]:
-    """The examples of partition `which` of a task (see partition_ids)."""
-    return [task.example(i) for i in partition_ids(task.size, which)]
+def partition(task: Task, which: str, n: int | None = None) -> list[Example]:
+    """The first `n` examples (all if None) of partition `which` of a task (see partition_ids); a
+    warning line when the partition has fewer."""
+    ids = partition_ids(task.size, which)
+    if n is not None and len(ids) < n:
+        warn(f"task {task.name} has {len(ids)} {which} examples; using {len(ids)}, not {n}")
+    return [task.example(i) for i in ids[:n]]
 
 
 def load_examples(tasks: list[str], data_dir: str | None, which: str, n: int) -> list[Example]:
     """The first `n` examples of partition `which` of each task, concatenated task by task."""
     if n < 1:
         raise UsageError(f"the number of examples per task must be at least 1, got {n}")
-    return [task.example(i) for spec in tasks for task in load_tasks(spec, data_dir)
-            for i in partition_ids(task.size, which)[:n]]
+    return [e for spec in tasks for task in load_tasks(spec, data_dir) for e in partition(task, which, n)]
 
 
 def task_names(examples: list[Example]) -> list[str]:

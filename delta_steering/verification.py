@@ -11,10 +11,10 @@ import numpy as np
 from .artifacts import Discovery, delta_sensitive
 from .generation import generate_greedy
 from .ifeval import METRICS, score_responses
-from .intervention import NO_STEERING, Intervention
-from .perplexity import perplexity
-from .stats import bootstrap_indices, compare
-from .steering import install
+from .intervention import Intervention, Steering
+from .perplexity import document_losses, perplexity_change, perplexity_of
+from .stats import below_detection, bootstrap_indices, compare, describe_detection_limit, detection_limit
+from .steering import apply
 
 MODES = ("combined", "cluster_ablation", "layer_ablation")
 DESCRIPTION = (
@@ -22,28 +22,76 @@ DESCRIPTION = (
     "baseline on the same IFEval prompts (greedy generation) and Pile documents. IFEval metrics in percent; "
     "accuracy = the ifeval_metric; delta = accuracy - baseline (points), ci95 = paired bootstrap 95% CI of delta "
     "over prompts, p_value = exact sign test over the prompts whose score changed; perplexity = exp(mean token "
-    "NLL) on the evaluation Pile documents, perplexity_delta = perplexity - baseline's. factor_source: "
-    "command-line, step2-confirmed, or step2-unconfirmed (step 2's selection-best factor, not confirmed).")
+    "NLL) on the evaluation Pile documents, perplexity_delta = perplexity - baseline's with perplexity_ci95 its "
+    "paired bootstrap 95% CI over documents, perplexity_relative = percent change (perplexity_relative_ci95). "
+    "minimum_detectable_effect: the smallest Δ (points) these prompts detect with 80% power at alpha 0.05, from "
+    "the share of prompts the configurations changed. factor_source: command-line, step2-confirmed, or "
+    "step2-unconfirmed (step 2's selection-best factor, not confirmed); factor_standing says it in words.")
+MODE_NAMES = {"combined": "Combined steering", "cluster_ablation": "Cluster ablation",
+              "layer_ablation": "Layer ablation"}  # the original study's names (and its file names)
 FACTOR_SOURCES = {"command-line": "given with --factor",
                   "step2-confirmed": "step 2's High Impact factor, confirmed on its confirmation half",
                   "step2-unconfirmed": "step 2's selection-best High Impact factor, NOT confirmed on its "
                                        "confirmation half"}
 
 
-@dataclass(frozen=True)
-class Configuration:
-    """A named intervention at one layer (none for the baseline)."""
-
-    name: str
-    layer: int | None = None
-    intervention: Intervention = NO_STEERING
-    description: str = "no steering"
-
-    def install(self, model):
-        return install(model, self.layer, self.intervention)
+def steering_words(factor: float) -> str:
+    """What steering by `factor` does, in words: '×2 amplification', '×0.5 attenuation', 'ablation'."""
+    if factor == 0:
+        return "ablation"
+    return f"×{factor:g} " + ("amplification" if factor > 1 else "attenuation" if factor < 1 else "(no change)")
 
 
-BASELINE = Configuration("baseline")
+def layer_span(layers: list[int]) -> str:
+    """'layer 20', 'layers 18–22' (consecutive) or 'layers 3, 7, 9'."""
+    layers = sorted(layers)
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    consecutive = layers == list(range(layers[0], layers[-1] + 1))
+    return "layers " + (f"{layers[0]}–{layers[-1]}" if consecutive else ", ".join(map(str, layers)))
+
+
+def mode_title(mode: str, factor: float, layer: int, layers: list[int], ablation: str) -> str:
+    """The original study's name for a mode, then what it ran."""
+    what = {"combined": f"each set, {steering_words(factor)} at layer {layer}",
+            "cluster_ablation": f"each set {ablation}-ablated at layer {layer}",
+            "layer_ablation": f"delta-sensitive set, {steering_words(factor)} at {layer_span(layers or [layer])}"}
+    return f"{MODE_NAMES[mode]}: {what[mode]}"
+
+
+def factor_standing(factor: float, source: str, optimal: dict | None) -> str:
+    """Which factor step 3 steers with and why, in one line: given on the command line, confirmed by
+    step 2, or step 2's selection-best factor that it did not confirm (with what it did on selection)."""
+    if source == "command-line":
+        return f"steering factor ×{factor:g}: given on the command line (--factor)"
+    if source == "step2-confirmed":
+        c = (optimal or {}).get("confirmation") or {}
+        shown = "" if c.get("delta") is None else f" (Δ {c['delta']:+.2f} points, sign-test p {c['p_value']:.3g})"
+        return f"steering factor ×{factor:g}: step 2 confirmed it on its confirmation half{shown}"
+    selection = ((optimal or {}).get("selection") or {}).get("delta")
+    if optimal and optimal.get("beats_baseline"):
+        c = optimal.get("confirmation") or {}
+        tested = "" if c.get("delta") is None else f", then Δ {c['delta']:+.2f} on confirmation, not significant"
+        return (f"step 2 did not confirm its High Impact factor: verifying the selection-best ×{factor:g} "
+                f"(Δ {selection:+.2f} points on selection{tested}) — pass --factor to choose")
+    how = "" if selection is None else f", which {'lost' if selection < 0 else 'changed'} " \
+                                       f"{abs(selection):.1f} points on selection"
+    return (f"step 2 confirmed no factor; verifying the selection-best ×{factor:g}{how} — pass --factor to "
+            "choose")
+
+
+def configuration_description(name: str, steering: Steering) -> str:
+    """What a configuration ran, in words: 'delta_sensitive set, ×2 amplification at layer 20',
+    'random set, zero ablation at layer 20'."""
+    if not steering.neurons:
+        return "no steering"
+    iv = steering.intervention
+    what = "mean ablation" if iv.kind == "set" else "zero ablation" if iv.factors[0] == 0 else \
+        steering_words(iv.factors[0])
+    return f"{name.removeprefix('ablate_').rsplit('_L', 1)[0]} set, {what} at layer {steering.layer}"
+
+
+BASELINE = Steering()  # no steering
 
 
 def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict[str, list[int]], list[str]]:
@@ -62,21 +110,20 @@ def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict
 
 
 def configurations(mode: str, sets: dict[str, list[int]], layer: int, layers: list[int], factor: float,
-                   ablation: str, dt_pre_mean: list[float]) -> list[Configuration]:
-    """The configurations a mode runs, baseline first. Cluster ablation removes each set as step 1
-    removed single neurons (zero or mean ablation)."""
+                   ablation: str, dt_pre_mean: list[float]) -> dict[str, Steering]:
+    """The configurations a mode runs, by name, baseline first. Cluster ablation removes each set as
+    step 1 removed single neurons (zero or mean ablation)."""
     if mode == "combined":
-        return [BASELINE] + [Configuration(f"{k}_L{layer}", layer, Intervention.scale(v, factor),
-                                           f"{k} x{factor:g} at layer {layer}") for k, v in sets.items()]
-    if mode == "cluster_ablation":
-        return [BASELINE] + [Configuration(f"ablate_{k}_L{layer}", layer,
-                                           Intervention.ablation(ablation, v, dt_pre_mean),
-                                           f"{k} {ablation}-ablated at layer {layer}") for k, v in sets.items()]
-    if mode == "layer_ablation":
-        sensitive = sets["delta_sensitive"]
-        return [BASELINE] + [Configuration(f"delta_sensitive_L{l}", l, Intervention.scale(sensitive, factor),
-                                           f"delta_sensitive x{factor:g} at layer {l}") for l in layers]
-    raise ValueError(f"unknown mode {mode!r}")
+        steered = {f"{k}_L{layer}": Steering(layer, Intervention.scale(v, factor)) for k, v in sets.items()}
+    elif mode == "cluster_ablation":
+        steered = {f"ablate_{k}_L{layer}": Steering(layer, Intervention.ablation(ablation, v, dt_pre_mean))
+                   for k, v in sets.items()}
+    elif mode == "layer_ablation":
+        steered = {f"delta_sensitive_L{at}": Steering(at, Intervention.scale(sets["delta_sensitive"], factor))
+                   for at in layers}
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return {"baseline": BASELINE, **steered}
 
 
 @dataclass
@@ -88,17 +135,19 @@ class Outcome:
     scores: dict
     perplexity: float | None
     seconds: float = 0.0
+    document_losses: dict | None = None  # per Pile document: summed NLL and tokens (perplexity.document_losses)
 
 
-def run_configuration(model, tokenizer, configuration: Configuration, prompts: list[dict], texts: list[str] | None,
+def run_configuration(model, tokenizer, steering: Steering, prompts: list[dict], texts: list[str] | None,
                       max_new_tokens: int, batch_size: int | None) -> Outcome:
     """Generate for every prompt with the configuration's steering active, score, measure perplexity."""
     started = time.time()
-    with configuration.install(model):
+    with apply(model, steering):
         responses = generate_greedy(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens, batch_size,
                                     progress=True)
-        ppl = perplexity(model, tokenizer, texts, batch_size=batch_size, progress=True) if texts else None
-    return Outcome(responses, score_responses(prompts, responses), ppl, round(time.time() - started, 2))
+        losses = document_losses(model, tokenizer, texts, batch_size=batch_size, progress=True) if texts else None
+    return Outcome(responses, score_responses(prompts, responses), None if losses is None else perplexity_of(losses),
+                   round(time.time() - started, 2), losses)
 
 
 def per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +159,7 @@ def per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray
     return np.array([float(sum(r[kind])) for r in rows]), np.array([float(len(r[kind])) for r in rows])
 
 
-def entry(c: Configuration, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
+def entry(name: str, steering: Steering, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
     """One configuration of the results JSON: the four metrics, accuracy, Δ with paired bootstrap CI
     (over prompts) and sign test, perplexity."""
     metrics = {m: round(outcome.scores["metrics"][m], 4) for m in METRICS}
@@ -119,13 +168,27 @@ def entry(c: Configuration, outcome: Outcome, baseline: Outcome, metric: str, se
     indices = bootstrap_indices(np.zeros(len(totals)), seed=seed)
     change = compare(base_counts, counts, indices, totals=totals)
     ppl, base_ppl = outcome.perplexity, baseline.perplexity
+    ppl_change = (perplexity_change(baseline.document_losses, outcome.document_losses, seed)
+                  if outcome.document_losses and baseline.document_losses else {})
     return {
-        "name": c.name, "description": c.description, "layer": c.layer,
-        "factor": c.intervention.factors[0] if c.intervention.kind == "scale" else None,
-        "neurons": list(c.intervention.neurons), **metrics, "accuracy": metrics[metric], **change,
+        "name": name, "description": configuration_description(name, steering), "layer": steering.layer,
+        "factor": steering.intervention.factors[0] if steering.intervention.kind == "scale" else None,
+        "neurons": steering.neurons, **metrics, "accuracy": metrics[metric], **change,
         "perplexity": ppl, "perplexity_delta": None if ppl is None or base_ppl is None else ppl - base_ppl,
+        "perplexity_ci95": ppl_change.get("ci95"), "perplexity_relative": ppl_change.get("relative"),
+        "perplexity_relative_ci95": ppl_change.get("relative_ci95"),
         "num_prompts": outcome.scores["num_prompts"], "seconds": outcome.seconds,
     }
+
+
+def prompt_limit(outcomes: list[Outcome], baseline: Outcome, metric: str) -> dict:
+    """The minimum detectable effect of these prompts: the share of them whose score (of `metric`)
+    the configurations changed. An instruction-level metric weighs a prompt by its instructions and
+    counts a changed prompt as all of them changing (so its figure errs on the large side)."""
+    base, totals = per_prompt_counts(baseline.scores, metric)
+    rows = [per_prompt_counts(o.scores, metric)[0] for o in outcomes]
+    return detection_limit(base / totals, [row / totals for row in rows], 100 * totals / totals.sum(),
+                           "a configuration vs the baseline on the same prompts")
 
 
 def response_rows(outcome: Outcome) -> list[dict]:
@@ -141,21 +204,40 @@ def best_configuration(entries: list[dict]) -> dict | None:
     return max(gains, key=lambda e: e["accuracy"], default=None)
 
 
-def print_summary(title: str, entries: list[dict], metric: str, factor: float, factor_source: str) -> None:
-    """The original study's summary table: Experiment, Configuration, Accuracy, Δ from Baseline, and
-    ✓ (best) on the best configuration whose gain's 95% CI lies above 0."""
+def print_summary(title: str, entries: list[dict], metric: str, factor: float, factor_source: str,
+                  limit: dict | None = None) -> None:
+    """The original study's summary table: Experiment (its mode names), Configuration, Accuracy, Δ
+    from Baseline, and ✓ (best) on the best configuration whose gain's 95% CI lies above 0; `title`
+    says what the mode ran. Each Δ below the minimum detectable effect `limit` is marked."""
     best = best_configuration(entries)
+    experiment_name = title.split(":")[0]
     print(f"\n{title}  (Accuracy = {metric})")
     print(f"  {'Experiment':<18} {'Configuration':<34} {'Accuracy':>8} {'Δ from Baseline':>16} {'95% CI':>17} "
-          f"{'Perplexity':>10}")
+          f"{'Perplexity (Δ %, 95% CI)':>34}")
     for e in entries:
-        experiment = "Baseline" if e["name"] == "baseline" else title
-        delta = "" if e["name"] == "baseline" else f"{e['delta']:+.2f}"
+        experiment = "Baseline" if e["name"] == "baseline" else experiment_name
+        delta = "" if e["name"] == "baseline" else f"{e['delta']:+.2f}" + ("*" if limit and below_detection(
+            e["delta"], limit) else " ")
         ci = "" if e["name"] == "baseline" else f"[{e['ci95'][0]:+.1f}, {e['ci95'][1]:+.1f}]"
-        ppl = "" if e["perplexity"] is None else f"{e['perplexity']:.2f}"
         flag = "  ✓ (best)" if e is best else ""
-        print(f"  {experiment:<18} {e['name']:<34} {e['accuracy']:8.2f} {delta:>16} {ci:>17} {ppl:>10}{flag}")
+        print(f"  {experiment:<18} {e['name']:<34} {e['accuracy']:8.2f} {delta:>16} {ci:>17} "
+              f"{perplexity_cell(e):>34}{flag}")
     if best is None:
         print("  no configuration beats the baseline (no 95% CI of the gain lies above 0)")
+    if limit:
+        below = [e for e in entries if e["name"] != "baseline" and below_detection(e["delta"], limit)]
+        print("  " + describe_detection_limit(limit)
+              + (f"\n  * {len(below)} of {len(entries) - 1} Δ are below it: this run could not have told them "
+                 "from no effect" if below else ""))
     if any(e["factor"] not in (None, 0) for e in entries):
-        print(f"  factor x{factor:g}: {FACTOR_SOURCES.get(factor_source, factor_source)}")
+        print(f"  factor ×{factor:g}: {FACTOR_SOURCES.get(factor_source, factor_source)}")
+
+
+def perplexity_cell(e: dict) -> str:
+    """A configuration's perplexity, and for a steered one its percent change with the 95% CI."""
+    if e["perplexity"] is None:
+        return ""
+    if e["name"] == "baseline" or e.get("perplexity_relative") is None:
+        return f"{e['perplexity']:.3f}"
+    lo, hi = e["perplexity_relative_ci95"]
+    return f"{e['perplexity']:.3f} ({e['perplexity_relative']:+.3f}% [{lo:+.3f}, {hi:+.3f}])"

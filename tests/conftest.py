@@ -60,3 +60,14 @@ def punkt(tmp_path_factory):
     nltk.data.path.insert(0, str(folder))
     yield folder
     nltk.data.path.remove(str(folder))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a script loads the model: the mistakes it tests must be caught before."""
+    from delta_steering import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", refuse)

@@ -28,9 +28,3 @@ def lm_eval_task(name: str, data_file: str):
                   test_split=split if split == "test" else None)
     return ConfigurableTask(config=config)
 
-
-def lm_eval_requests(name: str, data_file: str, limit: int) -> list[tuple[int, tuple[str, str]]]:
-    """(doc_id, (context, continuation)) of every request lm-eval builds for the first `limit` documents."""
-    task = lm_eval_task(name, data_file)
-    task.build_all_requests(limit=limit, rank=0, world_size=1)
-    return [(inst.doc_id, tuple(inst.arguments)) for inst in task.instances]

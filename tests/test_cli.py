@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from scripts import run_main, step1_file
+from scripts import one_line, run_main, step1_file
 
 SCRIPTS = ("step1_neuron_discovery", "step2_steering_factor_determination", "step3_steer_performance_verification")
 
@@ -27,6 +27,27 @@ def test_every_option_has_help_and_shows_its_default(script):
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_an_option_without_a_default_says_what_happens_once(script):
+    text = importlib.import_module(script).build_parser().format_help()
+    assert "(default: None)" not in text and "(default: False)" not in text and "(None:" not in text
+
+
+def test_help_defines_the_groups_and_the_options_a_newcomer_asks_about():
+    def help_of(script):
+        return " ".join(importlib.import_module(script).build_parser().format_help().split())
+
+    step1, step2 = help_of(SCRIPTS[0]), help_of(SCRIPTS[1])
+    assert "A delta neuron is one channel" in step1
+    assert "High Impact group: impact > POINTS; Neutral group: |impact| <= POINTS" in step1
+    assert "--high_impact_cut POINTS" in step1 and "(default: 2.0)" in step1
+    assert "--validation_size VALIDATION_SIZE discovery examples per task" in step1
+    assert "re-measure on held-out examples only the N step-1 neurons of largest |impact|" in step2
+    step3 = help_of(SCRIPTS[2])
+    assert "--cluster_ablation and --layer_ablation, not --combined" in step3
+    assert "amplified by the factor at each of --layers" in step3
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help_answers_without_importing_torch(script):
     code = f"import sys, {script} as s; s.build_parser().format_help(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -35,17 +56,6 @@ def test_help_answers_without_importing_torch(script):
     done = subprocess.run([sys.executable, f"{script}.py", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "--model" in done.stdout
     assert time.monotonic() - started < 10  # generous: about 0.3 s on an idle machine
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a script loads the model: the mistakes below must be caught before."""
-    from delta_steering import models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(models, "load_model", refuse)
 
 
 @pytest.fixture
@@ -64,12 +74,6 @@ def step1(inputs, out, *extra):
             "--save_path", out / "d.json", "--output_dir", out, "--no_plots", *extra]
 
 
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
-    return err[0]
-
-
 @pytest.mark.usefixtures("no_model_load")
 def test_output_paths_are_checked_before_any_work(inputs, tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("keep me")
@@ -79,14 +83,20 @@ def test_output_paths_are_checked_before_any_work(inputs, tmp_path, capsys, monk
     assert "--save_path" in one_line(capsys)
     assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), "--save_path", tmp_path]) == 2
     assert "is a folder" in one_line(capsys)
-    import os
+    from pathlib import Path
 
     read_only = tmp_path / "read_only"
     read_only.mkdir()
-    real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(read_only) else real_access(p, mode))
-    assert run_main(SCRIPTS[0], step1(inputs, read_only)) == 2  # root may write anywhere: the check is simulated
-    assert "not writable" in one_line(capsys)
+    real_write = Path.write_bytes
+
+    def refuse_in_read_only(path, data):
+        if path.parent == read_only:
+            raise PermissionError(13, "Permission denied")
+        return real_write(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", refuse_in_read_only)  # root may write anywhere: simulated
+    assert run_main(SCRIPTS[0], step1(inputs, read_only)) == 2
+    assert "not writable (Permission denied)" in one_line(capsys)
     args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--no_plots"]
     assert run_main(SCRIPTS[1], [*args, "--output_dir", tmp_path / "a_file"]) == 2
     assert "--output_dir" in one_line(capsys)
@@ -110,7 +120,7 @@ def test_step1_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, ca
 @pytest.mark.parametrize("extra,message", [
     (["--layer", "30"], "--layer 30 out of range"),
     (["--perplexity_ablation", "--perplexity_layers", "40"], "--perplexity_layers 40 out of range"),
-    (["--factors", "0,2"], "--factors must be positive"),
+    (["--factors", "0,2"], "--factors: factor 0.0 must be > 0"),
 ])
 def test_step2_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, capsys, extra, message):
     args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--tasks", inputs["task"],

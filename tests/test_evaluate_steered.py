@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from scripts import run_main
+from delta_steering.results_io import file_digest
+
+from scripts import run_main, step1_file, step2_file
 from test_harness import write_piqa
 
 
@@ -42,16 +44,15 @@ def test_steered_against_unsteered_with_a_generative_benchmark(tiny_model_dir, t
 
 def test_from_step2_steers_the_high_impact_group(tiny_model_dir, tmp_path, capsys):
     data = write_piqa(tmp_path / "data")
-    step2 = tmp_path / "step2.json"
-    step2.write_text(json.dumps({"format_version": 1, "layer": 21, "groups": {"high_impact": {"neurons": [1, 2]}},
-                                 "optimal_factors": {"high_impact": {"factor": 1.0, "beats_baseline": False,
-                                                                     "selection_best_factor": 3.0,
-                                                                     "confirmed": False}}}))
+    step1 = step1_file(tmp_path / "step1.json", {1: 3.0, 2: 2.5, 3: 0.0}, 21, tiny_model_dir, 32)
+    step2 = step2_file(tmp_path / "step2.json", step1, [1, 2], {"high_impact": {
+        "factor": 1.0, "beats_baseline": False, "selection_best_factor": 3.0, "confirmed": False}})
     assert evaluate(tiny_model_dir, tmp_path / "out", "--tasks", "piqa", "--data_dir", data, "--limit", "2",
                     "--from_step2", step2) == 0
     comparison = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert comparison["steering"] == [{"layer": 21, "neurons": [1, 2], "factor": 3.0}]
     assert comparison["factor_source"] == "step2-unconfirmed" and "unconfirmed" in capsys.readouterr().out
+    assert comparison["inputs"]["step2_file"]["sha256"] == file_digest(step2) and comparison["layer"] == 21
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -1,5 +1,6 @@
 """IFEval: loading prompts, pairing responses, and scoring with lm-eval's checkers."""
 
+import os
 import json
 import random
 
@@ -148,5 +149,33 @@ def test_missing_punkt_is_a_usage_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path)])
     monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: False)
-    with pytest.raises(UsageError, match="set NLTK_DATA to a folder containing tokenizers/punkt_tab"):
+    with pytest.raises(UsageError, match="set NLTK_DATA to a folder that holds tokenizers/punkt_tab"):
         ifeval.ensure_punkt()
+
+
+def test_the_demo_checks_punkt_before_step_1_and_says_where_it_looked(tmp_path):
+    """`make demo` with NLTK_DATA at an empty folder (and a HOME without nltk_data) stops before step 1
+    with one line naming the folders searched and the download command."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    empty, home, out = tmp_path / "nltk_data", tmp_path / "home", tmp_path / "demo"
+    empty.mkdir()
+    home.mkdir()
+    env = {**os.environ, "NLTK_DATA": str(empty), "HOME": str(home)}
+    probe = subprocess.run([sys.executable, "-c", "import nltk; nltk.data.find('tokenizers/punkt_tab/english/')"],
+                           env=env, capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip("punkt_tab is installed system-wide, outside NLTK_DATA and HOME")
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    done = subprocess.run(["make", "-o", ".venv/.installed", "demo", f"PY={sys.executable}", f"NLTK_DATA={empty}",
+                           f"DEMO_OUT={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "punkt_tab" in errors[0] and str(empty) in errors[0]
+    assert "python -m nltk.downloader -d DIR punkt_tab" in errors[0] and "NLTK_DATA" in errors[0]
+    assert "step1_neuron_discovery.py" not in done.stdout and not out.exists()  # step 1 never started

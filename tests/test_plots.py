@@ -100,15 +100,26 @@ def step2_result(confirmed=True, perplexity=True):
         result["perplexity"] = {"baseline": 10.0, "neurons": [3, 7], "factor": 2.0,
                                 "factor_source": "step2-confirmed" if confirmed else "step2-unconfirmed",
                                 "documents": {"count": 20},
-                                "layers": [{"layer": l, "ablated": 10.0 + 0.01 * k, "amplified": 10.0 - 0.002 * k}
+                                "layers": [{"layer": l, "ablated": 10.0 + 0.01 * k, "amplified": 10.0 - 0.002 * k,
+                                            "ablated_change": change(0.01 * k), "amplified_change": change(-0.002 * k)}
                                            for k, l in enumerate((19, 20, 21))]}
     return result
 
 
+def change(delta, base=10.0):
+    """A perplexity change from `base` with a CI of ±0.05 around it (and ±0.5% relative)."""
+    relative = 100 * delta / base
+    return {"delta": delta, "ci95": [delta - 0.05, delta + 0.05], "relative": relative,
+            "relative_ci95": [relative - 0.5, relative + 0.5]}
+
+
 def configuration(name, layer, factor, accuracy, ci, perplexity):
+    moved = {} if perplexity is None or name == "baseline" else change(perplexity - 10.0)
     return {"name": name, "layer": layer, "factor": factor, "accuracy": accuracy, "delta": accuracy - 40.0,
             "ci95": ci, "p_value": 0.5, "perplexity": perplexity,
-            "perplexity_delta": None if perplexity is None else perplexity - 10.0, "num_prompts": 30}
+            "perplexity_delta": None if perplexity is None else perplexity - 10.0,
+            "perplexity_ci95": moved.get("ci95"), "perplexity_relative": moved.get("relative"),
+            "perplexity_relative_ci95": moved.get("relative_ci95"), "num_prompts": 30}
 
 
 def step3_result(mode, factor_source="step2-unconfirmed", perplexity=True):
@@ -246,13 +257,23 @@ def test_step1_vs_heldout_has_units_identity_line_n_layer_and_rho():
     assert ax.get_xlim() == ax.get_ylim()
 
 
-def test_perplexity_vs_layer_plots_the_change_from_baseline():
+def errorbar_by_label(ax, label):
+    """The data line and the vertical CI segments of the errorbar labelled `label`."""
+    container = next(c for c in ax.containers if c.get_label() == label)
+    return container.lines[0], container.lines[2][0].get_segments()
+
+
+def test_perplexity_vs_layer_plots_the_relative_change_with_its_ci_and_the_zero_line():
     fig = plots.perplexity_vs_layer_figure(step2_result(confirmed=False))
     assert MODEL in title(fig) and f"layer {LAYER}" in title(fig) and "unconfirmed" in title(fig)
+    assert "error bars: 95% paired-bootstrap CI over documents" in title(fig)
     (ax,) = fig.axes
-    assert "change from baseline" in ax.get_ylabel() and ax.get_xlabel() == "layer steered"
-    ablated = next(line for line in ax.get_lines() if line.get_label() == "ablated (factor 0)")
-    assert np.allclose(ablated.get_ydata(), [0.0, 0.01, 0.02])
+    assert ax.get_ylabel() == "Pile perplexity: change from baseline (%)" and ax.get_xlabel() == "layer steered"
+    line, segments = errorbar_by_label(ax, "ablated (factor 0)")
+    assert np.allclose(line.get_ydata(), [0.0, 0.1, 0.2])  # percent of the baseline 10.0
+    assert np.allclose([s[:, 1] for s in segments], [[-0.5, 0.5], [-0.4, 0.6], [-0.3, 0.7]])
+    zero = next(line for line in ax.get_lines() if line.get_label().startswith("no change"))
+    assert np.allclose(zero.get_ydata(), 0)
 
 
 # --- step 3 ----------------------------------------------------------------------------------
@@ -289,13 +310,15 @@ def test_configurations_accuracy_has_readable_metric_ci_error_bars_and_baseline(
     assert {t.get_text() for t in ax.texts} == {"+5.0", "−2.0"}
 
 
-def test_configurations_perplexity_is_the_change_from_baseline_and_says_what_is_missing():
+def test_configurations_perplexity_is_the_relative_change_with_its_ci_and_says_what_is_missing():
     fig = plots.configurations_figure(step3_result("combined"), "combined")
     ax = axis_by_ylabel(fig, "perplexity")
-    assert ax.get_ylabel() == "Pile perplexity: change from baseline"
-    assert "baseline 10.000" in ax.get_title()
+    assert ax.get_ylabel() == "Pile perplexity: change from baseline (%)"
+    assert "baseline 10.000" in ax.get_title() and "95% CI" in ax.get_title()
     heights = [p.get_height() for p in ax.patches]
-    assert np.allclose(heights, [0.2]) and ax.patches[0].get_y() == 0
+    assert np.allclose(heights, [2.0]) and ax.patches[0].get_y() == 0  # 10.2 vs 10.0: +2%
+    bars = next(c for c in ax.containers if isinstance(c, BarContainer))
+    assert np.allclose(bars.errorbar.lines[2][0].get_segments()[0][:, 1], [1.5, 2.5])
     assert "not measured" in {t.get_text() for t in ax.texts}
 
 
@@ -313,10 +336,18 @@ def test_layer_ablation_vs_layer_titles_and_labels():
     assert "factor ×2 (unconfirmed" in title(fig)
     accuracy, perplexity = fig.axes
     assert words(accuracy.get_ylabel()) == "IFEval prompt-level strict accuracy (%)"
-    assert words(perplexity.get_ylabel()) == "Pile perplexity: change from baseline"
+    assert words(perplexity.get_ylabel()) == "Pile perplexity: change from baseline (%)"
     assert perplexity.get_xlabel() == "layer steered"
-    steered = perplexity.get_lines()[-1]
-    assert np.allclose(steered.get_ydata(), [0.0, 0.003, 0.005])
+    line, segments = errorbar_by_label(perplexity, "95% CI over documents")
+    assert np.allclose(line.get_ydata(), [0.0, 0.03, 0.05])
+    assert np.allclose([s[:, 1] for s in segments], [[-0.5, 0.5], [-0.47, 0.53], [-0.45, 0.55]])
+
+
+def test_step3_titles_say_what_the_mode_ran():
+    result = {**step3_result("layer_ablation"),
+              "mode_title": "Layer ablation: delta-sensitive set, ×2 amplification at layers 18–20"}
+    for fig in (plots.layer_ablation_vs_layer_figure(result), plots.configurations_figure(result)):
+        assert title(fig).startswith("Step 3: Layer ablation: delta-sensitive set, ×2 amplification at layers 18–20")
 
 
 def test_figure_functions_do_not_modify_the_result():

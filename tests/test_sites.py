@@ -137,7 +137,8 @@ def hybrid_dir(tmp_path_factory, tokenizer):
     return directory
 
 
-def test_three_steps_on_a_hybrid(hybrid_dir, tmp_path, capsys, punkt):
+@pytest.mark.usefixtures("punkt")
+def test_three_steps_on_a_hybrid(hybrid_dir, tmp_path, capsys):
     import json
 
     from scripts import run_main

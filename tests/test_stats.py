@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from delta_steering.stats import benjamini_hochberg, bootstrap_indices, compare, sign_test, spearman
+from delta_steering.stats import (benjamini_hochberg, bootstrap_indices, compare, discordance,
+                                   minimum_detectable_effect, sign_test, spearman)
 
 
 def test_bootstrap_keeps_tasks_and_is_seeded():
@@ -67,3 +68,47 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def simulated_detection_rate(n: int, discordance: float, effect: float, runs: int, rng) -> float:
+    """How often the sign test (p < 0.05, in the right direction) detects a planted gain of `effect`
+    points on n examples of which a share `discordance` change: a gain with probability (p + d) / 2,
+    a loss with probability (p - d) / 2, d = effect / 100."""
+    d = effect / 100
+    detected = 0
+    for _ in range(runs):
+        u = rng.random(n)
+        gained, lost = int((u < (discordance + d) / 2).sum()), int(((u >= (discordance + d) / 2) & (u < discordance)).sum())
+        base = np.r_[np.zeros(gained), np.ones(lost), np.zeros(n - gained - lost)]
+        other = np.r_[np.ones(gained), np.zeros(lost), np.zeros(n - gained - lost)]
+        detected += sign_test(base, other) < 0.05 and gained > lost
+    return detected / runs
+
+
+@pytest.mark.parametrize("n,discordance", [(400, 0.1), (100, 0.3), (200, 0.005)])
+def test_minimum_detectable_effect_is_detected_80_percent_of_the_time(n, discordance):
+    mde = minimum_detectable_effect(discordance, np.full(n, 100 / n))
+    changed = max(discordance, mde / 100)  # few changes observed: the effect changes at least its own share
+    rng = np.random.default_rng(0)
+    assert 0.72 <= simulated_detection_rate(n, changed, mde, 1500, rng) <= 0.88
+    assert simulated_detection_rate(n, max(discordance, mde / 200), mde / 2, 1500, rng) < 0.4
+
+
+def test_minimum_detectable_effect_shrinks_as_one_over_root_n_and_needs_changes():
+    small, large = (minimum_detectable_effect(0.2, np.full(n, 100 / n)) for n in (100, 1600))
+    assert large < small / 3.5  # about a quarter, slightly less (the variance shrinks with the effect)
+    # nothing changed: the effect whose every change is a gain, about (z(0.975) + z(0.8))² / n
+    assert minimum_detectable_effect(0.0, np.full(400, 0.25)) == pytest.approx(100 * 7.85 / 400, rel=0.1)
+    assert minimum_detectable_effect(0.0, np.full(400, 0.25)) == minimum_detectable_effect(0.001, np.full(400, 0.25))
+    assert minimum_detectable_effect(0.5, np.full(3, 100 / 3)) is None  # 3 examples: nothing is detected 80% of times
+    # two tasks of unequal size, weighted to a mean of task means: the same as n = 1 / sum(w²)
+    weights = np.r_[np.full(50, 50 / 50), np.full(200, 50 / 200)]
+    n_effective = 1 / ((weights / 100) ** 2).sum()
+    assert minimum_detectable_effect(0.2, weights) == pytest.approx(
+        minimum_detectable_effect(0.2, np.full(round(n_effective), 100 / round(n_effective))), rel=0.01)
+
+
+def test_discordance_is_the_share_of_changed_examples_over_comparisons():
+    base = np.array([1, 0, 1, 0.0])
+    assert discordance(base, [np.array([1, 1, 1, 0.0]), np.array([0, 1, 0, 1.0]), np.full(4, np.nan)]) == 0.625
+    assert discordance(base, []) is None

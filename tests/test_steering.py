@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_steering import SteeringError, ablate, delta_statistics, steer, verify_steering_effect
+from delta_steering import Intervention, Steering, SteeringError, UsageError, apply, delta_statistics, steer, verify_steering_effect
 from delta_steering.sites import capture_dt_pre
 
 
@@ -113,11 +113,11 @@ def test_per_neuron_factors_and_composition(tiny_model, probe_ids):
         torch.testing.assert_close(tiny_model(probe_ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_weights_and_state_dict_restored_bit_identical(tiny_model, probe_ids):
+def test_weights_and_state_dict_restored_bit_identical(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     first = steer(tiny_model, 5, [0, 1, 2], 7.0)
     second = steer(tiny_model, 5, [2, 3], 0.3)
-    third = ablate(tiny_model, 6, [4], "mean", means=[0.25])
+    third = steer(tiny_model, 6, [4], mode="mean", means=[0.25])
     assert list(tiny_model.state_dict()) == list(before)
     assert not torch.equal(tiny_model.backbone.layers[5].mixer.dt_proj.weight, before["backbone.layers.5.mixer.dt_proj.weight"])
     first.remove()  # removal out of install order
@@ -159,23 +159,45 @@ def test_out_of_range_inputs(tiny_model):
 
 
 def test_probe_accepts_real_steering_and_catches_a_no_op(tiny_model):
-    assert verify_steering_effect(tiny_model, 20, [0, 1, 2]) > 0
+    assert verify_steering_effect(tiny_model, Steering(20, Intervention.scale([0, 1, 2], 0.0))) > 0
+    assert verify_steering_effect(tiny_model, [Steering(3, Intervention.scale([1], 5.0)),
+                                               Steering(20, Intervention.set([4], [0.5]))]) > 0
+    with pytest.raises(SteeringError, match="did not change"):  # factor 1 edits nothing
+        verify_steering_effect(tiny_model, Steering(20, Intervention.scale([0, 1, 2], 1.0)))
 
-    def hook_that_never_fires():
-        return tiny_model.backbone.layers[20].mixer.dt_proj.register_forward_hook(channel_hook([0, 1, 2], 0.0))
 
-    class AsContext:
-        def __init__(self):
-            self.handle = hook_that_never_fires()
+def test_apply_installs_several_steerings_and_removes_them_all(tiny_model, probe_ids):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    with steer(tiny_model, 2, [1], 3.0), steer(tiny_model, 9, [0, 5], 0.5):
+        expected = tiny_model(probe_ids).logits
+    with apply(tiny_model, [Steering(2, Intervention.scale([1], 3.0)), Steering(9, Intervention.scale([0, 5], 0.5))]):
+        assert torch.equal(tiny_model(probe_ids).logits, expected)
+    for key, value in tiny_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
-        def __enter__(self):
-            return self
 
-        def __exit__(self, *exc):
-            self.handle.remove()
+@pytest.mark.parametrize("record", [
+    {"layer": 20, "neurons": [1, 2], "factor": 5.0},
+    {"layer": 3, "neurons": [4, 0], "factors": [0.5, 2.0]},
+    {"layer": 7, "neurons": [1], "values": [-0.25]},
+    {"layer": 7, "neurons": [1, 3], "factor": 0.0},
+])
+def test_steering_json_round_trip(record):
+    steering = Steering.from_json(record, "test")
+    assert steering.to_json() == record
+    assert Steering.from_json(steering.to_json(), "test") == steering
 
-    with pytest.raises(SteeringError, match="did not change"):
-        verify_steering_effect(tiny_model, 20, [0, 1, 2], intervention=AsContext)
+
+@pytest.mark.parametrize("record,message", [
+    ({"layer": 20, "neurons": [1], "factor": float("nan")}, "not a finite number"),
+    ({"layer": 20, "neurons": [1], "factor": -1.0}, "must be >= 0"),
+    ({"layer": 20, "neurons": [1, 1], "factor": 2.0}, "listed twice"),
+    ({"layer": 20, "neurons": ["1"], "factor": 2.0}, "malformed steering record"),
+    ({"layer": 20, "factor": 2.0}, "malformed steering record"),
+])
+def test_bad_steering_records_are_refused(record, message):
+    with pytest.raises(UsageError, match=message):
+        Steering.from_json(record, "somewhere.json")
 
 
 def test_delta_statistics_equals_direct_computation(tiny_model, tokenizer):

@@ -42,6 +42,35 @@ def naive_run(tiny_model_dir, task_file, pile_file, tmp_path_factory):
     return json.loads((out / "out.json").read_text())
 
 
+def test_groups_follow_the_recorded_cut_and_the_minimum_detectable_effect_is_written(naive_run):
+    from delta_steering.stats import minimum_detectable_effect
+
+    assert naive_run["high_impact_cut"] == 2.0 and "high_impact_cut" in naive_run["description"]
+    measured = [r for r in naive_run["all_neuron_impacts"] if r["impact"] is not None]
+    assert naive_run["groups"]["high_impact"] == sorted(r["neuron"] for r in measured if r["impact"] > 2.0)
+    limit = naive_run["minimum_detectable_effect"]
+    n = sum(naive_run["num_examples"].values())  # one task: every example weighs the same
+    assert limit["examples"] == n and limit["comparisons"] == "a neuron ablated vs the baseline"
+    lost_or_gained = np.mean([(r["examples_lost"] + r["examples_gained"]) / n for r in measured])
+    assert limit["discordance"] == pytest.approx(lost_or_gained, abs=1e-4)  # 0/1 scores: changed = lost + gained
+    expected = minimum_detectable_effect(lost_or_gained, np.full(n, 100 / n))
+    assert limit["points"] == (None if expected is None else pytest.approx(expected, abs=1e-3))
+
+
+def test_a_larger_cut_makes_fewer_high_impact_neurons(tiny_model_dir, task_file, pile_file, tmp_path, capsys):
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-19", "--layer", "23",
+                 "--engine", "naive", "--high_impact_cut", "0.5") == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    measured = [r for r in result["all_neuron_impacts"] if r["impact"] is not None]
+    assert result["high_impact_cut"] == 0.5
+    assert result["groups"]["high_impact"] == sorted(r["neuron"] for r in measured if r["impact"] > 0.5)
+    assert result["groups"]["neutral"] == sorted(r["neuron"] for r in measured if abs(r["impact"]) <= 0.5)
+    out = capsys.readouterr().out
+    assert "High Impact (impact > 0.5)" in out and "inimum detectable effect" in out
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--high_impact_cut", "-1") == 2
+    assert "--high_impact_cut must be 0 or more points" in capsys.readouterr().err
+
+
 def test_json_has_the_seed_fields_and_the_trust_fields(naive_run):
     assert set(naive_run) >= {"beneficial_neurons", "baseline_accuracy", "criterion", "all_neuron_impacts", "layer",
                              "model", "tasks", "validation_size", "per_task_baseline", "delta_variance",
@@ -76,7 +105,7 @@ def test_per_neuron_accuracy_equals_direct_weight_zeroing(naive_run, tiny_model_
 
 
 def strip_run(result):
-    return {k: v for k, v in result.items() if k != "run"}
+    return {k: v for k, v in result.items() if k not in ("run", "content_sha256")}
 
 
 def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, pile_file, tmp_path):
@@ -128,10 +157,18 @@ def test_empty_and_malformed_task_files_exit_2(tiny_model_dir, pile_file, tmp_pa
     empty.write_text("")
     assert step1(tiny_model_dir, empty, pile_file, tmp_path) == 2
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"context": "a", "choices": ["x"], "label": 0}\n{"context": "a", "choices": "x", "label": 0}\n')
+    bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{"context": "a", "choices": "x", "label": 0}\n')
     assert step1(tiny_model_dir, bad, pile_file, tmp_path) == 2
+    one_choice = tmp_path / "one_choice.jsonl"
+    one_choice.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n{"context": "b", "choices": ["x"], "label": 0}\n')
+    assert step1(tiny_model_dir, one_choice, pile_file, tmp_path) == 2
+    not_utf8 = tmp_path / "latin1.jsonl"
+    not_utf8.write_bytes('{"context": "caf\u00e9", "choices": ["x", "y"], "label": 0}\n'.encode("latin-1"))
+    assert step1(tiny_model_dir, not_utf8, pile_file, tmp_path) == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "Traceback" not in " ".join(err)
     assert "empty" in err[0] and "line 2" in err[1]
+    assert "line 2: one choice only" in err[2] and "not UTF-8" in err[3]
 
 
 def test_all_six_builtin_tasks_from_shared_data(shared_data, two_layer_model_dir, pile_file, tmp_path):

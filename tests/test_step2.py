@@ -10,7 +10,8 @@ import torch
 
 import numpy as np
 
-from delta_steering.factors import group_result, mark, selection_best, selection_split, strength
+from delta_steering.factors import group_result, mark, print_group_table, selection_best, selection_split
+from delta_steering.stats import minimum_detectable_effect
 from delta_steering.scoring import evaluate, summarize
 from delta_steering.tasks import Example, load_examples
 from mamba_model_loader import load_mamba_model
@@ -75,7 +76,10 @@ def test_groups_and_amplification_on_the_selection_half_equal_direct_row_scaling
             assert entry["accuracy"] == direct_accuracy(setup, LAYER, neurons, entry["factor"], selection)
             assert entry["delta"] == pytest.approx(entry["accuracy"] - result["selection_baseline_accuracy"], abs=1e-3)
             assert set(entry) >= {"factor", "accuracy", "delta", "per_task", "ci95", "p_value", "q_value", "label"}
-            assert entry["label"] == f"{mark(entry['delta'], entry['q_value'])} {strength(entry['factor'])}"
+            significant = entry["q_value"] < 0.05
+            assert entry["label"] == ("✓ significant gain" if significant and entry["delta"] > 0 else
+                                      "✗ significant loss" if significant and entry["delta"] < 0 else
+                                      "~ no significant change")
     assert any(e["delta"] != 0 for g in result["groups"].values() for e in g["results"])
 
 
@@ -152,8 +156,6 @@ def test_selection_best_tie_break_and_labels():
     rows[2]["accuracy"] = 51.0
     assert selection_best(rows)["factor"] == 2.0
     assert selection_best([{"factor": 2.0, "accuracy": None}]) is None
-    assert [strength(f) for f in (0.5, 1, 1.5, 3, 5, 8, 9, 100)] == ["Suppress", "Baseline", "Moderate", "Moderate",
-                                                                      "Strong", "Strong", "Very strong", "Very strong"]
     assert (mark(2.0, 0.01), mark(-1.0, 0.001), mark(3.0, 0.2), mark(3.0, 0.0)) == ("✓", "✗", "~", "✓")
 
 
@@ -183,6 +185,41 @@ def test_importance_ranking_and_perplexity(setup, result):
     assert ppl["factor_source"] == ("step2-confirmed" if result["optimal_factors"]["high_impact"]["confirmed"]
                                     else "step2-unconfirmed")
     assert ppl["documents"]["role"] == "evaluation"
+    for entry in ppl["layers"]:
+        for kind in ("ablated", "amplified"):
+            change = entry[f"{kind}_change"]
+            assert change["delta"] == pytest.approx(entry[kind] - ppl["baseline"], abs=1e-5)
+            assert change["relative"] == pytest.approx(100 * (entry[kind] / ppl["baseline"] - 1), abs=1e-4)
+            assert change["ci95"][0] <= change["ci95"][1] and change["relative_ci95"][0] <= change["relative_ci95"][1]
+
+
+def test_minimum_detectable_effect_is_the_confirmation_halfs(result):
+    limit = result["minimum_detectable_effect"]
+    assert limit["examples"] == len(result["confirmation_examples"]) and (limit["alpha"], limit["power"]) == (0.05, 0.8)
+    n = limit["examples"]  # one task: every example weighs the same
+    assert limit["points"] == pytest.approx(minimum_detectable_effect(limit["discordance"], np.full(n, 100 / n)),
+                                            abs=1e-3)
+    assert "confirmation half" in limit["comparisons"]
+
+
+def test_the_console_table_says_what_was_measured_never_nan(capsys):
+    group = {"neurons": [1, 2], "selection_size": 40, "confirmation_size": 40, "results": [
+        {"factor": 1.0, "accuracy": 50.0, "delta": 0.0, "ci95": None, "q_value": None, "label": "baseline"},
+        {"factor": 3.0, "accuracy": 55.0, "delta": 5.0, "ci95": [1.0, 9.0], "q_value": 0.01,
+         "label": "✓ significant gain"},
+        {"factor": 100.0, "accuracy": None, "delta": None, "ci95": None, "q_value": None,
+         "label": "? not scored (non-finite logits)"}],
+        "optimal": {"factor": 3.0, "beats_baseline": True, "selection_best_factor": 3.0, "confirmed": False,
+                    "selection": {"accuracy": 55.0, "delta": 5.0, "q_value": 0.01},
+                    "confirmation": {"accuracy": 51.5, "baseline_accuracy": 50.0, "delta": 1.5, "ci95": [0.0, 3.0],
+                                     "p_value": 0.09, "significant": False}}}
+    limit = {"points": 4.2, "comparisons": "a group's factor vs the baseline on the confirmation half",
+             "examples": 40, "discordance": 0.1, "alpha": 0.05, "power": 0.8}
+    print_group_table("high_impact", group, 20, limit)
+    out = capsys.readouterr().out
+    assert "nan" not in out and "Strong" not in out and "Measured" in out
+    assert "non-finite" in out and "significant gain" in out
+    assert "Δ +1.50 is below the minimum detectable effect of the confirmation half (4.20 points)" in out
 
 
 def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch, capsys):
@@ -205,7 +242,9 @@ def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, mon
     step1_file.write_text(setup["step1"].read_text())
     assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 0
     resumed = json.loads((tmp_path / "cluster9_ablation_results_all_neurons.json").read_text())
-    assert {**resumed, "run": None, "step1_file": None} == {**result, "run": None, "step1_file": None}
+    unrecorded = {"run": None, "inputs": None, "content_sha256": None}
+    assert {**resumed, **unrecorded} == {**result, **unrecorded}
+    assert resumed["inputs"]["step1_file"]["sha256"] == result["inputs"]["step1_file"]["sha256"]
     assert not (tmp_path / "step2_checkpoint.json").exists()
 
 
@@ -223,12 +262,12 @@ def test_step1_file_lookup_order(setup, tmp_path, monkeypatch, capsys):
     assert step2(setup, tmp_path / "o", "--num_examples", "2", "--factors", "2", "--max_neurons", "1",
                  neurons_file=False) == 0
     saved = json.loads((tmp_path / "o" / "cluster9_ablation_results_all_neurons.json").read_text())
-    assert saved["step1_file"] == "ablation_3_results/discovered_neurons.json"
+    assert saved["inputs"]["step1_file"]["path"] == "ablation_3_results/discovered_neurons.json"
 
 
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.pop("all_neuron_impacts"), "malformed"),
-    (lambda d: d["all_neuron_impacts"].append({"neuron": 128, "impact": 1.0}), "neuron 128 out of range"),
+    (lambda d: d["all_neuron_impacts"].append({"neuron": 128, "impact": 1.0}), "neuron 128 does not fit this model"),
     (lambda d: d.update(model="state-spaces/mamba-130m-hf"), "--allow_model_mismatch"),
     (lambda d: d.update(layer=30), "layer 30 out of range"),
 ])

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from delta_steering.ifeval import METRICS
-from delta_steering.verification import BASELINE, neuron_sets
-from scripts import interrupting, run_main, step1_file
+from delta_steering.verification import factor_standing, neuron_sets
+from scripts import interrupting, run_main, step1_file, step2_file
 
 pytestmark = pytest.mark.usefixtures("punkt")
 
@@ -30,9 +30,9 @@ def files(tiny_model_dir, tmp_path_factory):
     impacts = {**{n: 3.0 + n for n in HIGH}, **{n: 0.1 for n in range(4, 32)}}
     variance = [float((7 * n) % 32) for n in range(32)]
     step1_file(root / "step1.json", impacts, 20, tiny_model_dir, 32, variance=variance)
-    (root / "step2.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {
+    step2_file(root / "step2.json", root / "step1.json", HIGH, {
         "high_impact": {"factor": 5.0, "beats_baseline": True, "selection_best_factor": 5.0, "confirmed": True},
-        "neutral": {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 0.5, "confirmed": False}}}))
+        "neutral": {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 0.5, "confirmed": False}})
     (root / "pile.txt").write_text("The quick brown fox jumps over the lazy dog.\n\nParis is the capital of France.\n")
     return root
 
@@ -77,6 +77,47 @@ def test_both_writes_cluster_and_layer_results_with_every_field(both):
     assert any(text != baseline_rows for text in steered)  # steering changes what the model writes
 
 
+def test_titles_and_descriptions_say_what_ran(both):
+    cluster = json.loads((both / "cluster_ablation_ifeval_results.json").read_text())
+    layer = json.loads((both / "layer_ablation_ifeval_results.json").read_text())
+    assert layer["mode_title"] == "Layer ablation: delta-sensitive set, ×5 amplification at layers 19, 21"
+    assert layer["description"].startswith(layer["mode_title"] + ". Step 3, verification")
+    assert [c["description"] for c in layer["configurations"][1:]] == [
+        "delta_sensitive set, ×5 amplification at layer 19", "delta_sensitive set, ×5 amplification at layer 21"]
+    assert cluster["mode_title"] == "Cluster ablation: each set zero-ablated at layer 20"
+    assert cluster["configurations"][1]["description"] == "delta_sensitive set, zero ablation at layer 20"
+    assert layer["factor_standing"].startswith("steering factor ×5: step 2 confirmed it")
+
+
+def test_perplexity_changes_carry_a_ci_and_the_run_its_minimum_detectable_effect(both):
+    layer = json.loads((both / "layer_ablation_ifeval_results.json").read_text())
+    for c in layer["configurations"][1:]:
+        lo, hi = c["perplexity_ci95"]
+        assert lo <= c["perplexity_delta"] + 1e-6 and c["perplexity_delta"] - 1e-6 <= hi
+        assert c["perplexity_relative"] == pytest.approx(100 * c["perplexity_delta"] / layer["configurations"][0][
+            "perplexity"], abs=1e-4)
+    limit = layer["minimum_detectable_effect"]
+    assert limit["examples"] == 5 and limit["alpha"] == 0.05 and limit["power"] == 0.8
+    assert limit["points"] is None or limit["points"] > 0
+
+
+def test_factor_standing_says_which_factor_and_why():
+    lost = {"factor": 1.0, "beats_baseline": False, "selection_best_factor": 2.0, "confirmed": False,
+            "selection": {"accuracy": 40.0, "delta": -4.5, "q_value": 0.3}, "confirmation": None}
+    assert factor_standing(2.0, "step2-unconfirmed", lost) == (
+        "step 2 confirmed no factor; verifying the selection-best ×2, which lost 4.5 points on selection — pass "
+        "--factor to choose")
+    won = {**lost, "factor": 3.0, "beats_baseline": True, "selection_best_factor": 3.0,
+           "selection": {"delta": 2.0}, "confirmation": {"delta": 0.5, "p_value": 0.6}}
+    assert factor_standing(3.0, "step2-unconfirmed", won) == (
+        "step 2 did not confirm its High Impact factor: verifying the selection-best ×3 (Δ +2.00 points on "
+        "selection, then Δ +0.50 on confirmation, not significant) — pass --factor to choose")
+    confirmed = {**won, "confirmed": True, "confirmation": {"delta": 3.0, "p_value": 0.01}}
+    assert factor_standing(3.0, "step2-confirmed", confirmed) == (
+        "steering factor ×3: step 2 confirmed it on its confirmation half (Δ +3.00 points, sign-test p 0.01)")
+    assert factor_standing(7.0, "command-line", None) == "steering factor ×7: given on the command line (--factor)"
+
+
 def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both, tmp_path, monkeypatch):
     from delta_steering import verification
 
@@ -84,13 +125,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both,
     monkeypatch.setattr(verification, "run_configuration", interrupting(real, on_call=2))
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 130
     saved = json.loads((tmp_path / "step3_checkpoint.json").read_text())
-    assert list(saved["done"]) == [BASELINE.name] and len(saved["done"][BASELINE.name]["baseline"]["responses"]) == 5
+    assert list(saved["done"]) == ["baseline"] and len(saved["done"]["baseline"]["baseline"]["responses"]) == 5
     monkeypatch.setattr(verification, "run_configuration", real)
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 0
     for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
         resumed, whole = (json.loads((d / name).read_text()) for d in (tmp_path, both))
         for result in (resumed, whole):
-            del result["run"]
+            del result["run"], result["content_sha256"]
             for c in result["configurations"]:
                 del c["seconds"]
         assert resumed == whole
@@ -143,8 +184,8 @@ def test_score_responses_reproduces_gpt4_file(shared_data, tmp_path, capsys):
 def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "bad_prompts.jsonl").write_text('{"key": 1, "prompt": "x"}\n')
-    (tmp_path / "no_factor.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": None}}))
-    (tmp_path / "old_format.json").write_text(json.dumps({"optimal_factors": {"high_impact": 5.0}}))
+    step2_file(tmp_path / "no_factor.json", files / "step1.json", HIGH, {"high_impact": None})
+    (tmp_path / "old_format.json").write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": 5.0}}))
     cases = [
         ({"--neurons_file": tmp_path / "missing.json"}, "missing.json"),
         ({"--factors_file": tmp_path / "missing2.json"}, "missing2.json"),
@@ -166,14 +207,17 @@ def test_bad_inputs_exit_2_with_one_line(tiny_model_dir, files, tmp_path, capsys
 
 def test_an_unconfirmed_step2_factor_is_used_and_said_so(tiny_model_dir, files, tmp_path, capsys):
     step2 = tmp_path / "unconfirmed.json"
-    step2.write_text(json.dumps({"format_version": 1, "optimal_factors": {"high_impact": {
-        "factor": 1.0, "beats_baseline": False, "selection_best_factor": 3.0, "confirmed": False}}}))
+    step2_file(step2, files / "step1.json", HIGH, {"high_impact": {
+        "factor": 1.0, "beats_baseline": False, "selection_best_factor": 3.0, "confirmed": False}})
     assert step3(tiny_model_dir, files, tmp_path, **{"--factors_file": step2, "--num_samples": 2,
                                                      "--max_new_tokens": 4}) == 0
     result = json.loads((tmp_path / "combined_steering_ifeval_results.json").read_text())
     assert result["factor"] == 3.0 and result["factor_source"] == "step2-unconfirmed"
     out = capsys.readouterr().out
     assert "NOT confirmed" in out and "unconfirmed" in out
+    standing = "step 2 confirmed no factor; verifying the selection-best ×3 — pass --factor to choose"
+    summary = out[out.index("\nCombined steering: ") - len(standing) - 1:]
+    assert summary.startswith(standing)  # the summary leads with the factor's standing
 
 
 def test_best_mark_only_on_a_gain_whose_ci_lies_above_zero(capsys):
