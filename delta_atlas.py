@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
 
 import delta_steering as ds
 from delta_steering.cli import (DEFAULT_TASKS, add_model_args, add_pile_args, add_run_args, add_sweep_args,
-                                check_output_dir, check_output_file, check_positive, main_guard, parse_int_list,
-                                parse_names, step_parser)
+                                check_device, check_output_dir, check_output_file, check_positive, main_guard,
+                                parse_int_list, parse_names, step_parser)
 
 STEP = "atlas"
 
@@ -56,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     args = build_parser().parse_args()
     for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
         check_positive(getattr(args, flag), f"--{flag}")
+    check_device(args.device)
     if (args.step1_layer is None) != (args.save_step1 is None):
         raise ds.UsageError("--step1_layer and --save_step1 go together: the layer, and where its step-1 file goes")
     check_output_file(args.save_path, "--save_path")
@@ -82,11 +84,10 @@ def check_family(source) -> None:
                             f"not {family}; run step 1 per layer instead")
 
 
-def measure(args, run, source, examples) -> tuple[dict, dict]:
+def measure(args, run, model, tokenizer, layers: list[int], examples) -> tuple[dict, dict]:
     """What every process computes alike (baseline, delta statistics, the attribution pass) and the
     correctness rows of its share of the verified neurons."""
-    model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    layers, n = atlas_layers(args, source.shape), source.shape.delta_neurons
+    n = ds.sites.num_delta_neurons(model)
     timings = {}
 
     t = time.time()
@@ -95,6 +96,7 @@ def measure(args, run, source, examples) -> tuple[dict, dict]:
     timings["delta_statistics"] = round(time.time() - t, 2)
     ablations = {layer: ds.Intervention.ablation(args.ablation, range(n), [float(v) for v in stats[layer]["dt_pre_mean"]])
                  for layer in layers}
+    ds.steering.verify_steering_effect(model, ds.Steering(layers[0], ablations[layers[0]].only([0])))
 
     encoded = ds.scoring.encode_examples(tokenizer, examples)
     t = time.time()
@@ -125,13 +127,13 @@ def measure(args, run, source, examples) -> tuple[dict, dict]:
                "delta_statistics": {str(layer): {"delta_variance": s["delta_variance"].tolist(),
                                                  "dt_pre_mean": s["dt_pre_mean"].tolist(),
                                                  "num_tokens": int(s["num_tokens"])} for layer, s in stats.items()},
-               "documents": ds.pile.pile_record(texts, "statistics"), "family": ds.sites.family_of(model).name,
+               "documents": ds.pile.pile_record(texts, "statistics"),
                "model_info": ds.models.describe(model), "timings": timings}
     return context, rows
 
 
 def report(args, context: dict, rows: dict, examples: list, started: float) -> tuple[dict, dict | None]:
-    """The atlas file's contents and, with --step1_layer, that layer's step-1 file's."""
+    """The atlas file's contents and, with --step1_layer, that layer's step-1 file's contents."""
     baseline = np.array(context["baseline"], dtype=float)
     records, spearman = {}, {}
     for layer in context["layers"]:
@@ -144,20 +146,21 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> t
     entries = [ds.atlas.layer_entry(layer, records[layer], q_values[layer], spearman[layer],
                                     context["delta_statistics"][str(layer)]) for layer in context["layers"]]
     common = {"data_dir": args.data_dir, "ablation": args.ablation, "engine": context["engine"]}
-    result = ds.atlas.atlas_result(examples, baseline, entries, args.model, context["family"], parse_names(args.tasks),
+    run_record = ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"])
+    provenance = ds.artifacts.Provenance(**context["provenance"])
+    result = ds.atlas.atlas_result(examples, baseline, entries, provenance, parse_names(args.tasks),
                                    args.validation_size, verify_top=args.verify_top,
-                                   delta_statistics_documents=context["documents"], **common)
-    result["run"] = ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"])
+                                   delta_statistics_documents=context["documents"], **common, run=run_record)
     ds.atlas.print_atlas(result)
     if args.step1_layer is None:
         return result, None
     layer = args.step1_layer
     stats = {**context["delta_statistics"][str(layer)], "documents": context["documents"]}
     step1 = ds.atlas.step1_result(examples, baseline, records[layer], spearman[layer],
-                                  context["estimates"][str(layer)], stats, layer, args.model, parse_names(args.tasks),
-                                  args.validation_size, args.threshold, atlas=str(args.save_path), **common)
-    step1["run"] = result["run"]
-    return result, step1
+                                  context["estimates"][str(layer)], stats, replace(provenance, layer=layer),
+                                  parse_names(args.tasks), args.validation_size, args.threshold,
+                                  atlas=str(args.save_path), **common, run=run_record)
+    return result, step1.to_json()
 
 
 @main_guard
@@ -168,20 +171,26 @@ def main() -> None:
     source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
     if source is not None:
         check_family(source)
-        atlas_layers(args, source.shape)
+        layers = atlas_layers(args, source.shape)
     if args.pile_path:
         ds.pile.local_files(args.pile_path)
     examples = ds.tasks.load_examples(parse_names(args.tasks), args.data_dir, "discovery", args.validation_size)
-    context, rows = run.merged() if run.merging else measure(args, run, source, examples)
+    if run.merging:
+        context, rows = run.merged()
+    else:
+        model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+        context, rows = measure(args, run, model, tokenizer, layers, examples)
+        context["provenance"] = ds.artifacts.Provenance.of(source, None).to_json()
     if run.publish(context, rows):
         result, step1 = report(args, context, rows, examples, started)
-        ds.results_io.write_json(args.save_path, result)
-        if step1 is not None:
-            ds.results_io.write_json(args.save_step1, step1)
-            print(f"step-1 file for layer {args.step1_layer}: {args.save_step1}")
-        if not args.no_plots:
-            for path in ds.plots.plot_atlas(result, args.output_dir):
-                print(f"plot: {path}")
+        with run.saving():
+            ds.results_io.write_json(args.save_path, result)
+            if step1 is not None:
+                ds.results_io.write_json(args.save_step1, step1)
+                print(f"step-1 file for layer {args.step1_layer}: {args.save_step1}")
+            if not args.no_plots:
+                for path in ds.plots.plot_atlas(result, args.output_dir):
+                    print(f"plot: {path}")
         print(f"results: {args.save_path}")
     run.close()
 

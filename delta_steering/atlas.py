@@ -13,7 +13,7 @@ import copy
 
 import numpy as np
 
-from .artifacts import FORMAT_VERSION
+from .artifacts import FORMAT_VERSION, Discovery, Provenance
 from .attribution import estimated_impacts, layer_attributions
 from .batching import Encoded
 from .discovery import attach_estimates, discovery_result, estimate_records, neuron_impacts
@@ -91,16 +91,16 @@ def layer_entry(layer: int, records: list[dict], q_values: list[float], spearman
     }
 
 
-def atlas_result(examples: list[Example], baseline: np.ndarray, layers: list[dict], model_name: str,
-                 family: str, tasks: list[str], validation_size: int, **extra) -> dict:
-    """The atlas file: what was measured on what, the baseline, and one entry per layer."""
+def atlas_result(examples: list[Example], baseline: np.ndarray, layers: list[dict], provenance: Provenance,
+                 tasks: list[str], validation_size: int, **extra) -> dict:
+    """The atlas file: what was measured on what (provenance: model, its digest, family), the
+    baseline, and one entry per layer."""
     summary, chance = summarize(examples, baseline), summarize(examples, chance_correctness(examples))
     return {
         "format_version": FORMAT_VERSION,
         "kind": KIND,
         "description": DESCRIPTION,
-        "model": model_name,
-        "family": family,
+        **provenance.to_json(),
         "tasks": tasks,
         "validation_size": validation_size,
         "baseline_accuracy": summary["accuracy"],
@@ -116,13 +116,13 @@ def atlas_result(examples: list[Example], baseline: np.ndarray, layers: list[dic
 
 
 def step1_result(examples: list[Example], baseline: np.ndarray, records: list[dict], spearman: dict,
-                 estimates: list[dict], stats: dict, layer: int, model_name: str, tasks: list[str],
-                 validation_size: int, threshold: float, **extra) -> dict:
-    """One layer of the atlas as a step-1 file: what step 1 with --method attribution writes (q-values
-    within the layer), for step 2 to read."""
+                 estimates: list[dict], stats: dict, provenance: Provenance, tasks: list[str],
+                 validation_size: int, threshold: float, **extra) -> Discovery:
+    """One layer of the atlas (`provenance.layer`) as a step-1 file: the fields step 1 with --method
+    attribution writes (q-values within the layer), for step 2 to read."""
     verified = sorted(r["neuron"] for r in records if r["measured"])
-    return discovery_result(examples, baseline, records, threshold, layer, model_name, tasks, validation_size,
-                            stats, method="attribution", neurons_tested=len(records), attribution_estimates=estimates,
+    return discovery_result(examples, baseline, records, threshold, provenance, tasks, validation_size, stats,
+                            method="attribution", neurons_tested=len(records), attribution_estimates=estimates,
                             verified_neurons=verified, **spearman, **extra)
 
 

@@ -16,7 +16,7 @@ from delta_steering.delta_stats import delta_statistics, layer_delta_statistics
 from delta_steering.intervention import Intervention
 from delta_steering.scoring import encode_examples, encode_pair, evaluate, loglikelihoods, summarize
 from delta_steering.stats import benjamini_hochberg, is_significant
-from delta_steering.steering import ablate
+from delta_steering.steering import steer
 from delta_steering.tasks import load_examples
 from families import make_tiny
 from scripts import run_main
@@ -83,7 +83,7 @@ def planted_task(model, tokenizer, path, flipped: int = 24, kept: int = 16):
         questions.append((" ".join(rng.choice(words) for _ in range(5)), " " + a, " " + b))
     encoded = [encode_pair(tokenizer, context, choice) for context, *choices in questions for choice in choices]
     before, _ = loglikelihoods(model, tokenizer, encoded)
-    with ablate(model, PLANTED_LAYER, [PLANTED_NEURON]):
+    with steer(model, PLANTED_LAYER, [PLANTED_NEURON], 0.0):
         after, _ = loglikelihoods(model, tokenizer, encoded)
     preferred, ablated = before[1::2] > before[0::2], after[1::2] > after[0::2]
     order = np.argsort(-np.abs(before[1::2] - before[0::2]))
@@ -147,7 +147,7 @@ def test_exact_remeasurements_equal_whole_model_ablation(atlas, planted, tokeniz
     for entry in atlas["result"]["layers"]:
         assert len(entry["verified"]) == 2
         for record in entry["verified"]:
-            with ablate(model, entry["layer"], [record["neuron"]]):
+            with steer(model, entry["layer"], [record["neuron"]], 0.0):
                 accuracy = summarize(examples, evaluate(model, tokenizer, examples))["accuracy"]
             assert record["accuracy"] == accuracy and record["impact"] == pytest.approx(baseline - accuracy, abs=1e-3)
             checked += 1
@@ -169,6 +169,9 @@ def test_the_step1_file_of_a_layer_feeds_step_2(atlas, planted):
     discovery = read_discovery(atlas["step1"])
     entry = atlas["result"]["layers"][PLANTED_LAYER]
     assert discovery.layer == PLANTED_LAYER and discovery.tasks == [str(planted["task"])]
+    result = atlas["result"]
+    assert result["family"] == "mamba" and result["layer"] is None and result["kind"] == "delta_atlas"
+    assert discovery.provenance.model_digest == result["model_digest"] and discovery.provenance.family == "mamba"
     measured = {r["neuron"]: r for r in discovery.records if r["measured"]}
     assert measured.keys() == {r["neuron"] for r in entry["verified"]}
     assert all(measured[r["neuron"]]["impact"] == r["impact"] and
