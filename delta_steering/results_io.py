@@ -124,8 +124,9 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> list[dict]:
 
 
 def warn(message: str) -> None:
-    """One warning line on stderr: the run goes on, the user should know."""
-    print(f"warning: {message}", file=sys.stderr)
+    """One warning line with the run's output (stderr is kept for the one line of an error): the run
+    goes on, the user should know."""
+    print(f"warning: {message}")
 
 
 def file_digest(path: str | os.PathLike) -> str:

@@ -86,13 +86,14 @@ def test_cli(tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_statistics_and_evaluation_documents_are_disjoint(tmp_path):
+def test_statistics_and_evaluation_documents_are_disjoint(tmp_path, capsys):
     from pile_dataset_loader import document_digests
 
     folder = write_all_formats(tmp_path / "pile")
     statistics = load_pile_texts(100, seed=2, path=folder, role="statistics")
     evaluation = load_pile_texts(100, seed=2, path=folder, role="evaluation")
     assert len(statistics) == len(evaluation) == 6
+    assert capsys.readouterr().out.count("documents; using 6, not 100") == 2  # fewer than asked: said
     assert not set(statistics) & set(evaluation) and sorted(statistics + evaluation) == sorted(DOCS)
     assert load_pile_texts(3, seed=2, path=folder, role="evaluation") == evaluation[:3]
     assert not set(document_digests(statistics)) & set(document_digests(evaluation))

@@ -91,9 +91,19 @@ def test_custom_task_file_is_partitioned_like_a_builtin_pool(tmp_path):
     assert task.examples[1].requests == (("Key 1 is", " red"), ("Key 1 is", " blue"))
 
 
+def test_asking_for_more_examples_than_a_partition_has_says_how_many_are_used(tmp_path, capsys):
+    rows = [{"context": f"Key {i} is", "choices": [" red", " blue"], "label": i % 2} for i in range(11)]
+    path = write_jsonl(tmp_path / "colors.jsonl", rows)
+    assert len(load_examples([str(path)], None, "heldout", 100)) == 6
+    assert capsys.readouterr().out.strip() == "warning: task colors has 6 heldout examples; using 6, not 100"
+    assert len(load_examples([str(path)], None, "heldout", 6)) == 6 and not capsys.readouterr().out
+
+
 @pytest.mark.parametrize("rows,match", [
     ([], "empty"),
-    ([{"context": "a", "choices": ["x"], "label": 0}, {"context": "b", "choices": [], "label": 0}], "line 2"),
+    ([{"context": "a", "choices": ["x", "y"], "label": 0}, {"context": "b", "choices": [], "label": 0}], "line 2"),
+    ([{"context": "a", "choices": ["x", "y"], "label": 0}, {"context": "b", "choices": ["x"], "label": 0}],
+     "line 2: one choice only"),
     ([{"context": "a", "choices": ["x", "y"], "label": 2}], "line 1"),
     ([{"choices": ["x"], "label": 0}], "line 1"),
 ])
