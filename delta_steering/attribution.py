@@ -1,7 +1,7 @@
 """Attribution: a first-order estimate of every delta neuron's effect at once.
 
-One forward and one backward pass per example batch give d(score)/d(dt_pre) at layer L for every
-neuron and token; the estimated change of a request's score when neuron i alone is intervened on is
+One forward and one backward pass per example batch give d(score)/d(dt_pre) at layer L (or at every
+layer of a set, from the same pass) for every neuron and token; the estimated change of a request's score when neuron i alone is intervened on is
 `sum_t grad[i, t] * (dt_pre'[i, t] - dt_pre[i, t])`. Exact to first order in the change of dt_pre:
 good for factors near 1, a ranking heuristic for ablation, which is why step 1 re-measures the
 neurons it ranks first with the exact engine.
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .batching import Encoded, pad_batch, request_batches, target_ids, target_mask, token_budget, gather_targets
 from .intervention import Intervention
-from .mixer import block_input, gated_scan, mixer_pieces, suffix
+from .mixer import block_input, gated_scan, mixer_pieces
 from .scoring import choice_lengths, correctness, example_weights
 from .sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from .tasks import Example
@@ -60,28 +60,42 @@ def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengt
     return torch.stack(scores)
 
 
-def batch_gradient(model, layer: int, ids: Tensor, items: list[Encoded], lengths: list[int],
-                   kinds: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-    """Scores of one example batch, and their gradient with respect to `dt_pre` of layer L
-    (batch x channels x tokens): one forward and one backward pass. Block L's mixer is written out
-    (with the same pieces as the fast engine) so that dt_pre is a leaf; the blocks after it are the
-    real MambaBlocks. Rows of the batch are independent, so the gradient of the summed scores holds
-    each request's own gradient in its row."""
-    block = decoder_layers(model)[layer]
+def written_out_block(block, hidden: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
+    """A Mamba-1 block's output and its dt_pre, the mixer written out (the fast engine's pieces) with
+    `offset` (batch x channels x tokens, zeros) added to dt_pre: the gradient with respect to `offset`
+    is the gradient with respect to dt_pre, every later path included."""
     mixer = block.mixer
+    x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
+    residual = hidden.float() if block.residual_in_fp32 else hidden
+    dt_pre = dt_lin + mixer.dt_proj.bias.float().to(dt_lin.dtype)[:, None] + offset
+    A = -torch.exp(mixer.A_log.detach().float())
+    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D.detach(), gate)
+    return residual + mixer.out_proj(y.transpose(1, 2).to(mixer.out_proj.weight.dtype)), dt_pre.detach()
+
+
+def batch_gradients(model, layers: list[int], ids: Tensor, items: list[Encoded], lengths: list[int],
+                    kinds: list[str]) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+    """Scores of one example batch, and per layer of `layers` their gradient with respect to that
+    layer's `dt_pre` and dt_pre itself (batch x channels x tokens): one forward and one backward pass.
+    The blocks of `layers` have their mixers written out (the fast engine's pieces) with a zero
+    offset on dt_pre as the leaf; the blocks before the first run without a graph, the other blocks
+    after it are the real MambaBlocks. Rows of the batch are independent, so the gradient of the
+    summed scores holds each request's own gradient in its row."""
+    first, blocks = min(layers), decoder_layers(model)
     with torch.no_grad():
-        hidden = block_input(model, ids, layer)
-        x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
-        residual = hidden.float() if block.residual_in_fp32 else hidden
-        dt_pre = dt_lin + mixer.dt_proj.bias.float().to(dt_lin.dtype)[:, None]
-    dt_pre = dt_pre.detach().requires_grad_(True)
+        hidden = block_input(model, ids, first)
+    offsets, dt_pre = {}, {}
     with torch.enable_grad():
-        A = -torch.exp(mixer.A_log.detach().float())
-        y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D.detach(), gate)
-        out = residual + mixer.out_proj(y.transpose(1, 2).to(mixer.out_proj.weight.dtype))
-        scores = request_scores(OutputHead(model), suffix(model, layer, out), items, lengths, kinds)
-        (grad,) = torch.autograd.grad(scores.sum(), dt_pre)
-    return scores.detach(), grad, dt_pre.detach()
+        for index in range(first, len(blocks)):
+            if index not in layers:
+                hidden = blocks[index](hidden)
+                continue
+            channels = blocks[index].mixer.intermediate_size
+            offsets[index] = torch.zeros(ids.shape[0], channels, ids.shape[1], device=ids.device, requires_grad=True)
+            hidden, dt_pre[index] = written_out_block(blocks[index], hidden, offsets[index])
+        scores = request_scores(OutputHead(model), model.backbone.norm_f(hidden), items, lengths, kinds)
+        grads = torch.autograd.grad(scores.sum(), [offsets[i] for i in layers])
+    return scores.detach(), dict(zip(layers, grads)), dt_pre
 
 
 def dt_pre_change(dt_pre: Tensor, intervention: Intervention) -> Tensor:
@@ -91,35 +105,56 @@ def dt_pre_change(dt_pre: Tensor, intervention: Intervention) -> Tensor:
     return (lin + bias[:, None, None]).transpose(0, 1) - dt_pre
 
 
-def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded], layer: int,
-                intervention: Intervention, batch_size: int | None = None, progress: bool = False) -> Attribution:
-    """First-order estimate, for every delta neuron of `layer` intervened on alone, of every request's
-    score change. `intervention` names what is done to each neuron: all delta neurons of the layer."""
+def check_covered(model, interventions: dict[int, Intervention]) -> None:
+    """Attribution applies to this model and to these (layer -> intervention on every delta neuron)."""
     if not covers(model):
         raise ValueError(f"attribution covers {', '.join(FAMILIES)} models, not {family_of(model).name}")
-    check_layer(model, layer)
-    if list(intervention.neurons) != list(range(num_delta_neurons(model))):
-        raise ValueError("attribution needs an intervention on every delta neuron of the layer, in order")
+    if not interventions:
+        raise ValueError("attribution needs at least one layer")
+    for layer, intervention in interventions.items():
+        check_layer(model, layer)
+        if list(intervention.neurons) != list(range(num_delta_neurons(model))):
+            raise ValueError("attribution needs an intervention on every delta neuron of the layer, in order")
+
+
+def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[Encoded],
+                       interventions: dict[int, Intervention], batch_size: int | None = None,
+                       progress: bool = False) -> dict[int, Attribution]:
+    """First-order estimates at several layers from one forward and one backward pass per batch:
+    for every layer of `interventions` and every delta neuron of it intervened on alone (as that
+    layer's intervention says; it covers all delta neurons of the layer), every request's score change."""
+    check_covered(model, interventions)
+    layers = sorted(interventions)
     kinds = [("margin" if e.metric == "greedy" else "logprob") for e in examples for _ in e.requests]
     if len(kinds) != len(encoded):
         raise ValueError(f"{len(encoded)} encoded requests for {len(kinds)} requests of the examples")
     device = next(model.parameters()).device
     width = max(len(e.tokens) for e in encoded)
     # the backward pass keeps each later block's scan tensors: shrink the budget accordingly
-    after = len(decoder_layers(model)) - layer
+    after = len(decoder_layers(model)) - layers[0]
     budget = max(width, token_budget(model, width) // (2 * after))
     base = np.full(len(encoded), np.nan)
-    delta = np.full((num_delta_neurons(model), len(encoded)), np.nan)
+    delta = {layer: np.full((num_delta_neurons(model), len(encoded)), np.nan) for layer in layers}
     for batch in tqdm(request_batches(encoded, batch_size, budget), desc="attribution", unit="batch",
                       disable=not progress, leave=False):
         items = [encoded[i] for i in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-        scores, grad, dt_pre = batch_gradient(model, layer, ids, items, lengths, [kinds[i] for i in batch])
+        scores, grads, dt_pre = batch_gradients(model, layers, ids, items, lengths, [kinds[i] for i in batch])
         valid = torch.arange(ids.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
-        change = dt_pre_change(dt_pre.float(), intervention) * valid[:, None, :]
         base[batch] = scores.cpu().numpy()
-        delta[:, batch] = (grad.float() * change).sum(-1).T.double().cpu().numpy()
-    return Attribution(base, delta, tuple(kinds))
+        for layer in layers:
+            change = dt_pre_change(dt_pre[layer].float(), interventions[layer]) * valid[:, None, :]
+            delta[layer][:, batch] = (grads[layer].float() * change).sum(-1).T.double().cpu().numpy()
+    return {layer: Attribution(base, delta[layer], tuple(kinds)) for layer in layers}
+
+
+def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded], layer: int,
+                intervention: Intervention, batch_size: int | None = None, progress: bool = False) -> Attribution:
+    """First-order estimate, for every delta neuron of `layer` intervened on alone, of every request's
+    score change. `intervention` names what is done to each neuron: all delta neurons of the layer.
+    The one-layer case of `layer_attributions`."""
+    return layer_attributions(model, tokenizer, examples, encoded, {layer: intervention}, batch_size,
+                              progress)[layer]
 
 
 def estimated_correctness(examples: list[Example], att: Attribution) -> np.ndarray:

@@ -4,6 +4,7 @@ ablation sets a neuron to."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Sequence
 
 import torch
@@ -19,26 +20,42 @@ def delta_statistics(model: nn.Module, tokenizer, texts: Sequence[str], layer: i
 
     Each text is run on its own (no padding), truncated to `max_length` tokens; statistics are
     accumulated in float64 over every token of every text."""
-    check_layer(model, layer)
+    return layer_delta_statistics(model, tokenizer, texts, [layer], max_length)[layer]
+
+
+@torch.no_grad()
+def layer_delta_statistics(model: nn.Module, tokenizer, texts: Sequence[str], layers: Sequence[int],
+                           max_length: int = 512) -> dict[int, dict[str, torch.Tensor]]:
+    """`delta_statistics` of several layers from the same forward passes (one per text)."""
+    for layer in layers:
+        check_layer(model, layer)
     n = num_delta_neurons(model)
-    sums = {key: torch.zeros(n, dtype=torch.float64) for key in ("dt", "dt2", "delta", "delta2")}
+    sums = {layer: {key: torch.zeros(n, dtype=torch.float64) for key in ("dt", "dt2", "delta", "delta2")}
+            for layer in layers}
     count = 0
-    with capture_dt_pre(model, layer) as captured:
+    with ExitStack() as stack:
+        captured = {layer: stack.enter_context(capture_dt_pre(model, layer)) for layer in layers}
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[:, :max_length]
             if ids.shape[1] == 0:
                 continue
-            captured.clear()
+            for seen in captured.values():
+                seen.clear()
             model(input_ids=ids.to(model.device), use_cache=False)
-            dt = captured[0].reshape(-1, n).double().cpu()
-            delta = torch.nn.functional.softplus(dt)
-            sums["dt"] += dt.sum(0)
-            sums["dt2"] += (dt**2).sum(0)
-            sums["delta"] += delta.sum(0)
-            sums["delta2"] += (delta**2).sum(0)
-            count += dt.shape[0]
+            for layer in layers:
+                dt = captured[layer][0].reshape(-1, n).double().cpu()
+                delta = torch.nn.functional.softplus(dt)
+                sums[layer]["dt"] += dt.sum(0)
+                sums[layer]["dt2"] += (dt**2).sum(0)
+                sums[layer]["delta"] += delta.sum(0)
+                sums[layer]["delta2"] += (delta**2).sum(0)
+            count += ids.shape[1]
     if count == 0:
         raise ValueError("no tokens in the reference texts")
+    return {layer: _moments(sums[layer], count) for layer in layers}
+
+
+def _moments(sums: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
     dt_mean, delta_mean = sums["dt"] / count, sums["delta"] / count
     return {
         "dt_pre_mean": dt_mean,

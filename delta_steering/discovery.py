@@ -129,11 +129,20 @@ def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons:
     """First-order estimates of every neuron's ablation effect (one forward and backward pass per
     batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
     att = attribution(model, tokenizer, examples, encoded, layer, ablation, batch_size, progress=True)
-    impact, margin_loss = estimated_impacts(examples, att)
-    estimates = [{"neuron": n, "estimated_impact": round(float(impact[n]), 4) + 0.0,
-                  "estimated_margin_loss": float(margin_loss[n])} for n in neurons]
+    estimates = estimate_records(neurons, *estimated_impacts(examples, att))
+    return estimates, top_estimated(estimates, top)
+
+
+def estimate_records(neurons: list[int], impact: np.ndarray, margin_loss: np.ndarray) -> list[dict]:
+    """One record per neuron of its first-order estimates (indexed by neuron id)."""
+    return [{"neuron": int(n), "estimated_impact": round(float(impact[n]), 4) + 0.0,
+             "estimated_margin_loss": float(margin_loss[n])} for n in neurons]
+
+
+def top_estimated(estimates: list[dict], top: int) -> list[int]:
+    """The `top` neurons to re-measure exactly, sorted by id: largest estimated impact, then margin loss."""
     ranked = sorted(estimates, key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
-    return estimates, sorted(e["neuron"] for e in ranked[:top])
+    return sorted(e["neuron"] for e in ranked[:top])
 
 
 def attach_estimates(records: list[dict], estimates: list[dict]) -> dict:

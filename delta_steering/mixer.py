@@ -75,11 +75,13 @@ def gated_scan(x: Tensor, dt_pre: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
     dt = F.softplus(dt_pre).float()
     decay = torch.exp(A[..., None, :] * dt[..., None])  # (..., tokens, state)
     drive = dt[..., None] * B.float() * x.float()[..., None]
-    decay, drive = decay.movedim(-2, 0), drive.movedim(-2, 0)  # tokens first: contiguous steps
+    # tokens first: contiguous steps; unbind, not indexing, so that a backward pass (attribution)
+    # gathers the steps' gradients once instead of filling a full-size zero tensor per step
+    decay, drive = decay.movedim(-2, 0).unbind(0), drive.movedim(-2, 0).unbind(0)
     state = torch.zeros_like(drive[0])
     states = []
-    for step in range(decay.shape[0]):
-        state = decay[step] * state + drive[step]
+    for step_decay, step_drive in zip(decay, drive):
+        state = step_decay * state + step_drive
         states.append(state)
     y = (torch.stack(states, dim=-2) * C.float()).sum(-1)
     y = y + x.float() * D.float()[..., None]

@@ -569,3 +569,66 @@ def plot_verification(results: dict, output_dir: str | Path) -> list[Path]:
         if mode == "layer_ablation" and len(result["configurations"]) > 1:
             paths += _save(layer_ablation_vs_layer_figure(result), out, "layer_ablation_vs_layer")
     return paths
+
+
+# --- atlas -----------------------------------------------------------------------------------
+
+def _atlas_details(result: dict) -> str:
+    counts = result.get("num_examples") or {}
+    total = result["neurons_per_layer"] * len(result["layers"])
+    return (f"{result.get('ablation', 'zero')} ablation, {sum(counts.values())} discovery examples "
+            f"({len(counts)} tasks); all {total} neurons estimated by attribution, the top {result['verify_top']} "
+            f"of each layer re-measured exactly; BH over all {total}")
+
+
+@styled
+def atlas_figure(result: dict) -> Figure:
+    """The atlas: estimated impact of every neuron by layer, verified and significant neurons marked;
+    below, each layer's largest verified impact with its 95% CI and its count of significant neurons."""
+    entries = result["layers"]
+    layers = [e["layer"] for e in entries]
+    fig, (top, bottom) = _new(11, 8.5, nrows=2, height_ratios=[3, 2])
+    _title(fig, f"Delta atlas: single-neuron ablation across layers, {_model(result)}", _atlas_details(result))
+    estimated = np.array([e["estimated_impact"] for e in entries], dtype=float)
+    limit = max(float(np.nanmax(np.abs(estimated))), 1e-9)
+    image = top.imshow(estimated, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest",
+                       extent=(-0.5, estimated.shape[1] - 0.5, len(layers) - 0.5, -0.5))
+    top.grid(False)
+    fig.colorbar(image, ax=top, label="estimated impact (points)")
+    rows = {layer: k for k, layer in enumerate(layers)}
+    verified = [(r["neuron"], rows[e["layer"]], is_significant(r["q_value"])) for e in entries for r in e["verified"]]
+    for significant, style in ((False, dict(s=10, marker="o", facecolor="none", edgecolor="k", linewidth=0.6,
+                                            label="re-measured exactly")),
+                               (True, dict(s=36, marker="D", color=SIGNIFICANT, edgecolor="k", linewidth=0.5,
+                                           label=f"significant, BH q < {SIGNIFICANCE:g}"))):
+        points = np.array([(n, k) for n, k, s in verified if s == significant], dtype=float).reshape(-1, 2)
+        top.scatter(points[:, 0], points[:, 1], zorder=3, **style)
+    top.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    top.set_xlabel("delta neuron")
+    top.set_ylabel("layer")
+    _legend(top, loc="upper left", bbox_to_anchor=(1.12, 1.0))
+
+    largest = [e["largest_verified"] for e in entries]
+    shown = [k for k, v in enumerate(largest) if v is not None]
+    if not shown:
+        _empty(bottom, "no verified neuron has a finite impact")
+        return fig
+    impact = np.array([largest[k]["impact"] for k in shown], dtype=float)
+    ci = np.array([largest[k]["ci95"] or [largest[k]["impact"]] * 2 for k in shown], dtype=float)
+    x = np.array([layers[k] for k in shown])
+    bottom.errorbar(x, impact, yerr=np.clip([impact - ci[:, 0], ci[:, 1] - impact], 0, None), fmt="o",
+                    color=PLAIN, ecolor="0.5", capsize=3, label="largest verified impact, 95% CI (bootstrap)")
+    for xi, yi, k in zip(x, ci[:, 1], shown):
+        bottom.annotate(f"n{largest[k]['neuron']}, {len(entries[k]['significant_neurons'])} sig.", (xi, yi),
+                        xytext=(0, 3), textcoords="offset points", fontsize=7, ha="center", va="bottom", rotation=90)
+    bottom.axhline(HIGH_IMPACT, **HIGH_LINE, label=f"High Impact cut: impact > {HIGH_IMPACT:g}")
+    bottom.set_xlabel("layer")
+    bottom.set_ylabel(IMPACT_LABEL)
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _legend(bottom, loc="lower right")
+    return fig
+
+
+def plot_atlas(result: dict, output_dir: str | Path) -> list[Path]:
+    """The atlas figure as OUTPUT_DIR/delta_atlas.png and .svg."""
+    return _save(atlas_figure(result), Path(output_dir), "delta_atlas")
