@@ -63,19 +63,6 @@ def parse_args() -> tuple[argparse.Namespace, list]:
     return args, [parse_steer(text) for text in args.steer]
 
 
-def step2_steering(path: str, source, allow_mismatch: bool) -> tuple[ds.Steering, str, "ds.artifacts.Factors", dict]:
-    """Step 2's High Impact neurons at its layer by its factor and the factor's source, checked
-    against this run's model and the step-1 file it names; the file, and the transfer to record."""
-    step2 = ds.artifacts.read_factors(path)
-    transferred = step2.check_model(source, allow_mismatch)
-    print(step2.check_named_input("step1_file"))
-    steering, factor_source = step2.steering("high_impact")
-    if factor_source == "step2-unconfirmed":
-        print(f"warning: step 2 did not confirm a High Impact factor; steering with its selection-best factor "
-              f"x{steering.intervention.factors[0]:g}, unconfirmed")
-    return steering, factor_source, step2, transferred
-
-
 def run(model, tokenizer, args, steerings: list) -> dict:
     """lm-eval's results on fresh task objects, with `steerings` installed (none: unsteered)."""
     tasks = ds.harness.benchmark_tasks(parse_names(args.tasks), args.data_dir)
@@ -156,8 +143,10 @@ def main() -> None:
     source = ds.models.check_model_source(args.model, args.tokenizer)
     factor_source, inputs, transferred = "command-line", {}, {}
     if args.from_step2:
-        steering, factor_source, step2, transferred = step2_steering(args.from_step2, source, args.allow_model_mismatch)
-        steerings, inputs = [steering], {"step2_file": step2}
+        step2 = ds.artifacts.step2_steering(args.from_step2, source, args.allow_model_mismatch)
+        print("\n".join(step2.notes))
+        steerings, factor_source, transferred = [step2.steering], step2.factor_source, step2.transferred
+        inputs = {"step2_file": step2.factors}
     for steering in steerings:
         ds.sites.check_layer(source.shape, steering.layer, "--steer layer")
         ds.sites.check_neurons(source.shape, steering.neurons, "--steer")

@@ -79,18 +79,6 @@ def stored_dtype(directory: Path) -> str:
     return "float32"
 
 
-def step2_steering(path: str, source) -> tuple[list, dict]:
-    """Step 2's High Impact neurons at its layer by its factor, the file checked against this model;
-    and the provenance of that choice."""
-    step2 = ds.artifacts.read_factors(path)
-    step2.check_model(source, allow_mismatch=False)
-    steering, factor_source = step2.steering("high_impact")
-    if factor_source == "step2-unconfirmed":
-        print(f"warning: step 2 did not confirm a High Impact factor; exporting its selection-best factor "
-              f"x{steering.intervention.factors[0]:g}, unconfirmed")
-    return [steering], {"step2": step2, "factor_source": factor_source}
-
-
 def mean_ablated(args, model, tokenizer, steerings: list) -> tuple[list, dict]:
     """Factor-0 neurons set to their mean dt_pre over the statistics documents instead."""
     zeroed = sorted({s.layer for s in steerings if s.intervention.kind == "scale" and 0.0 in s.intervention.factors})
@@ -119,8 +107,9 @@ def main() -> None:
     source = ds.models.check_model_source(args.model, args.tokenizer)
     inputs, extra = {}, {}
     if args.from_step2:
-        steerings, chosen = step2_steering(args.from_step2, source)
-        inputs["step2_file"], extra["factor_source"] = chosen["step2"], chosen["factor_source"]
+        step2 = ds.artifacts.step2_steering(args.from_step2, source)
+        print("\n".join(step2.notes))
+        steerings, inputs["step2_file"], extra["factor_source"] = [step2.steering], step2.factors, step2.factor_source
     for steering in steerings:
         ds.sites.check_layer(source.shape, steering.layer, "--steer layer")
         ds.sites.check_neurons(source.shape, steering.neurons, "--steer")

@@ -409,3 +409,29 @@ class Results(StepFile):
         head = {k: v for k, v in self.report.items() if k == "description"}
         return seal({"format_version": FORMAT_VERSION, "step": self.step, **head, **self.provenance.to_json(),
                      **{k: v for k, v in self.report.items() if k not in head}})
+
+
+@dataclass(frozen=True)
+class Step2Steering:
+    """Step 2's High Impact steering as a run outside the three steps takes it (evaluate_steered.py,
+    the export): the checked file, the steering, its factor's source, the transfer to record, and
+    lines to show the user (the named step-1 file's check, an unconfirmed factor)."""
+
+    factors: Factors
+    steering: Steering
+    factor_source: str
+    transferred: dict
+    notes: tuple[str, ...]
+
+
+def step2_steering(path: str | Path, source, allow_mismatch: bool = False) -> Step2Steering:
+    """The High Impact neurons of a step-2 file at its layer by its factor, the file checked against
+    the run's model (`source`, a models.ModelSource) and the step-1 file it names."""
+    factors = read_factors(path)
+    transferred = factors.check_model(source, allow_mismatch)
+    notes = [factors.check_named_input("step1_file")]
+    steering, factor_source = factors.steering("high_impact")
+    if factor_source == "step2-unconfirmed":
+        notes.append(f"warning: step 2 did not confirm a High Impact factor; using its selection-best factor "
+                     f"x{steering.intervention.factors[0]:g}, unconfirmed")
+    return Step2Steering(factors, steering, factor_source, transferred, tuple(notes))
