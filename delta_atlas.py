@@ -23,7 +23,7 @@ from functools import partial
 import numpy as np
 
 import delta_steering as ds
-from delta_steering.cli import (DEFAULT_TASKS, add_model_args, add_pile_args, add_run_args, add_sweep_args,
+from delta_steering.cli import (add_discovery_args, add_model_args, add_pile_args, add_run_args, add_sweep_args,
                                 check_device, check_output_dir, check_output_file, check_positive, main_guard,
                                 parse_int_list, parse_names, step_parser)
 
@@ -33,14 +33,8 @@ STEP = "atlas"
 def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_model_args(parser)
-    parser.add_argument("--save_path", required=True, help="where the atlas JSON goes")
-    parser.add_argument("--validation_size", type=int, default=200, help="discovery examples per task")
-    parser.add_argument("--output_dir", default="atlas_results", help="the figure and the resume checkpoint")
-    parser.add_argument("--layers", default=None, help="SSM layers, ids and ranges, e.g. 16-23 (None: all)")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="built-in task names or .jsonl files, comma-separated")
-    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (None: the Hub)")
-    parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
-                        help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
+    add_discovery_args(parser, "atlas", "atlas_results", "the figure")
+    parser.add_argument("--layers", default=None, help="SSM layers, ids and ranges, e.g. 16-23 (default: all)")
     parser.add_argument("--verify_top", type=int, default=20, help="neurons of each layer re-measured exactly")
     parser.add_argument("--threshold", type=float, default=-2.0,
                         help="beneficial neurons of the --save_step1 file: impact >= threshold (points)")

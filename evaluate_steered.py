@@ -21,19 +21,15 @@ from pathlib import Path
 import numpy as np
 
 import delta_steering as ds
-from delta_steering.cli import (add_model_args, check_device, check_output_dir, check_positive, main_guard,
-                                parse_names, parse_steer, step_parser)
+from delta_steering.cli import (add_model_args, add_steering_args, check_device, check_output_dir, check_positive,
+                                main_guard, parse_names, parse_steer, step_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_model_args(parser)
     parser.add_argument("--tasks", required=True, help="lm-eval task, tag or group names, comma-separated")
-    parser.add_argument("--steer", action="append", default=[], metavar="LAYER:NEURONS:FACTOR",
-                        help="steer NEURONS (ids and ranges, e.g. 4,38,100-110) of LAYER by FACTOR (> 0; 0 is zero "
-                             "ablation); repeatable, all applied together")
-    parser.add_argument("--from_step2", default=None, metavar="FILE",
-                        help="steer step 2's High Impact neurons at its layer by its High Impact factor")
+    add_steering_args(parser)
     parser.add_argument("--allow_model_mismatch", action="store_true",
                         help="use a step-2 file made with another model (recorded in comparison.json)")
     parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (default: the Hub)")

@@ -19,20 +19,16 @@ import argparse
 from pathlib import Path
 
 import delta_steering as ds
-from delta_steering.cli import add_pile_args, check_output_dir, main_guard, parse_steer, step_parser
+from delta_steering.cli import (add_pile_args, add_source_args, add_steering_args, check_output_dir, main_guard,
+                                parse_steer, step_parser)
 
 DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
-    parser.add_argument("--model", default="state-spaces/mamba-130m-hf", help="Hub id or local checkpoint directory")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (None: the model's)")
-    parser.add_argument("--steer", action="append", default=[], metavar="LAYER:NEURONS:FACTOR",
-                        help="steer NEURONS (ids and ranges, e.g. 4,38,100-110) of LAYER by FACTOR; repeatable, "
-                             "all applied together")
-    parser.add_argument("--from_step2", default=None, metavar="FILE",
-                        help="steer step 2's High Impact neurons at its layer by its High Impact factor")
+    add_source_args(parser)
+    add_steering_args(parser)
     parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
                         help="what factor 0 does: zero: dt_pre set to 0; mean: set to its mean over the statistics "
                              "documents (--pile_path)")

@@ -24,7 +24,7 @@ from functools import partial
 import numpy as np
 
 import delta_steering as ds
-from delta_steering.cli import (DEFAULT_TASKS, add_model_args, add_pile_args, add_run_args, add_sweep_args,
+from delta_steering.cli import (add_discovery_args, add_model_args, add_pile_args, add_run_args, add_sweep_args,
                                 check_device, check_output_dir, check_output_file, check_positive, main_guard,
                                 parse_int_list, parse_names, step_parser)
 
@@ -34,12 +34,8 @@ STEP = "step1"
 def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_model_args(parser)
-    parser.add_argument("--save_path", required=True, help="where the discovery JSON goes")
-    parser.add_argument("--validation_size", type=int, default=200, help="discovery examples per task")
-    parser.add_argument("--output_dir", default="ablation_3_results", help="plots and the resume checkpoint")
+    add_discovery_args(parser, "discovery", "ablation_3_results", "plots")
     parser.add_argument("--layer", type=int, default=20, help="the layer whose delta neurons are ablated")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="built-in task names or .jsonl files, comma-separated")
-    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (default: the Hub)")
     parser.add_argument("--threshold", type=float, default=-2.0,
                         help="the original study's beneficial list: impact >= THRESHOLD points (at -2 nearly every "
                              "neuron passes); it does not make the groups")
@@ -47,8 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="High Impact group: impact > POINTS; Neutral group: |impact| <= POINTS (a size, not a "
                              "significance test)")
     parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (default: all)")
-    parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
-                        help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
     add_sweep_args(parser)
     parser.add_argument("--method", default="exact", choices=["exact", "attribution"],
                         help="attribution: first-order estimates of every neuron, then --verify_top re-measured exactly")

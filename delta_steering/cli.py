@@ -146,10 +146,24 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
     check_output_dir(path.parent, flag)
 
 
-def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> None:
-    """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by the three steps."""
+def add_source_args(parser: argparse.ArgumentParser) -> None:
+    """--model and --tokenizer: where the model comes from."""
     parser.add_argument("--model", default="state-spaces/mamba-130m-hf", help="Hub id or local checkpoint directory")
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
+
+
+def add_steering_args(parser: argparse.ArgumentParser) -> None:
+    """--steer (repeatable) and --from_step2: the steering that evaluate_steered.py and the export apply."""
+    parser.add_argument("--steer", action="append", default=[], metavar="LAYER:NEURONS:FACTOR",
+                        help="steer NEURONS (ids and ranges, e.g. 4,38,100-110) of LAYER by FACTOR (> 0; 0 is "
+                             "ablation); repeatable, all applied together")
+    parser.add_argument("--from_step2", default=None, metavar="FILE",
+                        help="steer step 2's High Impact neurons at its layer by its High Impact factor")
+
+
+def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> None:
+    """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by the three steps."""
+    add_source_args(parser)
     parser.add_argument("--device", default=device, help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype; half precision can overflow at large factors (reported, not scored)")
@@ -157,6 +171,19 @@ def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> Non
                         help="sequences per forward pass (default: as many as fit in memory); results do not "
                              "depend on it")
     parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
+
+
+def add_discovery_args(parser: argparse.ArgumentParser, saved: str, output_dir: str, outputs: str) -> None:
+    """--save_path, --validation_size, --output_dir, --tasks, --data_dir and --ablation: what step 1
+    and the atlas ablate neurons on, and where their results go."""
+    parser.add_argument("--save_path", required=True, help=f"where the {saved} JSON goes")
+    parser.add_argument("--validation_size", type=int, default=200,
+                        help="discovery examples per task (the first half of each task's fixed-seed shuffle)")
+    parser.add_argument("--output_dir", default=output_dir, help=f"{outputs} and the resume checkpoint")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="built-in task names or .jsonl files, comma-separated")
+    parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (default: the Hub)")
+    parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
+                        help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
 
 
 def add_pile_args(parser: argparse.ArgumentParser, samples: int = 100) -> None:
