@@ -144,7 +144,8 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> t
     provenance = ds.artifacts.Provenance(**context["provenance"])
     result = ds.atlas.atlas_result(examples, baseline, entries, provenance, parse_names(args.tasks),
                                    args.validation_size, verify_top=args.verify_top,
-                                   delta_statistics_documents=context["documents"], **common, run=run_record)
+                                   delta_statistics_documents=context["documents"], **common,
+                                   run=run_record).to_json()
     ds.atlas.print_atlas(result)
     if args.step1_layer is None:
         return result, None

@@ -31,7 +31,7 @@ STEP2_NAME = "cluster9_ablation_results_all_neurons.json"
 STEP2_DEFAULTS = (f"cluster9_ablation_results/{STEP2_NAME}",)
 GROUP_TITLES = {"high_impact": "High Impact", "neutral": "Neutral"}
 WHAT = {"step1": "step-1 file", "step2": "step-2 file", "step3": "step-3 file",
-        "evaluate_steered": "evaluate_steered comparison"}
+        "evaluate_steered": "evaluate_steered comparison", "atlas": "atlas file"}
 
 
 def impact_groups(records: list[dict], cut: float = HIGH_IMPACT) -> dict[str, list[int]]:

@@ -2,9 +2,9 @@
 backward pass per batch, the top neurons of each layer re-measured exactly, and Benjamini-Hochberg
 over every neuron of every layer (the unmeasured ones counted as p = 1, as step 1 counts them).
 
-The atlas file (`format_version` 1, `kind` "delta_atlas") holds per layer the estimates of every
-neuron and the exact records of the verified ones; a layer's records make a step-1 file
-(`step1_result`) that step 2 reads like any other.
+The atlas file (a contract like the step files: `format_version`, `step` "atlas", provenance, a
+digest of its contents) holds per layer the estimates of every neuron and the exact records of the
+verified ones; a layer's records make a step-1 file (`step1_result`) that step 2 reads like any other.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import copy
 
 import numpy as np
 
-from .artifacts import FORMAT_VERSION, Discovery, Provenance
+from .artifacts import Discovery, Provenance, Results
 from .attribution import estimated_impacts, layer_attributions
 from .batching import Encoded
 from .discovery import attach_estimates, discovery_result, estimate_records, neuron_impacts
@@ -22,7 +22,6 @@ from .scoring import chance_correctness, summarize
 from .stats import SIGNIFICANCE, benjamini_hochberg, is_significant
 from .tasks import Example, example_ids
 
-KIND = "delta_atlas"
 DESCRIPTION = (
     "Delta atlas: every delta neuron of every listed SSM layer ablated alone, estimated to first order "
     "(attribution: one forward and one backward pass per batch for all layers), the verify_top neurons of each "
@@ -92,15 +91,12 @@ def layer_entry(layer: int, records: list[dict], q_values: list[float], spearman
 
 
 def atlas_result(examples: list[Example], baseline: np.ndarray, layers: list[dict], provenance: Provenance,
-                 tasks: list[str], validation_size: int, **extra) -> dict:
+                 tasks: list[str], validation_size: int, **extra) -> Results:
     """The atlas file: what was measured on what (provenance: model, its digest, family), the
     baseline, and one entry per layer."""
     summary, chance = summarize(examples, baseline), summarize(examples, chance_correctness(examples))
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": KIND,
+    return Results(provenance, step="atlas", report={
         "description": DESCRIPTION,
-        **provenance.to_json(),
         "tasks": tasks,
         "validation_size": validation_size,
         "baseline_accuracy": summary["accuracy"],
@@ -112,7 +108,7 @@ def atlas_result(examples: list[Example], baseline: np.ndarray, layers: list[dic
         "layers": layers,
         "discovery_examples": example_ids(examples),
         **extra,
-    }
+    })
 
 
 def step1_result(examples: list[Example], baseline: np.ndarray, records: list[dict], spearman: dict,

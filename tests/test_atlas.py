@@ -170,7 +170,7 @@ def test_the_step1_file_of_a_layer_feeds_step_2(atlas, planted):
     entry = atlas["result"]["layers"][PLANTED_LAYER]
     assert discovery.layer == PLANTED_LAYER and discovery.tasks == [str(planted["task"])]
     result = atlas["result"]
-    assert result["family"] == "mamba" and result["layer"] is None and result["kind"] == "delta_atlas"
+    assert result["family"] == "mamba" and result["layer"] is None and result["step"] == "atlas"
     assert discovery.provenance.model_digest == result["model_digest"] and discovery.provenance.family == "mamba"
     measured = {r["neuron"]: r for r in discovery.records if r["measured"]}
     assert measured.keys() == {r["neuron"] for r in entry["verified"]}
