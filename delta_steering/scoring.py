@@ -197,6 +197,16 @@ def choice_lengths(example: Example) -> np.ndarray:
     return np.array([len(c) for c in example.choices], dtype=float)
 
 
+# Each metric: what it compares across an example's choices, from their summed log-probs (...,
+# choices); the argmax is the answer. greedy (lambada) has one request, correct when every target
+# token is the argmax. Scoring's correctness and attribution's margins both read this table.
+CHOICE_SCORES = {
+    "acc": lambda example, logprob: logprob,
+    "acc_norm": lambda example, logprob: logprob / choice_lengths(example),  # lm-eval: len(choice), characters
+    "greedy": None,
+}
+
+
 def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray) -> np.ndarray:
     """Per example: 1.0 correct, 0.0 wrong, NaN when its logits were not finite."""
     out, start = np.zeros(len(examples)), 0
@@ -206,12 +216,10 @@ def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray
         start += n
         if np.isnan(lls).any():
             out[k] = np.nan
-        elif example.metric == "greedy":
+        elif CHOICE_SCORES[example.metric] is None:
             out[k] = float(flags[0])
-        elif example.metric == "acc_norm":  # lm-eval divides by len(choice), characters (bytes: acc_bytes)
-            out[k] = float(np.argmax(lls / choice_lengths(example)) == example.label)
         else:
-            out[k] = float(np.argmax(lls) == example.label)
+            out[k] = float(np.argmax(CHOICE_SCORES[example.metric](example, lls)) == example.label)
     return out
 
 
