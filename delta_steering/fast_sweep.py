@@ -119,21 +119,25 @@ class FastSweep:
         self.batch_size, self.scorer, self.share_contexts, self.bar = batch_size, scorer, share_contexts, bar
         self.layer_state, self.steered_outputs = layer_pieces(model)
 
-    def neurons_per_chunk(self, pairs_per_neuron: int, width: int) -> int:
-        """How many neurons share one suffix forward: their (neuron, sequence) pairs fill the user's
-        batch size in sequences, or else the memory budget of one forward in tokens."""
-        pairs = self.batch_size or token_budget(self.model, width) // width
-        return max(1, pairs // pairs_per_neuron)
+    def neurons_per_chunk(self, sequences: int, tokens: int) -> int:
+        """How many neurons share one suffix forward, each reading `sequences` sequences of `tokens`
+        tokens in all: the user's batch size in sequences, or else the memory budget of one forward."""
+        if self.batch_size:
+            return max(1, self.batch_size // sequences)
+        return max(1, token_budget(self.model, tokens) // tokens)
 
     def jobs(self, items: list[Encoded], lengths: list[int], groups: list[list[int]]):
         """(members, shared, neurons per chunk) of one batch: the requests alone in their group as
         whole sequences, then each group that shares a context."""
         singles = [g[0] for g in groups if len(g) == 1]
         if singles:
-            yield singles, False, self.neurons_per_chunk(len(singles), max(lengths[i] for i in singles))
+            yield singles, False, self.neurons_per_chunk(len(singles), len(singles) * max(lengths[i] for i in singles))
         for group in (g for g in groups if len(g) > 1):
-            context = items[group[0]].context_length
-            yield group, self.share_contexts, self.neurons_per_chunk(1 if self.share_contexts else len(group), context)
+            if self.share_contexts:  # the context once, then each member's continuation
+                tokens = items[group[0]].context_length + len(group) * max(items[i].n_target - 1 for i in group)
+            else:
+                tokens = len(group) * max(lengths[i] for i in group)
+            yield group, self.share_contexts, self.neurons_per_chunk(len(group), tokens)
 
     def shared_hidden(self, steered: Tensor, items: list[Encoded]) -> Tensor:
         """Final hidden states at the scored positions of one group's (neuron, member) pairs, compact
