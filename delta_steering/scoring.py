@@ -91,11 +91,6 @@ def state_bytes(model) -> int:
     return total
 
 
-def continuation_inputs(encoded: list[Encoded]) -> list[int]:
-    """How many tokens a request reads after its context (its targets but the last)."""
-    return [e.n_target - 1 for e in encoded]
-
-
 def shared_hidden(model, encoded: list[Encoded], groups: list[list[int]], batch_size: int | None,
                   budget: int) -> tuple[torch.Tensor, list[int]]:
     """Final hidden states at the scored positions of the requests of some context groups, compact
@@ -116,7 +111,7 @@ def shared_hidden(model, encoded: list[Encoded], groups: list[list[int]], batch_
         start = stop
     rows = sorted(((i, k) for k, g in enumerate(groups) for i in g), key=lambda r: -encoded[r[0]].n_target)
     members = [i for i, _ in rows]
-    tails = continuation_inputs([encoded[i] for i in members])
+    tails = [encoded[i].n_target - 1 for i in members]  # inputs after the context
     ids = torch.zeros(len(members), tails[0], dtype=torch.long)
     for row, (i, tail) in enumerate(zip(members, tails)):
         ids[row, :tail] = torch.tensor(encoded[i].tokens[encoded[i].context_length: -1])
