@@ -18,8 +18,9 @@ per-neuron) x 200 / docs.
 
 The results must agree: greedy flags and per-neuron accuracies identical, log-probs within a
 tolerance measured in the same run (10 x the naive engine's own relative difference between batch
-size 1 and its default batch, first neuron, first document of each task); the run exits 1 if not. The last lines are
-`speedup vs whole-request: X` and `speedup vs naive: Y`, per neuron amortized, on the mix.
+size 1 and its default batch, first neuron, first document of each task); the run exits 1 if not.
+The last lines are `speedup vs whole-request: X` and `speedup vs naive: Y`, per neuron amortized,
+on the mix.
 """
 
 from __future__ import annotations
