@@ -69,8 +69,9 @@ def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded
 
 def shares_contexts(model, share_contexts: bool | None) -> bool:
     """Whether scoring reads shared contexts once: as asked (None: yes), where that is exact
-    (`continuation.continues_exactly`). On the six tasks' requests, mamba-130m's shape on CPU, it
-    is faster for Mamba-1 and Mamba-2 alike (`benchmarks/bench_scoring.py --contexts whole`)."""
+    (`continuation.continues_exactly`). On the six tasks' requests (mamba-130m and mamba2-130m
+    shapes, CPU) it was faster than reading them whole for hellaswag and both arcs and about even
+    for piqa (`benchmarks/bench_sweep.py`: its naive against its whole-request column)."""
     return (share_contexts is None or share_contexts) and continues_exactly(model)
 
 
