@@ -1,70 +1,53 @@
 """The project's log-likelihood scoring against lm-evaluation-harness's `HFLM.loglikelihood`: the same
-requests, the same model (mamba-130m's or mamba2-130m's shape, random weights, no download), one run.
+requests of the study's six tasks, the same model (mamba-130m's or mamba2-130m's shape, random
+weights, no download), one run.
 
-    python benchmarks/bench_scoring.py                                  # 10 documents of each of the six tasks
-    python benchmarks/bench_scoring.py --tasks hellaswag arc_easy piqa  # the three multiple-choice ones
-    python benchmarks/bench_scoring.py --family mamba2 --contexts shared   # Mamba-2 reads them whole by default
+    python benchmarks/bench_scoring.py                      # 6 discovery docs of each task, batch size 8
+    python benchmarks/bench_scoring.py --family mamba2
+    python benchmarks/bench_scoring.py --contexts whole     # ours reading every request whole
 
 The requests are those of the first N discovery documents of each task, built by the project
 (`tasks.load_examples`, `scoring.encode_examples`); lm-eval gets the same (context, continuation)
-pairs as `Instance`s, and the run first checks that it tokenises them to the same ids. Both score
-every request; the run checks that they agree (summed log-probs within 1e-4 relative, greedy flags
-and per-example correctness identical) and exits non-zero if not. It prints each one's time and
-last a line `ratio: X.XX` = lm-eval's time / ours. Ours runs before and after lm-eval and its two
-times are averaged, so that a load that drifts during the run (shared machines) weighs on both alike.
+pairs as `Instance`s, and the run first checks that it tokenises them to the same ids. Ours runs at
+`--batch_size` B; lm-eval at its default batch size 1 and at B. Each task runs on its own, and the
+mix is their sum (every task's requests, task after task); ours runs before and after lm-eval and its two times are
+averaged, so that a load that drifts (shared machines) weighs on both alike. The results must agree
+(summed log-probs within 1e-4 relative, greedy flags and per-example correctness identical), else
+the run exits 1. The last line is `ratio: X` = lm-eval's time at batch size B / ours, on the mix.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
-from bench_sweep import model_130m_shaped, timed
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from workload import add_arguments, by_task, describe, model_130m_shaped, requests, timed
 
 from delta_steering.batching import Encoded
-from delta_steering.scoring import correctness, encode_examples, loglikelihoods, shares_contexts
-from delta_steering.tasks import Example, load_examples
+from delta_steering.scoring import correctness, loglikelihoods, shares_contexts
+from delta_steering.tasks import Example
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")  # the study's six
 Scores = tuple[np.ndarray, np.ndarray]  # summed log-prob and greedy flag of each request
 CONTEXTS = {"default": None, "shared": True, "whole": False}  # loglikelihoods' share_contexts
 TOLERANCE = 1e-4  # relative, on summed log-probs: fp32 rounding differs with batch shapes
+LM_EVAL_DEFAULT_BATCH = 1
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=10, help="discovery documents per task")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--data_dir", default=str(SHARED_DATA / "tasks_hf"), help="DIR/<task>/<split>.jsonl")
-    parser.add_argument("--tokenizer", default=str(SHARED_DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"),
-                        help="a tokenizer.json file, or a tokenizer directory or Hub name (the GPT-NeoX-20B one)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="requests per forward for both (default: ours its memory budget, lm-eval its default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0, help="the random model's weights")
-    parser.add_argument("--family", default="mamba", choices=["mamba", "mamba2"], help="the 130m model's family")
+    add_arguments(parser, docs=6)
+    parser.add_argument("--batch_size", type=int, default=8, help="B: requests per forward, ours and lm-eval's")
     parser.add_argument("--contexts", default="default", choices=list(CONTEXTS),
                         help="ours: read a context shared by several requests once (shared), every request "
-                             "whole (whole), or as scoring decides for the model and device (default)")
-    return parser.parse_args()
-
-
-def load_tokenizer(name: str):
-    """The tokenizer, with <|endoftext|> as EOS and pad when it is a bare tokenizer.json."""
-    if name.endswith(".json"):
-        if not Path(name).is_file():
-            sys.exit(f"no tokenizer at {name}: pass --tokenizer (the GPT-NeoX-20B tokenizer.json, directory or name)")
-        return PreTrainedTokenizerFast(tokenizer_file=name, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                       pad_token="<|endoftext|>")
-    return AutoTokenizer.from_pretrained(name)
+                             "whole (whole), or as scoring decides for the model (default)")
+    args = parser.parse_args()
+    if args.synthetic:
+        parser.error("lm-eval needs text: --synthetic is bench_sweep.py's")
+    return args
 
 
 def instances(examples: list[Example]) -> list[Instance]:
@@ -94,75 +77,85 @@ def difference(examples: list[Example], ours: Scores, theirs: Scores) -> tuple[f
     return relative, same
 
 
-def first_of_each_task(examples: list[Example]) -> list[int]:
-    """The requests of each task's first example: a warm-up that takes every code path."""
-    firsts, start = {}, 0
-    for example in examples:
-        if example.task not in firsts:
-            firsts[example.task] = range(start, start + len(example.requests))
-        start += len(example.requests)
-    return [i for r in firsts.values() for i in r]
+class Bench:
+    """Ours and lm-eval's (at its default batch size and at ours) on one model."""
+
+    def __init__(self, model, tokenizer, encoded: list[Encoded], requests: list[Instance], args):
+        self.model, self.tokenizer, self.encoded, self.requests = model, tokenizer, encoded, requests
+        self.batch_size, self.share, self.device = args.batch_size, CONTEXTS[args.contexts], args.device
+        self.lms = {b: HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=b, max_length=2048)
+                    for b in dict.fromkeys((LM_EVAL_DEFAULT_BATCH, args.batch_size))}
+
+    def ours(self, rows: list[int]) -> Scores:
+        return loglikelihoods(self.model, self.tokenizer, [self.encoded[i] for i in rows], self.batch_size,
+                              share_contexts=self.share)
+
+    def theirs(self, rows: list[int], batch_size: int) -> Scores:
+        scores = self.lms[batch_size].loglikelihood([self.requests[i] for i in rows], disable_tqdm=True)
+        return np.array([s for s, _ in scores]), np.array([g for _, g in scores])
+
+    def measure(self, rows: list[int]) -> dict:
+        """Scores and seconds of ours (averaged over a run before and one after lm-eval's) and lm-eval's."""
+        ours, before = timed(lambda: self.ours(rows), self.device)
+        theirs = {b: timed(lambda: self.theirs(rows, b), self.device) for b in self.lms}
+        _, after = timed(lambda: self.ours(rows), self.device)
+        return {"ours": ours, "ours_s": (before + after) / 2, "theirs": theirs}
 
 
-def report_agreement(examples: list[Example], ours: Scores, theirs: Scores) -> bool:
-    """Print the agreement of each task; whether every task agrees within TOLERANCE."""
+def combined(measured: list[tuple[list[int], dict]], n_requests: int) -> dict:
+    """The mix: every task's requests, task after task (seconds summed, scores side by side)."""
+    def scores(pieces) -> Scores:
+        lp, greedy = np.full(n_requests, np.nan), np.zeros(n_requests, dtype=bool)
+        for rows, (values, flags) in pieces:
+            lp[rows], greedy[rows] = values, flags
+        return lp, greedy
+
+    theirs = {b: (scores([(rows, m["theirs"][b][0]) for rows, m in measured]),
+                  sum(m["theirs"][b][1] for _, m in measured)) for b in measured[0][1]["theirs"]}
+    return {"ours": scores([(rows, m["ours"]) for rows, m in measured]),
+            "ours_s": sum(m["ours_s"] for _, m in measured), "theirs": theirs}
+
+
+def report(name: str, examples: list[Example], encoded: list[Encoded], m: dict, batch_size: int) -> tuple[bool, float]:
+    """A line of times and ratios, one of agreement; whether they agree, and the ratio at equal batch size."""
+    default = m["theirs"][LM_EVAL_DEFAULT_BATCH][1]
+    equal = m["theirs"][batch_size][1]
+    print(f"{name:15s} {describe(encoded)}")
+    print(f"  ours {m['ours_s']:.2f} s; lm-eval {default:.2f} s at batch size {LM_EVAL_DEFAULT_BATCH} (its default), "
+          f"{equal:.2f} s at {batch_size}; ratio {default / m['ours_s']:.2f} at its default, "
+          f"{equal / m['ours_s']:.2f} at equal batch size")
     ok = True
-    tasks = np.array([e.task for e in examples for _ in e.requests])
-    for name in dict.fromkeys(tasks):
-        rows = tasks == name
-        chosen = [e for e in examples if e.task == name]
-        relative, same = difference(chosen, (ours[0][rows], ours[1][rows]), (theirs[0][rows], theirs[1][rows]))
-        print(f"  {name:15s} {rows.sum():4d} requests: max relative |d logprob| {relative:.1e}, "
-              f"greedy flags and correctness identical: {same}")
+    for b, (scores, _) in m["theirs"].items():
+        relative, same = difference(examples, m["ours"], scores)
+        print(f"  agreement with lm-eval at batch size {b}: max relative |d logprob| {relative:.1e} "
+              f"(tolerance {TOLERANCE:.0e}), greedy flags and correctness identical: {same}")
         ok &= relative <= TOLERANCE and same
-    return ok
+    return ok, equal / m["ours_s"]
 
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(args.tokenizer)
+    torch.set_num_threads(args.threads)
     model = model_130m_shaped(args.family, torch.float32, args.device, args.seed)
-    examples = load_examples(args.tasks, args.data_dir, "discovery", args.docs)
-    encoded = encode_examples(tokenizer, examples)
-    requests = instances(examples)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=args.batch_size or 1,
-              max_length=2048)
-    if not same_tokens(lm, requests, encoded):
+    tokenizer, examples, encoded = requests(args, model.config.vocab_size)
+    bench = Bench(model, tokenizer, encoded, instances(examples), args)
+    if not same_tokens(bench.lms[LM_EVAL_DEFAULT_BATCH], bench.requests, encoded):
         sys.exit("lm-eval tokenises the requests differently")
-    share = CONTEXTS[args.contexts]
-    lengths = [len(e.tokens) for e in encoded]
-    print(f"model: {args.family}-130m shape, random weights, float32 on {args.device} ({torch.get_num_threads()} CPU threads); "
-          f"{len(examples)} documents of {', '.join(args.tasks)}: {len(encoded)} requests of {min(lengths)}-"
-          f"{max(lengths)} tokens (mean {np.mean(lengths):.0f}); batch size: "
-          f"{args.batch_size or 'ours its memory budget, lm-eval 1'}; ours reads shared contexts "
-          f"{'once' if shares_contexts(model, share) else 'with every request'} (--contexts {args.contexts})")
+    print(f"model: {args.family}-130m shape, random weights, float32 on {args.device} ({torch.get_num_threads()} "
+          f"CPU threads); {args.docs} discovery docs per task; ours at batch size {args.batch_size} reads shared "
+          f"contexts {'once' if shares_contexts(model, bench.share) else 'with every request'} (--contexts {args.contexts})")
 
-    def ours(chosen: list[int]):
-        return loglikelihoods(model, tokenizer, [encoded[i] for i in chosen], args.batch_size, share_contexts=share)
-
-    def theirs(chosen: list[int]):
-        scores = lm.loglikelihood([requests[i] for i in chosen], disable_tqdm=True)
-        return np.array([s for s, _ in scores]), np.array([g for _, g in scores])
-
-    warm, every = first_of_each_task(examples), list(range(len(encoded)))
-    ours(warm), theirs(warm)  # warm-up: allocator, kernels, lazy imports
-    # ours runs before and after lm-eval and its times are averaged, so that a load that drifts
-    # during the run (shared machines) weighs on both alike
-    first, ours_before = timed(lambda: ours(every), args.device)
-    reference, theirs_s = timed(lambda: theirs(every), args.device)
-    second, ours_after = timed(lambda: ours(every), args.device)
-    ours_s = (ours_before + ours_after) / 2
-    print(f"ours: {ours_before:.2f} s before, {ours_after:.2f} s after lm-eval")
-    ok = report_agreement(examples, first, reference)
-    print(f"agreement: {'yes' if ok else 'NO'} (tolerance {TOLERANCE:.0e} relative); ours run to run: "
-          f"{difference(examples, second, first)[0]:.1e}")
-    if not ok:
+    tasks = by_task(examples)
+    warm = [rows[i] for _, rows in tasks.values() for i in range(min(4, len(rows)))]
+    bench.ours(warm), [bench.theirs(warm, b) for b in bench.lms]  # warm-up: allocator, kernels, lazy imports
+    ok, measured = True, []
+    for name, (chosen, rows) in tasks.items():
+        measured.append((rows, bench.measure(rows)))
+        ok &= report(name, chosen, [encoded[i] for i in rows], measured[-1][1], args.batch_size)[0]
+    agree, ratio = report("mix", examples, encoded, combined(measured, len(encoded)), args.batch_size)
+    if not (ok and agree):
         sys.exit("the scorers disagree")
-    print(f"lm-eval: {theirs_s:8.2f} s")
-    print(f"ours:    {ours_s:8.2f} s")
-    print(f"ratio: {theirs_s / ours_s:.2f}")
+    print(f"ratio: {ratio:.2f}")
 
 
 if __name__ == "__main__":

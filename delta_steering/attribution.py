@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .batching import Encoded, pad_batch, request_batches, target_ids, target_mask, token_budget, gather_targets
 from .intervention import Intervention
-from .mixer import block_input, gated_scan, mixer_pieces
-from .scoring import choice_lengths, correctness, example_weights
+from .mixer import block_input, block_output, gated_scan, mixer_pieces
+from .progress import tqdm
+from .scoring import CHOICE_SCORES, correctness, example_weights
 from .sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from .tasks import Example
 
@@ -66,11 +66,10 @@ def written_out_block(block, hidden: Tensor, offset: Tensor) -> tuple[Tensor, Te
     is the gradient with respect to dt_pre, every later path included."""
     mixer = block.mixer
     x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
-    residual = hidden.float() if block.residual_in_fp32 else hidden
     dt_pre = dt_lin + mixer.dt_proj.bias.float().to(dt_lin.dtype)[:, None] + offset
     A = -torch.exp(mixer.A_log.detach().float())
     y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D.detach(), gate)
-    return residual + mixer.out_proj(y.transpose(1, 2).to(mixer.out_proj.weight.dtype)), dt_pre.detach()
+    return block_output(block, hidden, y), dt_pre.detach()
 
 
 def batch_gradients(model, layers: list[int], ids: Tensor, items: list[Encoded], lengths: list[int],
@@ -173,11 +172,10 @@ def example_margins(examples: list[Example], scores: np.ndarray) -> np.ndarray:
         n = len(example.requests)
         values = scores[..., start: start + n]
         start += n
-        if example.metric == "greedy":
+        if CHOICE_SCORES[example.metric] is None:  # greedy: the one request's margin
             out.append(values[..., 0])
             continue
-        if example.metric == "acc_norm":
-            values = values / choice_lengths(example)
+        values = CHOICE_SCORES[example.metric](example, values)
         others = np.delete(values, example.label, axis=-1)
         best = others.max(-1) if others.shape[-1] else np.full(values.shape[:-1], -np.inf)
         out.append(values[..., example.label] - best)

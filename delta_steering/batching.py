@@ -8,6 +8,7 @@ depend on which batch it is in.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -56,10 +57,11 @@ def head_rows(model) -> int:
 
 
 def batches(encoded: list[Encoded], groups: list[list[int]], batch_size: int | None,
-            budget: int) -> list[list[list[int]]]:
+            budget: int, width: Callable[[Encoded], int] = lambda e: len(e.tokens) - 1) -> list[list[list[int]]]:
     """Whole groups (lists of request indices) packed longest first into batches of `batch_size`
-    requests, or of as many as fit `budget` tokens, padded to their first (longest) group."""
-    widths = [max(len(encoded[i].tokens) for i in g) - 1 for g in groups]
+    requests, or of as many as fit `budget` tokens, padded to their first (longest) group; a
+    request's tokens are `width` (by default its model inputs)."""
+    widths = [max(width(encoded[i]) for i in g) for g in groups]
     order = sorted(range(len(groups)), key=lambda k: (-widths[k], groups[k][0]))
     packed, current, n, width = [], [], 0, 0
     for k in order:

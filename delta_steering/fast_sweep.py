@@ -15,14 +15,14 @@ scan output. Per batch of examples the engine
 
 A neuron then costs layers L+1..end (3 of 24 at mamba-130m's default layer 20) instead of the whole
 model. Two more exact savings: requests that share their context (the choices of a multiple-choice
-example) run it once per neuron and continue token by token from the cached state, and the LM head
-runs on many chunks' scored positions at once. Results equal the naive engine's up to float rounding
+example) run it once per neuron and each continuation is read as one block from the cached state
+(`continuation`), and the LM head runs on many chunks' scored positions at once. Results equal the naive engine's up to float rounding
 (~1e-6 relative).
 
 Mamba-2 (mixer2): a neuron is a head, which changes only its own head_dim channels of the scan, but
 the gated RMSNorm before `out_proj` rescales the rest of the head's group by a per-token factor, so
 the correction is a group term plus a head term (exact algebra, see mixer2). Contexts are shared
-unless the model limits its time step, which transformers' one-token cached step ignores.
+where a continuation from a cached context is exact (`continuation.continues_exactly`: float32).
 """
 
 from __future__ import annotations
@@ -32,17 +32,16 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .batching import Encoded, batches, context_groups, gather_targets, head_rows, pad_batch, token_budget
+from .continuation import continuation_hidden, continues_exactly
 from .intervention import Intervention
 from . import mixer2
 from .mixer import LayerState, gated_scan, layer_state, suffix
+from .progress import tqdm
 from .scoring import target_scores
-from .sites import (SSM_ONLY_FAMILIES, OutputHead, cached_steps_continue_scan, check_layer, check_neurons,
-                    decoder_layers, family_of)
+from .sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
 
 FAMILIES = SSM_ONLY_FAMILIES  # every block a norm, an SSM mixer (written out: mixer, mixer2) and a residual
 
@@ -79,42 +78,6 @@ def layer_pieces(model):
     if family_of(model).kind == "mamba2":
         return mixer2.layer_state, mixer2.steered_outputs
     return layer_state, steered_outputs
-
-
-def suffix_cache(model):
-    """A fresh transformers cache for the blocks after layer L, or None where continuing from a
-    cached context would not give the full forward's numbers (`cached_steps_continue_scan`):
-    contexts are then not shared."""
-    return transformers.DynamicCache(config=model.config) if cached_steps_continue_scan(model) else None
-
-
-def shared_context_hidden(model, layer: int, steered: Tensor, items: list[Encoded], cache) -> Tensor:
-    """Final hidden states at the scored positions of one group's (neuron, member) pairs: the shared
-    context runs once per neuron, then each member's continuation token by token from the cached
-    state (transformers' generation path of the same blocks).
-
-    steered: block L's steered output (neurons x members x tokens x hidden), the members sharing
-    their first `context` positions. Returns (neurons, members, max targets, hidden)."""
-    n_neurons, n_members = steered.shape[:2]
-    context = items[0].context_length  # input positions 0..context-1 are shared
-    tails = [e.n_target - 1 for e in items]  # the inputs after the context, read one by one
-    last = suffix(model, layer, steered[:, 0, :context], cache)[:, -1]  # predicts every first target
-    out = last.new_zeros(n_neurons, n_members, max(tails) + 1, last.shape[-1])
-    out[:, :, 0] = last[:, None]
-    order = sorted(range(n_members), key=lambda j: -tails[j])  # members still reading stay a prefix
-    neurons = torch.arange(n_neurons, device=steered.device)
-    active = 0
-    for step in range(max(tails)):
-        keep = sum(tails[j] > step for j in order)
-        if keep != active:  # cache rows are member-major: row = rank * n_neurons + neuron
-            cache.reorder_cache(neurons.repeat(keep) if step == 0 else torch.arange(keep * n_neurons,
-                                                                                    device=steered.device))
-            active = keep
-        members = order[:active]
-        token = steered[:, members, context + step].transpose(0, 1).reshape(active * n_neurons, 1, -1)
-        hidden = suffix(model, layer, token, cache).view(active, n_neurons, -1)
-        out[:, members, step + 1] = hidden.transpose(0, 1)
-    return out
 
 
 class TargetScorer:
@@ -156,21 +119,36 @@ class FastSweep:
         self.batch_size, self.scorer, self.share_contexts, self.bar = batch_size, scorer, share_contexts, bar
         self.layer_state, self.steered_outputs = layer_pieces(model)
 
-    def neurons_per_chunk(self, pairs_per_neuron: int, width: int) -> int:
-        """How many neurons share one suffix forward: their (neuron, sequence) pairs fill the user's
-        batch size in sequences, or else the memory budget of one forward in tokens."""
-        pairs = self.batch_size or token_budget(self.model, width) // width
-        return max(1, pairs // pairs_per_neuron)
+    def neurons_per_chunk(self, sequences: int, tokens: int) -> int:
+        """How many neurons share one suffix forward, each reading `sequences` sequences of `tokens`
+        tokens in all: the user's batch size in sequences, or else the memory budget of one forward."""
+        if self.batch_size:
+            return max(1, self.batch_size // sequences)
+        return max(1, token_budget(self.model, tokens) // tokens)
 
     def jobs(self, items: list[Encoded], lengths: list[int], groups: list[list[int]]):
         """(members, shared, neurons per chunk) of one batch: the requests alone in their group as
         whole sequences, then each group that shares a context."""
         singles = [g[0] for g in groups if len(g) == 1]
         if singles:
-            yield singles, False, self.neurons_per_chunk(len(singles), max(lengths[i] for i in singles))
+            yield singles, False, self.neurons_per_chunk(len(singles), len(singles) * max(lengths[i] for i in singles))
         for group in (g for g in groups if len(g) > 1):
-            context = items[group[0]].context_length
-            yield group, self.share_contexts, self.neurons_per_chunk(1 if self.share_contexts else len(group), context)
+            if self.share_contexts:  # the context once, then each member's continuation
+                tokens = items[group[0]].context_length + len(group) * max(items[i].n_target - 1 for i in group)
+            else:
+                tokens = len(group) * max(lengths[i] for i in group)
+            yield group, self.share_contexts, self.neurons_per_chunk(len(group), tokens)
+
+    def shared_hidden(self, steered: Tensor, items: list[Encoded]) -> Tensor:
+        """Final hidden states at the scored positions of one group's (neuron, member) pairs, compact
+        and neuron-major: the shared context read once per neuron from block L's steered output
+        (neurons x members x tokens x hidden), each member's continuation as a block from its state."""
+        n_neurons, n_members = steered.shape[:2]
+        context = items[0].context_length  # input positions 0..context-1 are shared
+        tail = max(e.n_target for e in items) - 1  # the inputs after the context
+        owners = [n for n in range(n_neurons) for _ in range(n_members)]
+        return continuation_hidden(self.model, self.layer + 1, [steered[:, 0, :context]],
+                                   steered[:, :, context: context + tail].flatten(0, 1), owners)
 
     def batch(self, state: LayerState, items: list[Encoded], lengths: list[int], columns: list[int],
               groups: list[list[int]]) -> None:
@@ -184,9 +162,7 @@ class FastSweep:
                 neuron_rows = np.repeat(np.arange(first, first + len(chunk)), len(members))
                 request_cols = np.tile([columns[i] for i in members], len(chunk))
                 if shared:
-                    steered = steered.view(len(chunk), len(members), *steered.shape[1:])
-                    compact = shared_context_hidden(self.model, self.layer, steered, sub_items,
-                                                    suffix_cache(self.model)).flatten(0, 1)
+                    compact = self.shared_hidden(steered.view(len(chunk), len(members), *steered.shape[1:]), sub_items)
                 else:
                     width = max(lengths[i] for i in members)
                     hidden = suffix(self.model, self.layer, steered[:, :width])
@@ -216,7 +192,7 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     if not intervention.neurons or not encoded:
         return logprob, greedy
     device = next(model.parameters()).device
-    share_contexts = share_contexts and suffix_cache(model) is not None
+    share_contexts = share_contexts and continues_exactly(model)
     groups = context_groups(encoded) if share_contexts else [[i] for i in range(len(encoded))]
     packed = batches(encoded, groups, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
     scorer = TargetScorer(OutputHead(model), logprob, greedy, head_rows(model))

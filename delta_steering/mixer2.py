@@ -131,3 +131,14 @@ def steered_outputs(model, layer: int, state: LayerState, intervention: Interven
     group_term = (new_scale / scale - 1)[..., None] * state.projected[:, groups].transpose(0, 1)
     hidden = state.output.float()[None] + group_term + head_term
     return hidden.to(state.output.dtype).flatten(0, 1)
+
+
+def continued_block(block, hidden: Tensor, cache) -> Tensor:
+    """The block on tokens that continue a context (batch x tokens x hidden), from the states the
+    context left in transformers' cache (spent): the chunked scan starts from the cached SSM state
+    and the conv from the cached inputs. At least two tokens go in, so that it is that scan and not
+    the one-token cached step, which ignores `time_step_limit`; the extra token is causal padding."""
+    tokens = hidden.shape[1]
+    if tokens == 1:
+        hidden = torch.cat([hidden, hidden], dim=1)
+    return block(hidden, cache=cache)[:, :tokens]

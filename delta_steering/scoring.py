@@ -7,14 +7,10 @@ acc is the argmax of summed log-prob, acc_norm of log-prob per character of the 
 `len(choice)`), and a greedy example (lambada) is correct when every target token is the argmax.
 
 Requests whose context tokens are identical (the choices of a multiple-choice example) can run that
-context once: by default on CPU for float32 Mamba-1 models (mamba, falcon_mamba), where it is faster,
-and on request for float32 Mamba-2. Each context is read once, its per-layer state (conv window and
-SSM state) is cached and replicated, and each continuation is read token by token from it. That is
-exact, not an approximation: the model is causal, so the members' states agree up to the last
-context token, and transformers' one-token cached step computes the same recurrence as its
-full-sequence scan (a multi-token forward after a prefill would restart the SSM state at zero, so
-continuations go one token at a time). Contexts of equal length share a forward (no padding to
-mask), and the continuations of many examples step together.
+context once (`continuation`): each context is read once, its per-layer state (conv window and SSM
+state) is cached and replicated, and each continuation is read as one block from it, exactly (see
+`continuation.continues_exactly`). Contexts of equal length share a forward (no padding to mask),
+and the continuations of many examples run together.
 """
 
 from __future__ import annotations
@@ -23,12 +19,13 @@ from itertools import chain
 
 import numpy as np
 import torch
-import transformers
-from tqdm.auto import tqdm
 
-from .batching import (Encoded, batches, context_groups, gather_targets, head_rows, memory_items, pad_batch, request_batches,
-                       target_ids, target_mask, token_budget)
-from .sites import OutputHead, cached_steps_continue_scan, decoder_layers, family_of
+from .batching import (Encoded, batches, context_groups, gather_targets, head_rows, memory_items, pad_batch,
+                       request_batches, target_ids, target_mask, token_budget)
+from .continuation import continuation_hidden, continues_exactly
+from .mixer import block_input
+from .progress import tqdm
+from .sites import OutputHead, decoder_layers
 from .stats import bootstrap_indices, compare
 from .tasks import Example, task_names
 
@@ -70,26 +67,12 @@ def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded
     return logprob.cpu().numpy(), greedy.cpu().numpy()
 
 
-def can_share_contexts(model) -> bool:
-    """Whether a context shared by several requests can run once, exactly: a float32 model whose
-    cached one-token steps continue its scan (`cached_steps_continue_scan`). In half precision the
-    step rounds to the model's dtype where the scan keeps float32 (the D skip), a difference far
-    above the whole path's own rounding."""
-    return model.dtype == torch.float32 and cached_steps_continue_scan(model)
-
-
-def shares_contexts_by_default(model) -> bool:
-    """Where reading a shared context once is also faster: Mamba-1 on CPU. On GPUs a one-token step
-    launches as many kernels as a whole forward; on Mamba-2 it costs about as much as its chunked
-    scan spends on many tokens (`benchmarks/bench_scoring.py --family mamba2`: slower than whole)."""
-    return next(model.parameters()).device.type == "cpu" and family_of(model).kind == "mamba1"
-
-
 def shares_contexts(model, share_contexts: bool | None) -> bool:
-    """Whether scoring reads shared contexts once: as asked (None: `shares_contexts_by_default`),
-    where that is exact."""
-    wanted = shares_contexts_by_default(model) if share_contexts is None else share_contexts
-    return wanted and can_share_contexts(model)
+    """Whether scoring reads shared contexts once: as asked (None: yes), where that is exact
+    (`continuation.continues_exactly`). On the six tasks' requests (mamba-130m and mamba2-130m
+    shapes, CPU) it was faster than reading them whole for hellaswag and both arcs and about even
+    for piqa (`benchmarks/bench_sweep.py`: its naive against its whole-request column)."""
+    return (share_contexts is None or share_contexts) and continues_exactly(model)
 
 
 def shared_context_groups(encoded: list[Encoded]) -> list[list[int]]:
@@ -109,59 +92,31 @@ def state_bytes(model) -> int:
     return total
 
 
-def merged_cache(model, caches: list) -> transformers.DynamicCache:
-    """One cache holding the states of several, batch after batch (through the public Cache API)."""
-    merged = transformers.DynamicCache(config=model.config)
-    for layer in range(len(decoder_layers(model))):
-        merged.update_conv_state(torch.cat([c.get_conv_state(layer) for c in caches]), layer)
-        merged.update_recurrent_state(torch.cat([c.get_recurrent_state(layer) for c in caches]), layer)
-    return merged
-
-
-def read_contexts(model, contexts: list[tuple[int, ...]], batch_size: int | None,
-                  budget: int) -> tuple[torch.Tensor, transformers.DynamicCache]:
-    """Each context read once, contexts of equal length in one forward (`contexts` sorted by length):
-    the final hidden state at each context's last token (contexts x hidden) and a cache of their states."""
-    device = next(model.parameters()).device
-    lasts, caches, start = [], [], 0
-    while start < len(contexts):
-        width = len(contexts[start])
-        most = batch_size or max(1, budget // width)
-        stop = start + 1
-        while stop < len(contexts) and stop - start < most and len(contexts[stop]) == width:
-            stop += 1
-        cache = transformers.DynamicCache(config=model.config)
-        ids = torch.tensor(contexts[start:stop], device=device)
-        lasts.append(model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[:, -1])
-        caches.append(cache)
-        start = stop
-    return torch.cat(lasts), merged_cache(model, caches)
-
-
-def continuation_hidden(model, encoded: list[Encoded], groups: list[list[int]], batch_size: int | None,
-                        budget: int) -> tuple[torch.Tensor, list[int]]:
+def shared_hidden(model, encoded: list[Encoded], groups: list[list[int]], batch_size: int | None,
+                  budget: int) -> tuple[torch.Tensor, list[int]]:
     """Final hidden states at the scored positions of the requests of some context groups, compact
     (requests x most targets x hidden), and the requests in that order (most targets first): each
-    context read once, then all continuations together, one token per forward, from the cached state."""
+    context read once (contexts of equal length in one forward), then every continuation as a block
+    from its context's cached state (`continuation.continuation_hidden`)."""
+    device = next(model.parameters()).device
     groups = sorted(groups, key=lambda g: encoded[g[0]].context_length)
-    last, cache = read_contexts(model, [encoded[g[0]].tokens[: encoded[g[0]].context_length] for g in groups],
-                                batch_size, budget)
+    contexts = [encoded[g[0]].tokens[: encoded[g[0]].context_length] for g in groups]
+    runs, start = [], 0
+    while start < len(contexts):  # contexts of equal length, as many as a forward holds
+        width = len(contexts[start])
+        stop = start + 1
+        while stop < len(contexts) and stop - start < (batch_size or max(1, budget // width)) \
+                and len(contexts[stop]) == width:
+            stop += 1
+        runs.append(block_input(model, torch.tensor(contexts[start:stop], device=device), 0))
+        start = stop
     rows = sorted(((i, k) for k, g in enumerate(groups) for i in g), key=lambda r: -encoded[r[0]].n_target)
     members = [i for i, _ in rows]
-    tails = [encoded[i].n_target - 1 for i in members]  # inputs after the context, read one by one
-    compact = last.new_zeros(len(rows), tails[0] + 1, last.shape[-1])
-    compact[:, 0] = last[[k for _, k in rows]]
-    cache.reorder_cache(torch.tensor([k for _, k in rows], device=last.device))  # a state per request
-    active = len(rows)
-    for step in range(tails[0]):
-        keep = sum(t > step for t in tails)
-        if keep != active:  # requests still reading stay a prefix
-            cache.reorder_cache(torch.arange(keep, device=last.device))
-            active = keep
-        ids = torch.tensor([[encoded[i].tokens[step - encoded[i].n_target]] for i in members[:active]],
-                           device=last.device)
-        hidden = model.base_model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
-        compact[:active, step + 1] = hidden[:, 0]
+    tails = [encoded[i].n_target - 1 for i in members]  # inputs after the context
+    ids = torch.zeros(len(members), tails[0], dtype=torch.long)
+    for row, (i, tail) in enumerate(zip(members, tails)):
+        ids[row, :tail] = torch.tensor(encoded[i].tokens[encoded[i].context_length: -1])
+    compact = continuation_hidden(model, 0, runs, block_input(model, ids.to(device), 0), [k for _, k in rows])
     return compact, members
 
 
@@ -184,15 +139,29 @@ def whole_scores(model, tokenizer, encoded: list[Encoded], requests: list[int], 
         yield [requests[j] for j in batch], *target_scores(head, gather_targets(hidden, items, lengths), items)
 
 
+def state_packs(packs: list[list[list[int]]], most: int):
+    """The packs of groups, each split so that at most `most` requests (their cached states) are in one."""
+    for pack in packs:
+        part, rows = [], 0
+        for group in pack:
+            if part and rows + len(group) > most:
+                yield part
+                part, rows = [], 0
+            part.append(group)
+            rows += len(group)
+        yield part
+
+
 def shared_scores(model, encoded: list[Encoded], groups: list[list[int]], batch_size: int | None, budget: int,
                   head: OutputHead):
-    """(requests, summed log-probs, greedy flags) of each pack of context groups stepping together,
+    """(requests, summed log-probs, greedy flags) of each pack of context groups continued together:
+    as many continuation tokens as a forward holds (`batch_size` requests, or the token budget), and
     as many requests as their cached states fit the memory budget."""
     if not groups:
         return
     most = max(1, memory_items(model, state_bytes(model), 0.25))
-    for pack in batches(encoded, groups, most, budget):
-        compact, members = continuation_hidden(model, encoded, pack, batch_size, budget)
+    for pack in state_packs(batches(encoded, groups, batch_size, budget, lambda e: e.n_target), most):
+        compact, members = shared_hidden(model, encoded, pack, batch_size, budget)
         yield members, *chunked_target_scores(head, compact, [encoded[i] for i in members], head_rows(model))
 
 
@@ -201,11 +170,9 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
                    progress: bool = False, share_contexts: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-prob (NaN where logits are not finite) and greedy flag of every request.
 
-    `share_contexts` runs a context shared by several requests once where that is exact
-    (`can_share_contexts`); the other requests run whole. By default it is on where that is also
-    faster (`shares_contexts_by_default`). `batch_size` bounds the sequences of a full-sequence
-    forward (whole requests, contexts); a step holds no sequence dimension, so continuations step
-    together as many as their cached states fit the memory budget."""
+    `share_contexts` (default: on) runs a context shared by several requests once where that is
+    exact (`shares_contexts`); the other requests run whole. `batch_size` bounds the sequences of a
+    forward (whole requests, contexts, continuations); by default the memory budget does."""
     share = shares_contexts(model, share_contexts)
     groups = shared_context_groups(encoded) if share else []
     alone = sorted(set(range(len(encoded))) - {i for g in groups for i in g})
@@ -226,6 +193,16 @@ def choice_lengths(example: Example) -> np.ndarray:
     return np.array([len(c) for c in example.choices], dtype=float)
 
 
+# Each metric: what it compares across an example's choices, from their summed log-probs (...,
+# choices); the argmax is the answer. greedy (lambada) has one request, correct when every target
+# token is the argmax. Scoring's correctness and attribution's margins both read this table.
+CHOICE_SCORES = {
+    "acc": lambda example, logprob: logprob,
+    "acc_norm": lambda example, logprob: logprob / choice_lengths(example),  # lm-eval: len(choice), characters
+    "greedy": None,
+}
+
+
 def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray) -> np.ndarray:
     """Per example: 1.0 correct, 0.0 wrong, NaN when its logits were not finite."""
     out, start = np.zeros(len(examples)), 0
@@ -235,12 +212,10 @@ def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray
         start += n
         if np.isnan(lls).any():
             out[k] = np.nan
-        elif example.metric == "greedy":
+        elif CHOICE_SCORES[example.metric] is None:
             out[k] = float(flags[0])
-        elif example.metric == "acc_norm":  # lm-eval divides by len(choice), characters (bytes: acc_bytes)
-            out[k] = float(np.argmax(lls / choice_lengths(example)) == example.label)
         else:
-            out[k] = float(np.argmax(lls) == example.label)
+            out[k] = float(np.argmax(CHOICE_SCORES[example.metric](example, lls)) == example.label)
     return out
 
 

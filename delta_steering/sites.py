@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
-import transformers
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -294,17 +291,3 @@ def scan_memory(model: nn.Module) -> int:
     per SSM layer, with headroom."""
     block = _mixer_unchecked(model, ssm_layers(model)[0])
     return 2 * block.intermediate_size * block.ssm_state_size * 4 * 3
-
-
-def cached_steps_continue_scan(model) -> bool:
-    """Whether a context read once into transformers' cache, then continued one token per forward,
-    gives the full-sequence forward's numbers: every block an SSM block taking transformers 5.x's
-    `cache=` (its one-token step continues the scan's recurrence), and no `time_step_limit`, which
-    the full scan applies to dt and the one-token step does not."""
-    if family_of(model).name not in SSM_ONLY_FAMILIES:
-        return False
-    if not hasattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin"):  # 5.x SSM caches
-        return False
-    if "cache" not in inspect.signature(type(decoder_layers(model)[0]).forward).parameters:
-        return False
-    return tuple(getattr(model.config, "time_step_limit", (0.0, math.inf))) == (0.0, math.inf)

@@ -20,14 +20,16 @@ from .tasks import Example
 
 
 def naive_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
-                         batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The reference: for each neuron, install its intervention and score every request."""
+                         batch_size: int | None = None, progress: bool = False,
+                         share_contexts: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: for each neuron, install its intervention and score every request
+    (`share_contexts=False`: every request read whole, as lm-eval and the original study do)."""
     logprob = np.empty((len(intervention.neurons), len(encoded)))
     greedy = np.empty((len(intervention.neurons), len(encoded)), dtype=bool)
     for k, neuron in enumerate(tqdm(intervention.neurons, desc="naive sweep", unit="neuron", disable=not progress,
                                     leave=False)):
         with install(model, layer, intervention.only([neuron])):
-            logprob[k], greedy[k] = loglikelihoods(model, tokenizer, encoded, batch_size)
+            logprob[k], greedy[k] = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=share_contexts)
     return logprob, greedy
 
 

@@ -302,14 +302,15 @@ def test_mamba2_fast_is_as_exact_as_naive_in_half_precision(mamba2_models, token
     np.testing.assert_array_equal(fast_greedy, naive_greedy)
 
 
-def test_mamba2_time_step_limit_runs_contexts_whole(tokenizer, encoded):
-    """transformers' one-token cached step ignores `time_step_limit` where its scan clamps dt, so
-    with a limit the fast engine reads each request whole, and still equals the naive engine."""
-    from delta_steering.fast_sweep import suffix_cache
+def test_mamba2_time_step_limit_still_shares_contexts_exactly(tokenizer, encoded):
+    """Continuations go through the chunked scan, which clamps dt to `time_step_limit` (transformers'
+    one-token cached step would not): with a limit the fast engine still shares contexts and equals
+    the naive engine."""
+    from delta_steering.continuation import continues_exactly
     from families import make_tiny
 
     model = make_tiny("mamba2", vocab_size=len(tokenizer), num_hidden_layers=3, time_step_limit=(0.05, 0.8))
-    assert suffix_cache(model) is None
+    assert continues_exactly(model)
     for intervention in MAMBA2_INTERVENTIONS[::3]:
         assert_fast_equals_naive(model, tokenizer, encoded, 1, intervention)
 

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from delta_steering.scoring import (can_share_contexts, correctness, encode_examples, encode_pair, evaluate,
-                                    loglikelihoods, shared_context_groups, summarize)
+from delta_steering.batching import Encoded
+from delta_steering.continuation import continues_exactly
+from delta_steering.scoring import (correctness, encode_examples, encode_pair, evaluate, loglikelihoods,
+                                    shared_context_groups, summarize)
 from delta_steering.tasks import Example
 from families import make_tiny
 
@@ -87,7 +89,7 @@ def test_requests_that_share_a_context_are_grouped(tokenizer):
 @pytest.mark.parametrize("batch_size", [1, 2, None])
 def test_shared_contexts_equal_whole_sequences_and_naive(tiny_model, tokenizer, family, batch_size):
     model = tiny_model if family == "mamba" else family_model(family, tokenizer)
-    assert can_share_contexts(model)
+    assert continues_exactly(model)
     encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
     shared_lp, shared_greedy = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=True)
     whole_lp, whole_greedy = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=False)
@@ -103,28 +105,27 @@ def test_a_shared_context_is_read_once_by_default_on_cpu(tiny_model, tokenizer):
     encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
     groups = shared_context_groups(encoded)
     grouped = {i for g in groups for i in g}
+    # batch size 1: a group's continuations are read together, right-padded to its longest
     once = (sum(len(encoded[g[0]].tokens) - encoded[g[0]].n_target for g in groups)
-            + sum(encoded[i].n_target - 1 for i in grouped)
+            + sum(len(g) * max(encoded[i].n_target - 1 for i in g) for g in groups)
             + sum(len(e.tokens) - 1 for i, e in enumerate(encoded) if i not in grouped))
-    # batch size 1: no padding, every token read is a token of a request
     assert tokens_read(tiny_model, lambda: loglikelihoods(tiny_model, tokenizer, encoded, 1)) == once
     whole = sum(len(e.tokens) - 1 for e in encoded)
     assert tokens_read(tiny_model, lambda: loglikelihoods(tiny_model, tokenizer, encoded, 1,
                                                           share_contexts=False)) == whole > once
 
 
-def test_mamba2_reads_a_shared_context_once_only_on_request(tokenizer):
-    """Exact on Mamba-2 too, but not faster there: by default every request is read whole."""
+def test_mamba2_reads_a_shared_context_once_by_default(tokenizer):
     model = family_model("mamba2", tokenizer)
     encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
     whole = sum(len(e.tokens) - 1 for e in encoded)
-    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1)) == whole
-    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1, share_contexts=True)) < whole
+    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1, share_contexts=False)) == whole
+    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1)) < whole
 
 
 def assert_whole_sequences(model, tokenizer, encoded):
     """`share_contexts=True` changes nothing where contexts are not shared: same numbers, every token read."""
-    assert not can_share_contexts(model)
+    assert not continues_exactly(model)
     asked = loglikelihoods(model, tokenizer, encoded, share_contexts=True)
     whole = loglikelihoods(model, tokenizer, encoded, share_contexts=False)
     assert np.array_equal(asked[0], whole[0]) and np.array_equal(asked[1], whole[1])
@@ -143,16 +144,27 @@ def test_families_without_shared_contexts_run_whole_sequences(tokenizer, family)
         assert g == ref_g
 
 
-def test_a_limited_time_step_runs_whole_sequences(tokenizer):
-    """transformers' one-token step ignores `time_step_limit`, which its full scan applies."""
+@pytest.mark.parametrize("batch_size", [1, None])
+def test_a_limited_time_step_still_shares_contexts_exactly(tokenizer, batch_size):
+    """The continuation goes through Mamba-2's chunked scan, which applies `time_step_limit`, even for
+    one-token continuations (transformers' one-token step would not): two choices of two targets."""
     model = make_tiny("mamba2", vocab_size=len(tokenizer), time_step_limit=(0.05, 0.8))
-    logprob, _ = assert_whole_sequences(model, tokenizer, [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS])
-    for (c, t), lp in zip(SHARED_PAIRS, logprob):
-        assert lp == pytest.approx(naive_loglikelihood(model, tokenizer, c, t)[0], abs=1e-4)
+    assert continues_exactly(model)
+    context = (5, 17, 9, 33, 2, 41)
+    encoded = [Encoded(context + (7, 8), 2), Encoded(context + (11, 3), 2), Encoded(context + (4,), 1)]
+    shared = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=True)
+    whole = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=False)
+    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, batch_size)) < 3 * len(context)
+    np.testing.assert_allclose(shared[0], whole[0], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(shared[1], whole[1])
+    unlimited = make_tiny("mamba2", vocab_size=len(tokenizer))
+    unlimited.load_state_dict(model.state_dict())
+    assert np.abs(loglikelihoods(unlimited, tokenizer, encoded)[0] - whole[0]).max() > 1e-4  # the limit bites
 
 
 def test_half_precision_runs_whole_sequences(tokenizer):
-    """transformers' one-token step rounds to bfloat16 where its scan keeps float32."""
+    """In half precision transformers' scan rounds its state to the model's dtype before reading it
+    out, which a continuation from the cached float32 state would not: requests are read whole."""
     model = family_model("mamba", tokenizer).to(torch.bfloat16)
     assert_whole_sequences(model, tokenizer, [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS])
 
