@@ -254,9 +254,9 @@ class Discovery(StepFile):
 
     STEP = "step1"
     LEAD = ("beneficial_neurons", "baseline_accuracy", "criterion")  # the original study's fields first
-    OWN = ("all_neuron_impacts", "format_version", "step", "content_sha256", "model", "model_digest", "family", "layer", "inputs",
-           "transferred", "tasks", "data_dir", "ablation", "high_impact_cut", "groups", "delta_variance", "dt_pre_mean",
-           "delta_variance_ranking")
+    OWN = ("all_neuron_impacts", "format_version", "step", "content_sha256", "model", "model_digest", "family",
+           "layer", "inputs", "transferred", "tasks", "data_dir", "ablation", "high_impact_cut", "groups",
+           "delta_variance", "dt_pre_mean", "delta_variance_ranking")
 
     tasks: list[str] = field(default_factory=list)
     data_dir: str | None = None
@@ -296,8 +296,8 @@ class Discovery(StepFile):
         if ablation not in ABLATIONS:
             r.fail(f"is malformed: ablation is {ablation!r}, not one of {', '.join(ABLATIONS)}")
         records = r.get("all_neuron_impacts", list)
-        if not all(isinstance(x, dict) and "impact" in x and (x["impact"] is None or isinstance(x["impact"], (int, float)))
-                   for x in records):
+        if not all(isinstance(x, dict) and "impact" in x
+                   and (x["impact"] is None or isinstance(x["impact"], (int, float))) for x in records):
             r.fail("is malformed: all_neuron_impacts needs {\"neuron\", \"impact\"} records")
         measured = set(r.ids("all_neuron_impacts' neurons", [x.get("neuron") for x in records]))
         groups = r.get("groups", dict)
@@ -346,8 +346,8 @@ class Factors(StepFile):
     `report` holds the rest (baselines, importance ranking, perplexity, run record)."""
 
     STEP = "step2"
-    OWN = ("format_version", "step", "content_sha256", "model", "model_digest", "family", "layer", "inputs", "transferred", "groups",
-           "optimal_factors")
+    OWN = ("format_version", "step", "content_sha256", "model", "model_digest", "family", "layer", "inputs",
+           "transferred", "groups", "optimal_factors")
 
     groups: dict[str, dict] = field(default_factory=dict)  # name -> {"neurons", "results", ...}
     optimal: dict[str, dict | None] = field(default_factory=dict)

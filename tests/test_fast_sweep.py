@@ -315,7 +315,7 @@ def test_mamba2_time_step_limit_still_shares_contexts_exactly(tokenizer, encoded
         assert_fast_equals_naive(model, tokenizer, encoded, 1, intervention)
 
 
-def test_hybrids_run_the_naive_engine(tokenizer, examples, encoded, capsys):
+def test_hybrids_run_the_naive_engine(tokenizer, encoded, capsys):
     from delta_steering.sweep import engine_for
     from families import make_tiny
 
