@@ -35,7 +35,10 @@ def test_a_continuation_equals_the_full_forward(model, start, context, tail):
     full = blocks_from(model, start, hidden)[:, context - 1:]
     compact = continuation_hidden(model, start, [hidden[[0, 2], :context]], hidden[:, context:], [0, 0, 1, 1])
     assert compact.shape == full.shape
-    torch.testing.assert_close(compact, full, rtol=0, atol=1e-5)
+    # Mamba-1 continues the very recurrence of the full scan; Mamba-2's chunked scan sums in another
+    # order when it starts from a state (differences up to 1.9e-5 seen on 2 threads)
+    atol = 5e-5 if model.config.model_type == "mamba2" else 1e-5
+    torch.testing.assert_close(compact, full, rtol=0, atol=atol)
 
 
 @torch.no_grad()
