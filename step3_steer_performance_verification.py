@@ -167,7 +167,7 @@ def measure(args, run, model, tokenizer, step1, prompts: list[dict], layer: int,
     ds.steering.verify_steering_effect(model, [c for c in configurations.values() if c.neurons][:1])
 
     def outcome(name: str, steering: ds.Steering) -> dict:
-        print(f"\n[{name}] {steering.describe()}")
+        print(f"\n[{name}] {ds.verification.configuration_description(name, steering)}")
         result = ds.verification.run_configuration(model, tokenizer, steering, prompts, texts, args.max_new_tokens,
                                                    args.batch_size)
         return {name: asdict(result)}
