@@ -1,6 +1,6 @@
 """The project's log-likelihood scoring against lm-evaluation-harness's `HFLM.loglikelihood`: the same
-requests of the study's six tasks, the same model (mamba-130m's or mamba2-130m's shape, random
-weights, no download), one run.
+requests of the study's six tasks (`--data_dir`, by default ../shared/data/tasks_hf beside the
+repository), the same model (mamba-130m's or mamba2-130m's shape, random weights, no download), one run.
 
     python benchmarks/bench_scoring.py                      # 6 discovery docs of each task, batch size 8
     python benchmarks/bench_scoring.py --family mamba2

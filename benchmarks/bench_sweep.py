@@ -1,5 +1,6 @@
 """The fast single-neuron sweep against the naive engine and the whole-request method, on the study's
-six tasks' requests and a model of mamba-130m's or mamba2-130m's shape (random weights, no download).
+six tasks' requests (`--data_dir`, by default ../shared/data/tasks_hf beside the repository) and a
+model of mamba-130m's or mamba2-130m's shape (random weights, no download).
 
     python benchmarks/bench_sweep.py                    # 2 discovery docs of each task, 4 neurons, layer 20
     python benchmarks/bench_sweep.py --family mamba2    # mamba2-130m's shape (24 heads a layer)
