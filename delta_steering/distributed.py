@@ -20,9 +20,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from .progress import tqdm
 
 from .errors import UsageError
+from .progress import tqdm
 from .results_io import Checkpoint, RunLock, WriteError, differing_keys, read_json, write_json
 
 SHARD_DIR = "shards"

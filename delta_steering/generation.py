@@ -8,6 +8,7 @@ prompt leaves behind, and hence its continuation, does not depend on the padding
 from __future__ import annotations
 
 import torch
+
 from .progress import tqdm
 
 

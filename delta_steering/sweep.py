@@ -7,12 +7,12 @@ computes the same numbers from a shared prefix and a low-rank correction per neu
 from __future__ import annotations
 
 import numpy as np
-from .progress import tqdm
 
 from .batching import Encoded
 from .fast_sweep import FAMILIES as FAST_FAMILIES
 from .fast_sweep import covers, fast_loglikelihoods
 from .intervention import Intervention
+from .progress import tqdm
 from .scoring import correctness, encode_examples, loglikelihoods
 from .sites import family_of
 from .steering import install
