@@ -24,8 +24,8 @@ import numpy as np
 
 import delta_steering as ds
 from delta_steering.cli import (add_discovery_args, add_model_args, add_pile_args, add_run_args, add_sweep_args,
-                                check_device, check_output_dir, check_output_file, check_positive, main_guard,
-                                parse_int_list, parse_names, step_parser)
+                                check_discovery_args, check_output_file, main_guard, parse_int_list, parse_names,
+                                step_parser)
 
 STEP = "atlas"
 
@@ -49,15 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args() -> argparse.Namespace:
     """The arguments, checked: everything that can be wrong without the model fails here."""
     args = build_parser().parse_args()
-    for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
-        check_positive(getattr(args, flag), f"--{flag}")
-    check_device(args.device)
     if (args.step1_layer is None) != (args.save_step1 is None):
         raise ds.UsageError("--step1_layer and --save_step1 go together: the layer, and where its step-1 file goes")
-    check_output_file(args.save_path, "--save_path")
+    check_discovery_args(args)
     if args.save_step1:
         check_output_file(args.save_step1, "--save_step1")
-    check_output_dir(args.output_dir, "--output_dir")
     return args
 
 

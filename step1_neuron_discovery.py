@@ -25,8 +25,7 @@ import numpy as np
 
 import delta_steering as ds
 from delta_steering.cli import (add_discovery_args, add_model_args, add_pile_args, add_run_args, add_sweep_args,
-                                check_device, check_output_dir, check_output_file, check_positive, main_guard,
-                                parse_int_list, parse_names, step_parser)
+                                check_discovery_args, main_guard, parse_int_list, parse_names, step_parser)
 
 STEP = "step1"
 
@@ -55,13 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args() -> argparse.Namespace:
     """The arguments, checked: everything that can be wrong without the model fails here."""
     args = build_parser().parse_args()
-    for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
-        check_positive(getattr(args, flag), f"--{flag}")
-    check_device(args.device)
     if not args.high_impact_cut >= 0:
         raise ds.UsageError(f"--high_impact_cut must be 0 or more points, got {args.high_impact_cut}")
-    check_output_file(args.save_path, "--save_path")
-    check_output_dir(args.output_dir, "--output_dir")
+    check_discovery_args(args)
     return args
 
 

@@ -186,6 +186,15 @@ def add_discovery_args(parser: argparse.ArgumentParser, saved: str, output_dir: 
                         help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
 
 
+def check_discovery_args(args: argparse.Namespace) -> None:
+    """What step 1 and the atlas check alike before any work: sizes, device, where results go."""
+    for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
+        check_positive(getattr(args, flag), f"--{flag}")
+    check_device(args.device)
+    check_output_file(args.save_path, "--save_path")
+    check_output_dir(args.output_dir, "--output_dir")
+
+
 def add_pile_args(parser: argparse.ArgumentParser, samples: int = 100) -> None:
     parser.add_argument("--pile_samples", type=int, default=samples, help="Pile documents")
     parser.add_argument("--pile_path", default=None,
