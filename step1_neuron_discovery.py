@@ -174,11 +174,11 @@ def main() -> None:
         context, rows = measure(args, run, model, tokenizer, neurons, examples)
         context["provenance"] = ds.artifacts.Provenance.of(source, args.layer).to_json()
     if run.publish(context, rows):
-        discovery = report(args, context, rows, examples, started)
+        result = report(args, context, rows, examples, started).to_json()
         with run.saving():
-            ds.results_io.write_json(args.save_path, discovery.to_json())
+            ds.results_io.write_json(args.save_path, result)
             if not args.no_plots:
-                for path in ds.plots.plot_discovery(discovery.to_json(), args.output_dir):
+                for path in ds.plots.plot_discovery(result, args.output_dir):
                     print(f"plot: {path}")
         print(f"results: {args.save_path}")
     run.close()

@@ -281,11 +281,11 @@ def main() -> None:
         context, results = measure(args, run, model, tokenizer, step1, examples, layer, ppl_layers)
         context["provenance"] = ds.artifacts.Provenance.of(source, layer, {"step1_file": step1}, transferred).to_json()
     if run.publish(context, results):
-        factors = report(args, context, results, examples, tasks, data_dir, started)
+        result = report(args, context, results, examples, tasks, data_dir, started).to_json()
         with run.saving():
-            path = ds.results_io.write_json(Path(args.output_dir) / ds.artifacts.STEP2_NAME, factors.to_json())
+            path = ds.results_io.write_json(Path(args.output_dir) / ds.artifacts.STEP2_NAME, result)
             if not args.no_plots:
-                for plot in ds.plots.plot_factors(factors.to_json(), args.output_dir):
+                for plot in ds.plots.plot_factors(result, args.output_dir):
                     print(f"plot: {plot}")
         print(f"results: {path}")
     run.close()

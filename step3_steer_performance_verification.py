@@ -215,13 +215,14 @@ def report(args, context: dict, outcomes: dict, dt_pre_mean: list[float], starte
 def save(args, results: dict, outcomes: dict) -> None:
     """Each mode's JSON, every configuration's responses, the plots."""
     output_dir = Path(args.output_dir)
-    for mode, result in results.items():
-        for entry in result.report["configurations"]:
+    records = {mode: result.to_json() for mode, result in results.items()}
+    for mode, record in records.items():
+        for entry in record["configurations"]:
             rows = ds.verification.response_rows(ds.verification.Outcome(**outcomes[entry["name"]]))
             ds.results_io.write_jsonl(output_dir / f"responses_{entry['name']}.jsonl", rows)
-        print(f"results: {ds.results_io.write_json(output_dir / OUTPUT_FILES[mode], result.to_json())}")
+        print(f"results: {ds.results_io.write_json(output_dir / OUTPUT_FILES[mode], record)}")
     if not args.no_plots:
-        for plot in ds.plots.plot_verification({m: r.to_json() for m, r in results.items()}, output_dir):
+        for plot in ds.plots.plot_verification(records, output_dir):
             print(f"plot: {plot}")
 
 

@@ -159,8 +159,8 @@ class Steering:
             factors = record["factors"] if "factors" in record else record["factor"]
             factors = [factors] * len(neurons) if isinstance(factors, (int, float)) else factors
             return cls(layer, Intervention.scale(neurons, [check_factor(f, where, ablation=True) for f in factors]))
-        except (KeyError, TypeError, ValueError) as e:
-            if isinstance(e, UsageError):
-                raise
+        except UsageError:
+            raise
+        except (KeyError, TypeError, ValueError):
             raise UsageError(f"{where}: malformed steering record {record!r}") from None
 

@@ -52,15 +52,20 @@ class ModelSource:
         return AutoConfig.from_pretrained(self.path, revision=self.revision)
 
     @functools.cached_property
+    def structure(self) -> torch.nn.Module:
+        """The model without weights (meta device), built once for the shape and the digest."""
+        return meta_model(self.model_config)
+
+    @functools.cached_property
     def shape(self) -> Shape:
         """Layers and delta neurons from the config alone, to check arguments before loading."""
-        return shape_of(self.model_config)
+        return shape_of(self.structure)
 
     @functools.cached_property
     def digest(self) -> str:
         """The model's identity before its weights load: SHA-256 of its configuration and of every
         parameter's name and shape (see config_digest)."""
-        return config_digest(self.model_config)
+        return config_digest(self.model_config, self.structure)
 
     @property
     def family(self) -> str:
@@ -72,11 +77,12 @@ UNIDENTIFYING_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "d
                       "_attn_implementation_autoset", "architectures")
 
 
-def config_digest(config) -> str:
+def config_digest(config, structure: torch.nn.Module) -> str:
     """SHA-256 of a transformers config (canonical JSON, less UNIDENTIFYING_KEYS) and of the names and
-    shapes of the parameters it makes: equal for the same architecture and sizes in any dtype or folder."""
+    shapes of the parameters of the model it makes (`structure`): equal for the same architecture and
+    sizes in any dtype or folder."""
     fields = {k: v for k, v in config.to_dict().items() if k not in UNIDENTIFYING_KEYS}
-    shapes = [(name, list(p.shape)) for name, p in meta_model(config).named_parameters()]
+    shapes = [(name, list(p.shape)) for name, p in structure.named_parameters()]
     text = json.dumps({"config": fields, "parameters": shapes}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
