@@ -15,13 +15,14 @@ scan output. Per batch of examples the engine
 
 A neuron then costs layers L+1..end (3 of 24 at mamba-130m's default layer 20) instead of the whole
 model. Two more exact savings: requests that share their context (the choices of a multiple-choice
-example) run it once per neuron and each continuation is read as one block from the cached state
-(`continuation`), and the LM head runs on many chunks' scored positions at once. Results equal the naive engine's up to float rounding
+example) can run it once per neuron, each continuation read as one block from the cached state
+(`continuation`; per shape of group where that was measured faster, `reading`), and the LM head runs
+on many chunks' scored positions at once. Results equal the naive engine's up to float rounding
 (~1e-6 relative).
 
 Mamba-2 (mixer2): a neuron is a head, which changes only its own head_dim channels of the scan, but
 the gated RMSNorm before `out_proj` rescales the rest of the head's group by a per-token factor, so
-the correction is a group term plus a head term (exact algebra, see mixer2). Contexts are shared
+the correction is a group term plus a head term (exact algebra, see mixer2). Contexts can be shared
 where a continuation from a cached context is exact (`continuation.continues_exactly`: float32).
 """
 
@@ -40,6 +41,7 @@ from .intervention import Intervention
 from . import mixer2
 from .mixer import LayerState, gated_scan, layer_state, suffix
 from .progress import tqdm
+from .reading import choice_for, shape_of
 from .scoring import target_scores
 from .sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
 
@@ -111,13 +113,16 @@ class TargetScorer:
 
 
 class FastSweep:
-    """One sweep: every neuron of `intervention` applied alone at `layer`, on example batches."""
+    """One sweep: every neuron of `intervention` applied alone at `layer`, on example batches.
+    `share_contexts`: read a context group's context once per neuron (True), every request whole
+    (False), or per shape of group the way measured faster (None, `reading`)."""
 
     def __init__(self, model, layer: int, intervention: Intervention, batch_size: int | None,
-                 scorer: TargetScorer, share_contexts: bool, bar):
+                 scorer: TargetScorer, share_contexts: bool | None, bar):
         self.model, self.layer, self.intervention = model, layer, intervention
         self.batch_size, self.scorer, self.share_contexts, self.bar = batch_size, scorer, share_contexts, bar
         self.layer_state, self.steered_outputs = layer_pieces(model)
+        self.choice = choice_for(model, f"fast sweep from layer {layer}")
 
     def neurons_per_chunk(self, sequences: int, tokens: int) -> int:
         """How many neurons share one suffix forward, each reading `sequences` sequences of `tokens`
@@ -126,18 +131,20 @@ class FastSweep:
             return max(1, self.batch_size // sequences)
         return max(1, token_budget(self.model, tokens) // tokens)
 
-    def jobs(self, items: list[Encoded], lengths: list[int], groups: list[list[int]]):
-        """(members, shared, neurons per chunk) of one batch: the requests alone in their group as
-        whole sequences, then each group that shares a context."""
-        singles = [g[0] for g in groups if len(g) == 1]
-        if singles:
-            yield singles, False, self.neurons_per_chunk(len(singles), len(singles) * max(lengths[i] for i in singles))
-        for group in (g for g in groups if len(g) > 1):
-            if self.share_contexts:  # the context once, then each member's continuation
-                tokens = items[group[0]].context_length + len(group) * max(items[i].n_target - 1 for i in group)
-            else:
-                tokens = len(group) * max(lengths[i] for i in group)
-            yield group, self.share_contexts, self.neurons_per_chunk(len(group), tokens)
+    def shared(self, items: list[Encoded], group: list[int]) -> bool | None:
+        """Whether a group of several requests reads its context once: as asked, or as measured for
+        its shape (None: not measured yet)."""
+        if self.share_contexts is None:
+            return self.choice.shared.get(shape_of(items, group))
+        return self.share_contexts
+
+    def step(self, items: list[Encoded], lengths: list[int], members: list[int], shared: bool | None) -> int:
+        """Neurons per chunk for some members read whole or (shared) their context once."""
+        if shared:
+            tokens = items[members[0]].context_length + len(members) * max(items[i].n_target - 1 for i in members)
+        else:
+            tokens = len(members) * max(lengths[i] for i in members)
+        return self.neurons_per_chunk(len(members), tokens)
 
     def shared_hidden(self, steered: Tensor, items: list[Encoded]) -> Tensor:
         """Final hidden states at the scored positions of one group's (neuron, member) pairs, compact
@@ -150,37 +157,57 @@ class FastSweep:
         return continuation_hidden(self.model, self.layer + 1, [steered[:, 0, :context]],
                                    steered[:, :, context: context + tail].flatten(0, 1), owners)
 
+    def whole_hidden(self, steered: Tensor, items: list[Encoded], lengths: list[int]) -> Tensor:
+        """The same, every (neuron, member) pair read whole from block L's steered output
+        (neurons x members x tokens x hidden)."""
+        n_neurons = steered.shape[0]
+        hidden = suffix(self.model, self.layer, steered[:, :, :max(lengths)].flatten(0, 1))
+        return gather_targets(hidden, items * n_neurons, lengths * n_neurons)
+
     def batch(self, state: LayerState, items: list[Encoded], lengths: list[int], columns: list[int],
               groups: list[list[int]]) -> None:
-        """Every neuron on one example batch; groups index into `items`, columns[i] is item i's request."""
+        """Every neuron on one example batch; groups index into `items`, columns[i] is item i's request.
+        The requests alone in their group run together, then each group of several; a group of a shape
+        not measured yet is read both ways on its first chunk of neurons (`reading`)."""
         neurons = self.intervention.neurons
-        for members, shared, step in self.jobs(items, lengths, groups):
-            sub, sub_items = state.rows(members), [items[i] for i in members]
-            for first in range(0, len(neurons), step):
-                chunk = neurons[first: first + step]
+        singles = [g[0] for g in groups if len(g) == 1]
+        jobs = [(singles, False)] if singles else []
+        jobs += [(g, True) for g in groups if len(g) > 1]
+        for members, grouped in jobs:
+            sub, sub_items, sub_lengths = state.rows(members), [items[i] for i in members], [lengths[i] for i in members]
+            first = 0
+            while first < len(neurons):
+                shared = self.shared(items, members) if grouped else False
+                chunk = neurons[first: first + self.step(items, lengths, members, shared)]
                 steered = self.steered_outputs(self.model, self.layer, sub, self.intervention.only(chunk))
+                steered = steered.view(len(chunk), len(members), *steered.shape[1:])
+                if shared is None:
+                    compact = self.choice.race(shape_of(items, members),
+                                               lambda: self.shared_hidden(steered, sub_items),
+                                               lambda: self.whole_hidden(steered, sub_items, sub_lengths))
+                elif shared:
+                    compact = self.shared_hidden(steered, sub_items)
+                else:
+                    compact = self.whole_hidden(steered, sub_items, sub_lengths)
                 neuron_rows = np.repeat(np.arange(first, first + len(chunk)), len(members))
                 request_cols = np.tile([columns[i] for i in members], len(chunk))
-                if shared:
-                    compact = self.shared_hidden(steered.view(len(chunk), len(members), *steered.shape[1:]), sub_items)
-                else:
-                    width = max(lengths[i] for i in members)
-                    hidden = suffix(self.model, self.layer, steered[:, :width])
-                    compact = gather_targets(hidden, sub_items * len(chunk), [lengths[i] for i in members] * len(chunk))
                 self.scorer.add(compact, sub_items * len(chunk), neuron_rows, request_cols)
                 self.bar.update(len(chunk) * len(members))
+                first += len(chunk)
 
 
 @torch.no_grad()
 def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
                         batch_size: int | None = None, progress: bool = False, timings: dict | None = None,
-                        share_contexts: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                        share_contexts: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-prob (NaN where logits are not finite) and all-greedy flag of every request
     (columns) with each neuron of `intervention` applied alone at `layer` (rows): the same numbers
     as the naive engine, from one prefix per example batch and a suffix per chunk of neurons.
 
     `share_contexts` runs a context shared by several requests (the choices of a multiple-choice
-    example) once per neuron, then each continuation from the cached state. `timings`, when given,
+    example) once per neuron, then each continuation from the cached state, where that is exact:
+    True always, False never, None (the default) for each shape of group the way measured faster
+    (`reading`). `timings`, when given,
     accumulates the seconds spent in the shared prefix ("prefix_s") and in the per-neuron work
     ("neurons_s")."""
     if not covers(model):
@@ -192,8 +219,8 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     if not intervention.neurons or not encoded:
         return logprob, greedy
     device = next(model.parameters()).device
-    share_contexts = share_contexts and continues_exactly(model)
-    groups = context_groups(encoded) if share_contexts else [[i] for i in range(len(encoded))]
+    share_contexts = share_contexts if continues_exactly(model) else False
+    groups = context_groups(encoded) if share_contexts is not False else [[i] for i in range(len(encoded))]
     packed = batches(encoded, groups, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
     scorer = TargetScorer(OutputHead(model), logprob, greedy, head_rows(model))
     timings = timings if timings is not None else {}

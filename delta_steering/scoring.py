@@ -10,7 +10,8 @@ Requests whose context tokens are identical (the choices of a multiple-choice ex
 context once (`continuation`): each context is read once, its per-layer state (conv window and SSM
 state) is cached and replicated, and each continuation is read as one block from it, exactly (see
 `continuation.continues_exactly`). Contexts of equal length share a forward (no padding to mask),
-and the continuations of many examples run together.
+and the continuations of many examples run together. Whether that is faster than reading the
+requests whole depends on the family and the shape of the requests, so it is measured (`reading`).
 """
 
 from __future__ import annotations
@@ -25,9 +26,13 @@ from .batching import (Encoded, batches, context_groups, gather_targets, head_ro
 from .continuation import continuation_hidden, continues_exactly
 from .mixer import block_input
 from .progress import tqdm
+from .reading import choice_for, shape_of
 from .sites import OutputHead, decoder_layers
 from .stats import bootstrap_indices, compare
 from .tasks import Example, task_names
+
+
+RACE_GROUPS = 8  # context groups of a new shape read both ways, to measure which is faster
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> Encoded:
@@ -68,11 +73,10 @@ def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded
 
 
 def shares_contexts(model, share_contexts: bool | None) -> bool:
-    """Whether scoring reads shared contexts once: as asked (None: yes), where that is exact
-    (`continuation.continues_exactly`). On the six tasks' requests (mamba-130m and mamba2-130m
-    shapes, CPU) it was faster than reading them whole for hellaswag and both arcs and about even
-    for piqa (`benchmarks/bench_sweep.py`: its naive against its whole-request column)."""
-    return (share_contexts is None or share_contexts) and continues_exactly(model)
+    """Whether scoring may read shared contexts once: unless told not to (False), where that is
+    exact (`continuation.continues_exactly`). True reads every shared context once; None (the
+    default) reads each shape of group the way measured faster for it (`reading`)."""
+    return share_contexts is not False and continues_exactly(model)
 
 
 def shared_context_groups(encoded: list[Encoded]) -> list[list[int]]:
@@ -165,14 +169,37 @@ def shared_scores(model, encoded: list[Encoded], groups: list[list[int]], batch_
         yield members, *chunked_target_scores(head, compact, [encoded[i] for i in members], head_rows(model))
 
 
+def measured_scores(model, tokenizer, encoded: list[Encoded], groups: list[list[int]], batch_size: int | None,
+                    budget: int, head: OutputHead):
+    """(requests, summed log-probs, greedy flags) of context groups, each shape read the way measured
+    faster for it (`reading.choice_for`): a shape met for the first time is read both ways on its
+    first `RACE_GROUPS` groups, the rest of it the faster way."""
+    choice = choice_for(model, "scoring")
+    by_shape: dict = {}
+    for group in groups:
+        by_shape.setdefault(shape_of(encoded, group), []).append(group)
+    shared, whole = [], []
+    for shape, members in by_shape.items():
+        if shape not in choice.shared:
+            sample, members = members[:RACE_GROUPS], members[RACE_GROUPS:]
+            requests = [i for g in sample for i in g]
+            yield from choice.race(shape, lambda: list(shared_scores(model, encoded, sample, batch_size, budget, head)),
+                                   lambda: list(whole_scores(model, tokenizer, encoded, requests, batch_size, budget,
+                                                             head)))
+        (shared if choice.shared[shape] else whole).extend(members)
+    yield from whole_scores(model, tokenizer, encoded, sorted(i for g in whole for i in g), batch_size, budget, head)
+    yield from shared_scores(model, encoded, shared, batch_size, budget, head)
+
+
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | None = None,
                    progress: bool = False, share_contexts: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-prob (NaN where logits are not finite) and greedy flag of every request.
 
-    `share_contexts` (default: on) runs a context shared by several requests once where that is
-    exact (`shares_contexts`); the other requests run whole. `batch_size` bounds the sequences of a
-    forward (whole requests, contexts, continuations); by default the memory budget does."""
+    `share_contexts` runs a context shared by several requests once where that is exact
+    (`shares_contexts`): True always, False never, None (the default) for each shape of group the
+    way measured faster (`reading`); the other requests run whole. `batch_size` bounds the sequences
+    of a forward (whole requests, contexts, continuations); by default the memory budget does."""
     share = shares_contexts(model, share_contexts)
     groups = shared_context_groups(encoded) if share else []
     alone = sorted(set(range(len(encoded))) - {i for g in groups for i in g})
@@ -181,8 +208,10 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
     head = OutputHead(model)
     budget = token_budget(model, max(len(e.tokens) for e in encoded))
     with tqdm(total=len(encoded), desc="scoring", unit="request", disable=not progress, leave=False) as bar:
+        grouped = (measured_scores(model, tokenizer, encoded, groups, batch_size, budget, head)
+                   if share_contexts is None else shared_scores(model, encoded, groups, batch_size, budget, head))
         for requests, values, flags in chain(whole_scores(model, tokenizer, encoded, alone, batch_size, budget, head),
-                                             shared_scores(model, encoded, groups, batch_size, budget, head)):
+                                             grouped):
             logprob[requests], greedy[requests] = values, flags
             bar.update(len(requests))
     return logprob, greedy

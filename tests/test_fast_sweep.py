@@ -117,6 +117,36 @@ def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, token
         np.testing.assert_array_equal(greedy, reference_greedy)
 
 
+def test_fast_races_each_new_shape_and_follows_the_recorded_choice(tiny_model, tokenizer, encoded, monkeypatch):
+    """A fresh model: every shape of context group is read both ways once (the faster recorded for
+    this layer), with the same numbers as either way; a recorded choice is then followed."""
+    import delta_steering.fast_sweep as fast_sweep
+    from delta_steering.reading import choice_for, shape_of
+
+    model = copy.deepcopy(tiny_model)
+    intervention = Intervention.scale(NEURONS, 0.0)
+    raced = fast_loglikelihoods(model, tokenizer, encoded, 20, intervention)
+    groups = [g for g in context_groups(encoded) if len(g) > 1]
+    choice = choice_for(model, "fast sweep from layer 20")
+    assert set(choice.shared) == {shape_of(encoded, g) for g in groups}
+    assert choice_for(model, "fast sweep from layer 10").shared == {}
+    for forced in (True, False):
+        lp, greedy = fast_loglikelihoods(model, tokenizer, encoded, 20, intervention, share_contexts=forced)
+        np.testing.assert_allclose(raced[0], lp, rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(raced[1], greedy)
+
+    def refused(*_args, **_kwargs):
+        raise AssertionError("read the way the recorded choice rules out")
+
+    grouped = [encoded[i] for g in groups for i in g]
+    for shared, ruled_out in ((False, "continuation_hidden"), (True, "suffix")):
+        choice.shared.update({shape: shared for shape in choice.shared})
+        with monkeypatch.context() as patch:
+            patch.setattr(fast_sweep, ruled_out, refused)
+            lp, _ = fast_loglikelihoods(model, tokenizer, grouped, 20, intervention)
+        np.testing.assert_allclose(lp, raced[0][:, [i for g in groups for i in g]], rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fast_equals_naive_in_half_precision(tokenizer, encoded, dtype):
     """Half-precision weights (the scan and the rank-1 correction stay in float32): agreement to

@@ -1,11 +1,14 @@
 """Batched log-likelihood scoring against a naive one-sequence-at-a-time computation."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from delta_steering.batching import Encoded
 from delta_steering.continuation import continues_exactly
+from delta_steering.reading import choice_for, shape_of
 from delta_steering.scoring import (correctness, encode_examples, encode_pair, evaluate, loglikelihoods,
                                     shared_context_groups, summarize)
 from delta_steering.tasks import Example
@@ -101,26 +104,58 @@ def test_shared_contexts_equal_whole_sequences_and_naive(tiny_model, tokenizer, 
         assert g == ref_g
 
 
-def test_a_shared_context_is_read_once_by_default_on_cpu(tiny_model, tokenizer):
-    encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
-    groups = shared_context_groups(encoded)
+def tokens_once(encoded, groups) -> int:
+    """Tokens read at batch size 1 when `groups` read their context once (a group's continuations
+    together, right-padded to its longest) and every other request is read whole."""
     grouped = {i for g in groups for i in g}
-    # batch size 1: a group's continuations are read together, right-padded to its longest
-    once = (sum(len(encoded[g[0]].tokens) - encoded[g[0]].n_target for g in groups)
+    return (sum(len(encoded[g[0]].tokens) - encoded[g[0]].n_target for g in groups)
             + sum(len(g) * max(encoded[i].n_target - 1 for i in g) for g in groups)
             + sum(len(e.tokens) - 1 for i, e in enumerate(encoded) if i not in grouped))
-    assert tokens_read(tiny_model, lambda: loglikelihoods(tiny_model, tokenizer, encoded, 1)) == once
+
+
+def test_a_shared_context_is_read_once_when_asked(tiny_model, tokenizer):
+    encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
+    once = tokens_once(encoded, shared_context_groups(encoded))
+    assert tokens_read(tiny_model, lambda: loglikelihoods(tiny_model, tokenizer, encoded, 1,
+                                                          share_contexts=True)) == once
     whole = sum(len(e.tokens) - 1 for e in encoded)
     assert tokens_read(tiny_model, lambda: loglikelihoods(tiny_model, tokenizer, encoded, 1,
                                                           share_contexts=False)) == whole > once
 
 
-def test_mamba2_reads_a_shared_context_once_by_default(tokenizer):
+def test_by_default_each_shape_is_read_the_way_measured_faster(tiny_model, tokenizer):
+    """A fresh model races every shape of group once, records the faster way, and from then on reads
+    each group as recorded; the numbers equal both ways'."""
+    model = copy.deepcopy(tiny_model)
+    encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
+    groups = shared_context_groups(encoded)
+    choice = choice_for(model, "scoring")
+    raced = loglikelihoods(model, tokenizer, encoded, 1)
+    assert set(choice.shared) == {shape_of(encoded, g) for g in groups}
+    expected = tokens_once(encoded, [g for g in groups if choice.shared[shape_of(encoded, g)]])
+    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1)) == expected
+    for forced in (True, False):
+        lp, greedy = loglikelihoods(model, tokenizer, encoded, 1, share_contexts=forced)
+        np.testing.assert_allclose(raced[0], lp, rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(raced[1], greedy)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_recorded_choice_is_followed(tiny_model, tokenizer, shared):
+    model = copy.deepcopy(tiny_model)
+    encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
+    groups = shared_context_groups(encoded)
+    choice_for(model, "scoring").shared.update({shape_of(encoded, g): shared for g in groups})
+    expected = tokens_once(encoded, groups if shared else [])
+    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1)) == expected
+
+
+def test_mamba2_reads_a_shared_context_once_when_asked(tokenizer):
     model = family_model("mamba2", tokenizer)
     encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
     whole = sum(len(e.tokens) - 1 for e in encoded)
     assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1, share_contexts=False)) == whole
-    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1)) < whole
+    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1, share_contexts=True)) < whole
 
 
 def assert_whole_sequences(model, tokenizer, encoded):
@@ -154,7 +189,8 @@ def test_a_limited_time_step_still_shares_contexts_exactly(tokenizer, batch_size
     encoded = [Encoded(context + (7, 8), 2), Encoded(context + (11, 3), 2), Encoded(context + (4,), 1)]
     shared = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=True)
     whole = loglikelihoods(model, tokenizer, encoded, batch_size, share_contexts=False)
-    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, batch_size)) < 3 * len(context)
+    assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, batch_size,
+                                                     share_contexts=True)) < 3 * len(context)
     np.testing.assert_allclose(shared[0], whole[0], rtol=0, atol=1e-5)
     np.testing.assert_array_equal(shared[1], whole[1])
     unlimited = make_tiny("mamba2", vocab_size=len(tokenizer))
