@@ -10,9 +10,11 @@ its per-neuron time is at least (blocks after L) + head. Counted in FLOPs the he
 of a request's cost; timed, it is much less, because the blocks' reference selective scan (a loop
 over tokens, no fused kernel on CPU) runs far below the head's matrix-multiply rate. The ceilings
 printed here use the measured split: the blocks' time (forward hooks on every block), the head's
-(`OutputHead` calls), and the share of tokens left when shared contexts are read once. They are
-bounds on `bench_sweep.py`'s speedups, not predictions: a continuation from a cached state does not
-cost exactly what the same tokens cost inside a whole request.
+(`OutputHead` calls), and the share of tokens left when shared contexts are read once. They hold if
+a block costs per token what it costs in the whole-request method; an engine can pass them where
+that fails: the fast engine stacks many neurons' rows into each forward (fewer forwards, less fixed
+cost per row), and Mamba-2's forward pads every sequence to its chunk size, so its cost follows
+forwards and rows more than tokens.
 """
 
 from __future__ import annotations
