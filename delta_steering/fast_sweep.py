@@ -39,6 +39,7 @@ from .batching import Encoded, batches, context_groups, gather_targets, head_row
 from .continuation import continuation_hidden, continues_exactly
 from .intervention import Intervention
 from . import mixer2
+from .mixer2 import short_chunks
 from .mixer import LayerState, gated_scan, layer_state, suffix
 from .progress import tqdm
 from .reading import choice_for, shape_of
@@ -207,9 +208,9 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     `share_contexts` runs a context shared by several requests (the choices of a multiple-choice
     example) once per neuron, then each continuation from the cached state, where that is exact:
     True always, False never, None (the default) for each shape of group the way measured faster
-    (`reading`). `timings`, when given,
-    accumulates the seconds spent in the shared prefix ("prefix_s") and in the per-neuron work
-    ("neurons_s")."""
+    (`reading`). Mamba-2 on CPU scans in chunks fitted to the requests (`mixer2.short_chunks`).
+    `timings`, when given, accumulates the seconds spent in the shared prefix ("prefix_s") and in
+    the per-neuron work ("neurons_s")."""
     if not covers(model):
         raise ValueError(f"the fast engine covers {', '.join(FAMILIES)} models, not {family_of(model).name}")
     check_layer(model, layer)
@@ -218,7 +219,6 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     greedy = np.zeros((len(intervention.neurons), len(encoded)), dtype=bool)
     if not intervention.neurons or not encoded:
         return logprob, greedy
-    device = next(model.parameters()).device
     share_contexts = share_contexts if continues_exactly(model) else False
     groups = context_groups(encoded) if share_contexts is not False else [[i] for i in range(len(encoded))]
     packed = batches(encoded, groups, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
@@ -229,6 +229,17 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     bar = tqdm(total=len(encoded) * len(intervention.neurons), desc="fast sweep (neuron x request)", unit="pair",
                unit_scale=True, disable=not progress, leave=False)
     sweep = FastSweep(model, layer, intervention, batch_size, scorer, share_contexts, bar)
+    with short_chunks(model, max(len(e.tokens) for e in encoded)):
+        sweep_batches(sweep, tokenizer, encoded, packed, timings)
+    bar.close()
+    return logprob, greedy
+
+
+def sweep_batches(sweep: FastSweep, tokenizer, encoded: list[Encoded], packed: list[list[list[int]]],
+                  timings: dict) -> None:
+    """Every example batch: its prefix once, then every neuron; seconds added to `timings`."""
+    model, layer = sweep.model, sweep.layer
+    device = next(model.parameters()).device
     for batch_groups in packed:
         start = time.perf_counter()
         columns = [i for g in batch_groups for i in g]
@@ -242,7 +253,5 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
             local.append(list(range(at, at + len(g))))
             at += len(g)
         sweep.batch(state, items, lengths, columns, local)
-        scorer.flush()
+        sweep.scorer.flush()
         timings["neurons_s"] += time.perf_counter() - start
-    bar.close()
-    return logprob, greedy

@@ -10,6 +10,9 @@ r = rsqrt(var' + eps) / rsqrt(var + eps), so with P_g = W_out[:, g] @ normed_g (
     out_L' = out_L + (r - 1) P_g + W_out[:, h] @ (w_h * silu(z_h) * (y_h' - y_h) * rsqrt(var' + eps)),
 
 exact algebra, a group term and a head_dim-rank term per neuron.
+
+Also here: the chunk size a Mamba-2 model's forwards scan at on CPU while requests are scored
+(`short_chunks`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,41 @@ from torch import Tensor
 
 from .intervention import Intervention
 from .mixer import block_input
-from .sites import decoder_layers
+from .sites import decoder_layers, family_of
+
+SHORT_CHUNK = 32  # the smallest chunk size used; 16 was slower on the six tasks' requests
+MOST_CHUNKS = 4  # chunks per longest sequence: more adds inter-chunk work (quadratic in chunks)
+
+
+def chunk_size_for(tokens: int, configured: int) -> int:
+    """The chunk size for sequences of up to `tokens` tokens: the smallest power of two from 32
+    that splits them into at most 4 chunks, never above the model's own."""
+    size = SHORT_CHUNK
+    while size * MOST_CHUNKS < tokens:
+        size *= 2
+    return min(size, configured)
+
+
+@contextmanager
+def short_chunks(model, tokens: int):
+    """While open, a Mamba-2 model on CPU scans sequences of up to `tokens` tokens in chunks of
+    `chunk_size_for(tokens)`. Transformers' CPU scan pads every sequence to whole chunks and does
+    work quadratic in the chunk size within each, so at mamba2's configured 256 a 30-token request
+    costs what a 256-token one does. The chunked scan is the same recurrence at any chunk size, so
+    the numbers change only by float rounding (about 5e-6 relative on the six tasks' requests) and
+    about 3x less time (`benchmarks/bench_scoring.py --family mamba2`). Other families, and CUDA
+    (where a fused kernel may be tuned to the configured size), are left as they are."""
+    device = next(model.parameters()).device
+    mixers = ([block.mixer for block in decoder_layers(model)]
+              if family_of(model).name == "mamba2" and device.type == "cpu" else [])
+    configured = [mixer.chunk_size for mixer in mixers]
+    try:
+        for mixer, size in zip(mixers, configured):
+            mixer.chunk_size = chunk_size_for(tokens, size)
+        yield
+    finally:
+        for mixer, size in zip(mixers, configured):
+            mixer.chunk_size = size
 
 
 @dataclass

@@ -25,6 +25,7 @@ from .batching import (Encoded, batches, context_groups, gather_targets, head_ro
                        request_batches, target_ids, target_mask, token_budget)
 from .continuation import continuation_hidden, continues_exactly
 from .mixer import block_input
+from .mixer2 import short_chunks
 from .progress import tqdm
 from .reading import choice_for, shape_of
 from .sites import OutputHead, decoder_layers
@@ -199,15 +200,18 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
     `share_contexts` runs a context shared by several requests once where that is exact
     (`shares_contexts`): True always, False never, None (the default) for each shape of group the
     way measured faster (`reading`); the other requests run whole. `batch_size` bounds the sequences
-    of a forward (whole requests, contexts, continuations); by default the memory budget does."""
+    of a forward (whole requests, contexts, continuations); by default the memory budget does.
+    Mamba-2 on CPU scans in chunks fitted to the requests (`mixer2.short_chunks`)."""
     share = shares_contexts(model, share_contexts)
     groups = shared_context_groups(encoded) if share else []
     alone = sorted(set(range(len(encoded))) - {i for g in groups for i in g})
     logprob = np.full(len(encoded), np.nan)
     greedy = np.zeros(len(encoded), dtype=bool)
     head = OutputHead(model)
-    budget = token_budget(model, max(len(e.tokens) for e in encoded))
-    with tqdm(total=len(encoded), desc="scoring", unit="request", disable=not progress, leave=False) as bar:
+    longest = max(len(e.tokens) for e in encoded)
+    budget = token_budget(model, longest)
+    with short_chunks(model, longest), \
+            tqdm(total=len(encoded), desc="scoring", unit="request", disable=not progress, leave=False) as bar:
         grouped = (measured_scores(model, tokenizer, encoded, groups, batch_size, budget, head)
                    if share_contexts is None else shared_scores(model, encoded, groups, batch_size, budget, head))
         for requests, values, flags in chain(whole_scores(model, tokenizer, encoded, alone, batch_size, budget, head),

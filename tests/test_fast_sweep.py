@@ -14,7 +14,7 @@ from delta_steering.fast_sweep import fast_loglikelihoods
 from delta_steering.intervention import Intervention
 from delta_steering.scoring import correctness, encode_examples, loglikelihoods
 from delta_steering.sites import OutputHead
-from delta_steering.steering import steer
+from delta_steering.steering import install, steer
 from delta_steering.sweep import sweep_correctness, sweep_loglikelihoods
 from delta_steering.tasks import Example
 from tiny import make_model
@@ -363,3 +363,44 @@ def test_hybrids_run_the_naive_engine(tokenizer, encoded, capsys):
 def test_attribution_stays_mamba1(mamba2_models, tokenizer, examples, encoded):
     with pytest.raises(ValueError, match="attribution covers mamba, falcon_mamba models, not mamba2"):
         attribution(mamba2_models[1], tokenizer, examples, encoded, 0, Intervention.scale(range(4), 0.0))
+
+
+def test_mamba2_on_cpu_scans_in_short_chunks_with_the_same_numbers(tokenizer, encoded):
+    """mamba2's configured chunk of 256 would pad these short requests to 256 tokens: while scoring
+    and sweeping, the mixers scan in chunks fitted to the longest request (32 here), and the numbers
+    equal those of the configured chunk size up to float rounding; afterwards it is restored."""
+    from delta_steering.mixer2 import chunk_size_for
+    from families import make_tiny
+    from delta_steering.sites import decoder_layers
+
+    model = make_tiny("mamba2", vocab_size=len(tokenizer), num_hidden_layers=3, chunk_size=256)
+    seen = set()
+    hooks = [block.mixer.register_forward_pre_hook(lambda mixer, _a: seen.add(mixer.chunk_size))
+             for block in decoder_layers(model)]
+    longest = max(len(e.tokens) for e in encoded)
+    assert longest <= 128 and chunk_size_for(longest, 256) == 32
+    intervention = MAMBA2_INTERVENTIONS[2]
+    short = loglikelihoods(model, tokenizer, encoded), fast_loglikelihoods(model, tokenizer, encoded, 1, intervention)
+    assert seen == {32}
+    for hook in hooks:
+        hook.remove()
+    assert {block.mixer.chunk_size for block in decoder_layers(model)} == {256}
+    configured = make_tiny("mamba2", vocab_size=len(tokenizer), num_hidden_layers=3, chunk_size=256)
+    configured.load_state_dict(model.state_dict())
+    with torch.no_grad():  # the reference: transformers' own forward, at the configured chunk size
+        reference = [naive_request(configured, e) for e in encoded]
+    np.testing.assert_allclose(short[0][0], [r[0] for r in reference], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(short[0][1], [r[1] for r in reference])
+    for row, neuron in enumerate(intervention.neurons):
+        with install(configured, 1, intervention.only([neuron])), torch.no_grad():
+            steered = [naive_request(configured, e) for e in encoded]
+        np.testing.assert_allclose(short[1][0][row], [r[0] for r in steered], rtol=0, atol=1e-4)
+        np.testing.assert_array_equal(short[1][1][row], [r[1] for r in steered])
+
+
+def naive_request(model, e) -> tuple[float, bool]:
+    """Summed log-prob and greedy flag of one request from a plain forward of its tokens."""
+    ids = torch.tensor([e.tokens[:-1]])
+    logp = torch.log_softmax(model(ids).logits[0, -e.n_target:].float(), -1)
+    target = torch.tensor(e.tokens[-e.n_target:])
+    return logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all())
