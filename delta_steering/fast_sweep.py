@@ -196,6 +196,26 @@ class FastSweep:
                 self.bar.update(len(chunk) * len(members))
                 first += len(chunk)
 
+    def run(self, tokenizer, encoded: list[Encoded], packed: list[list[list[int]]], timings: dict) -> None:
+        """Every example batch (`packed`: batches of groups of request indices): its prefix once,
+        then every neuron; seconds added to `timings`."""
+        device = next(self.model.parameters()).device
+        for batch_groups in packed:
+            start = time.perf_counter()
+            columns = [i for g in batch_groups for i in g]
+            items = [encoded[i] for i in columns]
+            ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
+            state = self.layer_state(self.model, ids, self.layer)
+            timings["prefix_s"] += time.perf_counter() - start
+            start = time.perf_counter()
+            local, at = [], 0
+            for g in batch_groups:
+                local.append(list(range(at, at + len(g))))
+                at += len(g)
+            self.batch(state, items, lengths, columns, local)
+            self.scorer.flush()
+            timings["neurons_s"] += time.perf_counter() - start
+
 
 @torch.no_grad()
 def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
@@ -230,28 +250,6 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
                unit_scale=True, disable=not progress, leave=False)
     sweep = FastSweep(model, layer, intervention, batch_size, scorer, share_contexts, bar)
     with short_chunks(model, max(len(e.tokens) for e in encoded)):
-        sweep_batches(sweep, tokenizer, encoded, packed, timings)
+        sweep.run(tokenizer, encoded, packed, timings)
     bar.close()
     return logprob, greedy
-
-
-def sweep_batches(sweep: FastSweep, tokenizer, encoded: list[Encoded], packed: list[list[list[int]]],
-                  timings: dict) -> None:
-    """Every example batch: its prefix once, then every neuron; seconds added to `timings`."""
-    model, layer = sweep.model, sweep.layer
-    device = next(model.parameters()).device
-    for batch_groups in packed:
-        start = time.perf_counter()
-        columns = [i for g in batch_groups for i in g]
-        items = [encoded[i] for i in columns]
-        ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-        state = sweep.layer_state(model, ids, layer)
-        timings["prefix_s"] += time.perf_counter() - start
-        start = time.perf_counter()
-        local, at = [], 0
-        for g in batch_groups:
-            local.append(list(range(at, at + len(g))))
-            at += len(g)
-        sweep.batch(state, items, lengths, columns, local)
-        sweep.scorer.flush()
-        timings["neurons_s"] += time.perf_counter() - start
