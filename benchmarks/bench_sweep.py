@@ -15,10 +15,11 @@ request, per shape of group as measured faster (`delta_steering.reading`); a war
 request with one neuron makes those measurements before the timing starts, and says what they
 chose. Each task runs on its own, and the mix is their sum (every task's requests, task after
 task); the fast engine runs before and after the other two and its times are averaged, so that a
-load that drifts (shared machines) weighs on all alike. Per neuron the cost is amortized: the fast engine's prefix
-(layers 0..L, once per sweep) is separated from its per-neuron work, and the projection to the
-layer's N neurons on step 1's default discovery set (200 docs per task) is (prefix + N x
-per-neuron) x 200 / docs.
+load that drifts (shared machines) weighs on all alike. Per neuron the cost is amortized: the fast
+engine's prefix (layers 0..L, once per sweep) is separated from its per-neuron work. The projection
+to the layer's N neurons on step 1's default discovery set (200 docs per task) follows how step 1
+runs: one sweep, so one prefix, per chunk of 64 neurons (its default --chunk_neurons, the unit it
+saves), i.e. (prefix x ceil(N / 64) + N x per-neuron) x 200 / docs.
 
 The results must agree: greedy flags and per-neuron accuracies identical, log-probs within a
 tolerance measured in the same run (10 x the largest of the naive engine's own relative differences
@@ -45,6 +46,7 @@ from delta_steering.sites import num_delta_neurons
 from delta_steering.sweep import naive_loglikelihoods
 
 STEP1_DOCS = 200  # step 1's default discovery documents per task
+STEP1_CHUNK = 64  # step 1's default --chunk_neurons: one sweep (one prefix) per chunk
 SAFETY = 10.0  # tolerance = SAFETY x the naive engine's own rounding (batch size, reading order)
 
 
@@ -172,8 +174,9 @@ def main() -> None:
 
     scale = STEP1_DOCS / args.docs
     projected = {"whole-request": mix["whole_per"] * full * scale, "naive": mix["naive_per"] * full * scale,
-                 "fast": (mix["prefix_s"] + mix["fast_per"] * full) * scale}
-    print(f"projected {full} neurons x {STEP1_DOCS} docs per task (step 1's default) on this machine: "
+                 "fast": (mix["prefix_s"] * -(-full // STEP1_CHUNK) + mix["fast_per"] * full) * scale}
+    print(f"projected {full} neurons x {STEP1_DOCS} docs per task (step 1's default, {-(-full // STEP1_CHUNK)} "
+          f"chunks of up to {STEP1_CHUNK} neurons) on this machine: "
           + ", ".join(f"{k} {v / 3600:.2f} h" for k, v in projected.items()))
     print(f"projected speedup (prefix included): vs whole-request {projected['whole-request'] / projected['fast']:.2f}, "
           f"vs naive {projected['naive'] / projected['fast']:.2f}")
