@@ -241,7 +241,8 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
         return logprob, greedy
     share_contexts = share_contexts if continues_exactly(model) else False
     groups = context_groups(encoded) if share_contexts is not False else [[i] for i in range(len(encoded))]
-    packed = batches(encoded, groups, batch_size, token_budget(model, max(len(e.tokens) for e in encoded)))
+    longest = max(len(e.tokens) for e in encoded)
+    packed = batches(encoded, groups, batch_size, token_budget(model, longest))
     scorer = TargetScorer(OutputHead(model), logprob, greedy, head_rows(model))
     timings = timings if timings is not None else {}
     timings.setdefault("prefix_s", 0.0)
@@ -249,7 +250,7 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     bar = tqdm(total=len(encoded) * len(intervention.neurons), desc="fast sweep (neuron x request)", unit="pair",
                unit_scale=True, disable=not progress, leave=False)
     sweep = FastSweep(model, layer, intervention, batch_size, scorer, share_contexts, bar)
-    with short_chunks(model, max(len(e.tokens) for e in encoded)):
+    with short_chunks(model, longest):
         sweep.run(tokenizer, encoded, packed, timings)
     bar.close()
     return logprob, greedy
