@@ -118,7 +118,7 @@ def patch_dt_pre(model, name: str, layer: int, neurons, factor=None, value=None,
 
     def wrap(fn_name):
         original = originals[fn_name]
-        signature = inspect.signature(original)
+        signature = inspect.signature(getattr(original, "forward", original))  # a hub-kernel wrapper is a module
         bias_key = "delta_bias" if "delta_bias" in signature.parameters else "dt_bias"
         step = fn_name.endswith("state_update")
 
