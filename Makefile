@@ -1,4 +1,5 @@
-# make test  - create .venv if absent, install the package (pip install -e .), run the test suite
+# make test  - create .venv if absent, install the package (pip install -e .), check the layers' import
+#              contracts (lint-imports), run the test suite
 # make demo  - run the three steps on the bundled demo model, offline, on CPU
 
 PYTHON ?= python3
@@ -24,6 +25,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 install: $(VENV)/.installed
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 # The demo: the bundled 24-layer model and its data, offline, on CPU. Each multiple-choice file is
@@ -41,7 +43,7 @@ DEMO_COMMON := --model $(DEMO_MODEL) --device cpu --pile_path $(DEMO_DATA)/text.
 # Step 3's IFEval checkers need NLTK's punkt_tab: checked first, so that a missing copy stops the demo
 # at once (saying where NLTK looked and how to get it) rather than after steps 1 and 2.
 demo: install
-	$(PY) -m delta_steering.ifeval
+	$(PY) -m delta_steering.data.ifeval
 	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(DEMO_TASK_FILES) --validation_size 200 \
 	  --method attribution --verify_top 24 \
 	  --save_path $(DEMO_OUT)/discovered_neurons.json --output_dir $(DEMO_OUT)/step1 --overwrite

@@ -60,55 +60,55 @@ def parse_args() -> argparse.Namespace:
 def atlas_layers(args, shape) -> list[int]:
     """--layers (default: every SSM layer) and --step1_layer, checked against the model's shape."""
     requested = parse_int_list(args.layers, "layers") or list(shape.ssm_layers)
-    layers = [ds.sites.check_layer(shape, layer, "--layers") for layer in requested]
+    layers = [ds.model.sites.check_layer(shape, layer, "--layers") for layer in requested]
     if args.step1_layer is not None and args.step1_layer not in layers:
         raise ds.UsageError(f"--step1_layer {args.step1_layer} is not among the atlas's layers "
-                            f"({ds.models.compact_ranges(layers)})")
+                            f"({ds.model.loading.compact_ranges(layers)})")
     return layers
 
 
 def check_family(source) -> None:
-    family = ds.sites.family_of(source.model_config).name
-    if family not in ds.attribution.FAMILIES:
-        raise ds.UsageError(f"the atlas needs attribution, which covers {', '.join(ds.attribution.FAMILIES)} models, "
+    family = ds.model.sites.family_of(source.model_config).name
+    if family not in ds.engine.attribution.FAMILIES:
+        raise ds.UsageError(f"the atlas needs attribution, which covers {', '.join(ds.engine.attribution.FAMILIES)} models, "
                             f"not {family}; run step 1 per layer instead")
 
 
 def measure(args, run, model, tokenizer, layers: list[int], examples) -> tuple[dict, dict]:
     """What every process computes alike (baseline, delta statistics, the attribution pass) and the
     correctness rows of its share of the verified neurons."""
-    n = ds.sites.num_delta_neurons(model)
+    n = ds.model.sites.num_delta_neurons(model)
     timings = {}
 
     t = time.time()
-    texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
-    stats = ds.delta_stats.layer_delta_statistics(model, tokenizer, texts, layers)
+    texts = ds.data.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
+    stats = ds.model.delta_stats.layer_delta_statistics(model, tokenizer, texts, layers)
     timings["delta_statistics"] = round(time.time() - t, 2)
     ablations = {layer: ds.Intervention.ablation(args.ablation, range(n), [float(v) for v in stats[layer]["dt_pre_mean"]])
                  for layer in layers}
-    ds.steering.verify_steering_effect(model, ds.Steering(layers[0], ablations[layers[0]].only([0])))
+    ds.model.steering.verify_steering_effect(model, ds.Steering(layers[0], ablations[layers[0]].only([0])))
 
-    encoded = ds.scoring.encode_examples(tokenizer, examples)
+    encoded = ds.engine.scoring.encode_examples(tokenizer, examples)
     t = time.time()
-    baseline = ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
+    baseline = ds.engine.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
     timings["baseline"] = round(time.time() - t, 2)
-    if ds.scoring.summarize(examples, baseline)["accuracy"] is None:
+    if ds.analysis.metrics.summarize(examples, baseline)["accuracy"] is None:
         raise ds.UsageError("the baseline has non-finite logits; try --dtype float32")
 
     t = time.time()
-    estimates = ds.atlas.atlas_estimates(model, tokenizer, examples, encoded, ablations, args.batch_size, progress=True)
+    estimates = ds.engine.attribution.atlas_estimates(model, tokenizer, examples, encoded, ablations, args.batch_size, progress=True)
     timings["attribution"] = round(time.time() - t, 2)
-    verified = {layer: ds.discovery.top_estimated(estimates[layer], args.verify_top) for layer in layers}
+    verified = {layer: ds.analysis.impacts.top_estimated(estimates[layer], args.verify_top) for layer in layers}
 
-    engine = ds.sweep.engine_for(model, args.engine)
+    engine = ds.engine.sweep.engine_for(model, args.engine)
 
     def ablate_each(layer: int, chunk: list[int]) -> dict:
-        rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablations[layer].only(chunk), engine,
+        rows = ds.engine.sweep.sweep_correctness(model, tokenizer, examples, layer, ablations[layer].only(chunk), engine,
                                           args.batch_size, encoded, progress=True)
         return {f"{layer}/{neuron}": row.tolist() for neuron, row in zip(chunk, rows)}
 
     work = {f"layer{layer}/neurons/{chunk[0]}-{chunk[-1]}": partial(ablate_each, layer, chunk)
-            for layer in layers for chunk in ds.discovery.neuron_chunks(verified[layer], args.chunk_neurons)}
+            for layer in layers for chunk in ds.analysis.impacts.neuron_chunks(verified[layer], args.chunk_neurons)}
     t = time.time()
     rows = run.map(work, f"verifying the top {args.verify_top} of {len(layers)} layers", unit="chunk")
     timings["sweep"] = round(time.time() - t, 2)
@@ -117,8 +117,8 @@ def measure(args, run, model, tokenizer, layers: list[int], examples) -> tuple[d
                "delta_statistics": {str(layer): {"delta_variance": s["delta_variance"].tolist(),
                                                  "dt_pre_mean": s["dt_pre_mean"].tolist(),
                                                  "num_tokens": int(s["num_tokens"])} for layer, s in stats.items()},
-               "documents": ds.pile.pile_record(texts, "statistics"),
-               "model_info": ds.models.describe(model), "timings": timings}
+               "documents": ds.data.pile.pile_record(texts, "statistics"),
+               "model_info": ds.model.loading.describe(model), "timings": timings}
     return context, rows
 
 
@@ -129,25 +129,25 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> t
     for layer in context["layers"]:
         stats = context["delta_statistics"][str(layer)]
         layer_rows = {n: np.array(rows[f"{layer}/{n}"], dtype=float) for n in context["verified"][str(layer)]}
-        records[layer], spearman[layer] = ds.atlas.layer_records(examples, baseline, layer_rows,
+        records[layer], spearman[layer] = ds.analysis.atlas.layer_records(examples, baseline, layer_rows,
                                                                  context["estimates"][str(layer)],
                                                                  stats["delta_variance"], args.seed)
-    q_values = ds.atlas.atlas_q_values(records)
-    entries = [ds.atlas.layer_entry(layer, records[layer], q_values[layer], spearman[layer],
+    q_values = ds.analysis.atlas.atlas_q_values(records)
+    entries = [ds.analysis.atlas.layer_entry(layer, records[layer], q_values[layer], spearman[layer],
                                     context["delta_statistics"][str(layer)]) for layer in context["layers"]]
     common = {"data_dir": args.data_dir, "ablation": args.ablation, "engine": context["engine"]}
     run_record = ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"])
     provenance = ds.artifacts.Provenance(**context["provenance"])
-    result = ds.atlas.atlas_result(examples, baseline, entries, provenance, parse_names(args.tasks),
+    result = ds.analysis.atlas.atlas_result(examples, baseline, entries, provenance, parse_names(args.tasks),
                                    args.validation_size, verify_top=args.verify_top,
                                    delta_statistics_documents=context["documents"], **common,
                                    run=run_record).to_json()
-    ds.atlas.print_atlas(result)
+    ds.analysis.atlas.print_atlas(result)
     if args.step1_layer is None:
         return result, None
     layer = args.step1_layer
     stats = {**context["delta_statistics"][str(layer)], "documents": context["documents"]}
-    step1 = ds.atlas.step1_result(examples, baseline, records[layer], spearman[layer],
+    step1 = ds.analysis.atlas.step1_result(examples, baseline, records[layer], spearman[layer],
                                   context["estimates"][str(layer)], stats, replace(provenance, layer=layer),
                                   parse_names(args.tasks), args.validation_size, args.threshold,
                                   atlas=str(args.save_path), **common, run=run_record)
@@ -159,17 +159,17 @@ def main() -> None:
     args = parse_args()
     started = time.time()
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args))
-    source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
+    source = None if run.merging else ds.model.loading.check_model_source(args.model, args.tokenizer)
     if source is not None:
         check_family(source)
         layers = atlas_layers(args, source.shape)
     if args.pile_path:
-        ds.pile.local_files(args.pile_path)
-    examples = ds.tasks.load_examples(parse_names(args.tasks), args.data_dir, "discovery", args.validation_size)
+        ds.data.pile.local_files(args.pile_path)
+    examples = ds.data.tasks.load_examples(parse_names(args.tasks), args.data_dir, "discovery", args.validation_size)
     if run.merging:
         context, rows = run.merged()
     else:
-        model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
         context, rows = measure(args, run, model, tokenizer, layers, examples)
         context["provenance"] = ds.artifacts.Provenance.of(source, None).to_json()
     if run.publish(context, rows):
@@ -180,7 +180,7 @@ def main() -> None:
                 ds.results_io.write_json(args.save_step1, step1)
                 print(f"step-1 file for layer {args.step1_layer}: {args.save_step1}")
             if not args.no_plots:
-                for path in ds.plots.plot_atlas(result, args.output_dir):
+                for path in ds.analysis.plots.plot_atlas(result, args.output_dir):
                     print(f"plot: {path}")
         print(f"results: {args.save_path}")
     run.close()

@@ -61,9 +61,9 @@ def parse_args() -> tuple[argparse.Namespace, list]:
 
 def run(model, tokenizer, args, steerings: list) -> dict:
     """lm-eval's results on fresh task objects, with `steerings` installed (none: unsteered)."""
-    tasks = ds.harness.benchmark_tasks(parse_names(args.tasks), args.data_dir)
-    with ds.steering.apply(model, steerings):
-        return ds.harness.evaluate(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.seed,
+    tasks = ds.data.harness.benchmark_tasks(parse_names(args.tasks), args.data_dir)
+    with ds.model.steering.apply(model, steerings):
+        return ds.data.harness.evaluate(model, tokenizer, tasks, args.limit, args.num_fewshot, args.batch_size, args.seed,
                                    args.gen_kwargs)
 
 
@@ -92,13 +92,13 @@ def _stderr(values: dict, metric: str, filter_name: str):
 def paired(plain: list[dict], steered: list[dict], metric: str, filter_name: str, seed: int) -> dict:
     """Δ over the documents both runs scored, its paired bootstrap 95% CI and sign-test p (lm-eval's
     units); None where the metric is not a per-document number."""
-    base = ds.harness.per_document(plain, metric, filter_name)
-    other = ds.harness.per_document(steered, metric, filter_name)
+    base = ds.data.harness.per_document(plain, metric, filter_name)
+    other = ds.data.harness.per_document(steered, metric, filter_name)
     docs = sorted(set(base) & set(other))
     if not docs:
         return {"delta": None, "ci95": None, "p_value": None, "n": 0}
-    indices = ds.stats.bootstrap_indices(np.zeros(len(docs)), seed=seed)
-    result = ds.stats.compare(np.array([base[d] for d in docs]), np.array([other[d] for d in docs]), indices,
+    indices = ds.analysis.stats.bootstrap_indices(np.zeros(len(docs)), seed=seed)
+    result = ds.analysis.stats.compare(np.array([base[d] for d in docs]), np.array([other[d] for d in docs]), indices,
                               weights=np.full(len(docs), 1.0 / len(docs)))
     return {**result, "n": len(docs)}
 
@@ -120,7 +120,7 @@ def save(args, plain: dict, steered: dict, comparison: "ds.artifacts.Results") -
     """lm-eval's results JSON of each run (without the per-document samples) and the comparison."""
     out = Path(args.output_dir)
     for name, result in (("unsteered", plain), ("steered", steered)):
-        path = ds.results_io.write_json(out / f"{name}_results.json", ds.harness.results_json(result))
+        path = ds.results_io.write_json(out / f"{name}_results.json", ds.data.harness.results_json(result))
         print(f"lm-eval results: {path}")
     print(f"comparison: {ds.results_io.write_json(out / 'comparison.json', comparison.to_json())}")
 
@@ -136,7 +136,7 @@ DESCRIPTION = (
 def main() -> None:
     args, steerings = parse_args()
     started = time.time()
-    source = ds.models.check_model_source(args.model, args.tokenizer)
+    source = ds.model.loading.check_model_source(args.model, args.tokenizer)
     factor_source, inputs, transferred = "command-line", {}, {}
     if args.from_step2:
         step2 = ds.artifacts.step2_steering(args.from_step2, source, args.allow_model_mismatch)
@@ -144,11 +144,11 @@ def main() -> None:
         steerings, factor_source, transferred = [step2.steering], step2.factor_source, step2.transferred
         inputs = {"step2_file": step2.factors}
     for steering in steerings:
-        ds.sites.check_layer(source.shape, steering.layer, "--steer layer")
-        ds.sites.check_neurons(source.shape, steering.neurons, "--steer")
-    ds.harness.check_names(parse_names(args.tasks), args.data_dir)  # before the model loads
-    model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
-    ds.steering.verify_steering_effect(model, steerings)
+        ds.model.sites.check_layer(source.shape, steering.layer, "--steer layer")
+        ds.model.sites.check_neurons(source.shape, steering.neurons, "--steer")
+    ds.data.harness.check_names(parse_names(args.tasks), args.data_dir)  # before the model loads
+    model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
+    ds.model.steering.verify_steering_effect(model, steerings)
     print("unsteered:")
     plain = run(model, tokenizer, args, [])
     print("steered: " + "; ".join(s.describe() for s in steerings))
@@ -161,7 +161,7 @@ def main() -> None:
         step="evaluate_steered",
         report={"description": DESCRIPTION, "steering": [s.to_json() for s in steerings],
                 "factor_source": factor_source, "tasks": table,
-                "run": ds.results_io.run_record(args, ds.models.describe(model), started)})
+                "run": ds.results_io.run_record(args, ds.model.loading.describe(model), started)})
     save(args, plain, steered, comparison)
 
 

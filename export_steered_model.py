@@ -67,7 +67,7 @@ def stored_dtype(directory: Path) -> str:
     """The dtype the weights are stored in (that of the first floating tensor), to load them unchanged."""
     from safetensors import safe_open
 
-    with safe_open(ds.export.weight_files(directory)[0], framework="pt") as f:
+    with safe_open(ds.model.export.weight_files(directory)[0], framework="pt") as f:
         for key in f.keys():
             dtype = f.get_slice(key).get_dtype()
             if dtype in DTYPES:
@@ -80,8 +80,8 @@ def mean_ablated(args, model, tokenizer, steerings: list) -> tuple[list, dict]:
     zeroed = sorted({s.layer for s in steerings if s.intervention.kind == "scale" and 0.0 in s.intervention.factors})
     if not zeroed:
         raise ds.UsageError("--ablation mean applies to neurons steered by factor 0; no --steer has factor 0")
-    texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
-    stats = ds.delta_stats.layer_delta_statistics(model, tokenizer, texts, zeroed)
+    texts = ds.data.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
+    stats = ds.model.delta_stats.layer_delta_statistics(model, tokenizer, texts, zeroed)
     out = []
     for steering in steerings:
         pairs = list(zip(steering.neurons, steering.intervention.factors or ()))
@@ -94,32 +94,32 @@ def mean_ablated(args, model, tokenizer, steerings: list) -> tuple[list, dict]:
         kept = [(n, f) for n, f in pairs if f != 0.0]
         if kept:
             out.append(ds.Steering(steering.layer, ds.Intervention.scale(*zip(*kept))))
-    return out, {"documents": ds.pile.pile_record(texts, "statistics")}
+    return out, {"documents": ds.data.pile.pile_record(texts, "statistics")}
 
 
 @main_guard
 def main() -> None:
     args, steerings = parse_args()
-    source = ds.models.check_model_source(args.model, args.tokenizer)
+    source = ds.model.loading.check_model_source(args.model, args.tokenizer)
     inputs, extra = {}, {}
     if args.from_step2:
         step2 = ds.artifacts.step2_steering(args.from_step2, source)
         print("\n".join(step2.notes))
         steerings, inputs["step2_file"], extra["factor_source"] = [step2.steering], step2.factors, step2.factor_source
     for steering in steerings:
-        ds.sites.check_layer(source.shape, steering.layer, "--steer layer")
-        ds.sites.check_neurons(source.shape, steering.neurons, "--steer")
+        ds.model.sites.check_layer(source.shape, steering.layer, "--steer layer")
+        ds.model.sites.check_neurons(source.shape, steering.neurons, "--steer")
     directory = source_directory(source)
-    model, tokenizer = ds.models.load_model(source, "cpu", stored_dtype(directory))
+    model, tokenizer = ds.model.loading.load_model(source, "cpu", stored_dtype(directory))
     if args.ablation == "mean":
         steerings, extra["mean_ablation"] = mean_ablated(args, model, tokenizer, steerings)
-    ds.steering.verify_steering_effect(model, steerings)
+    ds.model.steering.verify_steering_effect(model, steerings)
     layers = {s.layer for s in steerings}
     provenance = ds.artifacts.Provenance.of(source, layers.pop() if len(layers) == 1 else None, inputs)
-    ds.export.export_steered(model, tokenizer, directory, args.model, steerings, Path(args.out),
+    ds.model.export.export_steered(model, tokenizer, directory, args.model, steerings, Path(args.out),
                              provenance=provenance.to_json(), **extra)
     print(f"steered checkpoint: {args.out} ({'; '.join(s.describe() for s in steerings)}); "
-          f"undo and provenance in {Path(args.out) / ds.export.STEERING_FILE}")
+          f"undo and provenance in {Path(args.out) / ds.model.export.STEERING_FILE}")
 
 
 if __name__ == "__main__":

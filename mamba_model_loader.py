@@ -6,7 +6,7 @@ directory or a Hub id.
     python mamba_model_loader.py models/mamba-tiny-demo
 
 Prints the model's summary (family, SSM layers, delta neurons per layer, parameters, SSM backend), or one line
-saying what is wrong. The loading itself is `delta_steering.models` (`load_mamba_model`, `describe`),
+saying what is wrong. The loading itself is `delta_steering.model.loading` (`load_mamba_model`, `describe`),
 which this module also exposes: `from mamba_model_loader import load_mamba_model`.
 """
 
@@ -32,15 +32,15 @@ def parse_args() -> argparse.Namespace:
 @main_guard
 def main() -> None:
     args = parse_args()
-    model, _ = ds.models.load_mamba_model(args.model, args.device, args.dtype, args.revision, args.tokenizer)
-    for key, value in ds.models.describe(model).items():
+    model, _ = ds.model.loading.load_mamba_model(args.model, args.device, args.dtype, args.revision, args.tokenizer)
+    for key, value in ds.model.loading.describe(model).items():
         print(f"{key:>24}: {value}")
 
 
 def __getattr__(name: str):
-    """The names of delta_steering.models (load_mamba_model, describe, ...), imported on first use so
+    """The names of delta_steering.model.loading (load_mamba_model, describe, ...), imported on first use so
     that --help needs no torch."""
-    return getattr(ds.models, name)
+    return getattr(ds.model.loading, name)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 From the Hub: monology/pile-uncopyrighted (streaming), then NeelNanda/pile-10k, then EleutherAI/pile.
 Locally (`--pile_path`): .jsonl / .jsonl.zst with a "text" field, .txt (one document per block
 separated by blank lines), .parquet, or a folder of such files. The same seed gives the same
-documents. The loading itself is `delta_steering.pile` (`load_pile_texts`), which this module also
+documents. The loading itself is `delta_steering.data.pile` (`load_pile_texts`), which this module also
 exposes.
 """
 
@@ -30,7 +30,7 @@ def parse_args() -> argparse.Namespace:
 @main_guard
 def main() -> None:
     args = parse_args()
-    texts = ds.pile.load_pile_texts(args.num_samples, args.seed, args.pile_path, args.split)
+    texts = ds.data.pile.load_pile_texts(args.num_samples, args.seed, args.pile_path, args.split)
     print(f"{len(texts)} documents, {sum(len(t) for t in texts)} characters")
     for i, text in enumerate(texts):
         preview = text[:100].replace("\n", " ")
@@ -38,8 +38,8 @@ def main() -> None:
 
 
 def __getattr__(name: str):
-    """The names of delta_steering.pile (load_pile_texts, HUB_SOURCES, ...), imported on first use."""
-    return getattr(ds.pile, name)
+    """The names of delta_steering.data.pile (load_pile_texts, HUB_SOURCES, ...), imported on first use."""
+    return getattr(ds.data.pile, name)
 
 
 if __name__ == "__main__":

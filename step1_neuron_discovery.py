@@ -62,49 +62,49 @@ def parse_args() -> argparse.Namespace:
 
 def requested_neurons(args, shape) -> list[int]:
     """--neurons checked against the model's shape (all delta neurons when not given); --layer too."""
-    ds.sites.check_layer(shape, args.layer, "--layer")
+    ds.model.sites.check_layer(shape, args.layer, "--layer")
     requested = parse_int_list(args.neurons)
-    return ds.sites.check_neurons(shape, requested, "--neurons") if requested else list(range(shape.delta_neurons))
+    return ds.model.sites.check_neurons(shape, requested, "--neurons") if requested else list(range(shape.delta_neurons))
 
 
 def measure(args, run, model, tokenizer, neurons: list[int], examples) -> tuple[dict, dict]:
     """What every process computes alike (baseline, delta statistics, attribution screen) and the
     correctness rows of its share of the neurons (under torchrun, all of them)."""
-    layer, n_delta = args.layer, ds.sites.num_delta_neurons(model)
+    layer, n_delta = args.layer, ds.model.sites.num_delta_neurons(model)
     timings = {}
 
     t = time.time()
-    texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
-    stats = ds.delta_stats.delta_statistics(model, tokenizer, texts, layer)
+    texts = ds.data.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="statistics")
+    stats = ds.model.delta_stats.delta_statistics(model, tokenizer, texts, layer)
     timings["delta_statistics"] = round(time.time() - t, 2)
     ablation = ds.Intervention.ablation(args.ablation, range(n_delta), [float(v) for v in stats["dt_pre_mean"]])
-    ds.steering.verify_steering_effect(model, ds.Steering(layer, ablation.only(neurons[:1])))
+    ds.model.steering.verify_steering_effect(model, ds.Steering(layer, ablation.only(neurons[:1])))
 
-    encoded = ds.scoring.encode_examples(tokenizer, examples)
+    encoded = ds.engine.scoring.encode_examples(tokenizer, examples)
     t = time.time()
-    baseline = ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
+    baseline = ds.engine.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
     timings["baseline"] = round(time.time() - t, 2)
     print_baseline(examples, baseline, layer)
 
-    engine = ds.sweep.engine_for(model, args.engine)
+    engine = ds.engine.sweep.engine_for(model, args.engine)
     screened = {"requested_neurons": neurons}
-    if args.method == "attribution" and not ds.attribution.covers(model):
-        print(f"note: attribution covers {', '.join(ds.attribution.FAMILIES)} models; every neuron of --neurons is "
+    if args.method == "attribution" and not ds.engine.attribution.covers(model):
+        print(f"note: attribution covers {', '.join(ds.engine.attribution.FAMILIES)} models; every neuron of --neurons is "
               "measured exactly instead")
     elif args.method == "attribution":
         t = time.time()
-        estimates, neurons = ds.discovery.attribution_screen(model, tokenizer, examples, encoded, layer, neurons,
+        estimates, neurons = ds.engine.attribution.attribution_screen(model, tokenizer, examples, encoded, layer, neurons,
                                                              ablation, args.batch_size, args.verify_top)
         timings["attribution"] = round(time.time() - t, 2)
         screened.update(attribution_estimates=estimates, verified_neurons=neurons)
 
     def ablate_each(chunk: list[int]) -> dict:
-        rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), engine,
+        rows = ds.engine.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), engine,
                                           args.batch_size, encoded, progress=True)
         return {str(n): row.tolist() for n, row in zip(chunk, rows)}
 
     work = {f"neurons/{chunk[0]}-{chunk[-1]}": partial(ablate_each, chunk)
-            for chunk in ds.discovery.neuron_chunks(neurons, args.chunk_neurons)}
+            for chunk in ds.analysis.impacts.neuron_chunks(neurons, args.chunk_neurons)}
     t = time.time()
     rows = run.map(work, f"ablating layer {layer}, {args.chunk_neurons} neurons a chunk", unit="chunk")
     timings["sweep"] = round(time.time() - t, 2)
@@ -113,16 +113,16 @@ def measure(args, run, model, tokenizer, neurons: list[int], examples) -> tuple[
                "delta_statistics": {"delta_variance": stats["delta_variance"].tolist(),
                                     "dt_pre_mean": [float(v) for v in stats["dt_pre_mean"]],
                                     "num_tokens": int(stats["num_tokens"]),
-                                    "documents": ds.pile.pile_record(texts, "statistics")},
-               "model_info": ds.models.describe(model), "timings": timings}
+                                    "documents": ds.data.pile.pile_record(texts, "statistics")},
+               "model_info": ds.model.loading.describe(model), "timings": timings}
     return context, rows
 
 
 def print_baseline(examples, baseline: np.ndarray, layer: int) -> None:
-    base = ds.scoring.summarize(examples, baseline)
+    base = ds.analysis.metrics.summarize(examples, baseline)
     if base["accuracy"] is None:
         raise ds.UsageError(f"the baseline has non-finite logits ({base['non_finite']}); try --dtype float32")
-    chance = ds.scoring.summarize(examples, ds.scoring.chance_correctness(examples))
+    chance = ds.analysis.metrics.summarize(examples, ds.analysis.metrics.chance_correctness(examples))
     print(f"Baseline accuracy {base['accuracy']:.2f}% (chance {chance['accuracy']:.2f}%) on {len(examples)} "
           f"discovery examples (layer {layer})")
     for name, value in base["per_task"].items():
@@ -137,23 +137,23 @@ def report(args, context: dict, rows: dict, examples: list, started: float) -> "
     stats = context["delta_statistics"]
     screened = dict(context["screened"])
     unmeasured = sorted(set(screened.pop("requested_neurons")) - set(neurons))
-    records = ds.discovery.neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"], args.seed,
+    records = ds.analysis.impacts.neuron_impacts(examples, baseline, ablated, neurons, stats["delta_variance"], args.seed,
                                           unmeasured)
-    screened["minimum_detectable_effect"] = ds.stats.detection_limit(
-        baseline, list(ablated), ds.scoring.example_weights(examples), "a neuron ablated vs the baseline")
+    screened["minimum_detectable_effect"] = ds.analysis.stats.detection_limit(
+        baseline, list(ablated), ds.analysis.metrics.example_weights(examples), "a neuron ablated vs the baseline")
     if "attribution_estimates" in screened:
-        screened.update(ds.discovery.attach_estimates(records, screened["attribution_estimates"]))
+        screened.update(ds.analysis.impacts.attach_estimates(records, screened["attribution_estimates"]))
         rhos = [screened[k] for k in ("spearman_estimated_impact", "spearman_margin_loss")]
         shown = ["n/a" if r is None else f"{r:.3f}" for r in rhos]
         print(f"attribution vs exact impact on {len(neurons)} verified neurons: Spearman {shown[0]} "
               f"(estimated impact), {shown[1]} (estimated margin loss)")
     provenance = ds.artifacts.Provenance(**context["provenance"])
-    discovery = ds.discovery.discovery_result(
+    discovery = ds.analysis.impacts.discovery_result(
         examples, baseline, records, args.threshold, provenance, parse_names(args.tasks), args.validation_size, stats,
         data_dir=args.data_dir, ablation=args.ablation, high_impact_cut=args.high_impact_cut,
         engine=context["engine"], method=args.method, neurons_tested=len(neurons) + len(unmeasured), **screened,
         run=ds.results_io.run_record(args, context["model_info"], started, timings=context["timings"]))
-    ds.discovery.print_summary(discovery.to_json())
+    ds.analysis.impacts.print_summary(discovery.to_json())
     return discovery
 
 
@@ -162,15 +162,15 @@ def main() -> None:
     args = parse_args()
     started = time.time()
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args))
-    source = None if run.merging else ds.models.check_model_source(args.model, args.tokenizer)
+    source = None if run.merging else ds.model.loading.check_model_source(args.model, args.tokenizer)
     neurons = requested_neurons(args, source.shape) if source is not None else None
     if args.pile_path:
-        ds.pile.local_files(args.pile_path)
-    examples = ds.tasks.load_examples(parse_names(args.tasks), args.data_dir, "discovery", args.validation_size)
+        ds.data.pile.local_files(args.pile_path)
+    examples = ds.data.tasks.load_examples(parse_names(args.tasks), args.data_dir, "discovery", args.validation_size)
     if run.merging:
         context, rows = run.merged()
     else:
-        model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
         context, rows = measure(args, run, model, tokenizer, neurons, examples)
         context["provenance"] = ds.artifacts.Provenance.of(source, args.layer).to_json()
     if run.publish(context, rows):
@@ -178,7 +178,7 @@ def main() -> None:
         with run.saving():
             ds.results_io.write_json(args.save_path, result)
             if not args.no_plots:
-                for path in ds.plots.plot_discovery(result, args.output_dir):
+                for path in ds.analysis.plots.plot_discovery(result, args.output_dir):
                     print(f"plot: {path}")
         print(f"results: {args.save_path}")
     run.close()

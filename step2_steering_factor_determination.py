@@ -92,7 +92,7 @@ def steering_factors(text: str) -> list[float]:
 def perplexity_layers_of(args, shape) -> list[int]:
     """--perplexity_layers checked against the model's shape (None: every SSM layer)."""
     layers = parse_int_list(args.perplexity_layers, "perplexity_layers") or list(shape.ssm_layers)
-    return [ds.sites.check_layer(shape, at, "--perplexity_layers") for at in layers]
+    return [ds.model.sites.check_layer(shape, at, "--perplexity_layers") for at in layers]
 
 
 def factor_key(group: str, factor: float) -> str:
@@ -109,50 +109,50 @@ def measure(args, run, model, tokenizer, step1, examples: list, layer: int, perp
     this process's share of the work: a group amplified by a factor, a chunk of ranked neurons
     ablated one at a time, Pile perplexity with the High Impact neurons steered at one layer."""
     groups = step1.groups
-    ablation = step1.ablation_of(range(ds.sites.num_delta_neurons(model)))
-    ranked = ds.factors.ranked_neurons(step1.records, args.max_neurons, args.sample_neurons, args.seed)
-    ds.steering.verify_steering_effect(model, [ds.Steering(layer, ds.Intervention.scale(neurons, args.factor_list[0]))
+    ablation = step1.ablation_of(range(ds.model.sites.num_delta_neurons(model)))
+    ranked = ds.analysis.factors.ranked_neurons(step1.records, args.max_neurons, args.sample_neurons, args.seed)
+    ds.model.steering.verify_steering_effect(model, [ds.Steering(layer, ds.Intervention.scale(neurons, args.factor_list[0]))
                                                for neurons in groups.values() if neurons][:1])
     if ranked:
-        ds.steering.verify_steering_effect(model, ds.Steering(layer, ablation.only(ranked[:1])))
-    encoded = ds.scoring.encode_examples(tokenizer, examples)
-    engine = ds.sweep.engine_for(model, args.engine)
+        ds.model.steering.verify_steering_effect(model, ds.Steering(layer, ablation.only(ranked[:1])))
+    encoded = ds.engine.scoring.encode_examples(tokenizer, examples)
+    engine = ds.engine.sweep.engine_for(model, args.engine)
 
     def evaluate() -> list[float]:
-        return ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded).tolist()
+        return ds.engine.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded).tolist()
 
     def amplify(group: str, factor: float) -> dict:
         with ds.steer(model, layer, groups[group], factor):
             return {factor_key(group, factor): evaluate()}
 
     def ablate_each(chunk: list[int]) -> dict:
-        rows = ds.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), engine,
+        rows = ds.engine.sweep.sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), engine,
                                           args.batch_size, encoded, progress=True)
         return {f"neuron/{n}": row.tolist() for n, row in zip(chunk, rows)}
 
     def perplexity_at(at: int | None, factor: float | None) -> dict:
         with ds.steer(model, at, groups["high_impact"], factor) if at is not None else nullcontext():
-            return {perplexity_key(at, factor): ds.perplexity.document_losses(model, tokenizer, texts,
+            return {perplexity_key(at, factor): ds.engine.perplexity.document_losses(model, tokenizer, texts,
                                                                               batch_size=args.batch_size,
                                                                               progress=True)}
 
-    baseline = ds.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
-    base = ds.scoring.summarize(examples, baseline)
+    baseline = ds.engine.scoring.evaluate(model, tokenizer, examples, args.batch_size, progress=True, encoded=encoded)
+    base = ds.analysis.metrics.summarize(examples, baseline)
     if base["accuracy"] is None:
         raise ds.UsageError(f"the baseline has non-finite logits ({base['non_finite']}); try --dtype float32")
     print(f"Baseline accuracy {base['accuracy']:.2f}% on {len(examples)} held-out examples, layer {layer}")
     perplexity_layers = perplexity_layers if groups["high_impact"] else []
-    texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation") \
+    texts = ds.data.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation") \
         if perplexity_layers else []
     context = {"layer": layer, "groups": groups, "high_impact_cut": step1.high_impact_cut, "factors": args.factor_list,
                "ranked": ranked, "step1_impacts": step1.records, "baseline": baseline.tolist(),
                "perplexity_layers": perplexity_layers, "engine": engine,
-               "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
+               "pile_documents": ds.data.pile.pile_record(texts, "evaluation"), "model_info": ds.model.loading.describe(model)}
 
     work = {factor_key(g, f): partial(amplify, g, f) for g, neurons in groups.items() if neurons
             for f in args.factor_list}
     work.update({f"neurons/{chunk[0]}-{chunk[-1]}": partial(ablate_each, chunk)
-                 for chunk in ds.discovery.neuron_chunks(ranked, args.chunk_neurons)})
+                 for chunk in ds.analysis.impacts.neuron_chunks(ranked, args.chunk_neurons)})
     if perplexity_layers:
         work[perplexity_key(None, None)] = partial(perplexity_at, None, None)
         work.update({perplexity_key(at, 0.0): partial(perplexity_at, at, 0.0) for at in perplexity_layers})
@@ -176,7 +176,7 @@ def group_table(name: str, context: dict, results: dict, examples: list, seed: i
     """A group's neurons, its selection table and its optimal factor."""
     factors, neurons = context["factors"], context["groups"][name]
     rows = {f: np.array(results[factor_key(name, f)], dtype=float) for f in factors} if neurons else {}
-    return ds.factors.group_result(neurons, factors, rows, examples, np.array(context["baseline"], dtype=float), seed)
+    return ds.analysis.factors.group_result(neurons, factors, rows, examples, np.array(context["baseline"], dtype=float), seed)
 
 
 def perplexity_table(context: dict, results: dict, optimal: dict | None, seed: int) -> dict:
@@ -185,7 +185,7 @@ def perplexity_table(context: dict, results: dict, optimal: dict | None, seed: i
     from the baseline with its per-document paired bootstrap CI."""
     factor, source = ds.artifacts.steering_factor(optimal)
     base = results[perplexity_key(None, None)]
-    table = {"baseline": ds.perplexity.perplexity_of(base), "neurons": context["groups"]["high_impact"],
+    table = {"baseline": ds.analysis.metrics.perplexity_of(base), "neurons": context["groups"]["high_impact"],
              "factor": factor, "factor_source": source, "documents": context["pile_documents"], "layers": []}
     print(f"\nPile perplexity ({context['pile_documents']['count']} documents, baseline {table['baseline']:.4f}), "
           "High Impact neurons steered at each layer; change from baseline, 95% CI over documents:")
@@ -194,14 +194,14 @@ def perplexity_table(context: dict, results: dict, optimal: dict | None, seed: i
         entry = {"layer": layer}
         for kind, k in kinds.items():
             losses = results[perplexity_key(layer, k)]
-            entry[kind] = ds.perplexity.perplexity_of(losses)
-            entry[f"{kind}_change"] = ds.perplexity.perplexity_change(base, losses, seed)
+            entry[kind] = ds.analysis.metrics.perplexity_of(losses)
+            entry[f"{kind}_change"] = ds.analysis.metrics.perplexity_change(base, losses, seed)
         table["layers"].append(entry)
         print(f"  layer {layer:>3}: " + "; ".join(
-            ds.perplexity.describe_change(f"{kind} x{k:g}", entry[kind], entry[f"{kind}_change"])
+            ds.analysis.metrics.describe_change(f"{kind} x{k:g}", entry[kind], entry[f"{kind}_change"])
             for kind, k in kinds.items()))
     if factor is not None:
-        print(f"  amplified by x{factor:g}: {ds.verification.FACTOR_SOURCES[source]}")
+        print(f"  amplified by x{factor:g}: {ds.analysis.verification.FACTOR_SOURCES[source]}")
     return table
 
 
@@ -210,34 +210,34 @@ def report(args, context: dict, results: dict, examples: list, tasks: list[str],
     """Factor tables, optimal factors, importance ranking and perplexity, from the measured results:
     the step-2 file."""
     baseline = np.array(context["baseline"], dtype=float)
-    base, layer = ds.scoring.summarize(examples, baseline), context["layer"]
-    selection, confirmation = ds.factors.selection_split(examples)
-    result = {"description": ds.factors.DESCRIPTION, "tasks": tasks, "data_dir": data_dir,
+    base, layer = ds.analysis.metrics.summarize(examples, baseline), context["layer"]
+    selection, confirmation = ds.analysis.factors.selection_split(examples)
+    result = {"description": ds.analysis.factors.DESCRIPTION, "tasks": tasks, "data_dir": data_dir,
               "num_examples": args.num_examples, "high_impact_cut": context["high_impact_cut"],
               "baseline_accuracy": base["accuracy"], "per_task_baseline": base["per_task"],
-              "chance_accuracy": ds.scoring.summarize(examples, ds.scoring.chance_correctness(examples))["accuracy"],
+              "chance_accuracy": ds.analysis.metrics.summarize(examples, ds.analysis.metrics.chance_correctness(examples))["accuracy"],
               "groups": {},
-              "selection_examples": ds.tasks.example_ids([examples[i] for i in selection]),
-              "confirmation_examples": ds.tasks.example_ids([examples[i] for i in confirmation]),
-              "selection_baseline_accuracy": ds.scoring.summarize([examples[i] for i in selection],
+              "selection_examples": ds.data.tasks.example_ids([examples[i] for i in selection]),
+              "confirmation_examples": ds.data.tasks.example_ids([examples[i] for i in confirmation]),
+              "selection_baseline_accuracy": ds.analysis.metrics.summarize([examples[i] for i in selection],
                                                                   baseline[selection])["accuracy"],
-              "confirmation_baseline_accuracy": ds.scoring.summarize([examples[i] for i in confirmation],
+              "confirmation_baseline_accuracy": ds.analysis.metrics.summarize([examples[i] for i in confirmation],
                                                                      baseline[confirmation])["accuracy"]}
     amplified = [results[factor_key(g, f)] for g, neurons in context["groups"].items() if neurons
                  for f in context["factors"]]
-    limit = ds.factors.confirmation_limit(examples, baseline, amplified)
+    limit = ds.analysis.factors.confirmation_limit(examples, baseline, amplified)
     result["minimum_detectable_effect"] = limit
     for name in context["groups"]:
         result["groups"][name] = group_table(name, context, results, examples, args.seed)
-        ds.factors.print_group_table(name, result["groups"][name], layer, limit)
-    print("\n" + ds.stats.describe_detection_limit(limit))
+        ds.analysis.factors.print_group_table(name, result["groups"][name], layer, limit)
+    print("\n" + ds.analysis.stats.describe_detection_limit(limit))
     result["optimal_factors"] = {n: g.pop("optimal") for n, g in result["groups"].items()}
 
     ranked = context["ranked"]
     print(f"\nImportance ranking: {len(ranked)} neurons ablated one at a time on held-out examples")
     ablated = [np.array(results[f"neuron/{n}"], dtype=float) for n in ranked]
-    comparison = ds.scoring.Comparison(examples, baseline, args.seed)
-    result["importance_ranking"] = ds.factors.importance_ranking(context["step1_impacts"], ablated, ranked, comparison)
+    comparison = ds.analysis.metrics.Comparison(examples, baseline, args.seed)
+    result["importance_ranking"] = ds.analysis.factors.importance_ranking(context["step1_impacts"], ablated, ranked, comparison)
     rho = result["importance_ranking"]["spearman_step1_vs_heldout"]
     print(f"Spearman correlation of step-1 and held-out impacts: {'n/a' if rho is None else f'{rho:.3f}'}")
     if args.perplexity_ablation:
@@ -264,20 +264,20 @@ def main() -> None:
     data_dir = args.data_dir or step1.data_dir
     merging = args.merge is not None
     if not merging:
-        source = ds.models.check_model_source(args.model, args.tokenizer)
-        ds.sites.check_layer(source.shape, layer, "--layer" if args.layer is not None else f"{step1.what}: layer")
+        source = ds.model.loading.check_model_source(args.model, args.tokenizer)
+        ds.model.sites.check_layer(source.shape, layer, "--layer" if args.layer is not None else f"{step1.what}: layer")
         transferred = {**step1.check_model(source, args.allow_model_mismatch),
                        **step1.check_layer(layer, args.transfer_layer)}
         step1.check_against(source.shape)
         ppl_layers = perplexity_layers_of(args, source.shape) if args.perplexity_ablation else []
     if args.pile_path and args.perplexity_ablation:
-        ds.pile.local_files(args.pile_path)
+        ds.data.pile.local_files(args.pile_path)
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(args, step1_sha256=step1.sha256))
-    examples = ds.tasks.load_examples(tasks, data_dir, "heldout", args.num_examples)
+    examples = ds.data.tasks.load_examples(tasks, data_dir, "heldout", args.num_examples)
     if merging:
         context, results = run.merged()
     else:
-        model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
         context, results = measure(args, run, model, tokenizer, step1, examples, layer, ppl_layers)
         context["provenance"] = ds.artifacts.Provenance.of(source, layer, {"step1_file": step1}, transferred).to_json()
     if run.publish(context, results):
@@ -285,7 +285,7 @@ def main() -> None:
         with run.saving():
             path = ds.results_io.write_json(Path(args.output_dir) / ds.artifacts.STEP2_NAME, result)
             if not args.no_plots:
-                for plot in ds.plots.plot_factors(result, args.output_dir):
+                for plot in ds.analysis.plots.plot_factors(result, args.output_dir):
                     print(f"plot: {plot}")
         print(f"results: {path}")
     run.close()

@@ -27,7 +27,7 @@ from delta_steering.artifacts import STEP1_DEFAULTS, STEP2_DEFAULTS
 from delta_steering.cli import (add_model_args, add_pile_args, add_run_args, check_device, check_output_dir,
                                 check_positive, main_guard, parse_int_list, step_parser)
 from delta_steering.intervention import check_factor
-from delta_steering.ifeval import METRICS
+from delta_steering.data.ifeval import METRICS
 
 STEP = "step3"
 OUTPUT_FILES = {"combined": "combined_steering_ifeval_results.json",
@@ -88,14 +88,14 @@ def parse_args() -> argparse.Namespace:
 def chosen_modes(args) -> list[str]:
     if args.both:
         return ["cluster_ablation", "layer_ablation"]
-    return [m for m in ds.verification.MODES if getattr(args, m)] or ["combined"]
+    return [m for m in ds.analysis.verification.MODES if getattr(args, m)] or ["combined"]
 
 
 def score_file(args) -> None:
     """--score_responses: the four IFEval metrics of a response file, printed and saved."""
-    prompts = ds.ifeval.load_ifeval_prompts(args.ifeval_path)
-    responses = ds.ifeval.match_responses(prompts, ds.results_io.read_jsonl(args.score_responses, "response file"))
-    scores = ds.ifeval.score_responses(prompts, responses)
+    prompts = ds.data.ifeval.load_ifeval_prompts(args.ifeval_path)
+    responses = ds.data.ifeval.match_responses(prompts, ds.results_io.read_jsonl(args.score_responses, "response file"))
+    scores = ds.data.ifeval.score_responses(prompts, responses)
     for name in METRICS:
         print(f"{name:>24}: {scores['metrics'][name]:.2f}")
     path = ds.results_io.write_json(Path(args.output_dir) / f"{Path(args.score_responses).stem}_scores.json",
@@ -122,7 +122,7 @@ def model_layers(args, shape, layer: int, warn: bool = False) -> list[int]:
 def check_inputs(args, source, step1, step2, layer: int) -> dict:
     """The step files against this run and each other, and the arguments against the model's config,
     before the model loads; returns the deliberate transfers to record."""
-    ds.sites.check_layer(source.shape, layer, "--layer" if args.layer is not None else f"{step1.what}: layer")
+    ds.model.sites.check_layer(source.shape, layer, "--layer" if args.layer is not None else f"{step1.what}: layer")
     transferred = {**step1.check_model(source, args.allow_model_mismatch),
                    **step1.check_layer(layer, args.transfer_layer)}
     if step2 is not None:
@@ -140,35 +140,35 @@ def steering_factor(args, step2) -> tuple[float, str, str]:
     ("step2-confirmed") or the selection-best one ("step2-unconfirmed"); and the factor's standing
     in one line."""
     if step2 is None:
-        return args.factor, "command-line", ds.verification.factor_standing(args.factor, "command-line", None)
+        return args.factor, "command-line", ds.analysis.verification.factor_standing(args.factor, "command-line", None)
     factor, source = step2.steering_factor("high_impact")
     if factor is None:
         raise ds.UsageError(f"{step2.what} has no High Impact factor (optimal_factors.high_impact); pass --factor")
-    return factor, source, ds.verification.factor_standing(factor, source, step2.optimal.get("high_impact"))
+    return factor, source, ds.analysis.verification.factor_standing(factor, source, step2.optimal.get("high_impact"))
 
 
 def measure(args, run, model, tokenizer, step1, prompts: list[dict], layer: int, factor: float, factor_source: str,
             standing: str) -> tuple[dict, dict]:
     """What every process computes alike (sets, layers) and the outcomes of this process's share of
     the configurations, each run once even when several modes use it (the baseline)."""
-    shape = ds.sites.shape_of(model)
+    shape = ds.model.sites.shape_of(model)
     modes = chosen_modes(args)
     layers = model_layers(args, shape, layer, warn=True) if "layer_ablation" in modes else []
-    sets, warnings = ds.verification.neuron_sets(step1, shape.delta_neurons, args.seed)
+    sets, warnings = ds.analysis.verification.neuron_sets(step1, shape.delta_neurons, args.seed)
     for warning in warnings:
         print(f"warning: {warning}")
-    texts = ds.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation")
+    texts = ds.data.pile.load_pile_texts(args.pile_samples, args.seed, args.pile_path, role="evaluation")
     print(f"{standing}\n{len(prompts)} IFEval prompts, {len(texts)} Pile documents; delta-sensitive set of "
           f"{len(sets['delta_sensitive'])} neurons at layer {layer}")
     context = {"modes": modes, "layer": layer, "layers": layers, "factor": factor, "factor_source": factor_source,
                "factor_standing": standing, "ablation": step1.ablation, "sets": sets, "num_prompts": len(prompts),
-               "pile_documents": ds.pile.pile_record(texts, "evaluation"), "model_info": ds.models.describe(model)}
+               "pile_documents": ds.data.pile.pile_record(texts, "evaluation"), "model_info": ds.model.loading.describe(model)}
     configurations = planned(context, step1.dt_pre_mean)
-    ds.steering.verify_steering_effect(model, [c for c in configurations.values() if c.neurons][:1])
+    ds.model.steering.verify_steering_effect(model, [c for c in configurations.values() if c.neurons][:1])
 
     def outcome(name: str, steering: ds.Steering) -> dict:
-        print(f"\n[{name}] {ds.verification.configuration_description(name, steering)}")
-        result = ds.verification.run_configuration(model, tokenizer, steering, prompts, texts, args.max_new_tokens,
+        print(f"\n[{name}] {ds.analysis.verification.configuration_description(name, steering)}")
+        result = ds.steps.verify.run_configuration(model, tokenizer, steering, prompts, texts, args.max_new_tokens,
                                                    args.batch_size)
         return {name: asdict(result)}
 
@@ -180,7 +180,7 @@ def planned(context: dict, dt_pre_mean: list[float], mode: str | None = None) ->
     """The configurations of one mode, or of all the run's modes, by name, baseline first."""
     modes = [mode] if mode else context["modes"]
     return {name: c for m in modes
-            for name, c in ds.verification.configurations(m, context["sets"], context["layer"], context["layers"],
+            for name, c in ds.analysis.verification.configurations(m, context["sets"], context["layer"], context["layers"],
                                                           context["factor"], context["ablation"], dt_pre_mean).items()}
 
 
@@ -190,24 +190,24 @@ def report(args, context: dict, outcomes: dict, dt_pre_mean: list[float], starte
     common = {**{k: context[k] for k in ("factor", "factor_source", "factor_standing", "sets")},
               "ifeval_metric": args.ifeval_metric, "num_prompts": context["num_prompts"],
               "pile_documents": context["pile_documents"]}
-    outcomes = {name: ds.verification.Outcome(**record) for name, record in outcomes.items()}
+    outcomes = {name: ds.analysis.verification.Outcome(**record) for name, record in outcomes.items()}
     results = {}
     print(f"\n{context['factor_standing']}")
     for mode in context["modes"]:
         chosen = planned(context, dt_pre_mean, mode)
-        entries = [ds.verification.entry(name, c, outcomes[name], outcomes["baseline"], args.ifeval_metric, args.seed)
+        entries = [ds.analysis.verification.entry(name, c, outcomes[name], outcomes["baseline"], args.ifeval_metric, args.seed)
                    for name, c in chosen.items()]
-        limit = ds.verification.prompt_limit([outcomes[name] for name in chosen if name != "baseline"],
+        limit = ds.analysis.verification.prompt_limit([outcomes[name] for name in chosen if name != "baseline"],
                                              outcomes["baseline"], args.ifeval_metric)
-        title = ds.verification.mode_title(mode, context["factor"], context["layer"], context["layers"],
+        title = ds.analysis.verification.mode_title(mode, context["factor"], context["layer"], context["layers"],
                                            context["ablation"])
         results[mode] = ds.artifacts.Results(
             ds.artifacts.Provenance(**context["provenance"]), step=STEP,
             report={**common, "mode": mode, "mode_title": title,
-                    "description": f"{title}. {ds.verification.DESCRIPTION}", "configurations": entries,
+                    "description": f"{title}. {ds.analysis.verification.DESCRIPTION}", "configurations": entries,
                     "minimum_detectable_effect": limit,
                     "run": ds.results_io.run_record(args, context["model_info"], started)})
-        ds.verification.print_summary(title, entries, args.ifeval_metric, context["factor"],
+        ds.analysis.verification.print_summary(title, entries, args.ifeval_metric, context["factor"],
                                       context["factor_source"], limit)
     return results
 
@@ -218,11 +218,11 @@ def save(args, results: dict, outcomes: dict) -> None:
     records = {mode: result.to_json() for mode, result in results.items()}
     for mode, record in records.items():
         for entry in record["configurations"]:
-            rows = ds.verification.response_rows(ds.verification.Outcome(**outcomes[entry["name"]]))
+            rows = ds.analysis.verification.response_rows(ds.analysis.verification.Outcome(**outcomes[entry["name"]]))
             ds.results_io.write_jsonl(output_dir / f"responses_{entry['name']}.jsonl", rows)
         print(f"results: {ds.results_io.write_json(output_dir / OUTPUT_FILES[mode], record)}")
     if not args.no_plots:
-        for plot in ds.plots.plot_verification(records, output_dir):
+        for plot in ds.analysis.plots.plot_verification(records, output_dir):
             print(f"plot: {plot}")
 
 
@@ -240,17 +240,17 @@ def main() -> None:
     factor, factor_source, standing = steering_factor(args, step2)
     merging = args.merge is not None
     if not merging:
-        source = ds.models.check_model_source(args.model, args.tokenizer)
+        source = ds.model.loading.check_model_source(args.model, args.tokenizer)
         transferred = check_inputs(args, source, step1, step2, layer)
     if args.pile_path:
-        ds.pile.local_files(args.pile_path)
+        ds.data.pile.local_files(args.pile_path)
     run = ds.distributed.StepRun(args, STEP, ds.distributed.fingerprint(
         args, step1_sha256=step1.sha256, step2_sha256=step2.sha256 if step2 else None))
-    prompts = ds.ifeval.load_ifeval_prompts(args.ifeval_path, args.num_samples)
+    prompts = ds.data.ifeval.load_ifeval_prompts(args.ifeval_path, args.num_samples)
     if merging:
         context, outcomes = run.merged()
     else:
-        model, tokenizer = ds.models.load_model(source, args.device, args.dtype)
+        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
         context, outcomes = measure(args, run, model, tokenizer, step1, prompts, layer, factor,
                                        factor_source, standing)
         inputs = {"step1_file": step1, **({"step2_file": step2} if step2 else {})}

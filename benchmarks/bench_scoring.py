@@ -27,10 +27,11 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from workload import add_arguments, by_task, describe, model_130m_shaped, requests, timed
 
-from delta_steering.batching import Encoded
-from delta_steering.reading import choice_for
-from delta_steering.scoring import correctness, loglikelihoods, shares_contexts
-from delta_steering.tasks import Example
+from delta_steering.engine.batching import Encoded
+from delta_steering.engine.reading import choice_for
+from delta_steering.analysis.metrics import correctness
+from delta_steering.engine.scoring import loglikelihoods, shares_contexts
+from delta_steering.data.tasks import Example
 
 Scores = tuple[np.ndarray, np.ndarray]  # summed log-prob and greedy flag of each request
 CONTEXTS = {"default": None, "shared": True, "whole": False}  # loglikelihoods' share_contexts

@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from workload import add_arguments, by_task, describe, model_130m_shaped, requests, timed
 
-from delta_steering.fast_sweep import fast_loglikelihoods
+from delta_steering.engine.fast_sweep import fast_loglikelihoods
 from delta_steering.intervention import Intervention
-from delta_steering.reading import choice_for
-from delta_steering.scoring import correctness
-from delta_steering.sites import num_delta_neurons
-from delta_steering.sweep import naive_loglikelihoods
+from delta_steering.engine.reading import choice_for
+from delta_steering.analysis.metrics import correctness
+from delta_steering.model.sites import num_delta_neurons
+from delta_steering.engine.sweep import naive_loglikelihoods
 
 STEP1_DOCS = 200  # step 1's default discovery documents per task
 STEP1_CHUNK = 64  # step 1's default --chunk_neurons: one sweep (one prefix) per chunk

@@ -24,12 +24,12 @@ import time
 import torch
 from workload import add_arguments, describe, model_130m_shaped, requests
 
-from delta_steering import sites
-from delta_steering.batching import Encoded
-from delta_steering.fast_sweep import fast_loglikelihoods
+from delta_steering.model import sites
+from delta_steering.engine.batching import Encoded
+from delta_steering.engine.fast_sweep import fast_loglikelihoods
 from delta_steering.intervention import Intervention
-from delta_steering.scoring import loglikelihoods, shared_context_groups
-from delta_steering.sites import decoder_layers
+from delta_steering.engine.scoring import loglikelihoods, shared_context_groups
+from delta_steering.model.sites import decoder_layers
 
 
 def parse_args() -> argparse.Namespace:

@@ -16,9 +16,9 @@ import torch
 from transformers import (AutoTokenizer, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM,
                           PreTrainedTokenizerFast)
 
-from delta_steering.batching import Encoded
-from delta_steering.scoring import encode_examples
-from delta_steering.tasks import Example, load_examples
+from delta_steering.engine.batching import Encoded
+from delta_steering.engine.scoring import encode_examples
+from delta_steering.data.tasks import Example, load_examples
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")  # the study's six

@@ -4,31 +4,22 @@
     with steer(model, layer=20, neurons=[4, 38], factor=5.0):
         out = model.generate(...)
 
-Submodules and the public names below are imported on first use, so that a script's `--help` and
-argument errors answer before torch is loaded.
+The package is in layers (`model`, `data`, `engine`, `analysis`, `steps`) over a small root of
+contracts and plumbing. Submodules and the public names below are imported on first use, so that
+a script's `--help` and argument errors answer before torch is loaded.
 """
 
 from __future__ import annotations
 
-import importlib
+from ._lazy import submodule_getattr
 
 PUBLIC = {
-    "steer": "steering", "apply": "steering", "install": "steering", "SteeringHandle": "steering",
-    "verify_steering_effect": "steering", "Intervention": "intervention", "Steering": "intervention",
-    "NO_STEERING": "intervention", "delta_statistics": "delta_stats", "num_delta_neurons": "sites",
-    "ssm_layers": "sites", "SteeringError": "errors", "UsageError": "errors",
-    "load_mamba_model": "models",
+    "steer": "model.steering", "apply": "model.steering", "install": "model.steering",
+    "SteeringHandle": "model.steering", "verify_steering_effect": "model.steering", "Intervention": "intervention",
+    "Steering": "intervention", "NO_STEERING": "intervention", "delta_statistics": "model.delta_stats",
+    "num_delta_neurons": "model.sites", "ssm_layers": "model.sites", "SteeringError": "errors",
+    "UsageError": "errors", "load_mamba_model": "model.loading",
 }
 
 __all__ = sorted(PUBLIC)
-
-
-def __getattr__(name: str):
-    if name in PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{PUBLIC[name]}"), name)
-    try:
-        return importlib.import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+__getattr__ = submodule_getattr(__name__, PUBLIC)

@@ -89,13 +89,13 @@ import transformers  # noqa: E402
 from transformers import GenerationConfig, MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 from transformers.models.mamba import modeling_mamba  # noqa: E402
 
-from delta_steering import scoring  # noqa: E402
-from delta_steering.generation import generate_greedy  # noqa: E402
-from delta_steering.ifeval import load_ifeval_prompts, score_responses  # noqa: E402
-from delta_steering.intervention import Intervention  # noqa: E402
-from delta_steering.stats import benjamini_hochberg, is_significant  # noqa: E402
-from delta_steering.sweep import sweep_correctness  # noqa: E402
-from delta_steering.tasks import Example, load_task  # noqa: E402
+from delta_steering.engine import scoring
+from delta_steering.engine.generation import generate_greedy
+from delta_steering.data.ifeval import load_ifeval_prompts, score_responses
+from delta_steering.intervention import Intervention
+from delta_steering.analysis.stats import benjamini_hochberg, is_significant
+from delta_steering.engine.sweep import sweep_correctness
+from delta_steering.data.tasks import Example, load_task
 
 EOS = "<|endoftext|>"
 LAYER = 20

@@ -65,7 +65,7 @@ def punkt(tmp_path_factory):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if a script loads the model: the mistakes it tests must be caught before."""
-    from delta_steering import models
+    from delta_steering.model import loading as models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")

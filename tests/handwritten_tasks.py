@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from delta_steering.results_io import read_jsonl
-from delta_steering.tasks import Example
+from delta_steering.data.tasks import Example
 
 
 def _multiple_choice(context: str, choices: list[str]) -> tuple:

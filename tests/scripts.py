@@ -44,7 +44,7 @@ def step1_file(path, impacts: dict[int, float], layer: int, model, n_neurons: in
     contract): the records by impact, the groups by the grouping rule. `model` is a model directory
     (its provenance is then real) or any name (a placeholder digest and family)."""
     from delta_steering.artifacts import Discovery, Provenance, impact_groups
-    from delta_steering.models import check_model_source
+    from delta_steering.model.loading import check_model_source
     from delta_steering.results_io import write_json
 
     records = sorted(({"neuron": n, "impact": i, "measured": True} for n, i in impacts.items()),

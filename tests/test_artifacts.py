@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 from delta_steering.artifacts import Provenance, content_digest, read_discovery, read_factors, seal
 from delta_steering.errors import UsageError
-from delta_steering.models import check_model_source
+from delta_steering.model.loading import check_model_source
 from delta_steering.results_io import RunLock, file_digest
 from scripts import one_line, run_main, step1_file, step2_file
 

@@ -10,14 +10,16 @@ import pytest
 import torch
 
 from delta_steering.artifacts import read_discovery
-from delta_steering.atlas import atlas_estimates
-from delta_steering.attribution import attribution, estimated_impacts, layer_attributions
-from delta_steering.delta_stats import delta_statistics, layer_delta_statistics
+from delta_steering.engine.attribution import atlas_estimates
+from delta_steering.engine.attribution import attribution, layer_attributions
+from delta_steering.analysis.estimates import estimated_impacts
+from delta_steering.model.delta_stats import delta_statistics, layer_delta_statistics
 from delta_steering.intervention import Intervention
-from delta_steering.scoring import encode_examples, encode_pair, evaluate, loglikelihoods, summarize
-from delta_steering.stats import benjamini_hochberg, is_significant
-from delta_steering.steering import steer
-from delta_steering.tasks import load_examples
+from delta_steering.engine.scoring import encode_examples, encode_pair, evaluate, loglikelihoods
+from delta_steering.analysis.metrics import summarize
+from delta_steering.analysis.stats import benjamini_hochberg, is_significant
+from delta_steering.model.steering import steer
+from delta_steering.data.tasks import load_examples
 from families import make_tiny
 from scripts import run_main
 from tiny import make_model, near_tie_task

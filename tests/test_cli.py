@@ -131,7 +131,7 @@ def test_step2_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, ca
 
 @pytest.mark.usefixtures("no_model_load")
 def test_step3_names_a_missing_prompt_file_before_nltk(inputs, tmp_path, capsys, monkeypatch):
-    from delta_steering import ifeval
+    from delta_steering.data import ifeval
 
     def no_punkt():
         raise ifeval.UsageError("NLTK's punkt_tab tokenizer is not installed")

@@ -5,8 +5,8 @@ import pytest
 import torch
 import transformers
 
-from delta_steering.continuation import blocks_from, continuation_hidden, continues_exactly
-from delta_steering.mixer import block_input
+from delta_steering.model.continuation import blocks_from, continuation_hidden, continues_exactly
+from delta_steering.model.mamba1 import block_input
 from families import make_tiny
 
 FAMILIES = ["mamba", "falcon_mamba", "mamba2"]

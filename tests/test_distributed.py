@@ -120,7 +120,7 @@ def test_step1_shards_merge_to_one_process(step1_setup, step1_single):
 
 
 def test_step1_shard_resumes_from_its_own_checkpoint(step1_setup, step1_single, tmp_path, monkeypatch):
-    from delta_steering import sweep
+    from delta_steering.engine import sweep
 
     root, common = step1_setup
     real = sweep.sweep_correctness

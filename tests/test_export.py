@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from delta_steering.errors import UsageError
-from delta_steering.export import edited_parameters
+from delta_steering.model.export import edited_parameters
 from delta_steering.intervention import Intervention, Steering
-from delta_steering.sites import ssm_layers
-from delta_steering.steering import apply
+from delta_steering.model.sites import ssm_layers
+from delta_steering.model.steering import apply
 from families import TINY, make_tiny
 from delta_steering.results_io import file_digest
 from scripts import one_line, run_main, step1_file, step2_file

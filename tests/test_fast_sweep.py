@@ -7,16 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from delta_steering.attribution import attribution, estimated_correctness, estimated_impacts, request_scores
-from delta_steering.batching import context_groups, pad_batch
-from delta_steering.delta_stats import delta_statistics
-from delta_steering.fast_sweep import fast_loglikelihoods
+from delta_steering.engine.attribution import attribution, request_scores
+from delta_steering.analysis.estimates import estimated_correctness, estimated_impacts
+from delta_steering.engine.batching import context_groups, pad_batch
+from delta_steering.model.delta_stats import delta_statistics
+from delta_steering.engine.fast_sweep import fast_loglikelihoods
 from delta_steering.intervention import Intervention
-from delta_steering.scoring import correctness, encode_examples, loglikelihoods
-from delta_steering.sites import OutputHead
-from delta_steering.steering import install, steer
-from delta_steering.sweep import sweep_correctness, sweep_loglikelihoods
-from delta_steering.tasks import Example
+from delta_steering.analysis.metrics import correctness
+from delta_steering.engine.scoring import encode_examples, loglikelihoods
+from delta_steering.model.sites import OutputHead
+from delta_steering.model.steering import install, steer
+from delta_steering.engine.sweep import sweep_correctness, sweep_loglikelihoods
+from delta_steering.data.tasks import Example
 from tiny import make_model
 
 NEURONS = [0, 13, 31]
@@ -120,8 +122,8 @@ def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, token
 def test_fast_races_each_new_shape_and_follows_the_recorded_choice(tiny_model, tokenizer, encoded, monkeypatch):
     """A fresh model: every shape of context group is read both ways once (the faster recorded for
     this layer), with the same numbers as either way; a recorded choice is then followed."""
-    import delta_steering.fast_sweep as fast_sweep
-    from delta_steering.reading import choice_for, shape_of
+    import delta_steering.engine.fast_sweep as fast_sweep
+    from delta_steering.engine.reading import choice_for, shape_of
 
     model = copy.deepcopy(tiny_model)
     intervention = Intervention.scale(NEURONS, 0.0)
@@ -336,7 +338,7 @@ def test_mamba2_time_step_limit_still_shares_contexts_exactly(tokenizer, encoded
     """Continuations go through the chunked scan, which clamps dt to `time_step_limit` (transformers'
     one-token cached step would not): with a limit the fast engine still shares contexts and equals
     the naive engine."""
-    from delta_steering.continuation import continues_exactly
+    from delta_steering.model.continuation import continues_exactly
     from families import make_tiny
 
     model = make_tiny("mamba2", vocab_size=len(tokenizer), num_hidden_layers=3, time_step_limit=(0.05, 0.8))
@@ -346,7 +348,7 @@ def test_mamba2_time_step_limit_still_shares_contexts_exactly(tokenizer, encoded
 
 
 def test_hybrids_run_the_naive_engine(tokenizer, encoded, capsys):
-    from delta_steering.sweep import engine_for
+    from delta_steering.engine.sweep import engine_for
     from families import make_tiny
 
     model = make_tiny("bamba", vocab_size=len(tokenizer))
@@ -369,9 +371,9 @@ def test_mamba2_on_cpu_scans_in_short_chunks_with_the_same_numbers(tokenizer, en
     """mamba2's configured chunk of 256 would pad these short requests to 256 tokens: while scoring
     and sweeping, the mixers scan in chunks fitted to the longest request (32 here), and the numbers
     equal those of the configured chunk size up to float rounding; afterwards it is restored."""
-    from delta_steering.mixer2 import chunk_size_for
+    from delta_steering.model.mamba2 import chunk_size_for
     from families import make_tiny
-    from delta_steering.sites import decoder_layers
+    from delta_steering.model.sites import decoder_layers
 
     model = make_tiny("mamba2", vocab_size=len(tokenizer), num_hidden_layers=3, chunk_size=256)
     seen = set()

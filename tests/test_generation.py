@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from delta_steering.generation import generate_greedy
-from delta_steering.steering import steer
+from delta_steering.engine.generation import generate_greedy
+from delta_steering.model.steering import steer
 
 PROMPTS = [
     "The quick brown fox",

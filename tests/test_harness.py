@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from delta_steering import harness
+from delta_steering.data import harness
 from delta_steering.errors import UsageError
-from delta_steering.scoring import encode_pair, loglikelihoods
-from delta_steering.steering import steer
+from delta_steering.engine.scoring import encode_pair, loglikelihoods
+from delta_steering.model.steering import steer
 
 
 def write_piqa(folder, n=6):

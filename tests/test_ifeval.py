@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from delta_steering import ifeval
+from delta_steering.data import ifeval
 from delta_steering.cli import UsageError
 from delta_steering.results_io import read_jsonl
 

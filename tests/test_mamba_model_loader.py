@@ -33,7 +33,7 @@ def test_round_trip_of_a_saved_tiny_model(tiny_model_dir, tiny_model, tokenizer)
 def test_ssm_backend_names_the_scan_that_runs(monkeypatch, installed, cuda, expected):
     import importlib.util
 
-    from delta_steering import models
+    from delta_steering.model import loading as models
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in installed else None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from delta_steering.mixer2 import chunk_size_for, short_chunks
-from delta_steering.sites import decoder_layers
+from delta_steering.model.mamba2 import chunk_size_for, short_chunks
+from delta_steering.model.sites import decoder_layers
 from families import make_tiny
 
 

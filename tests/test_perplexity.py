@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from delta_steering import steer
-from delta_steering.perplexity import document_losses, perplexity, perplexity_change
+from delta_steering.engine.perplexity import document_losses, perplexity
+from delta_steering.analysis.metrics import perplexity_change
 
 DOCS = ["The quick brown fox jumps over the lazy dog. Paris is the capital of France.",
         "Write a poem about the sea. Do not use any commas in your response, please."]

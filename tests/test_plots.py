@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from matplotlib.container import BarContainer
 
-from delta_steering import plots
+from delta_steering.analysis import plots
 
 MODEL = "state-spaces/mamba-130m-hf"
 LAYER = 20

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from delta_steering.batching import Encoded
-from delta_steering.reading import ReadingChoice, choice_for, length_class, shape_of
+from delta_steering.engine.batching import Encoded
+from delta_steering.engine.reading import ReadingChoice, choice_for, length_class, shape_of
 
 
 @pytest.mark.parametrize("tokens, expected", [(0, 0), (1, 1), (3, 1), (4, 2), (15, 2), (16, 3), (63, 3), (64, 4)])

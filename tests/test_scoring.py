@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from delta_steering.batching import Encoded
-from delta_steering.continuation import continues_exactly
-from delta_steering.reading import choice_for, shape_of
-from delta_steering.scoring import (correctness, encode_examples, encode_pair, evaluate, loglikelihoods,
-                                    shared_context_groups, summarize)
-from delta_steering.tasks import Example
+from delta_steering.engine.batching import Encoded
+from delta_steering.model.continuation import continues_exactly
+from delta_steering.engine.reading import choice_for, shape_of
+from delta_steering.analysis.metrics import correctness, summarize
+from delta_steering.engine.scoring import encode_examples, encode_pair, evaluate, loglikelihoods, shared_context_groups
+from delta_steering.data.tasks import Example
 from families import make_tiny
 
 PAIRS = [("Question: What is the capital of France?\nAnswer:", " Paris"),
@@ -280,7 +280,7 @@ def test_acc_norm_divides_by_characters_not_bytes():
 
 @pytest.mark.parametrize("doc_id", [6053, 9372])
 def test_acc_norm_equals_lm_evals_process_results_on_non_ascii_hellaswag(shared_data, doc_id):
-    from delta_steering.tasks import load_task
+    from delta_steering.data.tasks import load_task
     from lm_eval_reference import lm_eval_task
 
     task = lm_eval_task("hellaswag", str(shared_data / "tasks_hf" / "hellaswag" / "validation.jsonl"))

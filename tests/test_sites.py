@@ -5,9 +5,9 @@ and in cached generation; bit-exact restore; dt_pre capture; the output head."""
 import pytest
 import torch
 
-from delta_steering import steering
+from delta_steering.model import steering
 from delta_steering.errors import UsageError
-from delta_steering.sites import OutputHead, capture_dt_pre, check_layer, family_of, shape_of
+from delta_steering.model.sites import OutputHead, capture_dt_pre, check_layer, family_of, shape_of
 from families import TINY, make_tiny, patch_dt_pre, ssm_mixers, tiny_config
 
 FAMILIES = list(TINY)

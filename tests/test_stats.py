@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from delta_steering.stats import (benjamini_hochberg, bootstrap_indices, compare, discordance,
-                                   minimum_detectable_effect, sign_test, spearman)
+from delta_steering.analysis.stats import (benjamini_hochberg, bootstrap_indices, compare, discordance,
+                                           minimum_detectable_effect, sign_test, spearman)
 
 
 def test_bootstrap_keeps_tasks_and_is_seeded():

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_steering import Intervention, Steering, SteeringError, UsageError, apply, delta_statistics, steer, verify_steering_effect
-from delta_steering.sites import capture_dt_pre
+from delta_steering import (Intervention, Steering, SteeringError, UsageError, apply, delta_statistics, steer,
+                            verify_steering_effect)
+from delta_steering.model.sites import capture_dt_pre
 
 
 def reference_mixer(mixer, hidden):

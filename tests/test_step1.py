@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from delta_steering.scoring import evaluate, summarize
-from delta_steering.tasks import load_examples
+from delta_steering.engine.scoring import evaluate
+from delta_steering.analysis.metrics import summarize
+from delta_steering.data.tasks import load_examples
 from mamba_model_loader import load_mamba_model
 from scripts import interrupting, run_main
 from tiny import near_tie_task
@@ -43,7 +44,7 @@ def naive_run(tiny_model_dir, task_file, pile_file, tmp_path_factory):
 
 
 def test_groups_follow_the_recorded_cut_and_the_minimum_detectable_effect_is_written(naive_run):
-    from delta_steering.stats import minimum_detectable_effect
+    from delta_steering.analysis.stats import minimum_detectable_effect
 
     assert naive_run["high_impact_cut"] == 2.0 and "high_impact_cut" in naive_run["description"]
     measured = [r for r in naive_run["all_neuron_impacts"] if r["impact"] is not None]
@@ -117,7 +118,7 @@ def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, p
 
 def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, task_file, pile_file, tmp_path,
                                                     monkeypatch, capsys):
-    from delta_steering import sweep
+    from delta_steering.engine import sweep
 
     real = sweep.sweep_correctness
     monkeypatch.setattr(sweep, "sweep_correctness", interrupting(real, on_call=2))
@@ -203,7 +204,7 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
         else:
             assert record["impact"] is None and record["q_value"] == 1.0
     # BH over all 20 neurons, an unverified neuron counting as p = 1
-    from delta_steering.stats import benjamini_hochberg
+    from delta_steering.analysis.stats import benjamini_hochberg
 
     p_values = [r["p_value"] if r["measured"] else 1.0 for r in records]
     assert [r["q_value"] for r in records] == benjamini_hochberg(p_values)
@@ -214,8 +215,8 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
 
 def test_a_neuron_whose_p_value_underflows_to_zero_is_significant():
     from delta_steering.artifacts import Provenance
-    from delta_steering.discovery import discovery_result, neuron_impacts
-    from delta_steering.tasks import Example
+    from delta_steering.analysis.impacts import discovery_result, neuron_impacts
+    from delta_steering.data.tasks import Example
 
     examples = [Example("t", i, (("c", " a"), ("c", " b")), (" a", " b"), 0, "acc") for i in range(1200)]
     baseline = np.ones(1200)

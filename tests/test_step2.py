@@ -11,10 +11,11 @@ import torch
 import numpy as np
 
 from delta_steering.artifacts import seal
-from delta_steering.factors import group_result, mark, print_group_table, selection_best, selection_split
-from delta_steering.stats import minimum_detectable_effect
-from delta_steering.scoring import evaluate, summarize
-from delta_steering.tasks import Example, load_examples
+from delta_steering.analysis.factors import group_result, mark, print_group_table, selection_best, selection_split
+from delta_steering.analysis.stats import minimum_detectable_effect
+from delta_steering.engine.scoring import evaluate
+from delta_steering.analysis.metrics import summarize
+from delta_steering.data.tasks import Example, load_examples
 from mamba_model_loader import load_mamba_model
 from scripts import interrupting, run_main, step1_file
 from conftest import ROOT
@@ -126,7 +127,7 @@ def test_when_every_factor_loses_the_baseline_is_kept():
     assert optimal["factor"] == 1.0 and not optimal["beats_baseline"] and optimal["confirmation"] is None
     assert optimal["selection_best_factor"] == 2.0 and optimal["selection"]["delta"] < 0
     from delta_steering.artifacts import steering_factor
-    from delta_steering.factors import verdict
+    from delta_steering.analysis.factors import verdict
 
     assert steering_factor(optimal) == (2.0, "step2-unconfirmed")
     assert verdict("High Impact", optimal, 20).startswith("no factor beats the baseline for the High Impact group")
@@ -224,7 +225,7 @@ def test_the_console_table_says_what_was_measured_never_nan(capsys):
 
 
 def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch, capsys):
-    from delta_steering import scoring
+    from delta_steering.engine import scoring
 
     real = scoring.evaluate
     monkeypatch.setattr(scoring, "evaluate", interrupting(real, on_call=3))  # baseline, a factor, stop

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from delta_steering.ifeval import METRICS
-from delta_steering.verification import factor_standing, neuron_sets
+from delta_steering.data.ifeval import METRICS
+from delta_steering.analysis.verification import factor_standing, neuron_sets
 from scripts import interrupting, run_main, step1_file, step2_file
 
 pytestmark = pytest.mark.usefixtures("punkt")
@@ -119,14 +119,14 @@ def test_factor_standing_says_which_factor_and_why():
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both, tmp_path, monkeypatch):
-    from delta_steering import verification
+    from delta_steering.steps import verify
 
-    real = verification.run_configuration
-    monkeypatch.setattr(verification, "run_configuration", interrupting(real, on_call=2))
+    real = verify.run_configuration
+    monkeypatch.setattr(verify, "run_configuration", interrupting(real, on_call=2))
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 130
     saved = json.loads((tmp_path / "step3_checkpoint.json").read_text())
     assert list(saved["done"]) == ["baseline"] and len(saved["done"]["baseline"]["baseline"]["responses"]) == 5
-    monkeypatch.setattr(verification, "run_configuration", real)
+    monkeypatch.setattr(verify, "run_configuration", real)
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 0
     for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
         resumed, whole = (json.loads((d / name).read_text()) for d in (tmp_path, both))
@@ -221,7 +221,7 @@ def test_an_unconfirmed_step2_factor_is_used_and_said_so(tiny_model_dir, files, 
 
 
 def test_best_mark_only_on_a_gain_whose_ci_lies_above_zero(capsys):
-    from delta_steering.verification import best_configuration, print_summary
+    from delta_steering.analysis.verification import best_configuration, print_summary
 
     def entry(name, accuracy, ci):
         return {"name": name, "accuracy": accuracy, "delta": accuracy - 50.0, "ci95": ci, "perplexity": None,

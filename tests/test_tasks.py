@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from delta_steering.errors import UsageError
-from delta_steering.scoring import correctness
-from delta_steering.tasks import load_examples, load_task, load_tasks, partition
+from delta_steering.analysis.metrics import correctness
+from delta_steering.data.tasks import load_examples, load_task, load_tasks, partition
 from handwritten_tasks import BUILTIN_TASKS, handwritten_examples
 from lm_eval_reference import lm_eval_task
 

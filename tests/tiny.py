@@ -83,7 +83,7 @@ def near_tie_task(model, tokenizer, path: Path, n: int = 24, seed: int = 0) -> P
     import json
     import random
 
-    from delta_steering.scoring import encode_pair, loglikelihoods
+    from delta_steering.engine.scoring import encode_pair, loglikelihoods
 
     words = ("the quick brown fox jumps over lazy dog capital France Paris sea poem roof man apples "
              "oranges bananas cherries state space model token memory").split()

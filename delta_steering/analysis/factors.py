@@ -15,8 +15,8 @@ import random
 
 import numpy as np
 
-from .artifacts import GROUP_TITLES
-from .scoring import Comparison, example_weights
+from ..artifacts import GROUP_TITLES
+from .metrics import Comparison, example_weights
 from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, detection_limit, is_significant, spearman
 
 DESCRIPTION = (

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SSM_LAYER_TYPES = ("linear_attention", "hybrid")
 

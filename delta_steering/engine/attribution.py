@@ -9,41 +9,25 @@ neurons it ranks first with the exact engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from .batching import Encoded, pad_batch, request_batches, target_ids, target_mask, token_budget, gather_targets
-from .intervention import Intervention
-from .mixer import block_input, block_output, gated_scan, mixer_pieces
-from .progress import tqdm
-from .scoring import CHOICE_SCORES, correctness, example_weights
-from .sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
-from .tasks import Example
+from ..analysis.estimates import Attribution, estimated_impacts
+from ..analysis.impacts import estimate_records, top_estimated
+from ..data.tasks import Example
+from ..intervention import Intervention
+from ..model.mamba1 import block_input, block_output, gated_scan, mixer_pieces
+from ..model.sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
+from ..progress import tqdm
+from .batching import Encoded, gather_targets, pad_batch, request_batches, target_ids, target_mask, token_budget
 
 FAMILIES = ("mamba", "falcon_mamba")  # the Mamba-1 models: block L's channel-wise mixer written out
 
 
 def covers(model) -> bool:
-    """Whether attribution applies to this model's family: it writes out a Mamba-1 mixer (mixer.py)."""
+    """Whether attribution applies to this model's family: it writes out a Mamba-1 mixer (model.mamba1)."""
     return family_of(model).name in FAMILIES
-
-
-@dataclass
-class Attribution:
-    """First-order estimates for every delta neuron of a layer.
-
-    Each request has a differentiable *score*: its summed target log-prob ("logprob", for acc and
-    acc_norm examples), or for greedy examples (lambada) its greedy margin ("margin"): the smallest,
-    over its target tokens, of logit(target) - max logit(other token), positive iff all are greedy.
-    `base` is each request's score without intervention and `delta[i, r]` the estimated change of
-    request r's score when neuron i alone is intervened on."""
-
-    base: np.ndarray  # (requests,)
-    delta: np.ndarray  # (delta neurons, requests)
-    kinds: tuple[str, ...]  # "logprob" or "margin", per request
 
 
 def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengths: list[int],
@@ -156,44 +140,20 @@ def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded
                               progress)[layer]
 
 
-def estimated_correctness(examples: list[Example], att: Attribution) -> np.ndarray:
-    """(delta neurons, examples): correctness predicted from the linearised scores base + delta,
-    with the task's metric (argmax of log-prob, of log-prob per character, or greedy margin > 0)."""
-    greedy_request = np.array([k == "margin" for k in att.kinds])
-    scores = att.base[None, :] + att.delta
-    return np.stack([correctness(examples, row, (row > 0) & greedy_request) for row in scores])
+def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],
+                       ablation: Intervention, batch_size: int | None, top: int) -> tuple[list[dict], list[int]]:
+    """First-order estimates of every neuron's ablation effect (one forward and backward pass per
+    batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
+    att = attribution(model, tokenizer, examples, encoded, layer, ablation, batch_size, progress=True)
+    estimates = estimate_records(neurons, *estimated_impacts(examples, att))
+    return estimates, top_estimated(estimates, top)
 
 
-def example_margins(examples: list[Example], scores: np.ndarray) -> np.ndarray:
-    """Per example, how far it is from flipping: score of the label minus the best other choice
-    (per character for acc_norm), or the greedy margin. Positive iff correct. scores: (..., requests)."""
-    out, start = [], 0
-    for example in examples:
-        n = len(example.requests)
-        values = scores[..., start: start + n]
-        start += n
-        if CHOICE_SCORES[example.metric] is None:  # greedy: the one request's margin
-            out.append(values[..., 0])
-            continue
-        values = CHOICE_SCORES[example.metric](example, values)
-        others = np.delete(values, example.label, axis=-1)
-        best = others.max(-1) if others.shape[-1] else np.full(values.shape[:-1], -np.inf)
-        out.append(values[..., example.label] - best)
-    return np.stack(out, axis=-1)
-
-
-def estimated_impacts(examples: list[Example], att: Attribution) -> tuple[np.ndarray, np.ndarray]:
-    """Per delta neuron, two first-order estimates of what its ablation does to accuracy:
-
-    - accuracy impact in points (baseline - predicted accuracy, mean over tasks as step 1 reports
-      it), from the correctness predicted by the linearised scores; most neurons flip nothing, so
-      it is coarse;
-    - margin loss: the same task-weighted mean of (base margin - linearised margin) per example, a
-      continuous score for ranking neurons whose estimated impact ties (positive = ablation hurts).
-    """
-    weights = example_weights(examples)
-    base_correct = correctness(examples, att.base, (att.base > 0) & np.array([k == "margin" for k in att.kinds]))
-    impact = (base_correct[None, :] - estimated_correctness(examples, att)) @ weights
-    margins = example_margins(examples, att.base[None, :] + att.delta)
-    margin_loss = (example_margins(examples, att.base)[None, :] - margins) @ weights / 100.0
-    return impact, margin_loss
+def atlas_estimates(model, tokenizer, examples: list[Example], encoded: list[Encoded],
+                    ablations: dict[int, Intervention], batch_size: int | None = None,
+                    progress: bool = False) -> dict[int, list[dict]]:
+    """Per layer, every neuron's first-order estimates (estimated impact and margin loss, see
+    attribution.estimated_impacts) from one forward and one backward pass per batch."""
+    attributions = layer_attributions(model, tokenizer, examples, encoded, ablations, batch_size, progress)
+    return {layer: estimate_records(range(att.delta.shape[0]), *estimated_impacts(examples, att))
+            for layer, att in attributions.items()}

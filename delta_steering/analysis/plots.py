@@ -18,8 +18,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
-from .artifacts import GROUP_TITLES, HIGH_IMPACT
-from .results_io import WriteError
+from ..artifacts import GROUP_TITLES, HIGH_IMPACT
+from ..results_io import WriteError
 from .stats import SIGNIFICANCE, is_significant
 
 STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "figure.titlesize": 11,

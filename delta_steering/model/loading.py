@@ -22,9 +22,15 @@ from pathlib import Path
 import torch
 import transformers
 from huggingface_hub import hf_hub_download
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Mamba2Config, MambaConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Mamba2Config,
+    MambaConfig,
+)
 
-from .errors import UsageError
+from ..errors import UsageError
 from .sites import FAMILIES, Shape, family_of, meta_model, shape_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .intervention import Intervention
-from .mixer import block_input
+from ..intervention import Intervention
+from .mamba1 import block_input
 from .sites import decoder_layers, family_of
 
 SHORT_CHUNK = 32  # the smallest chunk size used; 16 was slower on the six tasks' requests

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..analysis.metrics import correctness
+from ..data.tasks import Example
+from ..intervention import Intervention
+from ..model.sites import family_of
+from ..model.steering import install
+from ..progress import tqdm
 from .batching import Encoded
-from .fast_sweep import FAMILIES as FAST_FAMILIES
-from .fast_sweep import covers, fast_loglikelihoods
-from .intervention import Intervention
-from .progress import tqdm
-from .scoring import correctness, encode_examples, loglikelihoods
-from .sites import family_of
-from .steering import install
-from .tasks import Example
+from .fast_sweep import FAMILIES as FAST_FAMILIES, covers, fast_loglikelihoods
+from .scoring import encode_examples, loglikelihoods
 
 
 def naive_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from .sites import scan_memory
+from ..model.sites import scan_memory
 
 
 @dataclass(frozen=True)

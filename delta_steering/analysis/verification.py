@@ -3,18 +3,15 @@ compared with the baseline on the same prompts."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from .artifacts import Discovery, delta_sensitive
-from .generation import generate_greedy
-from .ifeval import METRICS, score_responses
-from .intervention import Intervention, Steering
-from .perplexity import document_losses, perplexity_change, perplexity_of
+from ..artifacts import Discovery, delta_sensitive
+from ..data.ifeval import METRICS
+from ..intervention import Intervention, Steering
+from .metrics import perplexity_change
 from .stats import below_detection, bootstrap_indices, compare, describe_detection_limit, detection_limit
-from .steering import apply
 
 MODES = ("combined", "cluster_ablation", "layer_ablation")
 DESCRIPTION = (
@@ -137,18 +134,6 @@ class Outcome:
     perplexity: float | None
     seconds: float = 0.0
     document_losses: dict | None = None  # per Pile document: summed NLL and tokens (perplexity.document_losses)
-
-
-def run_configuration(model, tokenizer, steering: Steering, prompts: list[dict], texts: list[str] | None,
-                      max_new_tokens: int, batch_size: int | None) -> Outcome:
-    """Generate for every prompt with the configuration's steering active, score, measure perplexity."""
-    started = time.time()
-    with apply(model, steering):
-        responses = generate_greedy(model, tokenizer, [p["prompt"] for p in prompts], max_new_tokens, batch_size,
-                                    progress=True)
-        losses = document_losses(model, tokenizer, texts, batch_size=batch_size, progress=True) if texts else None
-    return Outcome(responses, score_responses(prompts, responses), None if losses is None else perplexity_of(losses),
-                   round(time.time() - started, 2), losses)
 
 
 def per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray]:

@@ -17,8 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import SteeringError
-from .intervention import Intervention, Steering
+from ..errors import SteeringError
+from ..intervention import Intervention, Steering
 from .sites import check_layer, check_neurons, decoder_layers, delta_site, num_delta_neurons
 
 

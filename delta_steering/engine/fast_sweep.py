@@ -20,9 +20,9 @@ example) can run it once per neuron, each continuation read as one block from th
 on many chunks' scored positions at once. Results equal the naive engine's up to float rounding
 (~1e-6 relative).
 
-Mamba-2 (mixer2): a neuron is a head, which changes only its own head_dim channels of the scan, but
+Mamba-2 (`model.mamba2`): a neuron is a head, which changes only its own head_dim channels of the scan, but
 the gated RMSNorm before `out_proj` rescales the rest of the head's group by a per-token factor, so
-the correction is a group term plus a head term (exact algebra, see mixer2). Contexts can be shared
+the correction is a group term plus a head term (exact algebra, see `model.mamba2`). Contexts can be shared
 where a continuation from a cached context is exact (`continuation.continues_exactly`: float32).
 """
 
@@ -35,23 +35,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..intervention import Intervention
+from ..model import mamba2
+from ..model.continuation import continuation_hidden, continues_exactly
+from ..model.mamba1 import LayerState, gated_scan, layer_state, suffix
+from ..model.mamba2 import short_chunks
+from ..model.sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
+from ..progress import tqdm
 from .batching import Encoded, batches, context_groups, gather_targets, head_rows, pad_batch, token_budget
-from .continuation import continuation_hidden, continues_exactly
-from .intervention import Intervention
-from . import mixer2
-from .mixer2 import short_chunks
-from .mixer import LayerState, gated_scan, layer_state, suffix
-from .progress import tqdm
 from .reading import choice_for, shape_of
 from .scoring import target_scores
-from .sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
 
-FAMILIES = SSM_ONLY_FAMILIES  # every block a norm, an SSM mixer (written out: mixer, mixer2) and a residual
+FAMILIES = SSM_ONLY_FAMILIES  # every block a norm, an SSM mixer (written out: model.mamba1, model.mamba2) and a residual
 
 
 def covers(model) -> bool:
     """Whether the fast engine is exact for this model's family (its layer-L correction is written
-    out, mixer or mixer2, and the blocks after layer L are plain SSM blocks); the hybrids, whose later
+    out, model.mamba1 or model.mamba2, and the blocks after layer L are plain SSM blocks); the hybrids, whose later
     blocks include attention, run the naive engine."""
     return family_of(model).name in FAMILIES
 
@@ -77,9 +77,9 @@ def steered_outputs(model, layer: int, state: LayerState, intervention: Interven
 
 def layer_pieces(model):
     """The family's (layer_state, steered_outputs): block L's state on an example batch, and its
-    output with each neuron steered alone (Mamba-1 here, Mamba-2 in mixer2)."""
+    output with each neuron steered alone (Mamba-1 here, Mamba-2 in model.mamba2)."""
     if family_of(model).kind == "mamba2":
-        return mixer2.layer_state, mixer2.steered_outputs
+        return mamba2.layer_state, mamba2.steered_outputs
     return layer_state, steered_outputs
 
 
@@ -228,7 +228,7 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     `share_contexts` runs a context shared by several requests (the choices of a multiple-choice
     example) once per neuron, then each continuation from the cached state, where that is exact:
     True always, False never, None (the default) for each shape of group the way measured faster
-    (`reading`). Mamba-2 on CPU scans in chunks fitted to the requests (`mixer2.short_chunks`).
+    (`reading`). Mamba-2 on CPU scans in chunks fitted to the requests (`model.mamba2.short_chunks`).
     `timings`, when given, accumulates the seconds spent in the shared prefix ("prefix_s") and in
     the per-neuron work ("neurons_s")."""
     if not covers(model):

@@ -4,7 +4,7 @@ The checkers live in `lm_eval.tasks.ifeval` (the `lm_eval[ifeval]` extra). Impor
 NLTK's `punkt_tab` when it is missing, so `ensure_punkt` runs first and turns a missing, offline
 punkt_tab into one clear error instead of a hang or a download log.
 
-    python -m delta_steering.ifeval     # is punkt_tab there? (exit 2 and one line saying how to get it)
+    python -m delta_steering.data.ifeval     # is punkt_tab there? (exit 2 and one line saying how to get it)
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from .errors import UsageError
-from .results_io import read_jsonl_rows, warn
+from ..errors import UsageError
+from ..results_io import read_jsonl_rows, warn
 
 HUB_DATASET = "google/IFEval"
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -189,7 +189,7 @@ def score_responses(prompts: list[dict], responses: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    from .cli import main_guard
+    from ..cli import main_guard
 
     @main_guard
     def check_punkt() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .progress import tqdm
+from ..progress import tqdm
 
 
 def default_batch_size(model: torch.nn.Module) -> int:

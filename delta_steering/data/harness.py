@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UsageError
+from ..errors import UsageError
 
 SCORED_TYPES = ("multiple_choice", "loglikelihood")  # what steps 1 and 2 can score by log-likelihood
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")

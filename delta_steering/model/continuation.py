@@ -5,9 +5,9 @@ the fast engine from the steered output of layer L.
 
 Exact, not an approximation: the model is causal, so the requests' states agree up to the last
 context token, and the continuation carries on the same recurrence as the full-sequence scan. Mamba-1
-continues in the project's own code (`mixer.continued_block`: transformers' multi-token forward would
+continues in the project's own code (`mamba1.continued_block`: transformers' multi-token forward would
 restart the scan at zero); Mamba-2 in transformers' chunked scan, which starts from the cached state
-(`mixer2.continued_block`). The one rule (`continues_exactly`): an SSM-only family with transformers'
+(`mamba2.continued_block`). The one rule (`continues_exactly`): an SSM-only family with transformers'
 5.x SSM cache, in float32; in half precision the full scan rounds its state to the model's dtype
 before reading it out, which a continuation from the cached float32 state does not.
 """
@@ -20,7 +20,7 @@ import torch
 import transformers
 from torch import Tensor
 
-from . import mixer, mixer2
+from . import mamba1, mamba2
 from .sites import SSM_ONLY_FAMILIES, decoder_layers, family_of
 
 
@@ -66,13 +66,13 @@ def continued(model, start: int, hidden: Tensor, cache) -> Tensor:
     """Blocks start..end and the final norm on continuations (rows x tokens x hidden, right-padded),
     row r continuing the context of cache row r. The cache is spent."""
     layers = decoder_layers(model)
-    mamba2 = family_of(model).kind == "mamba2"
+    is_mamba2 = family_of(model).kind == "mamba2"
     for index in range(start, len(layers)):
-        if mamba2:
-            hidden = mixer2.continued_block(layers[index], hidden, cache)
+        if is_mamba2:
+            hidden = mamba2.continued_block(layers[index], hidden, cache)
         else:
-            hidden = mixer.continued_block(layers[index], hidden, cache.get_conv_state(index),
-                                           cache.get_recurrent_state(index))
+            hidden = mamba1.continued_block(layers[index], hidden, cache.get_conv_state(index),
+                                            cache.get_recurrent_state(index))
     return model.base_model.norm_f(hidden)
 
 

@@ -13,14 +13,11 @@ import copy
 
 import numpy as np
 
-from .artifacts import Discovery, Provenance, Results
-from .attribution import estimated_impacts, layer_attributions
-from .batching import Encoded
-from .discovery import attach_estimates, discovery_result, estimate_records, neuron_impacts
-from .intervention import Intervention
-from .scoring import chance_correctness, summarize
+from ..artifacts import Discovery, Provenance, Results
+from ..data.tasks import Example, example_ids
+from .impacts import attach_estimates, discovery_result, neuron_impacts
+from .metrics import chance_correctness, summarize
 from .stats import SIGNIFICANCE, benjamini_hochberg, is_significant
-from .tasks import Example, example_ids
 
 DESCRIPTION = (
     "Delta atlas: every delta neuron of every listed SSM layer ablated alone, estimated to first order "
@@ -30,16 +27,6 @@ DESCRIPTION = (
     "estimate of it; ci95 = paired bootstrap 95% CI; p_value = exact sign test; q_value = Benjamini-Hochberg over "
     "every neuron of every layer (unmeasured neurons count as p = 1); q_value_layer = the same within the layer, "
     "as step 1 computes it.")
-
-
-def atlas_estimates(model, tokenizer, examples: list[Example], encoded: list[Encoded],
-                    ablations: dict[int, Intervention], batch_size: int | None = None,
-                    progress: bool = False) -> dict[int, list[dict]]:
-    """Per layer, every neuron's first-order estimates (estimated impact and margin loss, see
-    attribution.estimated_impacts) from one forward and one backward pass per batch."""
-    attributions = layer_attributions(model, tokenizer, examples, encoded, ablations, batch_size, progress)
-    return {layer: estimate_records(range(att.delta.shape[0]), *estimated_impacts(examples, att))
-            for layer, att in attributions.items()}
 
 
 def layer_records(examples: list[Example], baseline: np.ndarray, rows: dict[int, np.ndarray],

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..errors import UsageError
+from ..results_io import read_jsonl, warn
 from . import harness
-from .errors import UsageError
-from .results_io import read_jsonl, warn
 
 PARTITION_SEED = 1234  # fixed, independent of --seed: the discovery/held-out split never moves
 # the original study's metric for each of its tasks (lambada: every target token greedy)

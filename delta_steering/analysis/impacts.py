@@ -7,12 +7,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from .artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, impact_groups
-from .attribution import attribution, estimated_impacts
-from .intervention import Intervention
-from .scoring import Comparison, chance_correctness, summarize
+from ..artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, impact_groups
+from ..data.tasks import example_ids
+from .metrics import Comparison, chance_correctness, summarize
 from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, describe_detection_limit, is_significant, spearman
-from .tasks import example_ids
 
 DESCRIPTION = (
     "Step 1, delta neuron discovery: each neuron of `layer` ablated alone on the discovery examples. "
@@ -122,15 +120,6 @@ def print_summary(result: dict, top: int = 10) -> None:
         print(describe_detection_limit(limit)
               + (f"\n{below} of {len(records)} measured impacts are below it: too small for this run to tell "
                  "from no effect" if below else ""))
-
-
-def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],
-                       ablation: Intervention, batch_size: int | None, top: int) -> tuple[list[dict], list[int]]:
-    """First-order estimates of every neuron's ablation effect (one forward and backward pass per
-    batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
-    att = attribution(model, tokenizer, examples, encoded, layer, ablation, batch_size, progress=True)
-    estimates = estimate_records(neurons, *estimated_impacts(examples, att))
-    return estimates, top_estimated(estimates, top)
 
 
 def estimate_records(neurons: list[int], impact: np.ndarray, margin_loss: np.ndarray) -> list[dict]:

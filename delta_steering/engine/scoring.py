@@ -21,17 +21,16 @@ from itertools import chain
 import numpy as np
 import torch
 
+from ..analysis.metrics import correctness
+from ..data.tasks import Example
+from ..model.continuation import continuation_hidden, continues_exactly
+from ..model.mamba1 import block_input
+from ..model.mamba2 import short_chunks
+from ..model.sites import OutputHead, decoder_layers
+from ..progress import tqdm
 from .batching import (Encoded, batches, context_groups, gather_targets, head_rows, memory_items, pad_batch,
                        request_batches, target_ids, target_mask, token_budget)
-from .continuation import continuation_hidden, continues_exactly
-from .mixer import block_input
-from .mixer2 import short_chunks
-from .progress import tqdm
 from .reading import choice_for, shape_of
-from .sites import OutputHead, decoder_layers
-from .stats import bootstrap_indices, compare
-from .tasks import Example, task_names
-
 
 RACE_GROUPS = 8  # context groups of a new shape read both ways, to measure which is faster
 
@@ -201,7 +200,7 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
     (`shares_contexts`): True always, False never, None (the default) for each shape of group the
     way measured faster (`reading`); the other requests run whole. `batch_size` bounds the sequences
     of a forward (whole requests, contexts, continuations); by default the memory budget does.
-    Mamba-2 on CPU scans in chunks fitted to the requests (`mixer2.short_chunks`)."""
+    Mamba-2 on CPU scans in chunks fitted to the requests (`model.mamba2.short_chunks`)."""
     share = shares_contexts(model, share_contexts)
     groups = shared_context_groups(encoded) if share else []
     alone = sorted(set(range(len(encoded))) - {i for g in groups for i in g})
@@ -221,98 +220,9 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
     return logprob, greedy
 
 
-def choice_lengths(example: Example) -> np.ndarray:
-    """The length of each choice in characters, acc_norm's normaliser."""
-    return np.array([len(c) for c in example.choices], dtype=float)
-
-
-# Each metric: what it compares across an example's choices, from their summed log-probs (...,
-# choices); the argmax is the answer. greedy (lambada) has one request, correct when every target
-# token is the argmax. Scoring's correctness and attribution's margins both read this table.
-CHOICE_SCORES = {
-    "acc": lambda example, logprob: logprob,
-    "acc_norm": lambda example, logprob: logprob / choice_lengths(example),  # lm-eval: len(choice), characters
-    "greedy": None,
-}
-
-
-def correctness(examples: list[Example], logprob: np.ndarray, greedy: np.ndarray) -> np.ndarray:
-    """Per example: 1.0 correct, 0.0 wrong, NaN when its logits were not finite."""
-    out, start = np.zeros(len(examples)), 0
-    for k, example in enumerate(examples):
-        n = len(example.requests)
-        lls, flags = logprob[start: start + n], greedy[start: start + n]
-        start += n
-        if np.isnan(lls).any():
-            out[k] = np.nan
-        elif CHOICE_SCORES[example.metric] is None:
-            out[k] = float(flags[0])
-        else:
-            out[k] = float(np.argmax(CHOICE_SCORES[example.metric](example, lls)) == example.label)
-    return out
-
-
 def evaluate(model, tokenizer, examples: list[Example], batch_size: int | None = None,
              progress: bool = False, encoded: list[Encoded] | None = None) -> np.ndarray:
     """Per-example correctness of the model as it is now (steering included)."""
     encoded = encoded or encode_examples(tokenizer, examples)
     logprob, greedy = loglikelihoods(model, tokenizer, encoded, batch_size, progress)
     return correctness(examples, logprob, greedy)
-
-
-def summarize(examples: list[Example], correct: np.ndarray) -> dict:
-    """Accuracy in percent: per task, and the mean over tasks. A task with non-finite logits has
-    accuracy None (and so has the mean): those examples are broken, not wrong."""
-    tasks = np.array([e.task for e in examples])
-    per_task, non_finite = {}, {}
-    for name in task_names(examples):
-        values = correct[tasks == name]
-        bad = int(np.isnan(values).sum())
-        per_task[name] = None if bad else round(100.0 * float(values.mean()), 4)
-        if bad:
-            non_finite[name] = bad
-    known = [v for v in per_task.values() if v is not None]
-    accuracy = round(float(np.mean(known)), 4) if len(known) == len(per_task) else None
-    return {"accuracy": accuracy, "per_task": per_task, "non_finite": non_finite}
-
-
-def chance_correctness(examples: list[Example]) -> np.ndarray:
-    """Each example's expected correctness under uniform guessing among its choices (0 for greedy
-    generation); `summarize` turns it into chance accuracy per task and over tasks."""
-    return np.array([0.0 if e.metric == "greedy" else 1.0 / len(e.choices) for e in examples])
-
-
-def example_weights(examples: list[Example]) -> np.ndarray:
-    """Weights that turn a per-example mean into the mean over tasks of per-task accuracy (percent)."""
-    tasks = [e.task for e in examples]
-    names = task_names(examples)
-    counts = {t: tasks.count(t) for t in names}
-    return np.array([100.0 / (len(names) * counts[t]) for t in tasks])
-
-
-class Comparison:
-    """Configurations compared with a baseline on the same examples: accuracy, Δ or impact, paired
-    bootstrap 95% CI and sign-test p, from `stats.compare` with bootstrap resamples drawn once."""
-
-    def __init__(self, examples: list[Example], baseline: np.ndarray, seed: int):
-        self.examples, self.baseline = examples, np.asarray(baseline, dtype=float)
-        self.weights = example_weights(examples)
-        self.indices = bootstrap_indices(np.array([e.task for e in examples]), seed=seed)
-        self.base = summarize(examples, self.baseline)
-
-    def _entry(self, correct: np.ndarray, first: np.ndarray, second: np.ndarray, key: str, fields: dict) -> dict:
-        summary = summarize(self.examples, correct)
-        result = compare(first, second, self.indices, self.weights)
-        entry = {**fields, "accuracy": summary["accuracy"], key: result["delta"], "per_task": summary["per_task"],
-                 "ci95": result["ci95"], "p_value": result["p_value"]}
-        if summary["non_finite"]:
-            entry["non_finite"] = summary["non_finite"]
-        return entry
-
-    def entry(self, correct: np.ndarray, **fields) -> dict:
-        """A configuration: its accuracy and Δ = accuracy - baseline (points), CI of Δ, p."""
-        return self._entry(correct, self.baseline, correct, "delta", fields)
-
-    def impact(self, correct: np.ndarray, **fields) -> dict:
-        """An ablation: its accuracy and impact = baseline - accuracy (points), CI of the impact, p."""
-        return self._entry(correct, correct, self.baseline, "impact", fields)

@@ -17,8 +17,8 @@ import random
 import sys
 from pathlib import Path
 
-from .errors import UsageError
-from .results_io import parse_jsonl, warn
+from ..errors import UsageError
+from ..results_io import parse_jsonl, warn
 
 HUB_SOURCES = (
     ("monology/pile-uncopyrighted", {"streaming": True}),

@@ -19,9 +19,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import UsageError
-from .intervention import Steering
-from .results_io import file_digest, write_json
+from ..errors import UsageError
+from ..intervention import Steering
+from ..results_io import file_digest, write_json
 from .sites import delta_site, family_of
 from .steering import apply
 
