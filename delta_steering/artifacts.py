@@ -21,7 +21,7 @@ from typing import Any
 
 from .errors import UsageError
 from .intervention import ABLATIONS, Intervention, Steering, check_factor
-from .results_io import file_digest, finite, read_json
+from .results_io import file_digest, finite, json_digest, read_json
 
 FORMAT_VERSION = 2
 HIGH_IMPACT = 2.0  # points, the default cut: High Impact is impact > cut, Neutral |impact| <= cut (measured only)
@@ -29,7 +29,11 @@ FALLBACK_SENSITIVE = 20  # the delta-sensitive set when no neuron is High Impact
 STEP1_DEFAULTS = ("discovered_neurons.json", "ablation_3_results/discovered_neurons.json")
 STEP2_NAME = "cluster9_ablation_results_all_neurons.json"
 STEP2_DEFAULTS = (f"cluster9_ablation_results/{STEP2_NAME}",)
+STEP3_FILES = {"combined": "combined_steering_ifeval_results.json",
+               "cluster_ablation": "cluster_ablation_ifeval_results.json",
+               "layer_ablation": "layer_ablation_ifeval_results.json"}
 GROUP_TITLES = {"high_impact": "High Impact", "neutral": "Neutral"}
+IN_MEMORY = "(in memory)"  # the path recorded for a contract a step function returned, not read from a file
 WHAT = {"step1": "step-1 file", "step2": "step-2 file", "step3": "step-3 file",
         "evaluate_steered": "evaluate_steered comparison", "atlas": "atlas file"}
 
@@ -51,9 +55,9 @@ def delta_sensitive(records: list[dict], groups: dict[str, list[int]]) -> list[i
     return sorted(r["neuron"] for r in ranked[:FALLBACK_SENSITIVE])
 
 
-def locate(explicit: str | None, defaults: tuple[str, ...], what: str, flag: str) -> Path:
+def locate(explicit: str | Path | None, defaults: tuple[str, ...], what: str, flag: str) -> Path:
     """The file given by `flag`, else the first default that exists; a UsageError lists the paths tried."""
-    tried = [explicit] if explicit else list(defaults)
+    tried = [str(explicit)] if explicit else list(defaults)
     for candidate in tried:
         if Path(candidate).is_file():
             return Path(candidate)
@@ -151,7 +155,7 @@ class Provenance:
            transferred: dict[str, dict] | None = None) -> "Provenance":
         """This run's provenance: `source` a checked models.ModelSource, inputs by role (a step file
         read here, or a path)."""
-        records = {role: {"path": str(f.path), "sha256": f.sha256} if isinstance(f, StepFile)
+        records = {role: {"path": str(f.path or IN_MEMORY), "sha256": f.digest} if isinstance(f, StepFile)
                    else {"path": str(f), "sha256": file_digest(f)} for role, f in (inputs or {}).items()}
         return cls(source.name, source.digest, source.family, layer, records, dict(transferred or {}))
 
@@ -181,7 +185,13 @@ class StepFile:
 
     @property
     def what(self) -> str:
-        return f"{WHAT[self.STEP]} {self.path}"
+        return f"{WHAT[self.STEP]} {self.path or IN_MEMORY}"
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the file as read, or, for a contract held in memory (a step function's result), of
+        the file its step would write for it."""
+        return self.sha256 or json_digest(self.to_json())
 
     @property
     def layer(self) -> int | None:
@@ -222,9 +232,9 @@ class StepFile:
         if recorded is None:
             raise UsageError(f"{self.what}: field inputs.{role} is missing; cannot check that it was made from "
                              f"{other.path}")
-        if recorded["sha256"] != other.sha256:
+        if recorded["sha256"] != other.digest:
             raise UsageError(f"{self.what}: field inputs.{role}.sha256 is {recorded['sha256'][:12]}... ("
-                             f"{recorded['path']}), but {other.path} has {other.sha256[:12]}...: it was made from "
+                             f"{recorded['path']}), but {other.what} has {other.digest[:12]}...: it was made from "
                              "another version of that file")
 
     def check_named_input(self, role: str) -> str:
@@ -330,6 +340,14 @@ def read_discovery(path: str | Path) -> Discovery:
     return _read(Discovery, Path(path))
 
 
+def discovery_of(given: "Discovery | str | Path | None", flag: str = "--neurons_file") -> Discovery:
+    """The step-1 contract a step takes: as given (a Discovery), or read from its path, by default
+    the first of STEP1_DEFAULTS that exists."""
+    if isinstance(given, Discovery):
+        return given
+    return read_discovery(locate(given, STEP1_DEFAULTS, "step-1 file", flag))
+
+
 def steering_factor(optimal: dict | None) -> tuple[float | None, str]:
     """The factor later runs steer a group with, and its source: the confirmed factor
     ("step2-confirmed"), else the selection-best one ("step2-unconfirmed"); None when there is none."""
@@ -397,6 +415,14 @@ def read_factors(path: str | Path) -> Factors:
     return _read(Factors, Path(path))
 
 
+def factors_of(given: "Factors | str | Path | None", flag: str = "--factors_file (or --factor)") -> Factors:
+    """The step-2 contract a step takes: as given (a Factors), or read from its path, by default
+    STEP2_DEFAULTS's."""
+    if isinstance(given, Factors):
+        return given
+    return read_factors(locate(given, STEP2_DEFAULTS, "step-2 file", flag))
+
+
 @dataclass(frozen=True)
 class Results(StepFile):
     """A file no later step reads (step 3's results by mode, evaluate_steered's comparison): the
@@ -409,6 +435,19 @@ class Results(StepFile):
         head = {k: v for k, v in self.report.items() if k == "description"}
         return seal({"format_version": FORMAT_VERSION, "step": self.step, **head, **self.provenance.to_json(),
                      **{k: v for k, v in self.report.items() if k not in head}})
+
+
+@dataclass(frozen=True)
+class Verification:
+    """Step 3's outputs: the results of each mode (written to `STEP3_FILES[mode]`) and the responses of
+    each configuration (`responses_<configuration>.jsonl`)."""
+
+    results: dict[str, Results]
+    responses: dict[str, list[dict]]
+
+    def to_json(self) -> dict[str, dict]:
+        """Each mode's results file, by mode."""
+        return {mode: result.to_json() for mode, result in self.results.items()}
 
 
 @dataclass(frozen=True)

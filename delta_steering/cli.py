@@ -8,16 +8,13 @@ import argparse
 import functools
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
 from .intervention import Intervention, Steering, check_factor
-
-ENGINE_CHOICES = ("fast", "naive")  # the keys of sweep.ENGINES
-# the original study's defaults
-DEFAULT_TASKS = "lambada_openai,hellaswag,piqa,arc_easy,arc_challenge,winogrande"
-DEFAULT_FACTORS = "0.1,0.25,0.5,0.75,1.5,2,3,5,7,9,10,20,50,100"
+from .options import ENGINES, DiscoverOptions, Options, PileOptions, SweepOptions
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -117,11 +114,6 @@ def parse_names(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def check_positive(value: int | None, flag: str) -> None:
-    if value is not None and value < 1:
-        raise UsageError(f"{flag} must be at least 1, got {value}")
-
-
 def check_output_dir(path: str | os.PathLike, flag: str) -> None:
     """A folder the run can write to, checked before any work by creating it (if absent) and a file
     in it: permissions, read-only or pseudo file systems all answer here, not after the work."""
@@ -161,52 +153,59 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                         help="steer step 2's High Impact neurons at its layer by its High Impact factor")
 
 
-def add_model_args(parser: argparse.ArgumentParser, device: str = "cuda") -> None:
-    """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by the three steps."""
+def add_model_args(parser: argparse.ArgumentParser, batch_size: int | None = Options.batch_size) -> None:
+    """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by every step."""
     add_source_args(parser)
-    parser.add_argument("--device", default=device, help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
+    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype; half precision can overflow at large factors (reported, not scored)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="sequences per forward pass (default: as many as fit in memory); results do not "
-                             "depend on it")
-    parser.add_argument("--seed", type=int, default=0, help="seeds Pile sampling, random sets and bootstrap CIs")
+    fit = " (default: as many as fit in memory)" if batch_size is None else ""
+    parser.add_argument("--batch_size", type=int, default=batch_size,
+                        help=f"sequences per forward pass{fit}; results do not depend on it")
+    parser.add_argument("--seed", type=int, default=Options.seed,
+                        help="seeds Pile sampling, random sets and bootstrap CIs")
 
 
-def add_discovery_args(parser: argparse.ArgumentParser, saved: str, output_dir: str, outputs: str) -> None:
+def add_discovery_args(parser: argparse.ArgumentParser, defaults: type[Options], saved: str, output_dir: str,
+                       outputs: str) -> None:
     """--save_path, --validation_size, --output_dir, --tasks, --data_dir and --ablation: what step 1
-    and the atlas ablate neurons on, and where their results go."""
+    and the atlas ablate neurons on, and where their results go (`defaults`: the step's options)."""
     parser.add_argument("--save_path", required=True, help=f"where the {saved} JSON goes")
-    parser.add_argument("--validation_size", type=int, default=200,
+    parser.add_argument("--validation_size", type=int, default=defaults.validation_size,
                         help="discovery examples per task (the first half of each task's fixed-seed shuffle)")
     parser.add_argument("--output_dir", default=output_dir, help=f"{outputs} and the resume checkpoint")
-    parser.add_argument("--tasks", default=DEFAULT_TASKS, help="built-in task names or .jsonl files, comma-separated")
+    parser.add_argument("--tasks", default=",".join(defaults.tasks),
+                        help="built-in task names or .jsonl files, comma-separated")
     parser.add_argument("--data_dir", default=None, help="local task data: DIR/<task>/<split>.jsonl (default: the Hub)")
-    parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
+    parser.add_argument("--ablation", default=DiscoverOptions.ablation, choices=["zero", "mean"],
                         help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
 
 
-def check_discovery_args(args: argparse.Namespace) -> None:
-    """What step 1 and the atlas check alike before any work: sizes, device, where results go."""
-    for flag in ("validation_size", "verify_top", "chunk_neurons", "pile_samples"):
-        check_positive(getattr(args, flag), f"--{flag}")
-    check_device(args.device)
-    check_output_file(args.save_path, "--save_path")
-    check_output_dir(args.output_dir, "--output_dir")
+def check_run_args(args: argparse.Namespace) -> None:
+    """What every step's script checks before any work: the device, and that the files and folders
+    it writes (those of --save_path, --save_step1, --output_dir, --out it has) can be written."""
+    if hasattr(args, "device"):
+        check_device(args.device)
+    for flag in ("save_path", "save_step1"):
+        if getattr(args, flag, None) is not None:
+            check_output_file(getattr(args, flag), f"--{flag}")
+    for flag in ("output_dir", "out"):
+        if getattr(args, flag, None) is not None:
+            check_output_dir(getattr(args, flag), f"--{flag}")
 
 
-def add_pile_args(parser: argparse.ArgumentParser, samples: int = 100) -> None:
-    parser.add_argument("--pile_samples", type=int, default=samples, help="Pile documents")
+def add_pile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pile_samples", type=int, default=PileOptions.pile_samples, help="Pile documents")
     parser.add_argument("--pile_path", default=None,
                         help="local Pile file or folder (.jsonl, .jsonl.zst, .txt, .parquet; default: the Hub)")
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     """--engine and --chunk_neurons, for the single-neuron sweeps of steps 1 and 2."""
-    parser.add_argument("--engine", default="fast", choices=list(ENGINE_CHOICES),
+    parser.add_argument("--engine", default=SweepOptions.engine, choices=list(ENGINES),
                         help="fast: exact, from a shared prefix and a rank-1 correction per neuron; naive: the whole "
                              "model per neuron (the reference); both give the same results")
-    parser.add_argument("--chunk_neurons", type=int, default=64,
+    parser.add_argument("--chunk_neurons", type=int, default=SweepOptions.chunk_neurons,
                         help="neurons per unit of work: progress is checkpointed, and shared between processes, "
                              "a chunk at a time")
 
@@ -220,3 +219,23 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="combine shard files (none named: all in OUTPUT_DIR/shards) into the results; "
                              "no model is loaded")
     parser.add_argument("--no_plots", action="store_true", help="write no figures")
+
+
+# how the command line writes an option that is a list (the steps take Python lists)
+LIST_OPTIONS: dict[str, Callable] = {
+    "tasks": parse_names, "neurons": parse_int_list, "factors": parse_factors,
+    "layers": lambda text: parse_int_list(text, "layers"),
+    "perplexity_layers": lambda text: parse_int_list(text, "perplexity_layers"),
+    "steer": lambda texts: [parse_steer(text) for text in texts],
+}
+
+
+def options_of(cls: type[Options], args: argparse.Namespace, **values) -> Options:
+    """A step's options from its parsed command line: every field of `cls` the script has (lists
+    parsed from their command-line form), then `values`; checked."""
+    for f in fields(cls):
+        if f.name in values or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        values[f.name] = LIST_OPTIONS[f.name](value) if f.name in LIST_OPTIONS and value is not None else value
+    return cls.of(values)

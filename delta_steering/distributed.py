@@ -31,10 +31,10 @@ NOT_MEASURED = ("device", "batch_size", "engine", "chunk_neurons", "output_dir",
                 "shard", "merge", "threshold", "ifeval_metric", "score_responses")
 
 
-def fingerprint(args, **inputs: str | None) -> dict:
+def fingerprint(arguments: dict, **inputs: str | None) -> dict:
     """What must agree for a checkpoint to be resumed or shards to be merged: the arguments (less
     NOT_MEASURED) and the digests of the input files (`inputs`)."""
-    return {**{k: v for k, v in vars(args).items() if k not in NOT_MEASURED}, **inputs}
+    return {**{k: v for k, v in arguments.items() if k not in NOT_MEASURED}, **inputs}
 
 
 @dataclass(frozen=True)
@@ -88,21 +88,22 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
-def start_workers(args) -> Workers:
-    """Join torchrun's process group (gloo on CPU, nccl on `cuda:LOCAL_RANK`) or take --shard's slice.
+def start_workers(shard: str | None, merge: list[str] | None, device: str) -> tuple[Workers, str]:
+    """Join torchrun's process group (gloo on CPU, nccl on `cuda:LOCAL_RANK`) or take --shard's slice;
+    this process's place and the device it computes on (each rank its own GPU).
 
     Ranks other than 0 print nothing to stdout and show no progress bars."""
-    if args.shard is not None and args.merge is not None:
+    if shard is not None and merge is not None:
         raise UsageError("--shard and --merge exclude each other: run the shards first, then --merge")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return Workers(*parse_shard(args.shard), "shard") if args.shard is not None else Workers()
-    if args.shard is not None or args.merge is not None:
+        return (Workers(*parse_shard(shard), "shard") if shard is not None else Workers()), device
+    if shard is not None or merge is not None:
         raise UsageError("--shard and --merge are for runs without torchrun; under torchrun the ranks share the work")
-    cuda = args.device.startswith("cuda") and torch.cuda.is_available()
+    cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        args.device = f"cuda:{local_rank}"
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     atexit.register(dist.destroy_process_group)
@@ -110,7 +111,7 @@ def start_workers(args) -> Workers:
     if workers.quiet:
         os.environ["TQDM_DISABLE"] = "1"
         sys.stdout = open(os.devnull, "w")
-    return workers
+    return workers, device
 
 
 def shard_path(output_dir: str | os.PathLike, step: str, workers: Workers) -> Path:
@@ -153,43 +154,48 @@ def read_shards(paths: list[str], output_dir, step: str, fingerprint: dict) -> t
 
 class StepRun:
     """One step as this process runs it: `map` computes its share of the named work items (resuming
-    from its checkpoint), `merged` reads a complete set of shards instead, `publish` says whether
-    this process writes the results (a shard writes its shard file), `close` drops the checkpoint."""
+    from its checkpoint in `output_dir`, if any), `merged` reads a complete set of shards instead,
+    `publish` says whether this process writes the results (a shard writes its shard file), `close`
+    drops the checkpoint. Without `output_dir` nothing is kept on disk (a run from the library)."""
 
-    def __init__(self, args, step: str, fingerprint: dict):
-        self.args, self.step, self.fingerprint = args, step, fingerprint
-        self.workers = start_workers(args)
-        self.merging = args.merge is not None
-        checkpoint_file = self.workers.checkpoint_file(args.output_dir, step)
-        self.lock = RunLock(Path(args.output_dir) / f"{step}.merge.lock" if self.merging
+    def __init__(self, step: str, fingerprint: dict, output_dir: str | os.PathLike | None = None, *,
+                 overwrite: bool = False, shard: str | None = None, merge: list[str] | None = None,
+                 device: str = "cpu"):
+        self.step, self.fingerprint, self.output_dir, self.merge = step, fingerprint, output_dir, merge
+        self.workers, self.device = start_workers(shard, merge, device)
+        self.merging = merge is not None
+        self.lock = self.checkpoint = None
+        if output_dir is None:
+            return
+        checkpoint_file = self.workers.checkpoint_file(output_dir, step)
+        self.lock = RunLock(Path(output_dir) / f"{step}.merge.lock" if self.merging
                             else checkpoint_file.with_name(checkpoint_file.name + ".lock"))
         atexit.register(self.lock.release)
-        self.checkpoint = None if self.merging else Checkpoint(checkpoint_file, fingerprint, args.overwrite)
+        self.checkpoint = None if self.merging else Checkpoint(checkpoint_file, fingerprint, overwrite)
 
     def merged(self) -> tuple[dict, dict]:
-        return read_shards(self.args.merge, self.args.output_dir, self.step, self.fingerprint)
+        return read_shards(self.merge, self.output_dir, self.step, self.fingerprint)
 
-    def map(self, work: dict[str, Callable[[], dict]], desc: str, unit: str = "item", shared: bool = True) -> dict:
+    def map(self, work: dict[str, Callable[[], Any]], desc: str, unit: str = "item", shared: bool = True) -> dict:
         """Compute this process's share of `work` (name -> compute), skipping the items its checkpoint
-        holds and saving after each, then gather every process's results. With `shared=False` every
-        process computes every item (what a later item needs and a slice may lack)."""
+        holds and saving after each, then gather every process's results (name -> result). With
+        `shared=False` every process computes every item (what a later item needs and a slice may lack)."""
         mine = self.workers.share(list(work)) if shared else list(work)
-        done = [name for name in mine if name in self.checkpoint.done]
-        results: dict = {}
-        for name in done:
-            results.update(self.checkpoint.done[name])
-        if done and not self.workers.quiet:
-            print(f"resuming: {len(done)} of {len(mine)} {unit}s done ({self.checkpoint.path})")
-        for name in tqdm([n for n in mine if n not in done], desc=desc, unit=unit, disable=self.workers.quiet):
-            self.checkpoint.done[name] = work[name]()
-            self.checkpoint.save()
-            results.update(self.checkpoint.done[name])
+        done = self.checkpoint.done if self.checkpoint is not None else {}
+        results = {name: done[name] for name in mine if name in done}
+        if results and not self.workers.quiet:
+            print(f"resuming: {len(results)} of {len(mine)} {unit}s done ({self.checkpoint.path})")
+        for name in tqdm([n for n in mine if n not in results], desc=desc, unit=unit, disable=self.workers.quiet):
+            results[name] = work[name]()
+            if self.checkpoint is not None:
+                self.checkpoint.done[name] = results[name]
+                self.checkpoint.save()
         return self.workers.gather(results)
 
     def publish(self, context: dict, results: dict) -> bool:
         """True where this process writes the step's outputs; a shard writes its shard file instead."""
         if self.workers.launcher == "shard":
-            path = write_shard(self.args.output_dir, self.step, self.workers, self.fingerprint, context, results)
+            path = write_shard(self.output_dir, self.step, self.workers, self.fingerprint, context, results)
             print(f"shard: {path}")
         return self.merging or self.workers.writes_outputs
 
@@ -207,6 +213,7 @@ class StepRun:
         """Once the outputs are written: every process drops its checkpoint (under torchrun together)
         and its lock."""
         self.workers.barrier()
-        if not self.merging:
+        if self.checkpoint is not None:
             self.checkpoint.path.unlink(missing_ok=True)
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()

@@ -64,11 +64,15 @@ def finite(data: Any) -> Any:
     return data
 
 
+def json_text(data: Any) -> str:
+    """The text of a JSON result file: indented, non-finite numbers as null."""
+    return json.dumps(finite(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write JSON atomically (see atomic_text), non-finite numbers as null."""
     with atomic_text(path) as f:
-        json.dump(finite(data), f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
+        f.write(json_text(data))
     return Path(path)
 
 
@@ -132,6 +136,11 @@ def warn(message: str) -> None:
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes: tells a checkpoint or shard made from another version of an input file."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def json_digest(data: Any) -> str:
+    """SHA-256 of the file `write_json` writes for `data` (what `file_digest` gives once it is written)."""
+    return hashlib.sha256(json_text(data).encode("utf-8")).hexdigest()
 
 
 def differing_keys(saved: Any, current: dict) -> list[str]:
@@ -222,11 +231,16 @@ def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "num
     return versions
 
 
-def run_record(args, model_info: dict | None, started: float, **extra) -> dict:
+def command_line() -> str:
+    """This process's command, as typed (the script's file name and its arguments)."""
+    return " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+
+
+def run_record(command: str, arguments: dict, model_info: dict | None, started: float, **extra) -> dict:
     """What a researcher needs to reproduce a run: command, arguments, versions, model, timing."""
     return {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "args": dict(vars(args)),
+        "command": command,
+        "args": dict(arguments),
         "versions": package_versions(),
         "model": model_info,
         "platform": platform.platform(),

@@ -585,7 +585,7 @@ def mc_examples(data_dir: Path, counts: dict[str, int]) -> list[Example]:
 
 def accuracy_figures(model, tokenizer, examples: list[Example]) -> dict:
     """Accuracy and chance accuracy in percent, per task and as the mean over tasks."""
-    return {"accuracy": scoring.summarize(examples, scoring.evaluate(model, tokenizer, examples)),
+    return {"accuracy": scoring.summarize(examples, scoring.score_examples(model, tokenizer, examples)),
             "chance": scoring.summarize(examples, scoring.chance_correctness(examples))}
 
 
@@ -609,7 +609,7 @@ def instruction_counts(per_prompt: list[dict]) -> dict[str, list[int]]:
 def neuron_scan(model, tokenizer, examples: list[Example], seed: int = 0) -> list[dict]:
     """Each delta neuron of layer LAYER zero-ablated alone: examples lost and gained, impact in
     points, exact sign-test p and Benjamini-Hochberg q over all the layer's neurons."""
-    baseline = scoring.evaluate(model, tokenizer, examples)
+    baseline = scoring.score_examples(model, tokenizer, examples)
     neurons = list(range(model.config.intermediate_size))
     ablated = sweep_correctness(model, tokenizer, examples, LAYER, Intervention.scale(neurons, 0.0))
     comparison = scoring.Comparison(examples, baseline, seed)

@@ -15,7 +15,7 @@ from delta_steering.engine.attribution import attribution, layer_attributions
 from delta_steering.analysis.estimates import estimated_impacts
 from delta_steering.model.delta_stats import delta_statistics, layer_delta_statistics
 from delta_steering.intervention import Intervention
-from delta_steering.engine.scoring import encode_examples, encode_pair, evaluate, loglikelihoods
+from delta_steering.engine.scoring import encode_examples, encode_pair, loglikelihoods, score_examples
 from delta_steering.analysis.metrics import summarize
 from delta_steering.analysis.stats import benjamini_hochberg, is_significant
 from delta_steering.model.steering import steer
@@ -143,14 +143,14 @@ def test_exact_remeasurements_equal_whole_model_ablation(atlas, planted, tokeniz
     """The reference: the neuron zero-ablated in the whole model (steering), every example rescored."""
     model = planted["model"]
     examples = load_examples([str(planted["task"])], None, "discovery", 200)
-    baseline = summarize(examples, evaluate(model, tokenizer, examples))["accuracy"]
+    baseline = summarize(examples, score_examples(model, tokenizer, examples))["accuracy"]
     assert atlas["result"]["baseline_accuracy"] == baseline
     checked = 0
     for entry in atlas["result"]["layers"]:
         assert len(entry["verified"]) == 2
         for record in entry["verified"]:
             with steer(model, entry["layer"], [record["neuron"]], 0.0):
-                accuracy = summarize(examples, evaluate(model, tokenizer, examples))["accuracy"]
+                accuracy = summarize(examples, score_examples(model, tokenizer, examples))["accuracy"]
             assert record["accuracy"] == accuracy and record["impact"] == pytest.approx(baseline - accuracy, abs=1e-3)
             checked += 1
     assert checked == 2 * LAYERS

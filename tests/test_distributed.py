@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-from argparse import Namespace
 
 import pytest
 
@@ -60,7 +59,7 @@ def test_malformed_shard_is_refused(text):
 
 def test_shard_and_merge_exclude_each_other():
     with pytest.raises(UsageError, match="exclude each other"):
-        start_workers(Namespace(shard="0/2", merge=[], device="cpu"))
+        start_workers("0/2", [], "cpu")
 
 
 def test_merge_refuses_other_arguments_and_incomplete_sets(tmp_path):
@@ -120,15 +119,15 @@ def test_step1_shards_merge_to_one_process(step1_setup, step1_single):
 
 
 def test_step1_shard_resumes_from_its_own_checkpoint(step1_setup, step1_single, tmp_path, monkeypatch):
-    from delta_steering.engine import sweep
+    from delta_steering.steps import discover
 
     root, common = step1_setup
-    real = sweep.sweep_correctness
-    monkeypatch.setattr(sweep, "sweep_correctness", interrupting(real, on_call=2))
+    real = discover.sweep_correctness
+    monkeypatch.setattr(discover, "sweep_correctness", interrupting(real, on_call=2))
     assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", "1/2")) == 130
     saved = json.loads((tmp_path / "step1_checkpoint.1of2.json").read_text())
-    assert sorted(int(n) for done in saved["done"].values() for n in done) == list(range(8, 16))  # chunk 1 of 1, 3
-    monkeypatch.setattr(sweep, "sweep_correctness", real)
+    assert sorted(r["neuron"] for done in saved["done"].values() for r in done) == list(range(8, 16))  # chunk 1 of 1, 3
+    monkeypatch.setattr(discover, "sweep_correctness", real)
     for shard in ("1/2", "0/2"):
         assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", shard)) == 0
     assert not list(tmp_path.glob("step1_checkpoint*"))

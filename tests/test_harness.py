@@ -11,6 +11,8 @@ from delta_steering.data import harness
 from delta_steering.errors import UsageError
 from delta_steering.engine.scoring import encode_pair, loglikelihoods
 from delta_steering.model.steering import steer
+from delta_steering.options import EvaluateOptions
+from delta_steering.steps.evaluate import run_harness
 
 
 def write_piqa(folder, n=6):
@@ -36,8 +38,8 @@ def test_simple_evaluate_sees_steering_and_equals_project_scoring(tiny_model, to
     for name, steering in (("plain", None), ("steered", (20, list(range(16)), 0.1))):
         handle = steer(tiny_model, *steering) if steering else None
         try:
-            result = harness.evaluate(tiny_model, tokenizer, harness.benchmark_tasks(["piqa"], str(data)), limit=None,
-                                      num_fewshot=0, batch_size=4, seed=0)
+            options = EvaluateOptions(tasks=["piqa"], data_dir=str(data), num_fewshot=0, batch_size=4, seed=0)
+            result = run_harness(tiny_model, tokenizer, options, steerings=[])
             runs[name] = logprobs_of(result["samples"]["piqa"])
             pairs = [request for request, _ in runs[name].values()]
             ours, _ = loglikelihoods(tiny_model, tokenizer, [encode_pair(tokenizer, c, t) for c, t in pairs])

@@ -10,7 +10,7 @@ from delta_steering.engine.batching import Encoded
 from delta_steering.model.continuation import continues_exactly
 from delta_steering.engine.reading import choice_for, shape_of
 from delta_steering.analysis.metrics import correctness, summarize
-from delta_steering.engine.scoring import encode_examples, encode_pair, evaluate, loglikelihoods, shared_context_groups
+from delta_steering.engine.scoring import encode_examples, encode_pair, loglikelihoods, score_examples, shared_context_groups
 from delta_steering.data.tasks import Example
 from families import make_tiny
 
@@ -249,7 +249,7 @@ def test_overflowing_logits_are_detected(tiny_model, tokenizer):
 
 def test_evaluate_is_batch_size_independent(tiny_model, tokenizer):
     examples = make_examples() * 3
-    results = [evaluate(tiny_model, tokenizer, examples, batch_size=b) for b in (1, 4, None)]
+    results = [score_examples(tiny_model, tokenizer, examples, batch_size=b) for b in (1, 4, None)]
     assert all(np.array_equal(results[0], r) for r in results)
     assert len(encode_examples(tokenizer, examples)) == 15
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from delta_steering.engine.scoring import evaluate
+from delta_steering.engine.scoring import score_examples
 from delta_steering.analysis.metrics import summarize
 from delta_steering.data.tasks import load_examples
 from mamba_model_loader import load_mamba_model
@@ -94,13 +94,13 @@ def test_per_neuron_accuracy_equals_direct_weight_zeroing(naive_run, tiny_model_
     model, tokenizer = load_mamba_model(str(tiny_model_dir), "cpu")
     examples = load_examples([str(task_file)], None, "discovery", 200)
     by_neuron = {r["neuron"]: r for r in naive_run["all_neuron_impacts"]}
-    assert naive_run["baseline_accuracy"] == summarize(examples, evaluate(model, tokenizer, examples))["accuracy"]
+    assert naive_run["baseline_accuracy"] == summarize(examples, score_examples(model, tokenizer, examples))["accuracy"]
     for neuron in (0, 7, 13, 19):
         edited = copy.deepcopy(model)
         with torch.no_grad():
             edited.backbone.layers[23].mixer.dt_proj.weight[neuron] = 0
             edited.backbone.layers[23].mixer.dt_proj.bias[neuron] = 0
-        accuracy = summarize(examples, evaluate(edited, tokenizer, examples))["accuracy"]
+        accuracy = summarize(examples, score_examples(edited, tokenizer, examples))["accuracy"]
         assert by_neuron[neuron]["accuracy"] == accuracy
         assert by_neuron[neuron]["impact"] == pytest.approx(naive_run["baseline_accuracy"] - accuracy, abs=1e-3)
 
@@ -118,15 +118,15 @@ def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, p
 
 def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, task_file, pile_file, tmp_path,
                                                     monkeypatch, capsys):
-    from delta_steering.engine import sweep
+    from delta_steering.steps import discover
 
-    real = sweep.sweep_correctness
-    monkeypatch.setattr(sweep, "sweep_correctness", interrupting(real, on_call=2))
+    real = discover.sweep_correctness
+    monkeypatch.setattr(discover, "sweep_correctness", interrupting(real, on_call=2))
     run = ("--neurons", "0-19", "--engine", "naive", "--chunk_neurons", "16")
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "23") == 130
     saved = json.loads((tmp_path / "step1_checkpoint.json").read_text())
     assert len([n for done in saved["done"].values() for n in done]) == 16 and not (tmp_path / "out.json").exists()
-    monkeypatch.setattr(sweep, "sweep_correctness", real)
+    monkeypatch.setattr(discover, "sweep_correctness", real)
     # a different layer must not silently reuse the checkpoint
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *run, "--layer", "22") == 2
     capsys.readouterr()

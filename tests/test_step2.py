@@ -13,7 +13,7 @@ import numpy as np
 from delta_steering.artifacts import seal
 from delta_steering.analysis.factors import group_result, mark, print_group_table, selection_best, selection_split
 from delta_steering.analysis.stats import minimum_detectable_effect
-from delta_steering.engine.scoring import evaluate
+from delta_steering.engine.scoring import score_examples
 from delta_steering.analysis.metrics import summarize
 from delta_steering.data.tasks import Example, load_examples
 from mamba_model_loader import load_mamba_model
@@ -64,7 +64,7 @@ def direct_accuracy(setup, layer, neurons, factor, part=None):
     if part is not None:
         wanted = {e["index"] for e in part}
         examples = [e for e in examples if e.doc_id in wanted]
-    return summarize(examples, evaluate(model, setup["tokenizer"], examples))["accuracy"]
+    return summarize(examples, score_examples(model, setup["tokenizer"], examples))["accuracy"]
 
 
 def test_groups_and_amplification_on_the_selection_half_equal_direct_row_scaling(setup, result):
@@ -225,17 +225,17 @@ def test_the_console_table_says_what_was_measured_never_nan(capsys):
 
 
 def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch, capsys):
-    from delta_steering.engine import scoring
+    from delta_steering.steps import determine_factors
 
-    real = scoring.evaluate
-    monkeypatch.setattr(scoring, "evaluate", interrupting(real, on_call=3))  # baseline, a factor, stop
+    real = determine_factors.score_examples
+    monkeypatch.setattr(determine_factors, "score_examples", interrupting(real, on_call=3))  # baseline, a factor, stop
     run = ("--perplexity_ablation", "--perplexity_layers", "19,20", "--pile_path", setup["pile"], "--engine", "naive")
     step1_file = tmp_path / "step1.json"
     step1_file.write_text(setup["step1"].read_text())
     assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 130
     saved = json.loads((tmp_path / "step2_checkpoint.json").read_text())
     assert list(saved["done"]) == ["factor/high_impact/0.5"]
-    monkeypatch.setattr(scoring, "evaluate", real)
+    monkeypatch.setattr(determine_factors, "score_examples", real)
     assert step2(setup, tmp_path, *run, "--factors", "0.5,2", neurons_file=step1_file) == 2  # other arguments
     step1_file.write_text(setup["step1"].read_text() + "\n")
     capsys.readouterr()

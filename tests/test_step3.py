@@ -125,7 +125,7 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both,
     monkeypatch.setattr(verify, "run_configuration", interrupting(real, on_call=2))
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 130
     saved = json.loads((tmp_path / "step3_checkpoint.json").read_text())
-    assert list(saved["done"]) == ["baseline"] and len(saved["done"]["baseline"]["baseline"]["responses"]) == 5
+    assert list(saved["done"]) == ["baseline"] and len(saved["done"]["baseline"]["responses"]) == 5
     monkeypatch.setattr(verify, "run_configuration", real)
     assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 0
     for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):

@@ -15,9 +15,10 @@ import random
 
 import numpy as np
 
-from ..artifacts import GROUP_TITLES
-from .metrics import Comparison, example_weights
+from ..artifacts import GROUP_TITLES, steering_factor
+from .metrics import Comparison, describe_change, example_weights, perplexity_change, perplexity_of
 from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, detection_limit, is_significant, spearman
+from .verification import FACTOR_SOURCES
 
 DESCRIPTION = (
     "Step 2, steering factors: step 1's High Impact and Neutral groups, each amplified as a whole at `layer`. "
@@ -196,3 +197,29 @@ def verdict(title: str, optimal: dict | None, confirmation_size: int) -> str:
     conclusion = "significant gain: confirmed" if c["significant"] else "not significant: unconfirmed"
     return (f"chosen on selection: x{optimal['factor']:g} ({optimal['selection']['delta']:+.2f}); "
             f"confirmation half ({confirmation_size} examples): {shown}; {conclusion}")
+
+
+def perplexity_table(neurons: list[int], layers: list[int], documents: dict, losses: dict, optimal: dict | None,
+                     seed: int) -> dict:
+    """Pile perplexity at baseline and with the High Impact neurons ablated / amplified at each layer,
+    amplified by the confirmed factor, else the selection-best one (marked unconfirmed); each change
+    from the baseline with its per-document paired bootstrap CI. `losses`: (layer, factor) -> the
+    document losses, (None, None) the baseline's."""
+    factor, source = steering_factor(optimal)
+    base = losses[(None, None)]
+    table = {"baseline": perplexity_of(base), "neurons": neurons, "factor": factor, "factor_source": source,
+             "documents": documents, "layers": []}
+    print(f"\nPile perplexity ({documents['count']} documents, baseline {table['baseline']:.4f}), High Impact "
+          "neurons steered at each layer; change from baseline, 95% CI over documents:")
+    kinds = {"ablated": 0.0} if factor is None else {"ablated": 0.0, "amplified": factor}
+    for layer in layers:
+        entry = {"layer": layer}
+        for kind, k in kinds.items():
+            entry[kind] = perplexity_of(losses[(layer, k)])
+            entry[f"{kind}_change"] = perplexity_change(base, losses[(layer, k)], seed)
+        table["layers"].append(entry)
+        print(f"  layer {layer:>3}: " + "; ".join(
+            describe_change(f"{kind} x{k:g}", entry[kind], entry[f"{kind}_change"]) for kind, k in kinds.items()))
+    if factor is not None:
+        print(f"  amplified by x{factor:g}: {FACTOR_SOURCES[source]}")
+    return table

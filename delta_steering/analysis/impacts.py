@@ -122,6 +122,14 @@ def print_summary(result: dict, top: int = 10) -> None:
                  "from no effect" if below else ""))
 
 
+def print_spearman(screened: dict, verified: int) -> None:
+    """How the screen's estimates rank the verified neurons against their exact impacts."""
+    shown = ["n/a" if screened[k] is None else f"{screened[k]:.3f}"
+             for k in ("spearman_estimated_impact", "spearman_margin_loss")]
+    print(f"attribution vs exact impact on {verified} verified neurons: Spearman {shown[0]} (estimated impact), "
+          f"{shown[1]} (estimated margin loss)")
+
+
 def estimate_records(neurons: list[int], impact: np.ndarray, margin_loss: np.ndarray) -> list[dict]:
     """One record per neuron of its first-order estimates (indexed by neuron id)."""
     return [{"neuron": int(n), "estimated_impact": round(float(impact[n]), 4) + 0.0,

@@ -1,12 +1,12 @@
-"""lm-evaluation-harness as the source of tasks and as a benchmark runner under steering.
+"""lm-evaluation-harness as the source of tasks, and the shape of its results.
 
 Tasks: any lm-eval task, tag or group name is built by lm-eval's own `TaskManager` and task objects
 (prompts, answer choices, metrics). Offline, `--data_dir DIR` serves `DIR/<task>/<split>.jsonl` in
 the Hub dataset's schema: each such task is registered again through a small YAML that includes
 the original one and points its dataset at the local files, so groups and tags resolve to them too.
 
-Benchmarks: `evaluate` runs lm-eval's `simple_evaluate` on a model already loaded (and steered)
-by this package, through lm-eval's `HFLM` wrapper.
+Benchmarks run under steering in `steps.evaluate`; here are the tasks they build (`benchmark_tasks`)
+and the reading of lm-eval's results (`results_json`, `per_document`).
 """
 
 from __future__ import annotations
@@ -166,22 +166,6 @@ def results_json(result: dict) -> dict:
 
     kept = {key: value for key, value in result.items() if key != "samples"}
     return json.loads(json.dumps(kept, default=handle_non_serializable))
-
-
-def evaluate(model, tokenizer, tasks: dict, limit: int | None, num_fewshot: int | None, batch_size: int,
-             seed: int, gen_kwargs: str | None = None) -> dict:
-    """lm-eval's simple_evaluate on a loaded model as it is now (steering included), through HFLM:
-    lm-eval's results dict, with the per-document samples."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
-
-    quiet()
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-    no_index = TaskManager(include_defaults=False)  # the tasks are built already: spare the index of every YAML
-    return simple_evaluate(model=lm, tasks=list(tasks.values()), limit=limit, num_fewshot=num_fewshot,
-                           gen_kwargs=gen_kwargs, log_samples=True, task_manager=no_index, random_seed=seed,
-                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
 
 
 def per_document(samples: list[dict], metric: str, filter_name: str) -> dict[int, float]:

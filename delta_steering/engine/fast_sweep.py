@@ -46,7 +46,7 @@ from .batching import Encoded, batches, context_groups, gather_targets, head_row
 from .reading import choice_for, shape_of
 from .scoring import target_scores
 
-FAMILIES = SSM_ONLY_FAMILIES  # every block a norm, an SSM mixer (written out: model.mamba1, model.mamba2) and a residual
+FAMILIES = SSM_ONLY_FAMILIES  # every block a norm, an SSM mixer (written out: model.mamba1/2) and a residual
 
 
 def covers(model) -> bool:

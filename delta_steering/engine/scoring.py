@@ -220,7 +220,7 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
     return logprob, greedy
 
 
-def evaluate(model, tokenizer, examples: list[Example], batch_size: int | None = None,
+def score_examples(model, tokenizer, examples: list[Example], batch_size: int | None = None,
              progress: bool = False, encoded: list[Encoded] | None = None) -> np.ndarray:
     """Per-example correctness of the model as it is now (steering included)."""
     encoded = encoded or encode_examples(tokenizer, examples)

@@ -253,9 +253,21 @@ def load_model(source: ModelSource | str, device: str = "cuda", dtype: str = "fl
         tok = load_tokenizer(source.tokenizer or source.path, revision=None if source.tokenizer else source.revision)
     model.to(device).eval()
     model.requires_grad_(False)
-    model._delta_steering_source = {"model": source.name, "revision": source.revision,
-                                    "original_format": source.original}
+    model._delta_steering_source = source
     return model, tok
+
+
+def source_of(model) -> ModelSource:
+    """Where a loaded model came from: as `load_model` recorded it, or, for a model loaded some other
+    way, its config's name (a local directory, a Hub id) with its config and structure taken from the
+    model itself, so that a step run on it checks and records it as the scripts do."""
+    recorded = getattr(model, "_delta_steering_source", None)
+    if recorded is not None:
+        return recorded
+    name = getattr(model.config, "_name_or_path", "") or "in-memory model"
+    source = ModelSource(name, name, Path(name).is_dir(), model.config.to_dict(), False, None)
+    source.__dict__.update(model_config=model.config, structure=model)  # the cached properties, from the model
+    return source
 
 
 def load_mamba_model(model_name_or_path: str, device: str = "cuda", dtype: str = "float32",
@@ -279,13 +291,13 @@ def ssm_backend() -> str:
 def describe(model) -> dict:
     """Summary of a loaded model for run records and the CLI: its family, SSM layers and what a delta
     neuron is."""
-    source = getattr(model, "_delta_steering_source", {}) or {}
+    source = source_of(model)
     param = next(model.parameters())
     shape, family = shape_of(model), family_of(model)
     return {
-        "model": source.get("model", getattr(model.config, "_name_or_path", None)),
-        "revision": source.get("revision") or getattr(model.config, "_commit_hash", None),
-        "original_format": source.get("original_format", False),
+        "model": source.name,
+        "revision": source.revision or getattr(model.config, "_commit_hash", None),
+        "original_format": source.original,
         "family": family.name,
         "layers": shape.num_layers,
         "ssm_layers": compact_ranges(shape.ssm_layers),
