@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from functools import partial
 
 import numpy as np
 
@@ -102,13 +101,8 @@ def measure(args, run, model, tokenizer, layers: list[int], examples) -> tuple[d
 
     engine = ds.engine.sweep.engine_for(model, args.engine)
 
-    def ablate_each(layer: int, chunk: list[int]) -> dict:
-        rows = ds.engine.sweep.sweep_correctness(model, tokenizer, examples, layer, ablations[layer].only(chunk), engine,
-                                          args.batch_size, encoded, progress=True)
-        return {f"{layer}/{neuron}": row.tolist() for neuron, row in zip(chunk, rows)}
-
-    work = {f"layer{layer}/neurons/{chunk[0]}-{chunk[-1]}": partial(ablate_each, layer, chunk)
-            for layer in layers for chunk in ds.analysis.impacts.neuron_chunks(verified[layer], args.chunk_neurons)}
+    work = ds.engine.sweep.layer_sweeps(model, tokenizer, examples, verified, ablations, args.chunk_neurons, engine,
+                                        args.batch_size, encoded)
     t = time.time()
     rows = run.map(work, f"verifying the top {args.verify_top} of {len(layers)} layers", unit="chunk")
     timings["sweep"] = round(time.time() - t, 2)

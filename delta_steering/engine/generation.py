@@ -14,7 +14,7 @@ batched arithmetic. The cache is passed explicitly, so a checkpoint whose config
 config says `use_cache: false` generates exactly as fast.
 
 The rows per step are measured (`batch_size_for`): a step costs little more for many rows than for
-one until the matrix multiplies saturate the device, so the batch doubles while that pays, within
+a few until the matrix multiplies saturate the device, so the batch doubles while that pays, within
 a share of the free memory.
 
 Hybrids (attention layers, whose key/value cache grows with each row's own length) cannot refill a
@@ -46,15 +46,22 @@ _NOTED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def default_batch_size(model: torch.nn.Module) -> int:
-    """Prompts per static batch (hybrids): their prefill activations set the limit."""
+    """Prompts per static batch (hybrids), and the least rows continuous batching measures from."""
     return 32 if next(model.parameters()).device.type == "cuda" else 8
 
 
-@torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
                     batch_size: int | None = None, progress: bool = False) -> list[str]:
     """Greedy continuation of each prompt, decoded without special tokens, cut at the first EOS, in
     the input order. `batch_size`: rows per step (default: measured, see `batch_size_for`)."""
+    new = generate_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+
+@torch.no_grad()
+def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                    batch_size: int | None = None, progress: bool = False) -> list[list[int]]:
+    """Each prompt's greedy new tokens, EOS excluded: `generate_greedy` before decoding."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be positive, not {max_new_tokens}")
     encoded = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
@@ -64,14 +71,12 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     if has_ssm_cache(model):
         rows = batch_size or min(batch_size_for(model), len(prompts))
-        new = continuous(model, encoded, max_new_tokens, eos, pad, rows, progress)
-    else:
-        if model not in _NOTED:
-            _NOTED.add(model)
-            print(f"note: continuous batching covers {', '.join(SSM_ONLY_FAMILIES)} models (a fixed-size state per "
-                  f"row); this {family_of(model).name} model generates in static batches")
-        new = static(model, encoded, max_new_tokens, eos, pad, batch_size or default_batch_size(model), progress)
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+        return continuous(model, encoded, max_new_tokens, eos, pad, rows, progress)
+    if model not in _NOTED:
+        _NOTED.add(model)
+        print(f"note: continuous batching covers {', '.join(SSM_ONLY_FAMILIES)} models (a fixed-size state per "
+              f"row); this {family_of(model).name} model generates in static batches")
+    return static(model, encoded, max_new_tokens, eos, pad, batch_size or default_batch_size(model), progress)
 
 
 def left_padded(encoded: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +116,7 @@ class Waiting:
     row: int
 
 
+@torch.no_grad()
 def prefill(model, encoded: list[list[int]], pad: int) -> tuple[DynamicCache, list[int]]:
     """Read prompts in one left-padded forward: a cache of their states and each one's first new token."""
     ids, mask = left_padded(encoded, pad, next(model.parameters()).device)
@@ -227,6 +233,7 @@ def memory_rows(model) -> int:
     return max(1, int(MEMORY_SHARE * free // (3 * state_bytes(model))))
 
 
+@torch.no_grad()
 def step_seconds(model, rows: int) -> float:
     """Seconds of one cached step of `rows` rows (after one untimed step)."""
     device = next(model.parameters()).device
@@ -246,13 +253,15 @@ def step_seconds(model, rows: int) -> float:
 
 @torch.no_grad()
 def batch_size_for(model) -> int:
-    """Rows per step for continuous batching: doubled from 1 while a doubling gains at least 10% in
-    rows per second, within `memory_rows` and `MAX_BATCH`; measured once per model, dtype and device."""
+    """Rows per step for continuous batching: doubled from the static batch size (8 on CPU, 32 on
+    CUDA: a row costs no more than it did there) while a doubling gains at least 10% in rows per
+    second, within `memory_rows` and `MAX_BATCH`; measured once per model, dtype and device."""
     key = f"{model.dtype} {next(model.parameters()).device}"
     sizes = _BATCH_SIZES.setdefault(model, {})
     if key not in sizes:
         limit = min(MAX_BATCH, memory_rows(model))
-        best, rate = 1, 1 / step_seconds(model, 1)
+        best = min(default_batch_size(model), limit)
+        rate = best / step_seconds(model, best)
         while best * 2 <= limit:
             doubled = best * 2 / step_seconds(model, best * 2)
             if doubled < SATURATED * rate:
