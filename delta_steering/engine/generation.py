@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from ..model.continuation import has_ssm_cache, merged_cache
+from ..model.mamba2 import short_chunks
 from ..model.sites import SSM_ONLY_FAMILIES, decoder_layers, family_of
 from ..progress import tqdm
 from .batching import token_budget
@@ -118,10 +119,13 @@ class Waiting:
 
 @torch.no_grad()
 def prefill(model, encoded: list[list[int]], pad: int) -> tuple[DynamicCache, list[int]]:
-    """Read prompts in one left-padded forward: a cache of their states and each one's first new token."""
+    """Read prompts in one left-padded forward: a cache of their states and each one's first new token.
+    A Mamba-2 model on CPU scans them in chunks fitted to their length (`mamba2.short_chunks`, the
+    same recurrence; transformers' 256-token chunks cost a short prompt what 256 tokens do)."""
     ids, mask = left_padded(encoded, pad, next(model.parameters()).device)
     cache = DynamicCache(config=model.config)
-    logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits
+    with short_chunks(model, ids.shape[1]):
+        logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits
     return cache, logits[:, -1].argmax(-1).tolist()
 
 
