@@ -11,13 +11,13 @@ from delta_steering.engine.attribution import attribution, request_scores
 from delta_steering.analysis.estimates import estimated_correctness, estimated_impacts
 from delta_steering.engine.batching import context_groups, pad_batch
 from delta_steering.model.delta_stats import delta_statistics
-from delta_steering.engine.fast_sweep import fast_loglikelihoods
+from delta_steering.engine.fast_sweep import fast_loglikelihoods, fast_loglikelihoods_layers
 from delta_steering.intervention import Intervention
 from delta_steering.analysis.metrics import correctness
 from delta_steering.engine.scoring import encode_examples, loglikelihoods
 from delta_steering.model.sites import OutputHead
 from delta_steering.model.steering import install, steer
-from delta_steering.engine.sweep import sweep_correctness, sweep_loglikelihoods
+from delta_steering.engine.sweep import layer_sweeps, sweep_correctness, sweep_correctness_layers, sweep_loglikelihoods
 from delta_steering.data.tasks import Example
 from tiny import make_model
 
@@ -109,6 +109,42 @@ def test_sweep_correctness_identical(tiny_model, tokenizer, examples):
     np.testing.assert_array_equal(fast, naive)
 
 
+def test_several_layers_share_one_prefix_and_equal_each_layer_alone(tiny_model, tokenizer, examples, encoded, means):
+    """Layers 20, 0 and 10 (and one with no neuron) in one sweep: each layer's numbers equal its own
+    sweep's, for either way of reading contexts, and the naive engine's correctness."""
+    chosen = {20: interventions(means, 20)["zero"], 0: interventions(means, 0)["mean"],
+              10: interventions(means, 10, [5])["scale"], 23: Intervention.scale([], 0.0)}
+    for share in (True, False):
+        together = fast_loglikelihoods_layers(tiny_model, tokenizer, encoded, chosen, batch_size=4,
+                                              share_contexts=share)
+        assert list(together) == list(chosen) and together[23][0].shape == (0, len(encoded))
+        for layer, intervention in chosen.items():
+            alone = fast_loglikelihoods(tiny_model, tokenizer, encoded, layer, intervention, share_contexts=share)
+            np.testing.assert_allclose(together[layer][0], alone[0], rtol=0, atol=1e-4)
+            np.testing.assert_array_equal(together[layer][1], alone[1])
+    rows = sweep_correctness_layers(tiny_model, tokenizer, examples, {k: chosen[k] for k in (0, 10)}, engine="naive")
+    fast = sweep_correctness_layers(tiny_model, tokenizer, examples, {k: chosen[k] for k in (0, 10)})
+    for layer in (0, 10):
+        np.testing.assert_array_equal(fast[layer], rows[layer])
+
+
+def test_layer_sweeps_take_chunk_k_of_every_layer(tiny_model, tokenizer, examples):
+    """Work items of chunks of 2: item k holds chunk k of each layer that has one; together every
+    neuron once, each row the neuron's own sweep's."""
+    neurons = {20: [0, 13, 31, 7, 2], 3: [4, 5]}
+    ablations = {layer: Intervention.scale(range(32), 0.0) for layer in neurons}
+    work = layer_sweeps(tiny_model, tokenizer, examples, neurons, ablations, 2, progress=False)
+    assert list(work) == ["neurons/chunk0", "neurons/chunk1", "neurons/chunk2"]
+    items = {name: item() for name, item in work.items()}
+    assert [(r["layer"], r["neuron"]) for r in items["neurons/chunk0"]] == [(20, 0), (20, 13), (3, 4), (3, 5)]
+    assert [(r["layer"], r["neuron"]) for r in items["neurons/chunk2"]] == [(20, 2)]
+    merged = {f"{r['layer']}/{r['neuron']}": r["correct"] for item in items.values() for r in item}
+    assert sorted(merged) == sorted(f"{layer}/{n}" for layer, ns in neurons.items() for n in ns)
+    for layer, listed in neurons.items():
+        alone = sweep_correctness(tiny_model, tokenizer, examples, layer, ablations[layer].only(listed))
+        np.testing.assert_array_equal(np.array([merged[f"{layer}/{n}"] for n in listed]), alone)
+
+
 def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, tokenizer, encoded):
     intervention = Intervention.scale(NEURONS, 0.0)
     reference_lp, reference_greedy = fast_loglikelihoods(tiny_model, tokenizer, encoded, 20, intervention)
@@ -121,17 +157,20 @@ def test_fast_is_independent_of_batch_size_and_context_sharing(tiny_model, token
 
 def test_fast_races_each_new_shape_and_follows_the_recorded_choice(tiny_model, tokenizer, encoded, monkeypatch):
     """A fresh model: every shape of context group is read both ways once (the faster recorded for
-    this layer), with the same numbers as either way; a recorded choice is then followed."""
+    the model's fast engine, whatever the layer), with the same numbers as either way; a recorded
+    choice is then followed, at another layer too."""
     import delta_steering.engine.fast_sweep as fast_sweep
-    from delta_steering.engine.reading import choice_for, shape_of
+    from delta_steering.engine.reading import ReadingChoice, choice_for, shape_of
 
     model = copy.deepcopy(tiny_model)
     intervention = Intervention.scale(NEURONS, 0.0)
     raced = fast_loglikelihoods(model, tokenizer, encoded, 20, intervention)
     groups = [g for g in context_groups(encoded) if len(g) > 1]
-    choice = choice_for(model, "fast sweep from layer 20")
+    choice = choice_for(model, "fast sweep")
     assert set(choice.shared) == {shape_of(encoded, g) for g in groups}
-    assert choice_for(model, "fast sweep from layer 10").shared == {}
+    with monkeypatch.context() as patch:
+        patch.setattr(ReadingChoice, "race", lambda *_: pytest.fail("a recorded shape raced again at another layer"))
+        fast_loglikelihoods(model, tokenizer, encoded, 10, intervention)
     for forced in (True, False):
         lp, greedy = fast_loglikelihoods(model, tokenizer, encoded, 20, intervention, share_contexts=forced)
         np.testing.assert_allclose(raced[0], lp, rtol=0, atol=1e-4)

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..intervention import Intervention
 from ..model import mamba2
 from ..model.continuation import continuation_hidden, continues_exactly
-from ..model.mamba1 import LayerState, gated_scan, layer_state, suffix
+from ..model.mamba1 import LayerState, blocks, gated_scan, layer_state, suffix
 from ..model.mamba2 import short_chunks
 from ..model.sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
 from ..progress import tqdm
@@ -123,7 +123,7 @@ class FastSweep:
         self.model, self.layer, self.intervention = model, layer, intervention
         self.batch_size, self.scorer, self.share_contexts, self.bar = batch_size, scorer, share_contexts, bar
         self.layer_state, self.steered_outputs = layer_pieces(model)
-        self.choice = choice_for(model, f"fast sweep from layer {layer}")
+        self.choice = choice_for(model, "fast sweep")
 
     def neurons_per_chunk(self, sequences: int, tokens: int) -> int:
         """How many neurons share one suffix forward, each reading `sequences` sequences of `tokens`
@@ -196,24 +196,34 @@ class FastSweep:
                 self.bar.update(len(chunk) * len(members))
                 first += len(chunk)
 
-    def run(self, tokenizer, encoded: list[Encoded], packed: list[list[list[int]]], timings: dict) -> None:
-        """Every example batch (`packed`: batches of groups of request indices): its prefix once,
-        then every neuron; seconds added to `timings`."""
-        device = next(self.model.parameters()).device
-        for batch_groups in packed:
+
+
+def run(sweeps: list[FastSweep], tokenizer, encoded: list[Encoded], packed: list[list[list[int]]],
+        timings: dict) -> None:
+    """Every example batch (`packed`: batches of groups of request indices): the blocks from the
+    embeddings up, each sweep's layer state taken on the way (one prefix for every layer, lowest
+    first), then every neuron of each layer; seconds added to `timings`."""
+    model = sweeps[0].model
+    device = next(model.parameters()).device
+    for batch_groups in packed:
+        columns = [i for g in batch_groups for i in g]
+        items = [encoded[i] for i in columns]
+        local, at = [], 0
+        for g in batch_groups:
+            local.append(list(range(at, at + len(g))))
+            at += len(g)
+        start = time.perf_counter()
+        ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
+        hidden, reached = model.backbone.embeddings(ids), 0
+        timings["prefix_s"] += time.perf_counter() - start
+        for sweep in sweeps:
             start = time.perf_counter()
-            columns = [i for g in batch_groups for i in g]
-            items = [encoded[i] for i in columns]
-            ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-            state = self.layer_state(self.model, ids, self.layer)
+            state = sweep.layer_state(model, blocks(model, hidden, reached, sweep.layer), sweep.layer)
+            hidden, reached = state.output, sweep.layer + 1
             timings["prefix_s"] += time.perf_counter() - start
             start = time.perf_counter()
-            local, at = [], 0
-            for g in batch_groups:
-                local.append(list(range(at, at + len(g))))
-                at += len(g)
-            self.batch(state, items, lengths, columns, local)
-            self.scorer.flush()
+            sweep.batch(state, items, lengths, columns, local)
+            sweep.scorer.flush()
             timings["neurons_s"] += time.perf_counter() - start
 
 
@@ -231,26 +241,40 @@ def fast_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, in
     (`reading`). Mamba-2 on CPU scans in chunks fitted to the requests (`model.mamba2.short_chunks`).
     `timings`, when given, accumulates the seconds spent in the shared prefix ("prefix_s") and in
     the per-neuron work ("neurons_s")."""
+    return fast_loglikelihoods_layers(model, tokenizer, encoded, {layer: intervention}, batch_size, progress,
+                                      timings, share_contexts)[layer]
+
+
+@torch.no_grad()
+def fast_loglikelihoods_layers(model, tokenizer, encoded: list[Encoded], interventions: dict[int, Intervention],
+                               batch_size: int | None = None, progress: bool = False, timings: dict | None = None,
+                               share_contexts: bool | None = None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """`fast_loglikelihoods` at several layers at once ({layer: its results}), each neuron applied
+    alone at its own layer: every example batch's prefix is run once for all the layers, from the
+    embeddings up, each layer's state taken on the way (a prefix per layer would rerun the blocks
+    below it). A layer's numbers equal those of its own sweep up to float rounding."""
     if not covers(model):
         raise ValueError(f"the fast engine covers {', '.join(FAMILIES)} models, not {family_of(model).name}")
-    check_layer(model, layer)
-    check_neurons(model, intervention.neurons)
-    logprob = np.full((len(intervention.neurons), len(encoded)), np.nan)
-    greedy = np.zeros((len(intervention.neurons), len(encoded)), dtype=bool)
-    if not intervention.neurons or not encoded:
-        return logprob, greedy
+    for layer, intervention in interventions.items():
+        check_layer(model, layer)
+        check_neurons(model, intervention.neurons)
+    results = {layer: (np.full((len(iv.neurons), len(encoded)), np.nan),
+                       np.zeros((len(iv.neurons), len(encoded)), dtype=bool)) for layer, iv in interventions.items()}
+    active = {layer: iv for layer, iv in sorted(interventions.items()) if iv.neurons}
+    if not active or not encoded:
+        return results
     share_contexts = share_contexts if continues_exactly(model) else False
     groups = context_groups(encoded) if share_contexts is not False else [[i] for i in range(len(encoded))]
     longest = max(len(e.tokens) for e in encoded)
     packed = batches(encoded, groups, batch_size, token_budget(model, longest))
-    scorer = TargetScorer(OutputHead(model), logprob, greedy, head_rows(model))
     timings = timings if timings is not None else {}
     timings.setdefault("prefix_s", 0.0)
     timings.setdefault("neurons_s", 0.0)
-    bar = tqdm(total=len(encoded) * len(intervention.neurons), desc="fast sweep (neuron x request)", unit="pair",
-               unit_scale=True, disable=not progress, leave=False)
-    sweep = FastSweep(model, layer, intervention, batch_size, scorer, share_contexts, bar)
+    bar = tqdm(total=len(encoded) * sum(len(iv.neurons) for iv in active.values()),
+               desc="fast sweep (neuron x request)", unit="pair", unit_scale=True, disable=not progress, leave=False)
+    sweeps = [FastSweep(model, layer, iv, batch_size, TargetScorer(OutputHead(model), *results[layer], head_rows(model)),
+                        share_contexts, bar) for layer, iv in active.items()]
     with short_chunks(model, longest):
-        sweep.run(tokenizer, encoded, packed, timings)
+        run(sweeps, tokenizer, encoded, packed, timings)
     bar.close()
-    return logprob, greedy
+    return results

@@ -65,8 +65,9 @@ class ReadingChoice:
 
 
 def choice_for(model, use: str) -> ReadingChoice:
-    """The measured choices of one use of a model (scoring; the fast engine from a given layer),
-    kept as long as the model lives; a change of dtype or device starts afresh."""
+    """The measured choices of one use of a model (scoring; the fast engine, at any layer: both ways
+    run the same blocks after it, so the layer does not change which is faster), kept as long as
+    the model lives; a change of dtype or device starts afresh."""
     device = next(model.parameters()).device
     key = f"{use} {model.dtype} {device}"
     uses = _CHOICES.setdefault(model, {})

@@ -221,7 +221,7 @@ def loglikelihoods(model, tokenizer, encoded: list[Encoded], batch_size: int | N
 
 
 def score_examples(model, tokenizer, examples: list[Example], batch_size: int | None = None,
-             progress: bool = False, encoded: list[Encoded] | None = None) -> np.ndarray:
+                   progress: bool = False, encoded: list[Encoded] | None = None) -> np.ndarray:
     """Per-example correctness of the model as it is now (steering included)."""
     encoded = encoded or encode_examples(tokenizer, examples)
     logprob, greedy = loglikelihoods(model, tokenizer, encoded, batch_size, progress)

@@ -6,8 +6,12 @@ computes the same numbers from a shared prefix and a low-rank correction per neu
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import numpy as np
 
+from ..analysis.impacts import neuron_chunks
 from ..analysis.metrics import correctness
 from ..data.tasks import Example
 from ..intervention import Intervention
@@ -15,7 +19,7 @@ from ..model.sites import family_of
 from ..model.steering import install
 from ..progress import tqdm
 from .batching import Encoded
-from .fast_sweep import FAMILIES as FAST_FAMILIES, covers, fast_loglikelihoods
+from .fast_sweep import FAMILIES as FAST_FAMILIES, covers, fast_loglikelihoods, fast_loglikelihoods_layers
 from .scoring import encode_examples, loglikelihoods
 
 
@@ -64,3 +68,38 @@ def sweep_correctness(model, tokenizer, examples: list[Example], layer: int, int
     logprob, greedy = sweep_loglikelihoods(model, tokenizer, encoded, layer, intervention, engine, batch_size,
                                            progress)
     return np.stack([correctness(examples, lp, g) for lp, g in zip(logprob, greedy)])
+
+
+def sweep_correctness_layers(model, tokenizer, examples: list[Example], interventions: dict[int, Intervention],
+                             engine: str = "fast", batch_size: int | None = None,
+                             encoded: list[Encoded] | None = None, progress: bool = False) -> dict[int, np.ndarray]:
+    """`sweep_correctness` at several layers, {layer: neurons x examples}; the fast engine runs each
+    example batch's prefix once for all of them (`fast_sweep.fast_loglikelihoods_layers`)."""
+    encoded = encoded or encode_examples(tokenizer, examples)
+    if engine == "fast":
+        scores = fast_loglikelihoods_layers(model, tokenizer, encoded, interventions, batch_size, progress)
+    else:
+        scores = {layer: sweep_loglikelihoods(model, tokenizer, encoded, layer, intervention, engine, batch_size,
+                                              progress) for layer, intervention in interventions.items()}
+    return {layer: np.stack([correctness(examples, lp, g) for lp, g in zip(*scores[layer])]) for layer in scores}
+
+
+def layer_sweeps(model, tokenizer, examples: list[Example], neurons: dict[int, list[int]],
+                 interventions: dict[int, Intervention], chunk_neurons: int, engine: str = "fast",
+                 batch_size: int | None = None, encoded: list[Encoded] | None = None,
+                 progress: bool = True) -> dict[str, Callable[[], list[dict]]]:
+    """Work items that apply each of `neurons[layer]` alone (its part of `interventions[layer]`):
+    item k takes chunk k (`neuron_chunks` of `chunk_neurons`) of every layer's list, all those
+    layers in one sweep, so that an example batch's prefix serves them all; each item returns
+    [{"layer", "neuron", "correct"}]. The items depend on the neuron lists alone (resume, shards)."""
+    chunks = {layer: neuron_chunks(listed, chunk_neurons) for layer, listed in neurons.items()}
+
+    def sweep(k: int) -> list[dict]:
+        taken = {layer: c[k] for layer, c in chunks.items() if k < len(c)}
+        rows = sweep_correctness_layers(model, tokenizer, examples, {layer: interventions[layer].only(chunk)
+                                                                      for layer, chunk in taken.items()},
+                                        engine, batch_size, encoded, progress)
+        return [{"layer": layer, "neuron": n, "correct": row.tolist()}
+                for layer, chunk in taken.items() for n, row in zip(chunk, rows[layer])]
+
+    return {f"neurons/chunk{k}": partial(sweep, k) for k in range(max(map(len, chunks.values()), default=0))}

@@ -24,14 +24,20 @@ from . import mamba1, mamba2
 from .sites import SSM_ONLY_FAMILIES, decoder_layers, family_of
 
 
-def continues_exactly(model) -> bool:
-    """Whether a context read once and continued from its cached state gives the full forward's
-    numbers (see the module docstring)."""
-    if family_of(model).name not in SSM_ONLY_FAMILIES or model.dtype != torch.float32:
+def has_ssm_cache(model) -> bool:
+    """Whether the model is SSM-only (a fixed-size state per sequence) with transformers' 5.x SSM
+    cache, whose per-layer conv window and SSM state can be read, copied and written row by row."""
+    if family_of(model).name not in SSM_ONLY_FAMILIES:
         return False
     if not hasattr(transformers.cache_utils, "LinearAttentionCacheLayerMixin"):  # 5.x SSM caches
         return False
     return "cache" in inspect.signature(type(decoder_layers(model)[0]).forward).parameters
+
+
+def continues_exactly(model) -> bool:
+    """Whether a context read once and continued from its cached state gives the full forward's
+    numbers (see the module docstring)."""
+    return has_ssm_cache(model) and model.dtype == torch.float32
 
 
 def blocks_from(model, start: int, hidden: Tensor, cache=None) -> Tensor:

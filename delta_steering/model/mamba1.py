@@ -33,8 +33,12 @@ class LayerState:
 
 def block_input(model, ids: Tensor, layer: int) -> Tensor:
     """The residual stream entering block `layer`: embeddings and blocks 0..layer-1."""
-    hidden = model.backbone.embeddings(ids)
-    for block in decoder_layers(model)[:layer]:
+    return blocks(model, model.backbone.embeddings(ids), 0, layer)
+
+
+def blocks(model, hidden: Tensor, start: int, stop: int) -> Tensor:
+    """The residual stream entering block `stop` from the one entering block `start`."""
+    for block in decoder_layers(model)[start:stop]:
         hidden = block(hidden)
     return hidden
 
@@ -62,10 +66,10 @@ def mixer_pieces(block, hidden: Tensor, window: Tensor | None = None) -> tuple[T
 
 
 @torch.no_grad()
-def layer_state(model, ids: Tensor, layer: int) -> LayerState:
-    """Run the prefix once: block L's real output and the pieces its mixer scans."""
+def layer_state(model, hidden: Tensor, layer: int) -> LayerState:
+    """Block L on the residual stream entering it (`block_input`): its real output and the pieces
+    its mixer scans."""
     block = decoder_layers(model)[layer]
-    hidden = block_input(model, ids, layer)
     return LayerState(block(hidden), *mixer_pieces(block, hidden))
 
 

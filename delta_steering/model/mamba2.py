@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..intervention import Intervention
-from .mamba1 import block_input
 from .sites import decoder_layers, family_of
 
 SHORT_CHUNK = 32  # the smallest chunk size used; 16 was slower on the six tasks' requests
@@ -99,13 +98,14 @@ def recorded(mixer):
 
 
 @torch.no_grad()
-def layer_state(model, ids: Tensor, layer: int) -> LayerState:
-    """Run the prefix once: block L's real output and the pieces its mixer computed (the conv of
-    in_proj's xBC recomputed as transformers' `causal_conv1d_fn` computes it)."""
+def layer_state(model, hidden: Tensor, layer: int) -> LayerState:
+    """Block L on the residual stream entering it (`mamba1.block_input`): its real output and the
+    pieces its mixer computed (the conv of in_proj's xBC recomputed as transformers'
+    `causal_conv1d_fn` computes it)."""
     block = decoder_layers(model)[layer]
     mixer = block.mixer
     with recorded(mixer) as seen:
-        output = block(block_input(model, ids, layer))
+        output = block(hidden)
     batch, tokens, _ = output.shape
     heads, head_dim, groups, state = mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size
     _, xBC, dt_lin = seen["projected"].split([mixer.intermediate_size, mixer.conv_dim, heads], dim=-1)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field, replace
-from functools import partial
 
 import numpy as np
 
 from ..analysis import atlas as logic
-from ..analysis.impacts import neuron_chunks, top_estimated
+from ..analysis.impacts import top_estimated
 from ..analysis.metrics import summarize
 from ..analysis.plots import plot_atlas
 from ..artifacts import Discovery, Provenance, Results
@@ -21,7 +20,7 @@ from ..data.pile import load_pile_texts, local_files, pile_record
 from ..data.tasks import Example, load_examples
 from ..engine.attribution import FAMILIES, atlas_estimates
 from ..engine.scoring import encode_examples, score_examples
-from ..engine.sweep import engine_for, sweep_correctness
+from ..engine.sweep import engine_for, layer_sweeps
 from ..errors import UsageError
 from ..intervention import Intervention, Steering
 from ..model.delta_stats import layer_delta_statistics
@@ -111,13 +110,8 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
     verified = {layer: top_estimated(estimates[layer], options.verify_top) for layer in layers}
     engine = engine_for(model, options.engine)
 
-    def ablate_each(layer: int, chunk: list[int]) -> list[dict]:
-        rows = sweep_correctness(model, tokenizer, examples, layer, ablations[layer].only(chunk), engine,
-                                 options.batch_size, encoded, progress=True)
-        return [{"layer": layer, "neuron": neuron, "correct": row.tolist()} for neuron, row in zip(chunk, rows)]
-
-    work = {f"layer{layer}/neurons/{chunk[0]}-{chunk[-1]}": partial(ablate_each, layer, chunk)
-            for layer in layers for chunk in neuron_chunks(verified[layer], options.chunk_neurons)}
+    work = layer_sweeps(model, tokenizer, examples, verified, ablations, options.chunk_neurons, engine,
+                        options.batch_size, encoded)
     with timed(timings, "sweep"):
         results = run.map(work, f"verifying the top {options.verify_top} of {len(layers)} layers", unit="chunk")
     statistics = {str(layer): {"delta_variance": s["delta_variance"].tolist(), "dt_pre_mean": s["dt_pre_mean"].tolist(),
