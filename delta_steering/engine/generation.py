@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from ..model.placement import input_device
 from ..progress import tqdm
 
 
 def default_batch_size(model: torch.nn.Module) -> int:
     """Prompts per batch: Mamba's cache is small, so the prefill activations set the limit."""
-    return 32 if next(model.parameters()).device.type == "cuda" else 8
+    return 32 if input_device(model).type == "cuda" else 8
 
 
 @torch.no_grad()
@@ -30,7 +31,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
         raise ValueError("cannot generate from an empty prompt")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch_size = batch_size or default_batch_size(model)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
