@@ -169,7 +169,8 @@ def main() -> None:
     if run.merging:
         context, rows = run.merged()
     else:
-        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
+        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype, args.max_memory,
+                                                       args.offload_folder)
         context, rows = measure(args, run, model, tokenizer, layers, examples)
         context["provenance"] = ds.artifacts.Provenance.of(source, None).to_json()
     if run.publish(context, rows):

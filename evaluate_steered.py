@@ -147,7 +147,8 @@ def main() -> None:
         ds.model.sites.check_layer(source.shape, steering.layer, "--steer layer")
         ds.model.sites.check_neurons(source.shape, steering.neurons, "--steer")
     ds.data.harness.check_names(parse_names(args.tasks), args.data_dir)  # before the model loads
-    model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
+    model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype, args.max_memory,
+                                                   args.offload_folder)
     ds.model.steering.verify_steering_effect(model, steerings)
     print("unsteered:")
     plain = run(model, tokenizer, args, [])

@@ -19,8 +19,8 @@ import argparse
 from pathlib import Path
 
 import delta_steering as ds
-from delta_steering.cli import (add_pile_args, add_source_args, add_steering_args, check_output_dir, main_guard,
-                                parse_steer, step_parser)
+from delta_steering.cli import (add_pile_args, add_placement_args, add_source_args, add_steering_args,
+                                check_output_dir, main_guard, parse_steer, step_parser)
 
 DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -28,6 +28,7 @@ DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_source_args(parser)
+    add_placement_args(parser, device="cpu")
     add_steering_args(parser)
     parser.add_argument("--ablation", default="zero", choices=["zero", "mean"],
                         help="what factor 0 does: zero: dt_pre set to 0; mean: set to its mean over the statistics "
@@ -110,7 +111,8 @@ def main() -> None:
         ds.model.sites.check_layer(source.shape, steering.layer, "--steer layer")
         ds.model.sites.check_neurons(source.shape, steering.neurons, "--steer")
     directory = source_directory(source)
-    model, tokenizer = ds.model.loading.load_model(source, "cpu", stored_dtype(directory))
+    model, tokenizer = ds.model.loading.load_model(source, args.device, stored_dtype(directory), args.max_memory,
+                                                   args.offload_folder)
     if args.ablation == "mean":
         steerings, extra["mean_ablation"] = mean_ablated(args, model, tokenizer, steerings)
     ds.model.steering.verify_steering_effect(model, steerings)

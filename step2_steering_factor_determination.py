@@ -277,7 +277,8 @@ def main() -> None:
     if merging:
         context, results = run.merged()
     else:
-        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
+        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype, args.max_memory,
+                                                       args.offload_folder)
         context, results = measure(args, run, model, tokenizer, step1, examples, layer, ppl_layers)
         context["provenance"] = ds.artifacts.Provenance.of(source, layer, {"step1_file": step1}, transferred).to_json()
     if run.publish(context, results):

@@ -250,7 +250,8 @@ def main() -> None:
     if merging:
         context, outcomes = run.merged()
     else:
-        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype)
+        model, tokenizer = ds.model.loading.load_model(source, args.device, args.dtype, args.max_memory,
+                                                       args.offload_folder)
         context, outcomes = measure(args, run, model, tokenizer, step1, prompts, layer, factor,
                                        factor_source, standing)
         inputs = {"step1_file": step1, **({"step2_file": step2} if step2 else {})}
