@@ -56,6 +56,13 @@ def sharers(model: nn.Module, tensor: torch.Tensor) -> list[str]:
     return [name for name, other in named if _span(other)[0] < hi and lo < _span(other)[1]]
 
 
+def architecture(model: nn.Module) -> nn.Module:
+    """The model built again from its config on the meta device (its ties as designed), once per model."""
+    if "_delta_steering_architecture" not in model.__dict__:  # a plain attribute: not a submodule
+        model.__dict__["_delta_steering_architecture"] = meta_model(model.config)
+    return model.__dict__["_delta_steering_architecture"]
+
+
 def tied_names(model: nn.Module, name: str) -> list[str]:
     """`name` and every other name of the same parameter, as the model is placed: by memory where
     the parameter is resident; by the architecture's ties (the model built again on the meta device)
@@ -63,7 +70,7 @@ def tied_names(model: nn.Module, name: str) -> list[str]:
     module_name, _, attribute = name.rpartition(".")
     if not offloaded(model.get_submodule(module_name), attribute):
         return [name, *(other for other in sharers(model, model.get_parameter(name)) if other != name)]
-    structure = meta_model(model.config)
+    structure = architecture(model)
     parameter = structure.get_parameter(name)
     return [name, *(other for other, p in structure.named_parameters(remove_duplicate=False)
                     if p is parameter and other != name)]

@@ -29,11 +29,6 @@ def align_hook(module: nn.Module) -> AlignDevicesHook | None:
     return next((h for h in hooks if isinstance(h, AlignDevicesHook)), None)
 
 
-def is_dispatched(model: nn.Module) -> bool:
-    """Whether the model was placed by a device map (accelerate's hooks), not moved whole."""
-    return getattr(model, "hf_device_map", None) is not None
-
-
 def execution_device(module: nn.Module) -> torch.device:
     """Where `module` computes: its (or its first placed submodule's) hook's execution device, else
     the device of its first tensor that is not on the meta device, else the CPU."""
