@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from delta_steering.cli import add_pile_args, add_source_args, add_steering_args, step_parser
+from delta_steering.cli import add_pile_args, add_placement_args, add_source_args, add_steering_args, step_parser
 from delta_steering.options import ExportOptions
 from delta_steering.steps.script import step_main
 
@@ -25,6 +25,7 @@ from delta_steering.steps.script import step_main
 def build_parser() -> argparse.ArgumentParser:
     parser = step_parser(__doc__)
     add_source_args(parser)
+    add_placement_args(parser, device="cpu")
     add_steering_args(parser)
     parser.add_argument("--ablation", default=ExportOptions.ablation, choices=["zero", "mean"],
                         help="what factor 0 does: zero: dt_pre set to 0; mean: set to its mean over the statistics "

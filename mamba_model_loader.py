@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 
 import delta_steering as ds
-from delta_steering.cli import main_guard
+from delta_steering.cli import add_placement_args, main_guard
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="local checkpoint directory or Hub id")
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (default: %(default)s)")
+    add_placement_args(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype (default: %(default)s)")
     parser.add_argument("--revision", default=None, help="Hub revision (default: the latest)")
@@ -32,7 +32,8 @@ def parse_args() -> argparse.Namespace:
 @main_guard
 def main() -> None:
     args = parse_args()
-    model, _ = ds.model.loading.load_mamba_model(args.model, args.device, args.dtype, args.revision, args.tokenizer)
+    model, _ = ds.model.loading.load_mamba_model(args.model, args.device, args.dtype, args.revision, args.tokenizer,
+                                                 args.max_memory, args.offload_folder)
     for key, value in ds.model.loading.describe(model).items():
         print(f"{key:>24}: {value}")
 

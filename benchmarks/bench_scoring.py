@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from workload import add_arguments, by_task, describe, model_130m_shaped, requests, timed
+from workload import add_arguments, by_task, describe, model_shaped, requests, timed
 
 from delta_steering.engine.batching import Encoded
 from delta_steering.engine.reading import choice_for
@@ -139,7 +139,7 @@ def report(name: str, examples: list[Example], encoded: list[Encoded], m: dict, 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model = model_130m_shaped(args.family, torch.float32, args.device, args.seed)
+    model = model_shaped(args.family, torch.float32, args.device, args.seed)
     tokenizer, examples, encoded = requests(args, model.config.vocab_size)
     bench = Bench(model, tokenizer, encoded, instances(examples), args)
     if not same_tokens(bench.lms[LM_EVAL_DEFAULT_BATCH], bench.requests, encoded):

@@ -36,7 +36,7 @@ import sys
 
 import numpy as np
 import torch
-from workload import add_arguments, by_task, describe, model_130m_shaped, requests, timed
+from workload import add_arguments, by_task, describe, model_shaped, requests, timed
 
 from delta_steering.engine.fast_sweep import fast_loglikelihoods
 from delta_steering.intervention import Intervention
@@ -133,7 +133,7 @@ def report(name: str, examples, encoded, m: dict, tolerance: float) -> bool:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model = model_130m_shaped(args.family, getattr(torch, args.dtype), args.device, args.seed)
+    model = model_shaped(args.family, getattr(torch, args.dtype), args.device, args.seed)
     tokenizer, examples, encoded = requests(args, model.config.vocab_size)
     n_neurons = num_delta_neurons(model)
     rng = np.random.default_rng(args.seed)

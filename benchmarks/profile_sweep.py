@@ -22,7 +22,7 @@ import argparse
 import time
 
 import torch
-from workload import add_arguments, describe, model_130m_shaped, requests
+from workload import add_arguments, describe, model_shaped, requests
 
 from delta_steering.model import sites
 from delta_steering.engine.batching import Encoded
@@ -84,7 +84,7 @@ def ceilings(total: float, blocks: float, head: float, after: float, kept: float
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model = model_130m_shaped(args.family, torch.float32, args.device, args.seed)
+    model = model_shaped(args.family, torch.float32, args.device, args.seed)
     tokenizer, _, encoded = requests(args, model.config.vocab_size)
     layers = len(decoder_layers(model))
     after = (layers - 1 - args.layer) / layers  # the share of blocks an exact engine runs per neuron

@@ -1,6 +1,7 @@
-"""What both benchmarks measure on: a model of mamba-130m's or mamba2-130m's shape (random weights, no
-download) and the requests of the study's six tasks as the project builds them (the first N
-discovery documents of each, GPT-NeoX tokenizer), or synthetic requests with `--synthetic`.
+"""What the benchmarks measure on: a model of mamba-130m's or mamba2-130m's shape, or of their 790m
+siblings' (random weights, no download), and the requests of the study's six tasks as the project
+builds them (the first N discovery documents of each, GPT-NeoX tokenizer), or synthetic requests
+with `--synthetic`.
 """
 
 from __future__ import annotations
@@ -41,15 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser, docs: int) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the random model's weights")
 
 
-def model_130m_shaped(family: str, dtype: torch.dtype, device: str, seed: int):
-    """Random-weight MambaForCausalLM with mamba-130m's configuration, or Mamba2ForCausalLM with
-    mamba2-130m's (hidden 768, 24 layers, 24 heads of 64, state 128, one group)."""
+SHAPES = {"130m": dict(hidden_size=768, num_hidden_layers=24), "790m": dict(hidden_size=1536, num_hidden_layers=48)}
+
+
+def model_shaped(family: str, dtype: torch.dtype, device: str, seed: int, size: str = "130m"):
+    """Random-weight MambaForCausalLM with mamba-130m's (or -790m's) configuration, or Mamba2ForCausalLM
+    with mamba2-130m's (or -780m's: hidden 1536, 48 layers) and its heads of 64, state 128, one group."""
     torch.manual_seed(seed)
-    common = dict(vocab_size=50280, hidden_size=768, num_hidden_layers=24, expand=2, conv_kernel=4, pad_token_id=0,
-                  bos_token_id=0, eos_token_id=0, use_cache=False)
+    common = dict(vocab_size=50280, expand=2, conv_kernel=4, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                  use_cache=False, **SHAPES[size])
     if family == "mamba2":
-        model = Mamba2ForCausalLM(Mamba2Config(state_size=128, head_dim=64, num_heads=24, n_groups=1, chunk_size=256,
-                                               **common))
+        heads = 2 * common["hidden_size"] // 64
+        model = Mamba2ForCausalLM(Mamba2Config(state_size=128, head_dim=64, num_heads=heads, n_groups=1,
+                                               chunk_size=256, **common))
     else:
         model = MambaForCausalLM(MambaConfig(state_size=16, **common))
     return model.to(device=device, dtype=dtype).eval()

@@ -102,11 +102,61 @@ def parse_steer(text: str) -> Steering:
 
 
 def check_device(device: str) -> str:
-    """cpu, cuda or cuda:N (mps where PyTorch has it): anything else is refused before the model loads."""
+    """cpu, cuda, cuda:N or auto (mps where PyTorch has it): anything else is refused before the model loads."""
     kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda", "mps") or index and not (kind == "cuda" and index.isdigit()):
-        raise UsageError(f"unknown --device {device!r}: use cpu, cuda or cuda:N")
+    if kind not in ("cpu", "cuda", "mps", "auto") or index and not (kind == "cuda" and index.isdigit()):
+        raise UsageError(f"unknown --device {device!r}: use cpu, cuda, cuda:N or auto")
     return device
+
+
+SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '40KB', '1.5GiB' or '1000' (KB, MB, GB, TB: powers of 1000; KiB, MiB, GiB, TiB: of 1024)."""
+    number = text.rstrip("BbIiKkMmGgTt")
+    unit = text[len(number):].upper() or "B"
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"{text!r} is not a size like 40KB or 70GiB") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{text!r} is not a size like 40KB or 70GiB")
+    return int(value)
+
+
+def parse_max_memory(text: str) -> dict[int | str, int]:
+    """--max_memory '0=70GiB,cpu=100GiB' as accelerate's max_memory: GPU index (0, or cuda:0) or
+    "cpu" -> bytes."""
+    budget: dict[int | str, int] = {}
+    for entry in (e.strip() for e in str(text).split(",")):
+        if not entry:
+            continue
+        device, sep, size = (part.strip() for part in entry.partition("="))
+        device = device.removeprefix("cuda:")
+        if not sep or not (device == "cpu" or device.isdigit()):
+            raise UsageError(f"malformed --max_memory entry {entry!r}: use DEVICE=SIZE, DEVICE a GPU index (0, cuda:0) "
+                             "or cpu, e.g. 0=70GiB,cpu=100GiB; disk is --offload_folder")
+        key = int(device) if device.isdigit() else device
+        if key in budget:
+            raise UsageError(f"--max_memory names {device} twice")
+        try:
+            budget[key] = parse_size(size)
+        except ValueError as e:
+            raise UsageError(f"--max_memory {entry!r}: {e}") from None
+    if not budget:
+        raise UsageError(f"--max_memory {text!r} names no device")
+    return budget
+
+
+def max_memory_arg(text: str) -> str:
+    """argparse's type for --max_memory: the text, once it parses (so that a run records it as given)."""
+    try:
+        parse_max_memory(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parse_names(text: str) -> list[str]:
@@ -153,10 +203,28 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                         help="steer step 2's High Impact neurons at its layer by its High Impact factor")
 
 
-def add_model_args(parser: argparse.ArgumentParser, batch_size: int | None = Options.batch_size) -> None:
-    """--model/--tokenizer/--device/--dtype/--batch_size/--seed, shared by every step."""
+def add_placement_args(parser: argparse.ArgumentParser, device: str = "cuda") -> None:
+    """--device, --max_memory and --offload_folder: where the model's weights go and where it computes."""
+    parser.add_argument("--device", default=device,
+                        help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent), or auto: the model spread by "
+                             "accelerate's device map over the GPUs, the CPU and disk (see --max_memory, "
+                             "--offload_folder)")
+    parser.add_argument("--max_memory", type=max_memory_arg, default=None, metavar="DEVICE=SIZE,...",
+                        help="with --device auto, the memory each device may hold, e.g. 0=70GiB,cpu=100GiB (GPUs by "
+                             "index; KB, MB, GB are powers of 1000, KiB, MiB, GiB of 1024); a device not listed holds "
+                             "nothing (default: 90%% of what each device has free)")
+    parser.add_argument("--offload_folder", default=None, metavar="DIR",
+                        help="with --device auto, the layers that fit in no device's memory stay on disk and are read "
+                             "at each forward (from the checkpoint's safetensors files where they can be, else "
+                             "written to DIR); without it a model that does not fit is refused before loading")
+
+
+def add_model_args(parser: argparse.ArgumentParser, batch_size: int | None = Options.batch_size,
+                   device: str = "cuda") -> None:
+    """--model/--tokenizer/--device/--max_memory/--offload_folder/--dtype/--batch_size/--seed, shared by
+    every step."""
     add_source_args(parser)
-    parser.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (CPU with a warning if CUDA is absent)")
+    add_placement_args(parser, device)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype; half precision can overflow at large factors (reported, not scored)")
     fit = " (default: as many as fit in memory)" if batch_size is None else ""

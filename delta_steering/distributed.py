@@ -27,8 +27,8 @@ from .results_io import Checkpoint, RunLock, WriteError, differing_keys, read_js
 
 SHARD_DIR = "shards"
 # arguments that change neither what a step measures nor how it is split into items
-NOT_MEASURED = ("device", "batch_size", "engine", "chunk_neurons", "output_dir", "save_path", "no_plots", "overwrite",
-                "shard", "merge", "threshold", "ifeval_metric", "score_responses")
+NOT_MEASURED = ("device", "max_memory", "offload_folder", "batch_size", "engine", "chunk_neurons", "output_dir",
+                "save_path", "no_plots", "overwrite", "shard", "merge", "threshold", "ifeval_metric", "score_responses")
 
 
 def fingerprint(arguments: dict, **inputs: str | None) -> dict:
@@ -100,6 +100,9 @@ def start_workers(shard: str | None, merge: list[str] | None, device: str) -> tu
         return (Workers(*parse_shard(shard), "shard") if shard is not None else Workers()), device
     if shard is not None or merge is not None:
         raise UsageError("--shard and --merge are for runs without torchrun; under torchrun the ranks share the work")
+    if device == "auto" and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise UsageError("--device auto spreads one model over this machine's devices; under torchrun with several "
+                         "processes a machine, give each its own GPU (--device cuda) or run one process a machine")
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

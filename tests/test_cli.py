@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from delta_steering.errors import UsageError
 from scripts import one_line, run_main, step1_file
 
 SCRIPTS = ("step1_neuron_discovery", "step2_steering_factor_determination", "step3_steer_performance_verification")
@@ -143,3 +144,21 @@ def test_step3_names_a_missing_prompt_file_before_nltk(inputs, tmp_path, capsys,
     assert "IFEval file not found" in one_line(capsys)
     assert run_main(SCRIPTS[2], [*args[:-5], "--layers", "40", "--layer_ablation", *args[-5:]]) == 2
     assert "--layers 40" in one_line(capsys)
+
+
+def test_max_memory_entries_parse_as_accelerate_reads_them():
+    from delta_steering.cli import parse_max_memory
+
+    assert parse_max_memory("0=70GiB, cpu=100GiB") == {0: 70 * 2**30, "cpu": 100 * 2**30}
+    assert parse_max_memory("cuda:1=1.5GB,cpu=40KB") == {1: 1_500_000_000, "cpu": 40_000}
+    assert parse_max_memory("cpu=4096") == {"cpu": 4096}
+    for text, message in [("cpu", "malformed --max_memory entry 'cpu'"), ("disk=1GB", "disk is --offload_folder"),
+                          ("cpu=1XB", "'1XB' is not a size"), ("cpu=-1GB", "not a size"),
+                          ("cpu=1GB,cpu=2GB", "names cpu twice"), (",", "names no device")]:
+        with pytest.raises(UsageError, match=message):
+            parse_max_memory(text)
+
+
+def test_a_malformed_max_memory_exits_2_before_any_work(tmp_path, capsys):
+    assert run_main("step1_neuron_discovery", ["--save_path", tmp_path / "d.json", "--max_memory", "gpu=1GB"]) == 2
+    assert "malformed --max_memory entry 'gpu=1GB'" in capsys.readouterr().err

@@ -42,6 +42,19 @@ def test_steered_against_unsteered_with_a_generative_benchmark(tiny_model_dir, t
     assert "acc,none" in capsys.readouterr().out
 
 
+def test_a_model_offloaded_to_disk_gives_the_results_of_the_model_in_memory(tiny_model_dir, tmp_path):
+    """lm-eval's log-likelihoods and generation, on blocks read from disk at each forward."""
+    data = write_piqa(tmp_path / "data")
+    write_gsm8k(data)
+    common = ["--tasks", "piqa,gsm8k", "--data_dir", data, "--num_fewshot", "0", "--limit", "2", "--gen_kwargs",
+              "max_gen_toks=8", "--steer", "20:0-15:0.1"]
+    assert evaluate(tiny_model_dir, tmp_path / "memory", *common) == 0
+    assert evaluate(tiny_model_dir, tmp_path / "disk", *common, "--device", "auto", "--max_memory", "cpu=40KB",
+                    "--offload_folder", tmp_path / "offload") == 0
+    memory, disk = (json.loads((tmp_path / d / "comparison.json").read_text()) for d in ("memory", "disk"))
+    assert disk["tasks"] == memory["tasks"] and disk["steering"] == memory["steering"]
+
+
 def test_from_step2_steers_the_high_impact_group(tiny_model_dir, tmp_path, capsys):
     data = write_piqa(tmp_path / "data")
     step1 = step1_file(tmp_path / "step1.json", {1: 3.0, 2: 2.5, 3: 0.0}, 21, tiny_model_dir, 32)

@@ -114,6 +114,17 @@ def test_unsteered_tensors_are_byte_identical_and_undo_is_exact(exported, name):
     assert record["provenance"]["family"] == record["source"]["family"]
 
 
+def test_a_source_offloaded_to_disk_exports_the_same_checkpoint(exported, tmp_path):
+    case = exported["mamba-24"]
+    args, _ = steering_args(AutoModelForCausalLM.from_pretrained(case["source"]))
+    assert export(case["source"], tmp_path / "out", *args, "--device", "auto", "--max_memory", "cpu=40KB",
+                  "--offload_folder", tmp_path / "offload") == 0
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (case["out"] / name).read_bytes(), name
+    offloaded, in_memory = (json.loads((d / "steering.json").read_text()) for d in (tmp_path / "out", case["out"]))
+    assert offloaded == in_memory
+
+
 def test_half_precision_source_exports_in_its_dtype(tokenizer, tmp_path):
     model = make_tiny("mamba2")
     source = save_source(model, tokenizer, tmp_path / "bf16", torch.bfloat16)

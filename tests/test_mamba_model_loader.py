@@ -79,18 +79,23 @@ def test_other_architectures_are_refused(tiny_model_dir, tmp_path, model_type, m
         load_mamba_model(str(other), device="cpu")
 
 
-def test_original_format_checkpoint_is_converted(tiny_model, tiny_model_dir, tokenizer, tmp_path):
-    """Write the tiny model the way mamba_ssm saves it; the loader must give the same logits."""
-    original = tmp_path / "original"
+def save_original(model, original):
+    """Write a Mamba model the way mamba_ssm saves it."""
     original.mkdir()
-    config = tiny_model.config
+    config = model.config
     (original / "config.json").write_text(json.dumps({
         "d_model": config.hidden_size, "n_layer": config.num_hidden_layers, "vocab_size": config.vocab_size,
         "ssm_cfg": {"d_state": config.state_size, "d_conv": config.conv_kernel, "expand": config.expand,
                     "dt_rank": config.time_step_rank},
         "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 8}))
-    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in tiny_model.state_dict().items()}
+    state = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in model.state_dict().items()}
     torch.save(state, original / "pytorch_model.bin")
+    return original
+
+
+def test_original_format_checkpoint_is_converted(tiny_model, tiny_model_dir, tokenizer, tmp_path):
+    """Write the tiny model the way mamba_ssm saves it; the loader must give the same logits."""
+    original = save_original(tiny_model, tmp_path / "original")
     model, tok = load_mamba_model(str(original), device="cpu", tokenizer=str(tiny_model_dir))
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
     torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits, atol=1e-5, rtol=1e-5)
@@ -151,3 +156,52 @@ def test_original_mamba2_checkpoint_is_converted(tokenizer, tmp_path):
                                                       "attn_layer_idx": [1]}))
     with pytest.raises(UsageError, match="Mamba2ForCausalLM cannot hold"):
         load_mamba_model(str(tmp_path), device="cpu")
+
+
+def test_device_auto_spreads_the_model_over_cpu_and_disk(tiny_model_dir, tmp_path, capsys):
+    model, _ = load_mamba_model(str(tiny_model_dir), "auto", max_memory="cpu=100KB",
+                                offload_folder=str(tmp_path / "offload"))
+    where = "cpu: backbone.embeddings, lm_head, backbone.layers.0-5; disk: backbone.norm_f, backbone.layers.6-23"
+    assert capsys.readouterr().out == f"device map: {where}\n"
+    assert describe(model)["device"] == f"auto ({where})" and describe(model)["dtype"] == "float32"
+    assert model.backbone.layers[5].mixer.dt_proj.weight.device.type == "cpu"
+    assert model.backbone.layers[6].mixer.dt_proj.weight.device.type == "meta"  # read from disk at each forward
+    in_memory, _ = load_mamba_model(str(tiny_model_dir), "cpu")
+    ids = torch.tensor([[5, 17, 3, 42, 8, 99]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, in_memory(ids).logits)
+
+
+def test_an_original_checkpoint_spread_over_cpu_and_disk_writes_its_offloaded_layers_to_the_folder(
+        tiny_model, tiny_model_dir, tmp_path):
+    """Safetensors checkpoints are read in place; an original one has no such file to read from."""
+    original = save_original(tiny_model, tmp_path / "original")
+    folder = tmp_path / "offload"
+    model, _ = load_mamba_model(str(original), "auto", tokenizer=str(tiny_model_dir), max_memory="cpu=40KB",
+                                offload_folder=str(folder))
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+    assert (folder / "backbone.layers.20.mixer.dt_proj.weight.dat").is_file()
+    ids = torch.tensor([[5, 17, 3, 42, 8, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_the_memory_check_refuses_before_reading_a_weight(tiny_model_dir, tmp_path, monkeypatch):
+    from delta_steering.model import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", refuse)
+    with pytest.raises(UsageError, match=r"\(251.6 KiB in float32\) does not fit the memory it may use \(cpu 39.1 "
+                                         r"KiB allowed of .* free\): accelerate's device map leaves 226.6 KiB of it "
+                                         r"\(backbone.norm_f, backbone.layers\) for disk; add --offload_folder DIR"):
+        load_mamba_model(str(tiny_model_dir), "auto", max_memory="cpu=40KB")
+    with pytest.raises(UsageError, match="leaves no room for its input embeddings"):
+        load_mamba_model(str(tiny_model_dir), "auto", max_memory="cpu=1KB", offload_folder=str(tmp_path))
+    monkeypatch.setattr(loading, "free_bytes", lambda device: 200_000)  # 195.3 KiB free: bfloat16 would fit
+    with pytest.raises(UsageError, match=r"needs 251.6 KiB in float32 but cpu has 195.3 KiB free: use --device auto "
+                                         r"--offload_folder DIR .*, or --dtype bfloat16 \(125.8 KiB\)$"):
+        load_mamba_model(str(tiny_model_dir), "cpu")
+    with pytest.raises(UsageError, match="with --device cpu it is loaded whole there"):
+        load_mamba_model(str(tiny_model_dir), "cpu", offload_folder=str(tmp_path))

@@ -42,8 +42,13 @@ def test_other_families_are_left_alone(family):
         assert every_chunk_size(model) == before
 
 
-def test_other_devices_keep_the_configured_chunk(monkeypatch):
+def test_mixers_that_compute_on_a_gpu_keep_the_configured_chunk():
+    """A model spread over devices (accelerate's hooks say where each module computes): only the mixers
+    that compute on the CPU scan in short chunks."""
+    from accelerate.hooks import AlignDevicesHook
+
     model = make_tiny("mamba2", num_hidden_layers=2, chunk_size=256)
-    monkeypatch.setattr(type(model), "parameters", lambda self: iter([torch.empty(0, device="meta")]))
+    model.backbone.layers[1].mixer._hf_hook = AlignDevicesHook(execution_device=torch.device("cuda:0"))
     with short_chunks(model, 40):
-        assert chunk_sizes(model) == {256}
+        assert [block.mixer.chunk_size for block in model.backbone.layers] == [32, 256]
+    assert chunk_sizes(model) == {256}

@@ -31,7 +31,7 @@ def slow(result, seconds):
 
 @pytest.mark.parametrize("shared_s, whole_s, expected", [(0.0, 0.2, True), (0.2, 0.0, False)])
 def test_a_race_keeps_the_faster_way_and_returns_its_result(shared_s, whole_s, expected):
-    choice = ReadingChoice(torch.device("cpu"))
+    choice = ReadingChoice([torch.device("cpu")])
     result = choice.race((4, 3, 2), slow("shared", shared_s), slow("whole", whole_s))
     assert choice.shared == {(4, 3, 2): expected}
     assert result == ("shared" if expected else "whole")

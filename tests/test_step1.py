@@ -12,7 +12,7 @@ from delta_steering.engine.scoring import score_examples
 from delta_steering.analysis.metrics import summarize
 from delta_steering.data.tasks import load_examples
 from mamba_model_loader import load_mamba_model
-from scripts import interrupting, run_main
+from scripts import interrupting, one_line, run_main
 from tiny import near_tie_task
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,35 @@ def test_fast_engine_gives_the_same_json(naive_run, tiny_model_dir, task_file, p
     assert {**strip_run(fast), "engine": "naive"} == strip_run(naive_run)
 
 
+def test_a_model_offloaded_to_disk_gives_the_impacts_of_the_model_in_memory(naive_run, tiny_model_dir, task_file,
+                                                                            pile_file, tmp_path, capsys):
+    """40 KB of CPU memory holds the embeddings and the head; every block is read from disk at each forward."""
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-19", "--layer", "23",
+                 "--device", "auto", "--max_memory", "cpu=40KB", "--offload_folder", tmp_path / "offload") == 0
+    assert "device map: cpu: backbone.embeddings, lm_head; disk: " in capsys.readouterr().out
+    offloaded = json.loads((tmp_path / "out.json").read_text())
+    assert offloaded["run"]["model"]["device"].startswith("auto (cpu: ")
+    assert {**strip_run(offloaded), "engine": "naive"} == strip_run(naive_run)
+
+
+def test_a_model_too_large_for_its_memory_is_refused_before_any_weight_is_read(tiny_model_dir, task_file, pile_file,
+                                                                              tmp_path, capsys, monkeypatch):
+    from delta_steering.model import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", refuse)
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--device", "auto", "--max_memory", "cpu=40KB") == 2
+    line = one_line(capsys)
+    assert "(251.6 KiB in float32) does not fit the memory it may use (cpu 39.1 KiB allowed of " in line
+    assert "add --offload_folder DIR" in line and "raise --max_memory" in line
+    monkeypatch.setattr(loading, "free_bytes", lambda device: 100_000)  # a machine with 100 KB free
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path) == 2
+    line = one_line(capsys)
+    assert "needs 251.6 KiB in float32 but cpu has 97.7 KiB free: use --device auto --offload_folder DIR" in line
+
+
 def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, task_file, pile_file, tmp_path,
                                                     monkeypatch, capsys):
     from delta_steering.steps import discover
@@ -146,6 +175,8 @@ def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, t
     (["--tasks", "piqa", "--data_dir", "/nonexistent"], "piqa/validation.jsonl not found"),
     (["--validation_size", "0"], "--validation_size must be at least 1"),
     (["--model", "./no/such/dir"], "local model directory not found"),
+    (["--max_memory", "cpu=1GB"], "--max_memory and --offload_folder spread the model over devices with --device auto"),
+    (["--device", "auto", "--max_memory", "7=1GB"], "--max_memory names GPU 7, which this machine does not have"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, task_file, pile_file, tmp_path, capsys, extra, message):
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, *extra) == 2

@@ -224,6 +224,17 @@ def test_the_console_table_says_what_was_measured_never_nan(capsys):
     assert "Δ +1.50 is below the minimum detectable effect of the confirmation half (4.20 points)" in out
 
 
+def test_a_model_split_between_cpu_and_disk_gives_the_tables_of_the_model_in_memory(setup, result, tmp_path, capsys):
+    """2.7 MB of CPU memory holds all but blocks 19-23 (the steered layer among them), which are read
+    from disk at each forward. Perplexity on offloaded layers is compared in test_placement and step 3."""
+    assert step2(setup, tmp_path, "--engine", "naive", "--device", "auto", "--max_memory", "cpu=2.7MB",
+                 "--offload_folder", tmp_path / "offload") == 0
+    assert "disk: backbone.norm_f, backbone.layers.19-23" in capsys.readouterr().out
+    offloaded = json.loads((tmp_path / "cluster9_ablation_results_all_neurons.json").read_text())
+    unrecorded = {"run": None, "content_sha256": None, "perplexity": None}
+    assert {**offloaded, **unrecorded} == {**result, **unrecorded}
+
+
 def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, monkeypatch, capsys):
     from delta_steering.steps import determine_factors
 

@@ -138,6 +138,24 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both,
     assert not (tmp_path / "step3_checkpoint.json").exists()
 
 
+def test_a_model_split_between_cpu_and_disk_gives_the_responses_of_the_model_in_memory(tiny_model_dir, files, both,
+                                                                                       tmp_path):
+    """220 KB of CPU memory holds all but blocks 19-23 (the steered layers), read from disk at each forward."""
+    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30", "--max_memory", "cpu=220KB",
+                 "--offload_folder", tmp_path / "offload", **{"--device": "auto"}) == 0
+    for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
+        offloaded, in_memory = (json.loads((d / name).read_text()) for d in (tmp_path, both))
+        for result in (offloaded, in_memory):
+            del result["run"], result["content_sha256"]
+            for c in result["configurations"]:
+                del c["seconds"]
+        assert offloaded == in_memory
+    responses = sorted(p.name for p in both.glob("responses_*.jsonl"))
+    assert responses and responses == sorted(p.name for p in tmp_path.glob("responses_*.jsonl"))
+    for name in responses:
+        assert (tmp_path / name).read_text() == (both / name).read_text()
+
+
 def test_combined_is_the_default_mode(tiny_model_dir, files, tmp_path):
     assert step3(tiny_model_dir, files, tmp_path, "--factor", "2", **{"--num_samples": 2, "--max_new_tokens": 4}) == 0
     result = json.loads((tmp_path / "combined_steering_ifeval_results.json").read_text())

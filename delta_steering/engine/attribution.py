@@ -18,6 +18,7 @@ from ..analysis.impacts import estimate_records, top_estimated
 from ..data.tasks import Example
 from ..intervention import Intervention
 from ..model.mamba1 import block_input, block_output, gated_scan, mixer_pieces
+from ..model.placement import execution_device, input_device, weight
 from ..model.sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from ..progress import tqdm
 from .batching import Encoded, gather_targets, pad_batch, request_batches, target_ids, target_mask, token_budget
@@ -34,8 +35,8 @@ def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengt
                    kinds: list[str]) -> Tensor:
     """Each request's score (see Attribution), differentiable; the LM head runs on target positions only."""
     compact = gather_targets(hidden, items, lengths)
-    targets = target_ids(items, hidden.device)[:, None]
     logits = head(compact[target_mask(items, hidden.device)]).float()
+    targets = target_ids(items, logits.device)[:, None]
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0]
     margin = logits.gather(-1, targets)[:, 0] - logits.scatter(-1, targets, -torch.inf).amax(-1)
     sizes = [e.n_target for e in items]
@@ -50,9 +51,9 @@ def written_out_block(block, hidden: Tensor, offset: Tensor) -> tuple[Tensor, Te
     is the gradient with respect to dt_pre, every later path included."""
     mixer = block.mixer
     x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
-    dt_pre = dt_lin + mixer.dt_proj.bias.float().to(dt_lin.dtype)[:, None] + offset
-    A = -torch.exp(mixer.A_log.detach().float())
-    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D.detach(), gate)
+    dt_pre = dt_lin + weight(mixer.dt_proj, "bias").float().to(dt_lin.dtype)[:, None] + offset
+    A = -torch.exp(weight(mixer, "A_log").detach().float())
+    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], weight(mixer, "D").detach(), gate)
     return block_output(block, hidden, y), dt_pre.detach()
 
 
@@ -74,7 +75,8 @@ def batch_gradients(model, layers: list[int], ids: Tensor, items: list[Encoded],
                 hidden = blocks[index](hidden)
                 continue
             channels = blocks[index].mixer.intermediate_size
-            offsets[index] = torch.zeros(ids.shape[0], channels, ids.shape[1], device=ids.device, requires_grad=True)
+            offsets[index] = torch.zeros(ids.shape[0], channels, ids.shape[1], device=execution_device(blocks[index]),
+                                         requires_grad=True)
             hidden, dt_pre[index] = written_out_block(blocks[index], hidden, offsets[index])
         scores = request_scores(OutputHead(model), model.backbone.norm_f(hidden), items, lengths, kinds)
         grads = torch.autograd.grad(scores.sum(), [offsets[i] for i in layers])
@@ -111,7 +113,7 @@ def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[
     kinds = [("margin" if e.metric == "greedy" else "logprob") for e in examples for _ in e.requests]
     if len(kinds) != len(encoded):
         raise ValueError(f"{len(encoded)} encoded requests for {len(kinds)} requests of the examples")
-    device = next(model.parameters()).device
+    device = input_device(model)
     width = max(len(e.tokens) for e in encoded)
     # the backward pass keeps each later block's scan tensors: shrink the budget accordingly
     after = len(decoder_layers(model)) - layers[0]
@@ -123,10 +125,11 @@ def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[
         items = [encoded[i] for i in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
         scores, grads, dt_pre = batch_gradients(model, layers, ids, items, lengths, [kinds[i] for i in batch])
-        valid = torch.arange(ids.shape[1], device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        valid = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
         base[batch] = scores.cpu().numpy()
-        for layer in layers:
-            change = dt_pre_change(dt_pre[layer].float(), interventions[layer]) * valid[:, None, :]
+        for layer in layers:  # each on its block's device
+            mask = valid.to(dt_pre[layer].device)[:, None, :]
+            change = dt_pre_change(dt_pre[layer].float(), interventions[layer]) * mask
             delta[layer][:, batch] = (grads[layer].float() * change).sum(-1).T.double().cpu().numpy()
     return {layer: Attribution(base, delta[layer], tuple(kinds)) for layer in layers}
 

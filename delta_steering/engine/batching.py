@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..model.placement import devices
 from ..model.sites import scan_memory
 
 
@@ -38,10 +39,11 @@ def context_groups(encoded: list[Encoded]) -> list[list[int]]:
 
 
 def memory_items(model, bytes_per_item: int, cuda_share: float) -> int:
-    """How many items of `bytes_per_item` fit: `cuda_share` of the free GPU memory, or 256 MiB on CPU."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+    """How many items of `bytes_per_item` fit: `cuda_share` of the free memory of the fullest GPU the
+    model computes on, or 256 MiB on CPU."""
+    gpus = [d for d in devices(model) if d.type == "cuda"]
+    if gpus:
+        free = min(torch.cuda.mem_get_info(d)[0] for d in gpus)
         return int(cuda_share * free / bytes_per_item)
     return 2**28 // bytes_per_item
 

@@ -40,6 +40,7 @@ from ..model import mamba2
 from ..model.continuation import continuation_hidden, continues_exactly
 from ..model.mamba1 import LayerState, blocks, gated_scan, layer_state, suffix
 from ..model.mamba2 import short_chunks
+from ..model.placement import input_device, weight
 from ..model.sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
 from ..progress import tqdm
 from .batching import Encoded, batches, context_groups, gather_targets, head_rows, pad_batch, token_budget
@@ -63,14 +64,14 @@ def steered_outputs(model, layer: int, state: LayerState, intervention: Interven
     mixer = decoder_layers(model)[layer].mixer
     rows = torch.tensor(intervention.neurons, device=state.x.device)
     lin = state.dt_lin[:, rows].transpose(0, 1)  # (neurons, batch, tokens)
-    before, after = intervention.dt_pre(lin, mixer.dt_proj.bias.detach()[rows])
+    before, after = intervention.dt_pre(lin, weight(mixer.dt_proj, "bias").detach()[rows])
     x = state.x[:, rows].transpose(0, 1)  # (neurons, batch, tokens)
     gate = state.gate[:, rows].transpose(0, 1)
-    A = -torch.exp(mixer.A_log.detach()[rows].float())[:, None, :]  # (neurons, 1, state)
-    D = mixer.D.detach()[rows][:, None]
+    A = -torch.exp(weight(mixer, "A_log").detach()[rows].float())[:, None, :]  # (neurons, 1, state)
+    D = weight(mixer, "D").detach()[rows][:, None]
     y = gated_scan(x, torch.stack([before, after]), A, state.B[None, :, :, :], state.C[None, :, :, :], D, gate)
     change = y[1] - y[0]
-    columns = mixer.out_proj.weight.detach()[:, rows].T.float()  # (neurons, hidden)
+    columns = weight(mixer.out_proj, "weight").detach()[:, rows].T.float()  # (neurons, hidden)
     hidden = state.output.float()[None] + change[..., None] * columns[:, None, None, :]
     return hidden.to(state.output.dtype).flatten(0, 1)
 
@@ -204,7 +205,7 @@ def run(sweeps: list[FastSweep], tokenizer, encoded: list[Encoded], packed: list
     embeddings up, each sweep's layer state taken on the way (one prefix for every layer, lowest
     first), then every neuron of each layer; seconds added to `timings`."""
     model = sweeps[0].model
-    device = next(model.parameters()).device
+    device = input_device(model)
     for batch_groups in packed:
         columns = [i for g in batch_groups for i in g]
         items = [encoded[i] for i in columns]

@@ -34,6 +34,7 @@ from transformers import DynamicCache
 
 from ..model.continuation import has_ssm_cache, merged_cache
 from ..model.mamba2 import short_chunks
+from ..model.placement import input_device
 from ..model.sites import SSM_ONLY_FAMILIES, decoder_layers, family_of
 from ..progress import tqdm
 from .batching import token_budget
@@ -48,7 +49,7 @@ _NOTED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 def default_batch_size(model: torch.nn.Module) -> int:
     """Prompts per static batch (hybrids), and the least rows continuous batching measures from."""
-    return 32 if next(model.parameters()).device.type == "cuda" else 8
+    return 32 if input_device(model).type == "cuda" else 8
 
 
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int,
@@ -95,7 +96,7 @@ def until_eos(row: list[int], eos: int) -> list[int]:
 def static(model, encoded: list[list[int]], max_new_tokens: int, eos: int, pad: int, batch_size: int,
            progress: bool) -> list[list[int]]:
     """`model.generate` on batches of prompts sorted by length, the cache on whatever the config says."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out: list[list[int]] = [[] for _ in encoded]
     for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", disable=not progress):
@@ -122,7 +123,7 @@ def prefill(model, encoded: list[list[int]], pad: int) -> tuple[DynamicCache, li
     """Read prompts in one left-padded forward: a cache of their states and each one's first new token.
     A Mamba-2 model on CPU scans them in chunks fitted to their length (`mamba2.short_chunks`, the
     same recurrence; transformers' 256-token chunks cost a short prompt what 256 tokens do)."""
-    ids, mask = left_padded(encoded, pad, next(model.parameters()).device)
+    ids, mask = left_padded(encoded, pad, input_device(model))
     cache = DynamicCache(config=model.config)
     with short_chunks(model, ids.shape[1]):
         logits = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1).logits
@@ -163,7 +164,7 @@ def continuous(model, encoded: list[list[int]], max_new_tokens: int, eos: int, p
                progress: bool) -> list[list[int]]:
     """Each prompt's new tokens (EOS excluded) by continuous batching of `batch_size` rows (see the
     module docstring). Prompts are read shortest first, so a prefill batch pads little."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     layers = len(decoder_layers(model))
     new: list[list[int]] = [[] for _ in encoded]
     queue = deque(sorted(range(len(encoded)), key=lambda i: len(encoded[i])))
@@ -232,7 +233,7 @@ def state_bytes(model) -> int:
 def memory_rows(model) -> int:
     """Rows whose states fit `MEMORY_SHARE` of the free memory: each row's state three times (the
     running cache, a prompt read ahead, the step's temporaries)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     return max(1, int(MEMORY_SHARE * free // (3 * state_bytes(model))))
 
@@ -240,7 +241,7 @@ def memory_rows(model) -> int:
 @torch.no_grad()
 def step_seconds(model, rows: int) -> float:
     """Seconds of one cached step of `rows` rows (after one untimed step)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     cache, _ = prefill(model, [[0, 0]] * rows, 0)
     inputs = torch.zeros(rows, 1, dtype=torch.long, device=device)
     seconds = []
@@ -260,7 +261,7 @@ def batch_size_for(model) -> int:
     """Rows per step for continuous batching: doubled from the static batch size (8 on CPU, 32 on
     CUDA: a row costs no more than it did there) while a doubling gains at least 10% in rows per
     second, within `memory_rows` and `MAX_BATCH`; measured once per model, dtype and device."""
-    key = f"{model.dtype} {next(model.parameters()).device}"
+    key = f"{model.dtype} {input_device(model)}"
     sizes = _BATCH_SIZES.setdefault(model, {})
     if key not in sizes:
         limit = min(MAX_BATCH, memory_rows(model))

@@ -9,6 +9,7 @@ import math
 import torch
 
 from ..analysis.metrics import perplexity_of
+from ..model.placement import input_device
 from ..progress import tqdm
 from .batching import Encoded, pad_batch, request_batches, token_budget
 
@@ -22,7 +23,7 @@ def document_losses(model, tokenizer, texts: list[str], max_length: int = 512, b
     encoded = [Encoded(tuple(d), len(d) - 1) for d in docs if len(d) >= 2]
     if not encoded:
         raise ValueError("no document has two tokens or more")
-    device = next(model.parameters()).device
+    device = input_device(model)
     nll = [math.nan] * len(encoded)
     batches = request_batches(encoded, batch_size, token_budget(model, max_length))
     for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
@@ -32,7 +33,7 @@ def document_losses(model, tokenizer, texts: list[str], max_length: int = 512, b
         for row, (i, n) in enumerate(zip(batch, lengths)):
             row_logits = logits[row, :n]
             if torch.isfinite(row_logits).all():
-                target = torch.tensor(encoded[i].tokens[1:], device=device)
+                target = torch.tensor(encoded[i].tokens[1:], device=logits.device)
                 nll[i] = torch.nn.functional.cross_entropy(row_logits, target, reduction="sum").item()
     return {"nll": nll, "tokens": [e.n_target for e in encoded]}
 

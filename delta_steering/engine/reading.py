@@ -19,6 +19,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from ..model.placement import devices
 from .batching import Encoded
 
 Shape = tuple[int, int, int]
@@ -42,18 +43,20 @@ def shape_of(encoded: list[Encoded], group: list[int]) -> Shape:
 class ReadingChoice:
     """For each shape met so far, whether reading its contexts once was measured the faster way."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, devices: list[torch.device]):
+        self.gpus = [d for d in devices if d.type == "cuda"]
         self.shared: dict[Shape, bool] = {}
 
+    def synchronize(self) -> None:
+        for gpu in self.gpus:
+            torch.cuda.synchronize(gpu)
+
     def seconds(self, read: Callable[[], Result]) -> tuple[Result, float]:
-        """read's result and wall-clock seconds (synchronised on CUDA)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        """read's result and wall-clock seconds (synchronised on every GPU the model computes on)."""
+        self.synchronize()
         start = time.perf_counter()
         result = read()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.synchronize()
         return result, time.perf_counter() - start
 
     def race(self, shape: Shape, shared: Callable[[], Result], whole: Callable[[], Result]) -> Result:
@@ -67,8 +70,8 @@ class ReadingChoice:
 def choice_for(model, use: str) -> ReadingChoice:
     """The measured choices of one use of a model (scoring; the fast engine, at any layer: both ways
     run the same blocks after it, so the layer does not change which is faster), kept as long as
-    the model lives; a change of dtype or device starts afresh."""
-    device = next(model.parameters()).device
-    key = f"{use} {model.dtype} {device}"
+    the model lives; a change of dtype or devices starts afresh."""
+    on = devices(model)
+    key = f"{use} {model.dtype} {','.join(map(str, on))}"
     uses = _CHOICES.setdefault(model, {})
-    return uses.setdefault(key, ReadingChoice(device))
+    return uses.setdefault(key, ReadingChoice(on))

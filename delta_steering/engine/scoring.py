@@ -26,6 +26,7 @@ from ..data.tasks import Example
 from ..model.continuation import continuation_hidden, continues_exactly
 from ..model.mamba1 import block_input
 from ..model.mamba2 import short_chunks
+from ..model.placement import input_device
 from ..model.sites import OutputHead, decoder_layers
 from ..progress import tqdm
 from .batching import (Encoded, batches, context_groups, gather_targets, head_rows, memory_items, pad_batch,
@@ -56,15 +57,15 @@ def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded
     """Summed log-prob (NaN where a logit is not finite) and all-greedy flag of each request's
     targets, from their final hidden states in the compact layout of `batching.gather_targets`."""
     mask = target_mask(encoded, compact.device)
-    targets = target_ids(encoded, compact.device)
-    logits = head(compact[mask]).float()
+    logits = head(compact[mask]).float()  # on the LM head's device
+    targets = target_ids(encoded, logits.device)
     token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
     token_ok = torch.isfinite(logits).all(-1)
     token_greedy = (logits.argmax(-1) == targets) & token_ok
-    owner = torch.arange(len(encoded), device=compact.device).repeat_interleave(mask.sum(1))
+    owner = torch.arange(len(encoded), device=logits.device).repeat_interleave(mask.sum(1).to(logits.device))
 
     def per_request(values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(encoded), dtype=torch.float64, device=compact.device).index_add_(0, owner, values.double())
+        return torch.zeros(len(encoded), dtype=torch.float64, device=logits.device).index_add_(0, owner, values.double())
 
     finite = per_request((~token_ok).double()) == 0
     greedy = per_request((~token_greedy).double()) == 0
@@ -102,7 +103,7 @@ def shared_hidden(model, encoded: list[Encoded], groups: list[list[int]], batch_
     (requests x most targets x hidden), and the requests in that order (most targets first): each
     context read once (contexts of equal length in one forward), then every continuation as a block
     from its context's cached state (`continuation.continuation_hidden`)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     groups = sorted(groups, key=lambda g: encoded[g[0]].context_length)
     contexts = [encoded[g[0]].tokens[: encoded[g[0]].context_length] for g in groups]
     runs, start = [], 0
@@ -135,7 +136,7 @@ def chunked_target_scores(head: OutputHead, compact: torch.Tensor, items: list[E
 def whole_scores(model, tokenizer, encoded: list[Encoded], requests: list[int], batch_size: int | None,
                  budget: int, head: OutputHead):
     """(requests, summed log-probs, greedy flags) of each right-padded batch of whole sequences."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     for batch in request_batches([encoded[i] for i in requests], batch_size, budget):
         items = [encoded[requests[j]] for j in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)

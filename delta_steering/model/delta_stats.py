@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .placement import input_device
 from .sites import capture_dt_pre, check_layer, num_delta_neurons
 
 
@@ -41,7 +42,7 @@ def layer_delta_statistics(model: nn.Module, tokenizer, texts: Sequence[str], la
                 continue
             for seen in captured.values():
                 seen.clear()
-            model(input_ids=ids.to(model.device), use_cache=False)
+            model(input_ids=ids.to(input_device(model)), use_cache=False)
             for layer in layers:
                 dt = captured[layer][0].reshape(-1, n).double().cpu()
                 delta = torch.nn.functional.softplus(dt)

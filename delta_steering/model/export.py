@@ -22,7 +22,8 @@ from torch import nn
 from ..errors import UsageError
 from ..intervention import Steering
 from ..results_io import file_digest, write_json
-from .sites import delta_site, family_of
+from .placement import offloaded, weight
+from .sites import delta_site, family_of, meta_model
 from .steering import apply
 
 STEERING_FILE = "steering.json"
@@ -55,29 +56,67 @@ def sharers(model: nn.Module, tensor: torch.Tensor) -> list[str]:
     return [name for name, other in named if _span(other)[0] < hi and lo < _span(other)[1]]
 
 
-def edited_parameters(model: nn.Module, layers: list[int]) -> dict[str, torch.Tensor]:
-    """Name -> parameter of every tensor the delta sites of `layers` view; a UsageError (one line)
-    when one is stored under several names (tied or shared), so that editing it changes them all."""
+def architecture(model: nn.Module) -> nn.Module:
+    """The model built again from its config on the meta device (its ties as designed), once per model."""
+    if "_delta_steering_architecture" not in model.__dict__:  # a plain attribute: not a submodule
+        model.__dict__["_delta_steering_architecture"] = meta_model(model.config)
+    return model.__dict__["_delta_steering_architecture"]
+
+
+def tied_names(model: nn.Module, name: str) -> list[str]:
+    """`name` and every other name of the same parameter, as the model is placed: by memory where
+    the parameter is resident; by the architecture's ties (the model built again on the meta device)
+    where accelerate offloaded it, since its memory is then on the CPU or disk, out of sight."""
+    module_name, _, attribute = name.rpartition(".")
+    if not offloaded(model.get_submodule(module_name), attribute):
+        return [name, *(other for other in sharers(model, model.get_parameter(name)) if other != name)]
+    structure = architecture(model)
+    parameter = structure.get_parameter(name)
+    return [name, *(other for other, p in structure.named_parameters(remove_duplicate=False)
+                    if p is parameter and other != name)]
+
+
+def site_parameters(model: nn.Module, layer: int) -> dict[str, tuple[nn.Module, str]]:
+    """Name -> (module, attribute) of every parameter that layer `layer`'s delta site views."""
+    qualified = {module: name for name, module in model.named_modules()}
+    found = {}
+
+    def record(module: nn.Module, attribute: str) -> torch.Tensor:
+        found[f"{qualified[module]}.{attribute}"] = (module, attribute)
+        return getattr(module, attribute)
+
+    delta_site(model, layer, record)
+    return found
+
+
+def edited_parameters(model: nn.Module, layers: list[int]) -> dict[str, tuple[nn.Module, str]]:
+    """Name -> (module, attribute) of every parameter the delta sites of `layers` view; a UsageError
+    (one line) when one is stored under several names (tied or shared), so that editing it changes
+    them all."""
     edited = {}
     for layer in layers:
-        site = delta_site(model, layer)
-        for tensor in (*site.linear, site.bias):
-            owners = sharers(model, tensor)
+        for name, place in site_parameters(model, layer).items():
+            owners = tied_names(model, name)
             if len(owners) != 1:
                 raise UsageError(f"layer {layer}'s delta site {owners[0]} shares its memory with "
                                  f"{', '.join(owners[1:])}: steering it would change them too, so it cannot be "
                                  "exported as one edit")
-            edited[owners[0]] = model.get_parameter(owners[0])
+            edited[name] = place
     return edited
 
 
 def steered_values(model: nn.Module, steerings: list[Steering]) -> tuple[dict, dict]:
-    """(original, steered) copies of every edited parameter, by name: the steerings installed
-    together (`steering.apply`), read, and removed again."""
+    """(original, steered) CPU copies of every edited parameter, by name, wherever the model placed
+    it: the steerings installed together (`steering.apply`), read, and removed again."""
     params = edited_parameters(model, sorted({s.layer for s in steerings}))
-    original = {name: p.detach().clone() for name, p in params.items()}
+
+    def read() -> dict[str, torch.Tensor]:
+        return {name: weight(module, attribute).detach().to("cpu", copy=True)
+                for name, (module, attribute) in params.items()}
+
+    original = read()
     with apply(model, steerings):
-        steered = {name: p.detach().clone() for name, p in params.items()}
+        steered = read()
     return original, steered
 
 

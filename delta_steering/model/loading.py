@@ -13,14 +13,18 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import transformers
+from accelerate import dispatch_model, infer_auto_device_map
+from accelerate.utils import compute_module_sizes, get_balanced_memory
 from huggingface_hub import hf_hub_download
 from transformers import (
     AutoConfig,
@@ -30,7 +34,9 @@ from transformers import (
     MambaConfig,
 )
 
+from ..cli import check_device, check_output_dir, parse_max_memory
 from ..errors import UsageError
+from .placement import input_device
 from .sites import FAMILIES, Shape, family_of, meta_model, shape_of
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -205,6 +211,7 @@ def convert_original_state_dict(state_dict: dict) -> dict:
 
 
 def _load_original(source: ModelSource, dtype: torch.dtype):
+    """An original-format checkpoint: read whole into CPU memory and converted there."""
     weights = Path(source.path) / "pytorch_model.bin" if source.local else \
         hf_hub_download(source.path, "pytorch_model.bin", revision=source.revision)
     model = AutoModelForCausalLM.from_config(source.model_config)
@@ -237,21 +244,176 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def load_model(source: ModelSource | str, device: str = "cuda", dtype: str = "float32"):
-    """(model, tokenizer) in eval mode on `device` (CPU with a warning if CUDA is absent)."""
+def size_text(size: float) -> str:
+    """Bytes for people, in powers of 1024: 251.6 KiB, 28.0 GiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def model_bytes(source: ModelSource, dtype: str) -> int:
+    """The model's weights in `dtype`, from its structure alone (no weight read)."""
+    return compute_module_sizes(source.structure, dtype=DTYPES[dtype])[""]
+
+
+def free_bytes(device: int | str) -> int | None:
+    """Bytes free now on a GPU (by index) or in the CPU's memory (available RAM); None where unknown."""
+    if device == "cpu":
+        return psutil.virtual_memory().available
+    if isinstance(device, int):
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
+def device_key(device: str) -> int | str:
+    """accelerate's name for a torch device: a GPU's index, else the device's kind."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return device.index if device.index is not None else torch.cuda.current_device()
+    return device.type
+
+
+def device_budget(max_memory: str | dict | None) -> dict[int | str, int]:
+    """What each device may hold: with --max_memory, the devices it names, each at most what it has
+    free; without, 90% of what every GPU and the CPU have free (as transformers' "auto" keeps)."""
+    gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    if max_memory is None:
+        return {device: int(0.9 * free_bytes(device)) for device in [*gpus, "cpu"]}
+    asked = parse_max_memory(max_memory) if isinstance(max_memory, str) else dict(max_memory)
+    absent = [str(d) for d in asked if d != "cpu" and d not in gpus]
+    if absent:
+        have = f"GPUs {', '.join(map(str, gpus))}" if gpus else "no GPU"
+        raise UsageError(f"--max_memory names GPU {absent[0]}, which this machine does not have (it has {have})")
+    return {device: min(size, free_bytes(device)) for device, size in asked.items()}
+
+
+def device_name(device: int | str) -> str:
+    return f"cuda:{device}" if isinstance(device, int) else str(device)
+
+
+def budget_text(budget: dict[int | str, int], asked: bool) -> str:
+    """'cpu 39.1 KiB allowed of 20.1 GiB free; cuda:0 ...' (or '... 90% of 20.1 GiB free')."""
+    allowed = "allowed" if asked else "(90%)"
+    return "; ".join(f"{device_name(d)} {size_text(b)} {allowed} of {size_text(free_bytes(d))} free"
+                     for d, b in budget.items())
+
+
+def half_hint(source: ModelSource, dtype: str, room: int) -> str:
+    """', or --dtype bfloat16 (size)' where the model is in float32 and would fit `room` bytes in bfloat16."""
+    half = model_bytes(source, "bfloat16")
+    return f", or --dtype bfloat16 ({size_text(half)})" if dtype == "float32" and half <= room else ""
+
+
+def mapped_device(device_map: dict, name: str) -> int | str:
+    """Where a device map puts module `name`: the entry of its longest prefix."""
+    prefixes = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
+    return device_map[max(prefixes, key=len)]
+
+
+def plan_device_map(source: ModelSource, dtype: str, max_memory: str | dict | None,
+                    offload_folder: str | None) -> dict[str, int | str]:
+    """accelerate's device map for the model over the devices' budgets (balanced over the GPUs, then
+    the CPU, then disk), computed on its structure before any weight is read; a UsageError (one line:
+    the size, the budgets and what is free, the flags that make it fit) when it needs disk and no
+    `offload_folder` is given, or leaves the input embeddings no memory (inputs go where they are)."""
+    structure, budget, torch_dtype = source.structure, device_budget(max_memory), DTYPES[dtype]
+    no_split = structure._no_split_modules
+    balanced = get_balanced_memory(structure, max_memory=budget, no_split_module_classes=no_split, dtype=torch_dtype)
+    device_map = infer_auto_device_map(structure, max_memory=balanced, no_split_module_classes=no_split,
+                                       dtype=torch_dtype)
+    sizes, limits = compute_module_sizes(structure, dtype=torch_dtype), budget_text(budget, max_memory is not None)
+    embeddings = next(n for n, m in structure.named_modules() if m is structure.get_input_embeddings())
+    if mapped_device(device_map, embeddings) == "disk":
+        raise UsageError(f"the memory {source.name} may use ({limits}) leaves no room for its input embeddings "
+                         f"({size_text(sizes[embeddings])}), which must stay in memory: raise --max_memory")
+    on_disk = [name for name, where in device_map.items() if where == "disk"]
+    if on_disk and offload_folder is None:
+        named = ", ".join(on_disk[:2]) + ", ..." * (len(on_disk) > 2)
+        left = f"{size_text(sum(sizes[n] for n in on_disk))} of it ({named})"
+        raise UsageError(f"{source.name} ({size_text(sizes[''])} in {dtype}) does not fit the memory it may use "
+                         f"({limits}): accelerate's device map leaves {left} for disk; add --offload_folder DIR to "
+                         f"keep that there{', or raise --max_memory' if max_memory is not None else ''}"
+                         f"{half_hint(source, dtype, sum(budget.values()))}")
+    return device_map
+
+
+SPREAD = "use --device auto --offload_folder DIR to spread it over the GPUs, the CPU and disk"
+CONVERT = ("an original-format checkpoint is read whole into CPU memory before it is spread: convert it to the HF "
+           "format (save_pretrained) to load it piece by piece")
+
+
+def check_fits(source: ModelSource, device: str, dtype: str, advice: str = SPREAD) -> None:
+    """A UsageError (one line: the size, what is free, `advice`) when the model's weights need more
+    than `device` has free, before any weight is read."""
+    free, size = free_bytes(device_key(device)), model_bytes(source, dtype)
+    if free is not None and size > free:
+        raise UsageError(f"{source.name} needs {size_text(size)} in {dtype} but {device} has {size_text(free)} free: "
+                         f"{advice}{half_hint(source, dtype, free)}")
+
+
+def _load_weights(source: ModelSource, device: str, dtype: str, device_map: dict | None, offload_folder: str | None):
+    """The model with its weights, placed on `device`, or spread as `device_map` says (an original
+    checkpoint converted in CPU memory first, then dispatched by accelerate)."""
+    if source.original:
+        model = _load_original(source, DTYPES[dtype])
+        return model.to(device) if device_map is None else dispatch_model(model, device_map, offload_dir=offload_folder)
+    placed = {"device_map": device_map, "offload_folder": offload_folder} if device_map is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(source.path, revision=source.revision, dtype=DTYPES[dtype], **placed)
+    return model.to(device) if device_map is None else model
+
+
+def device_map_text(device_map: dict) -> str:
+    """A device map for people: 'cpu: backbone.embeddings, lm_head; disk: backbone.layers.4-23, backbone.norm_f'."""
+    groups: dict[str, list[str]] = {}
+    for name, where in device_map.items():
+        groups.setdefault(device_name(where), []).append(name or "the whole model")
+    parts = []
+    for where, names in groups.items():
+        numbered: dict[str, list[int]] = {}
+        for name in names:
+            head, _, last = name.rpartition(".")
+            if last.isdigit():
+                numbered.setdefault(head, []).append(int(last))
+        listed = [n for n in names if not n.rpartition(".")[2].isdigit()]
+        listed += [f"{head}.{compact_ranges(ids)}" for head, ids in numbered.items()]
+        parts.append(f"{where}: {', '.join(listed)}")
+    return "; ".join(parts)
+
+
+def load_model(source: ModelSource | str, device: str = "cuda", dtype: str = "float32",
+               max_memory: str | dict | None = None, offload_folder: str | None = None):
+    """(model, tokenizer) in eval mode on `device` (CPU with a warning if CUDA is absent), or with
+    device "auto" spread by accelerate's device map over the GPUs, the CPU and disk: each device
+    holds at most what `max_memory` allows ("0=70GiB,cpu=100GiB", or accelerate's dict), and the
+    layers that fit nowhere stay on disk when `offload_folder` is given. Whether the model fits is
+    checked from its structure before any weight is read (a UsageError, one line, when it does not)."""
     transformers.logging.set_verbosity_error()  # not the "reference kernel fallback" notice on every layer
     transformers.logging.disable_progress_bar()  # keep stderr for errors: one line on bad input
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     source = source if isinstance(source, ModelSource) else check_model_source(source)
-    device = pick_device(device)
+    device = pick_device(check_device(device))
+    if device != "auto" and (max_memory is not None or offload_folder is not None):
+        raise UsageError(f"--max_memory and --offload_folder spread the model over devices with --device auto; "
+                         f"with --device {device} it is loaded whole there")
+    if offload_folder is not None:
+        check_output_dir(offload_folder, "--offload_folder")
+    device_map = plan_device_map(source, dtype, max_memory, offload_folder) if device == "auto" else None
+    if device_map is None:
+        check_fits(source, device, dtype)
+    elif source.original:
+        check_fits(source, "cpu", dtype, CONVERT)
+    logging.getLogger("accelerate.big_modeling").setLevel(logging.ERROR)  # its offload notice: the line below says it
+    model = _load_weights(source, device, dtype, device_map, offload_folder)
+    if device_map is not None:
+        print(f"device map: {device_map_text(device_map)}")
     if source.original:
-        model = _load_original(source, DTYPES[dtype])
         tok = load_tokenizer(source.tokenizer or ORIGINAL_TOKENIZER)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.path, revision=source.revision, dtype=DTYPES[dtype])
         tok = load_tokenizer(source.tokenizer or source.path, revision=None if source.tokenizer else source.revision)
-    model.to(device).eval()
+    model.eval()
     model.requires_grad_(False)
     model._delta_steering_source = source
     return model, tok
@@ -271,11 +433,13 @@ def source_of(model) -> ModelSource:
 
 
 def load_mamba_model(model_name_or_path: str, device: str = "cuda", dtype: str = "float32",
-                     revision: str | None = None, tokenizer: str | None = None):
+                     revision: str | None = None, tokenizer: str | None = None, max_memory: str | dict | None = None,
+                     offload_folder: str | None = None):
     """(model, tokenizer) from a local directory or Hub id: check_model_source, then load_model."""
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    return load_model(check_model_source(model_name_or_path, tokenizer, revision), device, dtype)
+    return load_model(check_model_source(model_name_or_path, tokenizer, revision), device, dtype, max_memory,
+                      offload_folder)
 
 
 def ssm_backend() -> str:
@@ -292,7 +456,7 @@ def describe(model) -> dict:
     """Summary of a loaded model for run records and the CLI: its family, SSM layers and what a delta
     neuron is."""
     source = source_of(model)
-    param = next(model.parameters())
+    device_map = getattr(model, "hf_device_map", None)
     shape, family = shape_of(model), family_of(model)
     return {
         "model": source.name,
@@ -305,8 +469,8 @@ def describe(model) -> dict:
         "delta_neurons_per_layer": shape.delta_neurons,
         "delta_neuron": family.neuron,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "device": str(param.device),
-        "dtype": str(param.dtype).replace("torch.", ""),
+        "device": f"auto ({device_map_text(device_map)})" if device_map else str(input_device(model)),
+        "dtype": str(model.dtype).replace("torch.", ""),
         "ssm_backend": ssm_backend(),
     }
 

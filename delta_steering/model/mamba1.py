@@ -1,7 +1,8 @@
 """A Mamba-1 block (mamba, falcon_mamba) written out once, for the fast engine, attribution and
 continuation: the residual stream entering layer L, the pieces its mixer scans, the selective scan
 itself (from a zero or a cached initial state), the block's output, and the blocks after it. Each
-piece is computed as transformers' reference (non-CUDA) path computes it."""
+piece is computed as transformers' reference (non-CUDA) path computes it, on the block's device, with
+its weights as its forward sees them (`placement`: offloaded ones loaded from the CPU or disk)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .placement import weight
 from .sites import decoder_layers
 
 
@@ -61,7 +63,7 @@ def mixer_pieces(block, hidden: Tensor, window: Tensor | None = None) -> tuple[T
                                   [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1)
     if hasattr(mixer, "dt_layernorm"):  # falcon_mamba
         time_step, B, C = mixer.dt_layernorm(time_step), mixer.b_layernorm(B), mixer.c_layernorm(C)
-    dt_lin = mixer.dt_proj.weight @ time_step.transpose(1, 2)
+    dt_lin = weight(mixer.dt_proj, "weight") @ time_step.transpose(1, 2)
     return x, gate, dt_lin, B, C
 
 
@@ -104,7 +106,8 @@ def gated_scan(x: Tensor, dt_pre: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Te
 
 def block_output(block, hidden: Tensor, y: Tensor) -> Tensor:
     """The block's output from its input (the residual) and its mixer's gated scan output y
-    (batch x channels x tokens): residual + out_proj(y)."""
+    (batch x channels x tokens): residual + out_proj(y), on the block's device."""
+    hidden = hidden.to(y.device)
     residual = hidden.float() if block.residual_in_fp32 else hidden
     return residual + block.mixer.out_proj(y.transpose(1, 2).to(block.mixer.out_proj.weight.dtype))
 
@@ -115,9 +118,10 @@ def continued_block(block, hidden: Tensor, window: Tensor, state: Tensor) -> Ten
     the full-sequence scan, carried on (transformers' multi-token forward would restart it at zero)."""
     mixer = block.mixer
     x, gate, dt_lin, B, C = mixer_pieces(block, hidden, window)
-    dt_pre = dt_lin + mixer.dt_proj.bias.float().to(dt_lin.dtype)[:, None]
-    A = -torch.exp(mixer.A_log.float())
-    return block_output(block, hidden, gated_scan(x, dt_pre, A, B[:, None], C[:, None], mixer.D, gate, state))
+    dt_pre = dt_lin + weight(mixer.dt_proj, "bias").float().to(dt_lin.dtype)[:, None]
+    A = -torch.exp(weight(mixer, "A_log").float())
+    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], weight(mixer, "D"), gate, state)
+    return block_output(block, hidden, y)
 
 
 def suffix(model, layer: int, hidden: Tensor, cache=None) -> Tensor:

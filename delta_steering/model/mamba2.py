@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..intervention import Intervention
+from .placement import execution_device, weight
 from .sites import decoder_layers, family_of
 
 SHORT_CHUNK = 32  # the smallest chunk size used; 16 was slower on the six tasks' requests
@@ -47,11 +48,11 @@ def short_chunks(model, tokens: int):
     work quadratic in the chunk size within each, so at mamba2's configured 256 a 30-token request
     costs what a 256-token one does. The chunked scan is the same recurrence at any chunk size, so
     the numbers change only by float rounding (about 5e-6 relative on the six tasks' requests) and
-    about 3x less time (`benchmarks/bench_scoring.py --family mamba2`). Other families, and CUDA
-    (where a fused kernel may be tuned to the configured size), are left as they are."""
-    device = next(model.parameters()).device
-    mixers = ([block.mixer for block in decoder_layers(model)]
-              if family_of(model).name == "mamba2" and device.type == "cpu" else [])
+    about 3x less time (`benchmarks/bench_scoring.py --family mamba2`). Other families, and mixers
+    that compute on CUDA (where a fused kernel may be tuned to the configured size; a model spread
+    over devices can have both kinds), are left as they are."""
+    mixers = ([block.mixer for block in decoder_layers(model) if execution_device(block.mixer).type == "cpu"]
+              if family_of(model).name == "mamba2" else [])
     configured = [mixer.chunk_size for mixer in mixers]
     try:
         for mixer, size in zip(mixers, configured):
@@ -114,7 +115,7 @@ def layer_state(model, hidden: Tensor, layer: int) -> LayerState:
     gate = F.silu(seen["z"].float())
     gated = seen["scan"].float() * gate
     variance = gated.view(batch, tokens, groups, -1).pow(2).mean(-1)
-    columns = mixer.out_proj.weight.detach().float().view(-1, groups, mixer.intermediate_size // groups)
+    columns = weight(mixer.out_proj, "weight").detach().float().view(-1, groups, mixer.intermediate_size // groups)
     projected = torch.einsum("btgc,hgc->bgth", seen["normed"].float().view(batch, tokens, groups, -1), columns)
     per_head = (batch, tokens, heads, head_dim)
     return LayerState(output, x.reshape(per_head), B.reshape(batch, tokens, groups, state),
@@ -150,10 +151,10 @@ def steered_outputs(model, layer: int, state: LayerState, intervention: Interven
     heads = torch.tensor(intervention.neurons, device=state.x.device)
     groups = heads // (mixer.num_heads // mixer.n_groups)
     lin = state.dt_lin[..., heads].permute(2, 0, 1)  # (neurons, batch, tokens)
-    before, after = intervention.dt_pre(lin, mixer.dt_bias.detach()[heads])
+    before, after = intervention.dt_pre(lin, weight(mixer, "dt_bias").detach()[heads])
     x = state.x[:, :, heads].permute(2, 0, 1, 3)  # (neurons, batch, tokens, head_dim)
     B, C = (t[:, :, groups].permute(2, 0, 1, 3) for t in (state.B, state.C))
-    A = -torch.exp(mixer.A_log.detach()[heads].float())[:, None]  # (neurons, 1)
+    A = -torch.exp(weight(mixer, "A_log").detach()[heads].float())[:, None]  # (neurons, 1)
     y = head_scan(x, torch.stack([before, after]), A, B, C, tuple(mixer.time_step_limit))
     change = y[1] - y[0]  # (neurons, batch, tokens, head_dim)
     gate, gated = (t[:, :, heads].permute(2, 0, 1, 3) for t in (state.gate, state.gated))
@@ -162,9 +163,9 @@ def steered_outputs(model, layer: int, state: LayerState, intervention: Interven
     new_variance = variance + ((2 * gated + gate * change) * gate * change).sum(-1) / group_size
     eps = mixer.norm.variance_epsilon
     scale, new_scale = torch.rsqrt(variance + eps), torch.rsqrt(new_variance + eps)
-    weight = mixer.norm.weight.detach().float().view(mixer.num_heads, -1)[heads][:, None, None]
-    columns = mixer.out_proj.weight.detach().float().view(-1, mixer.num_heads, mixer.head_dim)[:, heads]
-    head_term = torch.einsum("nbtp,hnp->nbth", weight * gate * change * new_scale[..., None], columns)
+    norm_weight = weight(mixer.norm, "weight").detach().float().view(mixer.num_heads, -1)[heads][:, None, None]
+    columns = weight(mixer.out_proj, "weight").detach().float().view(-1, mixer.num_heads, mixer.head_dim)[:, heads]
+    head_term = torch.einsum("nbtp,hnp->nbth", norm_weight * gate * change * new_scale[..., None], columns)
     group_term = (new_scale / scale - 1)[..., None] * state.projected[:, groups].transpose(0, 1)
     hidden = state.output.float()[None] + group_term + head_term
     return hidden.to(state.output.dtype).flatten(0, 1)

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ..errors import UsageError
+from .placement import weight
 
 SSM_LAYER_TYPES = ("linear_attention", "hybrid")
 
@@ -190,24 +191,30 @@ def _mixer_unchecked(model: nn.Module, layer: int) -> nn.Module:
     return next(_attribute(block, p) for p in family_of(model).mixer_paths if _attribute(block, p) is not None)
 
 
-def _site_of(block: nn.Module, kind: str) -> DeltaSite:
+def _site_of(block: nn.Module, kind: str, read: Callable[[nn.Module, str], torch.Tensor] = getattr) -> DeltaSite:
+    """A mixer's delta site, its tensors read with `read(module, name)`: the parameters themselves by
+    default; steering reads them through `placement.pin`, so that offloaded ones are edited where the
+    forward reads them."""
     if kind == "mamba1":
-        return DeltaSite([block.dt_proj.weight], block.dt_proj.bias)
+        return DeltaSite([read(block.dt_proj, "weight")], read(block.dt_proj, "bias"))
     if kind == "zamba":
-        heads, head_dim, rank = block.dt_proj_weight.shape
-        return DeltaSite([block.dt_proj_weight.view(heads * head_dim, rank)], block.dt_proj_bias.view(heads * head_dim))
+        linear, bias = read(block, "dt_proj_weight"), read(block, "dt_proj_bias")
+        heads, head_dim, rank = linear.shape
+        return DeltaSite([linear.view(heads * head_dim, rank)], bias.view(heads * head_dim))
     heads = block.num_heads  # in_proj's outputs are [gate | xBC | dt]: the dt slice is the last `heads`
-    linear = [block.in_proj.weight[-heads:]] + ([block.in_proj.bias[-heads:]] if block.in_proj.bias is not None else [])
-    return DeltaSite(linear, block.dt_bias)
+    linear = [read(block.in_proj, "weight")[-heads:]]
+    if block.in_proj.bias is not None:
+        linear.append(read(block.in_proj, "bias")[-heads:])
+    return DeltaSite(linear, read(block, "dt_bias"))
 
 
 def _site_rows(model: nn.Module, layer: int) -> int:
     return _site_of(_mixer_unchecked(model, layer), family_of(model).kind).bias.shape[0]
 
 
-def delta_site(model: nn.Module, layer: int) -> DeltaSite:
-    """Layer `layer`'s delta site: the rows to edit."""
-    return _site_of(mixer(model, layer), family_of(model).kind)
+def delta_site(model: nn.Module, layer: int, read: Callable[[nn.Module, str], torch.Tensor] = getattr) -> DeltaSite:
+    """Layer `layer`'s delta site: the rows to edit (its tensors read with `read`, see `_site_of`)."""
+    return _site_of(mixer(model, layer), family_of(model).kind, read)
 
 
 @contextmanager
@@ -222,17 +229,17 @@ def capture_dt_pre(model: nn.Module, layer: int) -> Iterator[list[torch.Tensor]]
         with _zamba_scan_entries(model, block, captured.append):
             yield captured
         return
-    site = _site_of(block, fam.kind)
 
-    def record(output: torch.Tensor) -> None:
+    def record(output: torch.Tensor) -> None:  # the weights as this forward sees them (`placement.weight`)
         if fam.kind == "mamba1":
             time_step = output[..., : block.time_step_rank] if fam.capture == "x_proj" else output
-            captured.append(torch.nn.functional.linear(time_step, site.linear[0], site.bias))
+            captured.append(torch.nn.functional.linear(time_step, weight(block.dt_proj, "weight"),
+                                                       weight(block.dt_proj, "bias")))
         else:
             dt = output[..., -block.num_heads:]
             multiplier = getattr(block, "mup_vector", None)  # falcon_h1 scales in_proj's output
             dt = dt if multiplier is None else dt * multiplier[..., -block.num_heads:]
-            captured.append(dt + block.dt_bias)
+            captured.append(dt + weight(block, "dt_bias"))
 
     handle = getattr(block, fam.capture).register_forward_hook(lambda _m, _i, output: record(output))
     try:

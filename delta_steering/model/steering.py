@@ -5,7 +5,9 @@ Scaling output channel i of `dt_pre = W t + b` by k is exactly scaling row i of 
 by k, so steering edits those rows and every code path (slow scan, fused kernel, cached
 token-by-token generation) sees it, where a forward hook on `dt_proj` would never fire. Setting a
 channel to a constant m (mean ablation) is row 0, bias m. The untouched rows are kept and restored
-bit for bit when the last handle is removed.
+bit for bit when the last handle is removed. A site whose weights accelerate offloaded to the CPU
+or disk is edited in an in-memory copy that the layer's forward reads instead (`placement.pin`),
+dropped again when the last handle is removed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from ..errors import SteeringError
 from ..intervention import Intervention, Steering
+from . import placement
 from .sites import check_layer, check_neurons, decoder_layers, delta_site, num_delta_neurons
 
 
@@ -29,9 +32,15 @@ class _SteeredSite:
 
     def __init__(self, model: nn.Module, layer: int):
         self.owner = decoder_layers(model)[layer]
-        self.site = delta_site(model, layer)
+        self.pins: list[tuple[nn.Module, str]] = []
+        self.site = delta_site(model, layer, self._pin)
         self.pristine = [t.detach().clone() for t in (*self.site.linear, self.site.bias)]
         self.active: list[Intervention] = []
+
+    def _pin(self, module: nn.Module, name: str) -> torch.Tensor:
+        """The tensor the forward reads (an offloaded one copied to memory, see placement.pin)."""
+        self.pins.append((module, name))
+        return placement.pin(module, name)
 
     @classmethod
     def of(cls, model: nn.Module, layer: int) -> "_SteeredSite":
@@ -55,6 +64,8 @@ class _SteeredSite:
                 linear[rows], edited_bias = intervention.edit(linear[rows], bias)
             self.site.bias[rows] = edited_bias
         if not self.active:
+            for module, name in self.pins:
+                placement.unpin(module, name)
             del self.owner.__dict__[self.ATTR]
 
 
@@ -132,7 +143,7 @@ def _probe_input(model: nn.Module, length: int = 12) -> torch.Tensor:
 @torch.no_grad()
 def layer_output(model: nn.Module, layer: int, input_ids: torch.Tensor) -> torch.Tensor:
     """Hidden states after block `layer` (the residual stream that block writes)."""
-    out = model(input_ids=input_ids.to(model.device), output_hidden_states=True, use_cache=False)
+    out = model(input_ids=input_ids.to(placement.input_device(model)), output_hidden_states=True, use_cache=False)
     return out.hidden_states[layer + 1].float()
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 from ..distributed import StepRun, fingerprint
 from ..model import loading
 from ..model.loading import ModelSource, check_model_source, source_of
+from ..model.placement import input_device
 from ..options import Options
 from ..results_io import command_line, run_record
 
@@ -56,7 +57,7 @@ def run_step(step: Step, model, tokenizer, options: dict, output_dir=None, overw
     checked = step.options.of(options)
     source = source_of(model)
     plan = step.plan(checked, source)
-    device = str(next(model.parameters()).device)
+    device = str(input_device(model))
     arguments = {"model": source.name, **checked.to_json()}
     run = StepRun(step.name, fingerprint(arguments, **plan.inputs), output_dir, overwrite=overwrite, device=device)
     context, results = step.measure(model, tokenizer, plan, run)
@@ -82,7 +83,8 @@ def run_script(step: Step, args: argparse.Namespace, options: Options) -> None:
         measured, results = run.merged()
         context = step.context(**measured)
     else:
-        model, tokenizer = (step.load or loading.load_model)(source, run.device, dtype)
+        model, tokenizer = (step.load or loading.load_model)(source, run.device, dtype, getattr(args, "max_memory", None),
+                                                             getattr(args, "offload_folder", None))
         context, results = step.measure(model, tokenizer, plan, run)
     if run.publish(asdict(context), results):
         contract = step.report(plan, context, results, record(command_line(), vars(args), context, started))

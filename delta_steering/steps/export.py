@@ -68,9 +68,10 @@ def stored_dtype(directory: Path) -> str:
     return "float32"
 
 
-def load_stored(source: ModelSource, device: str, dtype: str) -> tuple:
-    """The source on the CPU in the dtype its weights are stored in, whatever was asked."""
-    return load_model(source, "cpu", stored_dtype(source_directory(source)))
+def load_stored(source: ModelSource, device: str, dtype: str, max_memory: str | dict | None = None,
+                offload_folder: str | None = None) -> tuple:
+    """The source in the dtype its weights are stored in, whatever dtype was asked."""
+    return load_model(source, device, stored_dtype(source_directory(source)), max_memory, offload_folder)
 
 
 def plan(options: ExportOptions, source: ModelSource) -> Plan:
