@@ -17,11 +17,11 @@ from ..analysis.estimates import Attribution, estimated_impacts
 from ..analysis.impacts import estimate_records, top_estimated
 from ..data.tasks import Example
 from ..intervention import Intervention
-from ..model.mamba1 import block_input, block_output, gated_scan, mixer_pieces
-from ..model.placement import execution_device, input_device, weight
+from ..model.mamba1 import block_input, written_out_block
+from ..model.placement import execution_device, input_device
 from ..model.sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from ..progress import tqdm
-from .batching import Encoded, gather_targets, pad_batch, request_batches, target_ids, target_mask, token_budget
+from .batching import Encoded, gather_targets, pad_batch, request_batches, target_logits, token_budget
 
 FAMILIES = ("mamba", "falcon_mamba")  # the Mamba-1 models: block L's channel-wise mixer written out
 
@@ -34,27 +34,14 @@ def covers(model) -> bool:
 def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengths: list[int],
                    kinds: list[str]) -> Tensor:
     """Each request's score (see Attribution), differentiable; the LM head runs on target positions only."""
-    compact = gather_targets(hidden, items, lengths)
-    logits = head(compact[target_mask(items, hidden.device)]).float()
-    targets = target_ids(items, logits.device)[:, None]
+    logits, targets = target_logits(head, gather_targets(hidden, items, lengths), items)
+    targets = targets[:, None]
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0]
     margin = logits.gather(-1, targets)[:, 0] - logits.scatter(-1, targets, -torch.inf).amax(-1)
     sizes = [e.n_target for e in items]
     scores = [lp.sum() if kind == "logprob" else m.min()
               for lp, m, kind in zip(logprob.split(sizes), margin.split(sizes), kinds)]
     return torch.stack(scores)
-
-
-def written_out_block(block, hidden: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
-    """A Mamba-1 block's output and its dt_pre, the mixer written out (the fast engine's pieces) with
-    `offset` (batch x channels x tokens, zeros) added to dt_pre: the gradient with respect to `offset`
-    is the gradient with respect to dt_pre, every later path included."""
-    mixer = block.mixer
-    x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
-    dt_pre = dt_lin + weight(mixer.dt_proj, "bias").float().to(dt_lin.dtype)[:, None] + offset
-    A = -torch.exp(weight(mixer, "A_log").detach().float())
-    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], weight(mixer, "D").detach(), gate)
-    return block_output(block, hidden, y), dt_pre.detach()
 
 
 def batch_gradients(model, layers: list[int], ids: Tensor, items: list[Encoded], lengths: list[int],
@@ -77,7 +64,7 @@ def batch_gradients(model, layers: list[int], ids: Tensor, items: list[Encoded],
             channels = blocks[index].mixer.intermediate_size
             offsets[index] = torch.zeros(ids.shape[0], channels, ids.shape[1], device=execution_device(blocks[index]),
                                          requires_grad=True)
-            hidden, dt_pre[index] = written_out_block(blocks[index], hidden, offsets[index])
+            hidden, dt_pre[index] = written_out_block(blocks[index], hidden, offset=offsets[index])
         scores = request_scores(OutputHead(model), model.backbone.norm_f(hidden), items, lengths, kinds)
         grads = torch.autograd.grad(scores.sum(), [offsets[i] for i in layers])
     return scores.detach(), dict(zip(layers, grads)), dt_pre
