@@ -38,10 +38,15 @@ WHAT = {"step1": "step-1 file", "step2": "step-2 file", "step3": "step-3 file",
         "evaluate_steered": "evaluate_steered comparison", "atlas": "atlas file"}
 
 
+def measured_finite(records: list[dict]) -> list[dict]:
+    """The step-1 records of neurons measured exactly with finite logits (an impact), in their order."""
+    return [r for r in records if r.get("measured", True) and r["impact"] is not None]
+
+
 def impact_groups(records: list[dict], cut: float = HIGH_IMPACT) -> dict[str, list[int]]:
     """The grouping rule: High Impact (impact > cut points, 2 by default) and Neutral (|impact| <=
     cut), among the neurons measured exactly with finite logits."""
-    measured = [r for r in records if r.get("measured", True) and r["impact"] is not None]
+    measured = measured_finite(records)
     return {"high_impact": sorted(r["neuron"] for r in measured if r["impact"] > cut),
             "neutral": sorted(r["neuron"] for r in measured if abs(r["impact"]) <= cut)}
 
@@ -51,8 +56,7 @@ def delta_sensitive(records: list[dict], groups: dict[str, list[int]]) -> list[i
     largest impact (records sorted by impact, as step 1 writes them)."""
     if groups["high_impact"]:
         return list(groups["high_impact"])
-    ranked = [r for r in records if r.get("measured", True) and r["impact"] is not None]
-    return sorted(r["neuron"] for r in ranked[:FALLBACK_SENSITIVE])
+    return sorted(r["neuron"] for r in measured_finite(records)[:FALLBACK_SENSITIVE])
 
 
 def locate(explicit: str | Path | None, defaults: tuple[str, ...], what: str, flag: str) -> Path:
@@ -184,8 +188,18 @@ class StepFile:
     sha256: str | None = field(default=None, kw_only=True, compare=False)
 
     @property
+    def kind(self) -> str:
+        """Which step wrote it (a key of WHAT)."""
+        return self.STEP
+
+    @property
     def what(self) -> str:
-        return f"{WHAT[self.STEP]} {self.path or IN_MEMORY}"
+        return f"{WHAT[self.kind]} {self.path or IN_MEMORY}"
+
+    @classmethod
+    def own_keys(cls) -> frozenset[str]:
+        """The keys `to_json` writes from the contract's own fields; the rest of a file is its `report`."""
+        return frozenset(cls(Provenance("", "", "", None, transferred={"": {}})).to_json())
 
     @property
     def digest(self) -> str:
@@ -264,9 +278,6 @@ class Discovery(StepFile):
 
     STEP = "step1"
     LEAD = ("beneficial_neurons", "baseline_accuracy", "criterion")  # the original study's fields first
-    OWN = ("all_neuron_impacts", "format_version", "step", "content_sha256", "model", "model_digest", "family",
-           "layer", "inputs", "transferred", "tasks", "data_dir", "ablation", "high_impact_cut", "groups",
-           "delta_variance", "dt_pre_mean", "delta_variance_ranking")
 
     tasks: list[str] = field(default_factory=list)
     data_dir: str | None = None
@@ -321,7 +332,7 @@ class Discovery(StepFile):
         if not math.isfinite(cut) or cut < 0:
             r.fail(f"is malformed: high_impact_cut is {cut!r}, not a number of points >= 0")
         variance = r.numbers("delta_variance")
-        report = {k: v for k, v in r.data.items() if k not in cls.OWN}
+        report = {k: v for k, v in r.data.items() if k not in cls.own_keys()}
         return cls(provenance, tasks=tasks, data_dir=r.get("data_dir", str, optional=True), ablation=ablation,
                    records=records, groups=groups, high_impact_cut=float(cut), delta_variance=variance,
                    dt_pre_mean=r.numbers("dt_pre_mean", len(variance)), report=report)
@@ -348,7 +359,7 @@ def discovery_of(given: "Discovery | str | Path | None", flag: str = "--neurons_
     return read_discovery(locate(given, STEP1_DEFAULTS, "step-1 file", flag))
 
 
-def steering_factor(optimal: dict | None) -> tuple[float | None, str]:
+def factor_to_steer(optimal: dict | None) -> tuple[float | None, str]:
     """The factor later runs steer a group with, and its source: the confirmed factor
     ("step2-confirmed"), else the selection-best one ("step2-unconfirmed"); None when there is none."""
     if not optimal or optimal.get("selection_best_factor") is None:
@@ -364,15 +375,13 @@ class Factors(StepFile):
     `report` holds the rest (baselines, importance ranking, perplexity, run record)."""
 
     STEP = "step2"
-    OWN = ("format_version", "step", "content_sha256", "model", "model_digest", "family", "layer", "inputs",
-           "transferred", "groups", "optimal_factors")
 
     groups: dict[str, dict] = field(default_factory=dict)  # name -> {"neurons", "results", ...}
     optimal: dict[str, dict | None] = field(default_factory=dict)
     report: dict = field(default_factory=dict)
 
     def steering_factor(self, group: str = "high_impact") -> tuple[float | None, str]:
-        return steering_factor(self.optimal.get(group))
+        return factor_to_steer(self.optimal.get(group))
 
     def steering(self, group: str = "high_impact") -> tuple[Steering, str]:
         """The group's neurons at the file's layer by its factor (see steering_factor), and the factor's source."""
@@ -407,7 +416,7 @@ class Factors(StepFile):
                     r.fail(f"is malformed: optimal_factors.{name}.{key} is {record[key]!r}")
                 check_factor(record[key], f"{WHAT[cls.STEP]} {r.path}: optimal_factors.{name}.{key}")
         return cls(provenance, groups=groups, optimal=optimal,
-                   report={k: v for k, v in r.data.items() if k not in cls.OWN})
+                   report={k: v for k, v in r.data.items() if k not in cls.own_keys()})
 
 
 def read_factors(path: str | Path) -> Factors:
@@ -430,6 +439,10 @@ class Results(StepFile):
 
     step: str = "step3"
     report: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.step
 
     def to_json(self) -> dict:
         head = {k: v for k, v in self.report.items() if k == "description"}

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import ROOT
+from delta_steering.artifacts import STEP2_NAME
 from scripts import run_main
 
 DEMO = ROOT / "models" / "mamba-tiny-demo"
@@ -23,6 +24,11 @@ def test_demo_three_steps(tmp_path):
     assert run_main("step2_steering_factor_determination", [*common, "--neurons_file", tmp_path / "d.json",
                                                             "--num_examples", "20", "--factors", "2",
                                                             "--max_neurons", "2", "--output_dir", tmp_path]) == 0
+    step2 = json.loads((tmp_path / STEP2_NAME).read_text())
+    table = step2["groups"]["high_impact"]["results"] if step2["groups"]["high_impact"]["neurons"] else []
+    assert [r["factor"] for r in table] in ([], [1.0, 2.0])  # the baseline is always a candidate
+    assert step2["inputs"]["step1_file"]["path"] == str(tmp_path / "d.json")
+    assert len(step2["importance_ranking"]["neurons"]) == 2
     assert run_main("step3_steer_performance_verification", [*common, "--neurons_file", tmp_path / "d.json",
                                                              "--factor", "2", "--ifeval_path", DATA / "ifeval_demo.jsonl",
                                                              "--num_samples", "2", "--max_new_tokens", "8",

@@ -160,14 +160,14 @@ def test_fast_races_each_new_shape_and_follows_the_recorded_choice(tiny_model, t
     the model's fast engine, whatever the layer), with the same numbers as either way; a recorded
     choice is then followed, at another layer too."""
     import delta_steering.engine.fast_sweep as fast_sweep
-    from delta_steering.engine.reading import ReadingChoice, choice_for, shape_of
+    from delta_steering.engine.reading import ReadingChoice, choice_for, group_shape
 
     model = copy.deepcopy(tiny_model)
     intervention = Intervention.scale(NEURONS, 0.0)
     raced = fast_loglikelihoods(model, tokenizer, encoded, 20, intervention)
     groups = [g for g in context_groups(encoded) if len(g) > 1]
     choice = choice_for(model, "fast sweep")
-    assert set(choice.shared) == {shape_of(encoded, g) for g in groups}
+    assert set(choice.shared) == {group_shape(encoded, g) for g in groups}
     with monkeypatch.context() as patch:
         patch.setattr(ReadingChoice, "race", lambda *_: pytest.fail("a recorded shape raced again at another layer"))
         fast_loglikelihoods(model, tokenizer, encoded, 10, intervention)

@@ -6,8 +6,8 @@ import pytest
 
 from delta_steering.cli import options_of, parse_steer
 from delta_steering.errors import UsageError
-from delta_steering.options import (AtlasOptions, DiscoverOptions, EvaluateOptions, ExportOptions, FactorOptions,
-                                    VerifyOptions)
+from delta_steering.options import (ENGINES, AtlasOptions, DiscoverOptions, EvaluateOptions, ExportOptions,
+                                    FactorOptions, VerifyOptions)
 
 SCRIPTS = {"step1_neuron_discovery": DiscoverOptions, "step2_steering_factor_determination": FactorOptions,
            "step3_steer_performance_verification": VerifyOptions, "delta_atlas": AtlasOptions,
@@ -46,3 +46,9 @@ def test_a_script_without_options_runs_the_steps_defaults(script):
 def test_bad_options_are_refused_naming_the_flag(cls, values, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         cls.of(values)
+
+
+def test_every_engine_named_in_the_options_is_one_the_sweep_runs():
+    from delta_steering.engine.sweep import LOGLIKELIHOODS
+
+    assert tuple(LOGLIKELIHOODS) == ENGINES

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from delta_steering.engine.batching import Encoded
-from delta_steering.engine.reading import ReadingChoice, choice_for, length_class, shape_of
+from delta_steering.engine.reading import ReadingChoice, choice_for, length_class, group_shape
 
 
 @pytest.mark.parametrize("tokens, expected", [(0, 0), (1, 1), (3, 1), (4, 2), (15, 2), (16, 3), (63, 3), (64, 4)])
@@ -19,7 +19,7 @@ def test_a_groups_shape_is_its_size_and_the_classes_of_its_context_and_longest_c
     context = tuple(range(1, 21))  # 20 tokens
     encoded = [Encoded(context + (7,), 1), Encoded(context + (5, 6, 7, 8, 9), 5), Encoded((1, 2), 1)]
     assert encoded[1].context_length == 20
-    assert shape_of(encoded, [0, 1]) == (2, length_class(20), length_class(4)) == (2, 3, 2)
+    assert group_shape(encoded, [0, 1]) == (2, length_class(20), length_class(4)) == (2, 3, 2)
 
 
 def slow(result, seconds):

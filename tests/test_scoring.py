@@ -8,7 +8,7 @@ import torch
 
 from delta_steering.engine.batching import Encoded
 from delta_steering.model.continuation import continues_exactly
-from delta_steering.engine.reading import choice_for, shape_of
+from delta_steering.engine.reading import choice_for, group_shape
 from delta_steering.analysis.metrics import correctness, summarize
 from delta_steering.engine.scoring import encode_examples, encode_pair, loglikelihoods, score_examples, shared_context_groups
 from delta_steering.data.tasks import Example
@@ -131,8 +131,8 @@ def test_by_default_each_shape_is_read_the_way_measured_faster(tiny_model, token
     groups = shared_context_groups(encoded)
     choice = choice_for(model, "scoring")
     raced = loglikelihoods(model, tokenizer, encoded, 1)
-    assert set(choice.shared) == {shape_of(encoded, g) for g in groups}
-    expected = tokens_once(encoded, [g for g in groups if choice.shared[shape_of(encoded, g)]])
+    assert set(choice.shared) == {group_shape(encoded, g) for g in groups}
+    expected = tokens_once(encoded, [g for g in groups if choice.shared[group_shape(encoded, g)]])
     assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1)) == expected
     for forced in (True, False):
         lp, greedy = loglikelihoods(model, tokenizer, encoded, 1, share_contexts=forced)
@@ -145,7 +145,7 @@ def test_a_recorded_choice_is_followed(tiny_model, tokenizer, shared):
     model = copy.deepcopy(tiny_model)
     encoded = [encode_pair(tokenizer, c, t) for c, t in SHARED_PAIRS]
     groups = shared_context_groups(encoded)
-    choice_for(model, "scoring").shared.update({shape_of(encoded, g): shared for g in groups})
+    choice_for(model, "scoring").shared.update({group_shape(encoded, g): shared for g in groups})
     expected = tokens_once(encoded, groups if shared else [])
     assert tokens_read(model, lambda: loglikelihoods(model, tokenizer, encoded, 1)) == expected
 

@@ -126,10 +126,10 @@ def test_when_every_factor_loses_the_baseline_is_kept():
     optimal = group["optimal"]
     assert optimal["factor"] == 1.0 and not optimal["beats_baseline"] and optimal["confirmation"] is None
     assert optimal["selection_best_factor"] == 2.0 and optimal["selection"]["delta"] < 0
-    from delta_steering.artifacts import steering_factor
+    from delta_steering.artifacts import factor_to_steer
     from delta_steering.analysis.factors import verdict
 
-    assert steering_factor(optimal) == (2.0, "step2-unconfirmed")
+    assert factor_to_steer(optimal) == (2.0, "step2-unconfirmed")
     assert verdict("High Impact", optimal, 20).startswith("no factor beats the baseline for the High Impact group")
 
 

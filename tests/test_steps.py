@@ -111,3 +111,30 @@ def test_bad_options_are_one_line_errors(setup):
         ds.discover(model, tokenizer, tasks=[setup["task"]], neurons=[999], validation_size=2)
     with pytest.raises(ds.UsageError, match="--factors: factor nan is not a finite number"):
         ds.determine_factors(model, tokenizer, factors=[float("nan")])
+
+
+@pytest.mark.usefixtures("punkt")
+def test_every_figure_is_drawn_from_the_steps_own_output(setup, discovery, tmp_path):
+    """The figures read the contracts the steps return, not hand-written dicts: a renamed report key
+    fails here. Every figure of steps 1-3 is drawn (perplexity and layer ablation included)."""
+    from delta_steering.analysis.plots import plot_discovery, plot_factors, plot_verification
+
+    model, tokenizer, pile = setup["model"], setup["tokenizer"], setup["pile"]
+    factors = ds.determine_factors(model, tokenizer, discovery, factors=[2.0], num_examples=8, max_neurons=2,
+                                   perplexity_ablation=True, perplexity_layers=[21, 22], pile_path=pile,
+                                   pile_samples=3, seed=0)
+    prompts = tmp_path / "ifeval.jsonl"
+    prompts.write_text(json.dumps({"key": 1, "prompt": "Write about the sea.", "instruction_id_list":
+                                   ["punctuation:no_comma"], "kwargs": [{}]}) + "\n")
+    verification = ds.verify(model, tokenizer, discovery, factor=2.0, modes=["combined", "layer_ablation"],
+                             layers=[21, 22], num_samples=1, max_new_tokens=2, ifeval_path=str(prompts),
+                             pile_path=pile, pile_samples=3, seed=0)
+    paths = [*plot_discovery(discovery.to_json(), tmp_path), *plot_factors(factors.to_json(), tmp_path),
+             *plot_verification(verification.to_json(), tmp_path)]
+    stems = {"impact_ranked_L22", "impact_histogram_L22", "variance_vs_impact_L22", "accuracy_vs_factor",
+             "step1_vs_heldout_impact", "combined_configurations", "layer_ablation_configurations",
+             "layer_ablation_vs_layer"}
+    if factors.groups["high_impact"]["neurons"]:  # perplexity by layer steers the High Impact group
+        stems.add("perplexity_vs_layer")
+    assert sorted(p.name for p in paths) == sorted(f"{stem}.{ext}" for stem in stems for ext in ("png", "svg"))
+    assert all(p.stat().st_size > 1000 for p in paths)

@@ -15,7 +15,7 @@ import random
 
 import numpy as np
 
-from ..artifacts import GROUP_TITLES, steering_factor
+from ..artifacts import GROUP_TITLES, factor_to_steer, measured_finite
 from .metrics import Comparison, describe_change, example_weights, perplexity_change, perplexity_of
 from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, detection_limit, is_significant, spearman
 from .verification import FACTOR_SOURCES
@@ -151,7 +151,7 @@ def importance_ranking(step1_records: list[dict], ablated: list[np.ndarray], neu
 def ranked_neurons(step1_records: list[dict], max_neurons: int | None, sample_neurons: int | None,
                    seed: int) -> list[int]:
     """Step-1 neurons for the ranking: the N of largest |impact|, or N drawn at random (seeded)."""
-    records = [r for r in step1_records if r["impact"] is not None]
+    records = measured_finite(step1_records)
     if sample_neurons is not None:
         rng = np.random.default_rng(seed)
         picked = rng.choice(len(records), size=min(sample_neurons, len(records)), replace=False)
@@ -205,7 +205,7 @@ def perplexity_table(neurons: list[int], layers: list[int], documents: dict, los
     amplified by the confirmed factor, else the selection-best one (marked unconfirmed); each change
     from the baseline with its per-document paired bootstrap CI. `losses`: (layer, factor) -> the
     document losses, (None, None) the baseline's."""
-    factor, source = steering_factor(optimal)
+    factor, source = factor_to_steer(optimal)
     base = losses[(None, None)]
     table = {"baseline": perplexity_of(base), "neurons": neurons, "factor": factor, "factor_source": source,
              "documents": documents, "layers": []}

@@ -7,10 +7,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, impact_groups
+from ..artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, impact_groups, measured_finite
 from ..data.tasks import example_ids
 from .metrics import Comparison, chance_correctness, summarize
-from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, describe_detection_limit, is_significant, spearman
+from .stats import (SIGNIFICANCE, below_detection, benjamini_hochberg, describe_detection_limit, is_significant,
+                    rounded, spearman)
 
 DESCRIPTION = (
     "Step 1, delta neuron discovery: each neuron of `layer` ablated alone on the discovery examples. "
@@ -61,7 +62,7 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
     """The step-1 file: the original study's fields first, then what later steps read and what a
     researcher needs to trust and reuse them."""
     summary, chance = summarize(examples, baseline), summarize(examples, chance_correctness(examples))
-    impacts = [r for r in records if r["impact"] is not None]
+    impacts = measured_finite(records)
     groups = impact_groups(records, high_impact_cut)
     discovery = Discovery(provenance, tasks=tasks, data_dir=data_dir, ablation=ablation, records=records, groups=groups,
                           high_impact_cut=high_impact_cut,
@@ -90,7 +91,7 @@ def discovery_result(examples, baseline: np.ndarray, records: list[dict], thresh
 
 
 def print_summary(result: dict, top: int = 10) -> None:
-    records = [r for r in result["all_neuron_impacts"] if r["impact"] is not None]
+    records = measured_finite(result["all_neuron_impacts"])
     unmeasured = sum(not r["measured"] for r in result["all_neuron_impacts"])
 
     def line(r):
@@ -132,7 +133,7 @@ def print_spearman(screened: dict, verified: int) -> None:
 
 def estimate_records(neurons: list[int], impact: np.ndarray, margin_loss: np.ndarray) -> list[dict]:
     """One record per neuron of its first-order estimates (indexed by neuron id)."""
-    return [{"neuron": int(n), "estimated_impact": round(float(impact[n]), 4) + 0.0,
+    return [{"neuron": int(n), "estimated_impact": rounded(impact[n]),
              "estimated_margin_loss": float(margin_loss[n])} for n in neurons]
 
 

@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from ..data.tasks import Example, task_names
-from .stats import bootstrap_indices, compare
+from .stats import bootstrap_indices, compare, percentile_interval, rounded
 
 
 def choice_lengths(example: Example) -> np.ndarray:
@@ -121,14 +121,9 @@ def perplexity_change(base: dict[str, list[float]], other: dict[str, list[float]
     base_ppl = np.exp(base_nll[indices].sum(1) / resampled_tokens)
     other_ppl = np.exp(other_nll[indices].sum(1) / resampled_tokens)
     base_value, other_value = perplexity_of(base), perplexity_of(other)
-    alpha = (1 - level) / 2
-
-    def interval(values: np.ndarray) -> list[float]:
-        return [round(float(v), 6) + 0.0 for v in np.quantile(values, [alpha, 1 - alpha])]
-
-    return {"delta": round(other_value - base_value, 6) + 0.0, "ci95": interval(other_ppl - base_ppl),
-            "relative": round(100 * (other_value / base_value - 1), 6) + 0.0,
-            "relative_ci95": interval(100 * (other_ppl / base_ppl - 1))}
+    return {"delta": rounded(other_value - base_value, 6), "ci95": percentile_interval(other_ppl - base_ppl, level, 6),
+            "relative": rounded(100 * (other_value / base_value - 1), 6),
+            "relative_ci95": percentile_interval(100 * (other_ppl / base_ppl - 1), level, 6)}
 
 
 def describe_change(label: str, value: float, change: dict) -> str:

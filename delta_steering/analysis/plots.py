@@ -19,7 +19,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
-from ..artifacts import GROUP_TITLES, HIGH_IMPACT
+from ..artifacts import GROUP_TITLES, HIGH_IMPACT, measured_finite
 from ..results_io import WriteError
 from .stats import SIGNIFICANCE, is_significant
 
@@ -154,8 +154,7 @@ def _save(fig: Figure, out: Path, stem: str) -> list[Path]:
 
 def _measured(result: dict) -> list[dict]:
     """Step 1's measured records with a finite impact, largest impact first."""
-    rows = [r for r in result["all_neuron_impacts"] if r.get("measured", True) and r["impact"] is not None]
-    return sorted(rows, key=lambda r: (-r["impact"], r["neuron"]))
+    return sorted(measured_finite(result["all_neuron_impacts"]), key=lambda r: (-r["impact"], r["neuron"]))
 
 
 def _step1_details(result: dict) -> str:

@@ -43,14 +43,18 @@ def compare(base: np.ndarray, other: np.ndarray, indices: np.ndarray, weights: n
     else:
         delta = 100.0 * (other.sum() - base.sum()) / totals.sum()
         resampled = 100.0 * (other[indices].sum(1) - base[indices].sum(1)) / totals[indices].sum(1)
+    return {"delta": rounded(delta), "ci95": percentile_interval(resampled, level), "p_value": sign_test(base, other)}
+
+
+def percentile_interval(resampled: np.ndarray, level: float = 0.95, digits: int = 4) -> list[float]:
+    """The percentile bootstrap CI of a statistic from its values over the resamples, rounded."""
     alpha = (1 - level) / 2
-    lo, hi = np.quantile(resampled, [alpha, 1 - alpha])
-    return {"delta": _rounded(delta), "ci95": [_rounded(lo), _rounded(hi)], "p_value": sign_test(base, other)}
+    return [rounded(v, digits) for v in np.quantile(resampled, [alpha, 1 - alpha])]
 
 
-def _rounded(value: float) -> float:
-    """Four decimals, and never -0.0 (which would print as "-0.00")."""
-    return round(float(value), 4) + 0.0
+def rounded(value: float, digits: int = 4) -> float:
+    """`digits` decimals, and never -0.0 (which would print as "-0.00")."""
+    return round(float(value), digits) + 0.0
 
 
 def sign_test(base: np.ndarray, other: np.ndarray) -> float | None:

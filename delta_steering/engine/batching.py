@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..model.loading import free_bytes
 from ..model.placement import devices
 from ..model.sites import scan_memory
 
@@ -43,7 +44,7 @@ def memory_items(model, bytes_per_item: int, cuda_share: float) -> int:
     model computes on, or 256 MiB on CPU."""
     gpus = [d for d in devices(model) if d.type == "cuda"]
     if gpus:
-        free = min(torch.cuda.mem_get_info(d)[0] for d in gpus)
+        free = min(free_bytes(d.index or 0) for d in gpus)
         return int(cuda_share * free / bytes_per_item)
     return 2**28 // bytes_per_item
 

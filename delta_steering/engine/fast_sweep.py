@@ -44,7 +44,7 @@ from ..model.placement import input_device, weight
 from ..model.sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
 from ..progress import tqdm
 from .batching import Encoded, batches, context_groups, gather_targets, head_rows, pad_batch, token_budget
-from .reading import choice_for, shape_of
+from .reading import choice_for, group_shape
 from .scoring import target_scores
 
 FAMILIES = SSM_ONLY_FAMILIES  # every block a norm, an SSM mixer (written out: model.mamba1/2) and a residual
@@ -137,7 +137,7 @@ class FastSweep:
         """Whether a group of several requests reads its context once: as asked, or as measured for
         its shape (None: not measured yet)."""
         if self.share_contexts is None:
-            return self.choice.shared.get(shape_of(items, group))
+            return self.choice.shared.get(group_shape(items, group))
         return self.share_contexts
 
     def step(self, items: list[Encoded], lengths: list[int], members: list[int], shared: bool | None) -> int:
@@ -184,7 +184,7 @@ class FastSweep:
                 steered = self.steered_outputs(self.model, self.layer, sub, self.intervention.only(chunk))
                 steered = steered.view(len(chunk), len(members), *steered.shape[1:])
                 if shared is None:
-                    compact = self.choice.race(shape_of(items, members),
+                    compact = self.choice.race(group_shape(items, members),
                                                lambda: self.shared_hidden(steered, sub_items),
                                                lambda: self.whole_hidden(steered, sub_items, sub_lengths))
                 elif shared:

@@ -28,11 +28,11 @@ import weakref
 from collections import deque
 from dataclasses import dataclass
 
-import psutil
 import torch
 from transformers import DynamicCache
 
 from ..model.continuation import has_ssm_cache, merged_cache
+from ..model.loading import free_bytes
 from ..model.mamba2 import short_chunks
 from ..model.placement import input_device
 from ..model.sites import SSM_ONLY_FAMILIES, decoder_layers, family_of
@@ -234,7 +234,7 @@ def memory_rows(model) -> int:
     """Rows whose states fit `MEMORY_SHARE` of the free memory: each row's state three times (the
     running cache, a prompt read ahead, the step's temporaries)."""
     device = input_device(model)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    free = free_bytes((device.index or 0) if device.type == "cuda" else "cpu")
     return max(1, int(MEMORY_SHARE * free // (3 * state_bytes(model))))
 
 

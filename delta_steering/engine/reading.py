@@ -22,7 +22,7 @@ import torch
 from ..model.placement import devices
 from .batching import Encoded
 
-Shape = tuple[int, int, int]
+GroupShape = tuple[int, int, int]
 Result = TypeVar("Result")
 
 _CHOICES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[str, ReadingChoice]]" = weakref.WeakKeyDictionary()
@@ -33,7 +33,7 @@ def length_class(tokens: int) -> int:
     return (tokens.bit_length() + 1) // 2
 
 
-def shape_of(encoded: list[Encoded], group: list[int]) -> Shape:
+def group_shape(encoded: list[Encoded], group: list[int]) -> GroupShape:
     """A context group's shape: its requests, and the length classes of its context and of its
     longest continuation after the context (the tokens read from the cached state)."""
     tail = max(encoded[i].n_target - 1 for i in group)
@@ -45,7 +45,7 @@ class ReadingChoice:
 
     def __init__(self, devices: list[torch.device]):
         self.gpus = [d for d in devices if d.type == "cuda"]
-        self.shared: dict[Shape, bool] = {}
+        self.shared: dict[GroupShape, bool] = {}
 
     def synchronize(self) -> None:
         for gpu in self.gpus:
@@ -59,7 +59,7 @@ class ReadingChoice:
         self.synchronize()
         return result, time.perf_counter() - start
 
-    def race(self, shape: Shape, shared: Callable[[], Result], whole: Callable[[], Result]) -> Result:
+    def race(self, shape: GroupShape, shared: Callable[[], Result], whole: Callable[[], Result]) -> Result:
         """Read the same groups both ways, keep the faster way for `shape`, and return its result."""
         whole_result, whole_s = self.seconds(whole)
         shared_result, shared_s = self.seconds(shared)

@@ -31,7 +31,7 @@ from ..model.sites import OutputHead, decoder_layers
 from ..progress import tqdm
 from .batching import (Encoded, batches, context_groups, gather_targets, head_rows, memory_items, pad_batch,
                        request_batches, target_logits, token_budget)
-from .reading import choice_for, shape_of
+from .reading import choice_for, group_shape
 
 RACE_GROUPS = 8  # context groups of a new shape read both ways, to measure which is faster
 
@@ -177,7 +177,7 @@ def measured_scores(model, tokenizer, encoded: list[Encoded], groups: list[list[
     choice = choice_for(model, "scoring")
     by_shape: dict = {}
     for group in groups:
-        by_shape.setdefault(shape_of(encoded, group), []).append(group)
+        by_shape.setdefault(group_shape(encoded, group), []).append(group)
     shared, whole = [], []
     for shape, members in by_shape.items():
         if shape not in choice.shared:

@@ -37,7 +37,7 @@ def naive_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, i
     return logprob, greedy
 
 
-ENGINES = {"fast": fast_loglikelihoods, "naive": naive_loglikelihoods}
+LOGLIKELIHOODS = {"fast": fast_loglikelihoods, "naive": naive_loglikelihoods}  # one per options.ENGINES
 
 
 def engine_for(model, engine: str) -> str:
@@ -55,9 +55,9 @@ def sweep_loglikelihoods(model, tokenizer, encoded: list[Encoded], layer: int, i
                          progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Log-prob and greedy flag of every request (columns) with each neuron of `intervention` applied
     alone (rows, in the intervention's order); `progress` shows a bar that moves every batch."""
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(ENGINES)}")
-    return ENGINES[engine](model, tokenizer, encoded, layer, intervention, batch_size=batch_size, progress=progress)
+    if engine not in LOGLIKELIHOODS:
+        raise ValueError(f"unknown engine {engine!r}: use one of {', '.join(LOGLIKELIHOODS)}")
+    return LOGLIKELIHOODS[engine](model, tokenizer, encoded, layer, intervention, batch_size=batch_size, progress=progress)
 
 
 def sweep_correctness(model, tokenizer, examples: list[Example], layer: int, intervention: Intervention,

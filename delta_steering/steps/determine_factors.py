@@ -19,7 +19,7 @@ from ..analysis.impacts import neuron_chunks
 from ..analysis.metrics import Comparison, chance_correctness, summarize
 from ..analysis.plots import plot_factors
 from ..analysis.stats import describe_detection_limit
-from ..artifacts import STEP2_NAME, Discovery, Factors, Provenance, discovery_of, steering_factor
+from ..artifacts import STEP2_NAME, Discovery, Factors, Provenance, discovery_of, factor_to_steer
 from ..data.pile import load_pile_texts, local_files, pile_record
 from ..data.tasks import Example, example_ids, load_examples
 from ..engine.perplexity import document_losses
@@ -149,7 +149,7 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
                    if f"factor/high_impact/{f!r}" not in results}
         if missing:
             results.update(run.map(missing, "High Impact factors for perplexity", shared=False))
-        factor, _ = steering_factor(group_table("high_impact", context, results, examples, options.seed)["optimal"])
+        factor, _ = factor_to_steer(group_table("high_impact", context, results, examples, options.seed)["optimal"])
         if factor is not None:
             amplified = {f"perplexity/{at}/{factor!r}": partial(perplexity_at, at, factor) for at in perplexity_layers}
             results.update(run.map(amplified, "perplexity with the optimal factor"))

@@ -83,7 +83,7 @@ def layer_ablation_layers(options: VerifyOptions, shape: Shape, layer: int, warn
     return kept
 
 
-def steering_factor(options: VerifyOptions, step2: Factors | None) -> tuple[float, str, str]:
+def chosen_factor(options: VerifyOptions, step2: Factors | None) -> tuple[float, str, str]:
     """`factor` ("command-line"), else step 2's High Impact factor: the confirmed one
     ("step2-confirmed") or the selection-best one ("step2-unconfirmed"); and the factor's standing
     in one line."""
@@ -99,7 +99,7 @@ def plan(options: VerifyOptions, source: ModelSource | None) -> Plan:
     step1 = discovery_of(options.neurons_file)
     step2 = None if options.factor is not None else factors_of(options.factors_file)
     layer = options.layer if options.layer is not None else step1.layer
-    factor, factor_source, standing = steering_factor(options, step2)
+    factor, factor_source, standing = chosen_factor(options, step2)
     provenance = None
     if source is not None:
         check_layer(source.shape, layer, "--layer" if options.layer is not None else f"{step1.what}: layer")
