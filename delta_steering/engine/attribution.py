@@ -45,49 +45,73 @@ def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengt
     return torch.stack(scores)
 
 
-def written_out_block(block, hidden: Tensor, offset: Tensor) -> tuple[Tensor, Tensor]:
-    """A Mamba-1 block's output and its dt_pre, the mixer written out (the fast engine's pieces) with
-    `offset` (batch x channels x tokens, zeros) added to dt_pre: the gradient with respect to `offset`
-    is the gradient with respect to dt_pre, every later path included."""
+SCREENS = ("mixer", "gradient")  # see batch_gradients; measured against exact: benchmarks/bench_screen.py
+
+
+def written_out_block(block, hidden: Tensor, intervention: Intervention, screen: str) -> tuple[Tensor, Tensor, Tensor]:
+    """A Mamba-1 block's output with its mixer written out (the fast engine's pieces), the leaf that
+    the scores are differentiated by, and the change of that leaf's quantity that each neuron's
+    intervention alone makes (batch x channels x tokens).
+
+    "gradient": the leaf is an offset on dt_pre; the change is dt_pre' - dt_pre (first order in
+    dt_pre: softplus and the scan's exp(Delta A) saturate under ablation, so large changes shrink).
+    "mixer": the leaf is an offset on the gated scan output y; the change is y' - y with every
+    channel intervened on in one scan. The scan is channel-wise, so channel i of that scan is exactly
+    channel i's output with neuron i alone intervened on: the block is exact, only the blocks after
+    it are linearised (the analogue of AtP*'s exact recomputation of the saturating attention)."""
     mixer = block.mixer
     x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
-    dt_pre = dt_lin + weight(mixer.dt_proj, "bias").float().to(dt_lin.dtype)[:, None] + offset
+    dt_pre = dt_lin + weight(mixer.dt_proj, "bias").float().to(dt_lin.dtype)[:, None]
     A = -torch.exp(weight(mixer, "A_log").detach().float())
-    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], weight(mixer, "D").detach(), gate)
-    return block_output(block, hidden, y), dt_pre.detach()
+    D = weight(mixer, "D").detach()
+    leaf = torch.zeros(dt_pre.shape, device=dt_pre.device, requires_grad=True)
+    changed = intervened(dt_pre.detach().float(), intervention)
 
+    def scan(dt: Tensor) -> Tensor:
+        return gated_scan(x, dt, A, B[:, None], C[:, None], D, gate)
 
-def batch_gradients(model, layers: list[int], ids: Tensor, items: list[Encoded], lengths: list[int],
-                    kinds: list[str]) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
-    """Scores of one example batch, and per layer of `layers` their gradient with respect to that
-    layer's `dt_pre` and dt_pre itself (batch x channels x tokens): one forward and one backward pass.
-    The blocks of `layers` have their mixers written out (the fast engine's pieces) with a zero
-    offset on dt_pre as the leaf; the blocks before the first run without a graph, the other blocks
-    after it are the real MambaBlocks. Rows of the batch are independent, so the gradient of the
-    summed scores holds each request's own gradient in its row."""
-    first, blocks = min(layers), decoder_layers(model)
+    if screen == "gradient":
+        return block_output(block, hidden, scan(dt_pre + leaf)), leaf, changed - dt_pre.detach().float()
+    y = scan(dt_pre)  # in the graph: the gradients of earlier written-out blocks pass through it
     with torch.no_grad():
-        hidden = block_input(model, ids, first)
-    offsets, dt_pre = {}, {}
+        change = scan(changed) - y
+    return block_output(block, hidden, y + leaf), leaf, change
+
+
+def batch_gradients(model, interventions: dict[int, Intervention], ids: Tensor, items: list[Encoded],
+                    lengths: list[int], kinds: list[str], screen: str = "mixer") -> tuple[Tensor, dict[int, Tensor]]:
+    """Scores of one example batch and, per layer of `interventions`, every neuron's first-order
+    estimate of each request's score change (neurons x batch): one forward and one backward pass.
+    The blocks of those layers have their mixers written out (`written_out_block`); the blocks
+    before the first run without a graph, the other blocks after it are the real MambaBlocks. Rows
+    of the batch are independent, so the gradient of the summed scores holds each request's own
+    gradient in its row."""
+    layers, blocks = sorted(interventions), decoder_layers(model)
+    with torch.no_grad():
+        hidden = block_input(model, ids, layers[0])
+    leaves, changes = {}, {}
     with torch.enable_grad():
-        for index in range(first, len(blocks)):
-            if index not in layers:
+        for index in range(layers[0], len(blocks)):
+            if index not in interventions:
                 hidden = blocks[index](hidden)
                 continue
-            channels = blocks[index].mixer.intermediate_size
-            offsets[index] = torch.zeros(ids.shape[0], channels, ids.shape[1], device=execution_device(blocks[index]),
-                                         requires_grad=True)
-            hidden, dt_pre[index] = written_out_block(blocks[index], hidden, offsets[index])
+            hidden, leaves[index], changes[index] = written_out_block(blocks[index], hidden, interventions[index],
+                                                                      screen)
         scores = request_scores(OutputHead(model), model.backbone.norm_f(hidden), items, lengths, kinds)
-        grads = torch.autograd.grad(scores.sum(), [offsets[i] for i in layers])
-    return scores.detach(), dict(zip(layers, grads)), dt_pre
+        grads = torch.autograd.grad(scores.sum(), [leaves[i] for i in layers])
+    valid = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    estimates = {}
+    for layer, grad in zip(layers, grads):  # each on its block's device
+        mask = valid.to(grad.device)[:, None, :]
+        estimates[layer] = (grad.float() * changes[layer].float() * mask).sum(-1).T
+    return scores.detach(), estimates
 
 
-def dt_pre_change(dt_pre: Tensor, intervention: Intervention) -> Tensor:
-    """dt_pre' - dt_pre of every channel (batch x channels x tokens), each intervened on as
-    `intervention` says (it must cover every delta neuron of the layer, in order)."""
+def intervened(dt_pre: Tensor, intervention: Intervention) -> Tensor:
+    """dt_pre' of every channel (batch x channels x tokens), each intervened on as `intervention`
+    says (it must cover every delta neuron of the layer, in order)."""
     lin, bias = intervention.edit(dt_pre.transpose(0, 1), torch.zeros(dt_pre.shape[1], device=dt_pre.device))
-    return (lin + bias[:, None, None]).transpose(0, 1) - dt_pre
+    return (lin + bias[:, None, None]).transpose(0, 1)
 
 
 def check_covered(model, interventions: dict[int, Intervention]) -> None:
@@ -104,11 +128,14 @@ def check_covered(model, interventions: dict[int, Intervention]) -> None:
 
 def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[Encoded],
                        interventions: dict[int, Intervention], batch_size: int | None = None,
-                       progress: bool = False) -> dict[int, Attribution]:
+                       progress: bool = False, screen: str = "mixer") -> dict[int, Attribution]:
     """First-order estimates at several layers from one forward and one backward pass per batch:
     for every layer of `interventions` and every delta neuron of it intervened on alone (as that
-    layer's intervention says; it covers all delta neurons of the layer), every request's score change."""
+    layer's intervention says; it covers all delta neurons of the layer), every request's score change.
+    `screen`: what is linearised (`written_out_block`)."""
     check_covered(model, interventions)
+    if screen not in SCREENS:
+        raise ValueError(f"unknown screen {screen!r}: use one of {', '.join(SCREENS)}")
     layers = sorted(interventions)
     kinds = [("margin" if e.metric == "greedy" else "logprob") for e in examples for _ in e.requests]
     if len(kinds) != len(encoded):
@@ -124,23 +151,22 @@ def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[
                       disable=not progress, leave=False):
         items = [encoded[i] for i in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-        scores, grads, dt_pre = batch_gradients(model, layers, ids, items, lengths, [kinds[i] for i in batch])
-        valid = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+        scores, estimates = batch_gradients(model, interventions, ids, items, lengths, [kinds[i] for i in batch],
+                                            screen)
         base[batch] = scores.cpu().numpy()
-        for layer in layers:  # each on its block's device
-            mask = valid.to(dt_pre[layer].device)[:, None, :]
-            change = dt_pre_change(dt_pre[layer].float(), interventions[layer]) * mask
-            delta[layer][:, batch] = (grads[layer].float() * change).sum(-1).T.double().cpu().numpy()
+        for layer in layers:
+            delta[layer][:, batch] = estimates[layer].double().cpu().numpy()
     return {layer: Attribution(base, delta[layer], tuple(kinds)) for layer in layers}
 
 
 def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded], layer: int,
-                intervention: Intervention, batch_size: int | None = None, progress: bool = False) -> Attribution:
+                intervention: Intervention, batch_size: int | None = None, progress: bool = False,
+                screen: str = "mixer") -> Attribution:
     """First-order estimate, for every delta neuron of `layer` intervened on alone, of every request's
     score change. `intervention` names what is done to each neuron: all delta neurons of the layer.
     The one-layer case of `layer_attributions`."""
     return layer_attributions(model, tokenizer, examples, encoded, {layer: intervention}, batch_size,
-                              progress)[layer]
+                              progress, screen)[layer]
 
 
 def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],
