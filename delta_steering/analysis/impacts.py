@@ -10,7 +10,8 @@ import numpy as np
 from ..artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, impact_groups
 from ..data.tasks import example_ids
 from .metrics import Comparison, chance_correctness, summarize
-from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, describe_detection_limit, is_significant, spearman
+from .stats import (SIGNIFICANCE, below_detection, benjamini_hochberg, describe_detection_limit, is_significant,
+                    proportion_ci, spearman)
 
 DESCRIPTION = (
     "Step 1, delta neuron discovery: each neuron of `layer` ablated alone on the discovery examples. "
@@ -140,6 +141,53 @@ def top_estimated(estimates: list[dict], top: int) -> list[int]:
     """The `top` neurons to re-measure exactly, sorted by id: largest estimated impact, then margin loss."""
     ranked = sorted(estimates, key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
     return sorted(e["neuron"] for e in ranked[:top])
+
+
+def recall_sample(screened_out: list, size: int, seed: int) -> list:
+    """A seeded uniform sample, without replacement, of the neurons a screen did not pick (any
+    hashable ids, such as (layer, neuron)), in their given order: measured exactly, it bounds how
+    many significant neurons the screen missed."""
+    picked = np.random.default_rng(seed).choice(len(screened_out), min(size, len(screened_out)), replace=False)
+    return [screened_out[k] for k in sorted(picked)]
+
+
+def screen_recall(verified_significant: int, sample_significant: list, sample_size: int, screened_out: int) -> dict:
+    """The screen's recall estimated from its recall sample: of the neurons that would test
+    significant, the share it picked. Missed = the sample's significant neurons plus the rest of the
+    screened-out neurons times the sample's share (Clopper-Pearson 95% CI); recall = verified /
+    (verified + missed), its CI from the CI of missed. None where no neuron tested significant."""
+    hits, rest = len(sample_significant), screened_out - sample_size
+    share = hits / sample_size if sample_size else 0.0
+    low, high = proportion_ci(hits, sample_size) if sample_size else (0.0, 0.0)
+    missed = [hits + rest * p for p in (share, high, low)]  # estimate, then the bounds that give recall's CI
+
+    def recall(m: float) -> float | None:
+        total = verified_significant + m
+        return round(verified_significant / total, 4) if total > 0 else None
+
+    estimate, lower, upper = (recall(m) for m in missed)
+    return {"screened_out": screened_out, "sample_size": sample_size, "sample_significant": sample_significant,
+            "verified_significant": verified_significant, "estimated_missed": round(missed[0], 2),
+            "missed_ci95": [round(missed[2], 2), round(missed[1], 2)], "estimated_recall": estimate,
+            "recall_ci95": None if estimate is None else [lower, upper],
+            "description": "recall: of the neurons that test significant (the same BH q < 0.05 as the verified ones), "
+                           "the share the screen picked; missed = the significant neurons of a seeded random sample "
+                           "of the screened-out neurons (measured exactly) plus the rest of them times the sample's "
+                           "share (Clopper-Pearson 95% CI)"}
+
+
+def print_recall(recall: dict) -> None:
+    """The screen's measured recall, in one paragraph."""
+    found = ", ".join(str(n) for n in recall["sample_significant"]) or "none"
+    print(f"recall of the screen: a random sample of {recall['sample_size']} of the {recall['screened_out']} neurons "
+          f"it screened out, measured exactly, holds {len(recall['sample_significant'])} significant ({found})")
+    if recall["estimated_recall"] is None:
+        print("  no neuron tested significant: recall undefined")
+        return
+    low, high = recall["recall_ci95"]
+    print(f"  estimated recall {recall['estimated_recall']:.0%} (95% CI {low:.0%}-{high:.0%}): "
+          f"{recall['verified_significant']} significant among the picked, about {recall['estimated_missed']:g} missed "
+          f"(95% CI {recall['missed_ci95'][0]:g}-{recall['missed_ci95'][1]:g})")
 
 
 def attach_estimates(records: list[dict], estimates: list[dict]) -> dict:
