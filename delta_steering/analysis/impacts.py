@@ -176,6 +176,20 @@ def screen_recall(verified_significant: int, sample_significant: list, sample_si
                            "share (Clopper-Pearson 95% CI)"}
 
 
+def screen_note(report: dict) -> str | None:
+    """What a step-1 file from an attribution screen measured, in a sentence (None for an exact run):
+    the screen's picks and its recall sample measured exactly, the others not at all."""
+    if report.get("method") != "attribution":
+        return None
+    verified, sampled = report.get("verified_neurons") or [], report.get("recall_sample_neurons") or []
+    recall = report.get("recall") or {}
+    shown = "not measured" if recall.get("estimated_recall") is None else (
+        "{:.0%} (95% CI {:.0%}-{:.0%})".format(recall["estimated_recall"], *recall["recall_ci95"]))
+    return (f"an attribution screen: only {len(verified)} neurons it picked and {len(sampled)} at random (its recall "
+            f"sample) of {report.get('neurons_tested')} were measured exactly; the others have no impact, count as "
+            f"p = 1 and belong to no group; the screen's estimated recall: {shown}")
+
+
 def print_recall(recall: dict) -> None:
     """The screen's measured recall, in one paragraph."""
     found = ", ".join(str(n) for n in recall["sample_significant"]) or "none"

@@ -5,7 +5,7 @@ an exact sign test and Benjamini-Hochberg q-values. `discover` returns the step-
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -172,6 +172,8 @@ def report(plan: Plan, context: Context, results: dict, run: dict) -> Discovery:
         options.validation_size, context.delta_statistics, data_dir=options.data_dir, ablation=options.ablation,
         high_impact_cut=options.high_impact_cut, engine=context.engine, method=context.method,
         neurons_tested=len(context.requested), **screened, run=run)
+    if context.estimates is not None:
+        discovery = replace(discovery, report={**discovery.report, "screen": impacts.screen_note(discovery.report)})
     impacts.print_summary(discovery.to_json())
     if context.estimates is not None:
         impacts.print_recall(screened["recall"])
