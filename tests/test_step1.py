@@ -302,6 +302,17 @@ def test_method_auto_measures_exactly_within_the_budget(tiny_model_dir, task_fil
     assert f"--method auto: {method}: the exact sweep of 10 neurons is projected at" in capsys.readouterr().out
 
 
-def test_method_auto_is_refused_in_a_split_run(tiny_model_dir, task_file, pile_file, tmp_path, capsys):
-    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-9", "--shard", "0/2") == 2
+def test_method_auto_is_refused_in_a_split_run_leaving_no_folder(tiny_model_dir, task_file, pile_file, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "new" / "out"  # refused after the model loaded, the folder locked
+    assert step1(tiny_model_dir, task_file, pile_file, out, "--neurons", "0-9", "--shard", "0/2") == 2
     assert "must name --method exact or --method attribution" in one_line(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_run_leaves_no_empty_folder_it_made(tiny_model_dir, task_file, pile_file, tmp_path, capsys):
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "a" / "b"  # refused before the model loads
+    assert step1(tiny_model_dir, task_file, pile_file, out, "--layer", "99") == 2
+    assert "--layer 99 out of range" in one_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
