@@ -1,10 +1,16 @@
-"""Attribution: a first-order estimate of every delta neuron's effect at once.
+"""Attribution: an estimate of every delta neuron's effect at once, a screen before exact measurement.
 
-One forward and one backward pass per example batch give d(score)/d(dt_pre) at layer L (or at every
-layer of a set, from the same pass) for every neuron and token; the estimated change of a request's score when neuron i alone is intervened on is
-`sum_t grad[i, t] * (dt_pre'[i, t] - dt_pre[i, t])`. Exact to first order in the change of dt_pre:
-good for factors near 1, a ranking heuristic for ablation, which is why step 1 re-measures the
-neurons it ranks first with the exact engine.
+One forward and one backward pass per example batch estimate, for every neuron of layer L (or of
+every layer of a set, from the same pass) intervened on alone, the change of each request's score.
+The "mixer" screen (the default) computes block L's scan exactly with every channel intervened on
+(the scan is channel-wise, so each channel is its neuron's own intervention) and linearises only the
+blocks after it: `sum_t grad_y[i, t] * (y'[i, t] - y[i, t])`, the analogue of AtP*'s exact
+recomputation of a saturating nonlinearity. The "gradient" screen linearises in dt_pre itself,
+`sum_t grad[i, t] * (dt_pre'[i, t] - dt_pre[i, t])`: exact to first order for factors near 1, but an
+ablation saturates softplus and the scan's decay, and it ranks strong neurons last
+(benchmarks/bench_screen.py measures both against exact ablation). Either is a screen: step 1 and
+the atlas re-measure the neurons it ranks first with the exact engine, and a random sample of the
+rest to measure its recall.
 """
 
 from __future__ import annotations
@@ -129,7 +135,7 @@ def check_covered(model, interventions: dict[int, Intervention]) -> None:
 def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[Encoded],
                        interventions: dict[int, Intervention], batch_size: int | None = None,
                        progress: bool = False, screen: str = "mixer") -> dict[int, Attribution]:
-    """First-order estimates at several layers from one forward and one backward pass per batch:
+    """Estimates at several layers from one forward and one backward pass per batch:
     for every layer of `interventions` and every delta neuron of it intervened on alone (as that
     layer's intervention says; it covers all delta neurons of the layer), every request's score change.
     `screen`: what is linearised (`written_out_block`)."""
@@ -171,8 +177,8 @@ def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded
 
 def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],
                        ablation: Intervention, batch_size: int | None, top: int) -> tuple[list[dict], list[int]]:
-    """First-order estimates of every neuron's ablation effect (one forward and backward pass per
-    batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
+    """Estimates of every neuron's ablation effect (one forward and backward pass per batch), and
+    the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
     att = attribution(model, tokenizer, examples, encoded, layer, ablation, batch_size, progress=True)
     estimates = estimate_records(neurons, *estimated_impacts(examples, att))
     return estimates, top_estimated(estimates, top)
@@ -181,7 +187,7 @@ def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons:
 def atlas_estimates(model, tokenizer, examples: list[Example], encoded: list[Encoded],
                     ablations: dict[int, Intervention], batch_size: int | None = None,
                     progress: bool = False) -> dict[int, list[dict]]:
-    """Per layer, every neuron's first-order estimates (estimated impact and margin loss, see
+    """Per layer, every neuron's estimates (estimated impact and margin loss, see
     attribution.estimated_impacts) from one forward and one backward pass per batch."""
     attributions = layer_attributions(model, tokenizer, examples, encoded, ablations, batch_size, progress)
     return {layer: estimate_records(range(att.delta.shape[0]), *estimated_impacts(examples, att))
