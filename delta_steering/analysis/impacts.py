@@ -23,7 +23,10 @@ DESCRIPTION = (
     "original study's list). minimum_detectable_effect: the smallest impact (points) a single-neuron ablation on "
     "these examples detects with 80% power at alpha 0.05, from the observed share of examples that changed. "
     "delta_variance: per neuron, the variance of Delta = softplus(dt_pre) over the tokens of the statistics Pile "
-    "documents; delta_variance_ranking orders every neuron by it.")
+    "documents; delta_variance_ranking orders every neuron by it. method: exact, or attribution (a screen: "
+    "attribution_estimates of every neuron, verified_neurons its top measured exactly, recall_sample_neurons a seeded "
+    "random sample of the rest measured exactly, recall the screen's estimated recall from that sample, screen what "
+    "was measured).")
 
 
 def neuron_chunks(neurons: list[int], size: int) -> list[list[int]]:
@@ -123,12 +126,13 @@ def print_summary(result: dict, top: int = 10) -> None:
                  "from no effect" if below else ""))
 
 
-def print_spearman(screened: dict, verified: int) -> None:
-    """How the screen's estimates rank the verified neurons against their exact impacts."""
+def print_spearman(screened: dict, measured: int) -> None:
+    """How the screen's estimates rank the measured neurons (its picks and its recall sample)
+    against their exact impacts."""
     shown = ["n/a" if screened[k] is None else f"{screened[k]:.3f}"
              for k in ("spearman_estimated_impact", "spearman_margin_loss")]
-    print(f"attribution vs exact impact on {verified} verified neurons: Spearman {shown[0]} (estimated impact), "
-          f"{shown[1]} (estimated margin loss)")
+    print(f"attribution vs exact impact on the {measured} neurons measured exactly (the screen's top and its recall "
+          f"sample): Spearman {shown[0]} (estimated impact), {shown[1]} (estimated margin loss)")
 
 
 def estimate_records(neurons: list[int], impact: np.ndarray, margin_loss: np.ndarray) -> list[dict]:
