@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 
-from delta_steering.artifacts import STEP1_DEFAULTS
-from delta_steering.cli import add_model_args, add_pile_args, add_run_args, add_sweep_args, step_parser
+from delta_steering.cli import (add_model_args, add_pile_args, add_run_args, add_step1_file_args, add_sweep_args,
+                                step_parser)
 from delta_steering.options import FactorOptions
 from delta_steering.steps.script import step_main
 
@@ -31,14 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="held-out examples per task, split into selection and confirmation halves")
     parser.add_argument("--output_dir", default="cluster9_ablation_results",
                         help="results, plots and the resume checkpoint")
-    parser.add_argument("--neurons_file", default=None,
-                        help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
-    parser.add_argument("--allow_model_mismatch", action="store_true",
-                        help="use a step-1 file made with another model")
-    parser.add_argument("--layer", type=int, default=None, help="default: the step-1 file's layer")
-    parser.add_argument("--transfer_layer", action="store_true",
-                        help="steer the step-1 neurons at a --layer other than the one they were found at "
-                             "(recorded in the results)")
+    add_step1_file_args(parser, "a step-1 file")
     parser.add_argument("--tasks", default=None, help="default: the step-1 file's tasks")
     parser.add_argument("--data_dir", default=None, help="default: the step-1 file's data_dir")
     parser.add_argument("--factors", default=",".join(f"{f:g}" for f in FactorOptions.factors),

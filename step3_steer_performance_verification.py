@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 
 import delta_steering as ds
-from delta_steering.artifacts import STEP1_DEFAULTS, STEP2_DEFAULTS
-from delta_steering.cli import add_model_args, add_pile_args, add_run_args, step_parser
+from delta_steering.artifacts import STEP2_DEFAULTS
+from delta_steering.cli import add_model_args, add_pile_args, add_run_args, add_step1_file_args, step_parser
 from delta_steering.options import IFEVAL_METRICS, MODES, VerifyOptions
 from delta_steering.steps.script import step_main
 
@@ -39,16 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the delta-sensitive set amplified by the factor at each of --layers (the original "
                             "study's name; nothing is ablated)")
     modes.add_argument("--both", action="store_true", help="--cluster_ablation and --layer_ablation, not --combined")
-    parser.add_argument("--neurons_file", default=None,
-                        help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
+    add_step1_file_args(parser, "step files")
     parser.add_argument("--factors_file", default=None, help=f"step-2 JSON (default: {STEP2_DEFAULTS[0]})")
     parser.add_argument("--factor", type=float, default=None, help="steering factor (default: the step-2 file's)")
-    parser.add_argument("--allow_model_mismatch", action="store_true",
-                        help="use step files made with another model")
-    parser.add_argument("--layer", type=int, default=None, help="default: the step-1 file's layer")
-    parser.add_argument("--transfer_layer", action="store_true",
-                        help="steer the step-1 neurons at a --layer other than the one they were found at "
-                             "(recorded in the results)")
     parser.add_argument("--layers", default=None,
                         help="layers for --layer_ablation (default: the 5 SSM layers centred on the layer, "
                              "18-22 for layer 20 of a 24-layer model)")

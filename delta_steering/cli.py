@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
+from .artifacts import STEP1_DEFAULTS
 from .intervention import Intervention, Steering, check_factor
 from .options import ENGINES, DiscoverOptions, Options, PileOptions, SweepOptions
 
@@ -278,6 +279,18 @@ def check_run_args(args: argparse.Namespace) -> list[Path]:
         if getattr(args, flag, None) is not None:
             created += check_output_dir(getattr(args, flag), f"--{flag}")
     return created
+
+
+def add_step1_file_args(parser: argparse.ArgumentParser, files: str) -> None:
+    """--neurons_file, --allow_model_mismatch, --layer and --transfer_layer: the step-1 file steps 2
+    and 3 steer from, and where (`files`: what --allow_model_mismatch lets through)."""
+    parser.add_argument("--neurons_file", default=None,
+                        help=f"step-1 JSON (default: {' or else '.join(STEP1_DEFAULTS)})")
+    parser.add_argument("--allow_model_mismatch", action="store_true", help=f"use {files} made with another model")
+    parser.add_argument("--layer", type=int, default=None, help="default: the step-1 file's layer")
+    parser.add_argument("--transfer_layer", action="store_true",
+                        help="steer the step-1 neurons at a --layer other than the one they were found at "
+                             "(recorded in the results)")
 
 
 def add_pile_args(parser: argparse.ArgumentParser) -> None:

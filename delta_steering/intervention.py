@@ -103,10 +103,16 @@ class Intervention:
         """dt_pre of this intervention's neurons before and after it, from their cached linear terms
         (neurons, ...) and biases (neurons,): `edit` as `steer` applies it to weight rows, the bias
         added in the linear term's dtype as the models add it."""
-        shape = (-1,) + (1,) * (linear.dim() - 1)
         lin_after, bias_after = self.edit(linear, bias)
-        return (linear + bias.float().to(linear.dtype).view(shape),
-                lin_after + bias_after.float().to(linear.dtype).view(shape))
+        return with_bias(linear, bias), with_bias(lin_after, bias_after)
+
+
+def with_bias(linear: Tensor, bias: Tensor, dim: int = 0) -> Tensor:
+    """dt_pre from its linear term (neurons along `dim`) and bias, the bias added in the linear term's
+    dtype as the models add it."""
+    shape = [1] * linear.dim()
+    shape[dim] = -1
+    return linear + bias.float().to(linear.dtype).view(shape)
 
 
 NO_STEERING = Intervention()

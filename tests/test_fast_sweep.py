@@ -180,7 +180,7 @@ def test_fast_races_each_new_shape_and_follows_the_recorded_choice(tiny_model, t
         raise AssertionError("read the way the recorded choice rules out")
 
     grouped = [encoded[i] for g in groups for i in g]
-    for shared, ruled_out in ((False, "continuation_hidden"), (True, "suffix")):
+    for shared, ruled_out in ((False, "continuation_hidden"), (True, "blocks_from")):
         choice.shared.update({shape: shared for shape in choice.shared})
         with monkeypatch.context() as patch:
             patch.setattr(fast_sweep, ruled_out, refused)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -114,7 +115,18 @@ def _relative_changes(changes: list[dict | None]) -> tuple[np.ndarray, np.ndarra
     known = [c if c and c.get("relative") is not None else None for c in changes]
     values = np.array([np.nan if c is None else c["relative"] for c in known], dtype=float)
     ci = np.array([[np.nan, np.nan] if c is None else c["relative_ci95"] for c in known], dtype=float).reshape(-1, 2)
-    return values, np.clip([values - ci[:, 0], ci[:, 1] - values], 0, None)
+    return values, _error_bars(values, ci)
+
+
+def _cis(rows: list[dict], key: str) -> np.ndarray:
+    """The rows' 95% CIs (n x 2); a row without one gets the point `row[key]` itself."""
+    return np.array([r.get("ci95") or [r[key]] * 2 for r in rows], dtype=float).reshape(-1, 2)
+
+
+def _error_bars(values: np.ndarray, ci: np.ndarray, offset: float = 0.0) -> np.ndarray:
+    """matplotlib's error bars (2 x n) for `values` from their CIs (n x 2), the CIs shifted by `offset`
+    (a change's CI drawn around a baseline's level)."""
+    return np.clip([values - (offset + ci[:, 0]), offset + ci[:, 1] - values], 0, None)
 
 
 def _step3_changes(entries: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -180,9 +192,7 @@ def _threshold_lines(ax, result: dict, vertical: bool = False) -> None:
 def _impact_points(ax, x: np.ndarray, records: list[dict]) -> None:
     """Impacts at `x` with their 95% CI, significant neurons (BH q < 0.05) marked apart."""
     impact = np.array([r["impact"] for r in records], dtype=float)
-    ci = np.array([r.get("ci95") or [r["impact"]] * 2 for r in records], dtype=float).reshape(-1, 2)
-    error = np.clip([impact - ci[:, 0], ci[:, 1] - impact], 0, None)
-    ax.errorbar(x, impact, yerr=error, fmt="none", ecolor="0.6", elinewidth=0.8, label="95% CI (bootstrap)")
+    ax.errorbar(x, impact, yerr=_error_bars(impact, _cis(records, "impact")), fmt="none", ecolor="0.6", elinewidth=0.8, label="95% CI (bootstrap)")
     significant = np.array([is_significant(r.get("q_value")) for r in records], dtype=bool)
     ax.scatter(x[~significant], impact[~significant], s=16, color=PLAIN, zorder=3,
                label=f"not significant ({(~significant).sum()})")
@@ -199,16 +209,25 @@ def _label_neurons(ax, x, y, neurons, rotate: bool = False, beside: bool = False
                     rotation=90 if rotate else 0, **align)
 
 
+def _step1_figure(result: dict, size: tuple[float, float], what: str, xlabel: str, ylabel: str,
+                  details: str = "") -> tuple[Figure, Any, list[dict]]:
+    """A step-1 figure's frame (title, axis labels) and the measured records; none: the axes say so."""
+    records = _measured(result)
+    fig, (ax,) = _new(*size)
+    _title(fig, f"Step 1: {what}, {_model(result)}, layer {result['layer']}", _step1_details(result) + details)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    if not records:
+        _empty(ax, "no neuron was measured")
+    return fig, ax, records
+
+
 @styled
 def impact_ranked_figure(result: dict) -> Figure:
     """Step 1: every measured neuron's impact by rank, with CI, significance, thresholds and top IDs."""
-    records = _measured(result)
-    fig, (ax,) = _new(10, 5)
-    _title(fig, f"Step 1: single-neuron ablation impact, {_model(result)}, layer {result['layer']}",
-           _step1_details(result) + f"; labels: IDs of the top {min(TOP_LABELLED, len(records))} neurons")
-    ax.set(xlabel="neuron rank by impact", ylabel=IMPACT_LABEL)
+    labelled = min(TOP_LABELLED, len(_measured(result)))
+    fig, ax, records = _step1_figure(result, (10, 5), "single-neuron ablation impact", "neuron rank by impact",
+                                     IMPACT_LABEL, f"; labels: IDs of the top {labelled} neurons")
     if not records:
-        _empty(ax, "no neuron was measured")
         return fig
     rank = np.arange(1, len(records) + 1)
     _impact_points(ax, rank, records)
@@ -227,14 +246,10 @@ def impact_ranked_figure(result: dict) -> Figure:
 @styled
 def impact_histogram_figure(result: dict) -> Figure:
     """Step 1: how many neurons have each impact, by group, with the two thresholds."""
-    records = _measured(result)
-    fig, (ax,) = _new(7, 4.8)
-    _title(fig, f"Step 1: distribution of single-neuron impacts, {_model(result)}, layer {result['layer']}",
-           _step1_details(result))
-    ax.set(xlabel=IMPACT_LABEL, ylabel="neurons (count)")
+    fig, ax, records = _step1_figure(result, (7, 4.8), "distribution of single-neuron impacts", IMPACT_LABEL,
+                                     "neurons (count)")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if not records:
-        _empty(ax, "no neuron was measured")
         return fig
     impact, cut = np.array([r["impact"] for r in records]), _cut(result)
     edges = np.histogram_bin_edges(impact, bins=min(50, max(8, len(impact) // 4)))
@@ -252,15 +267,11 @@ def impact_histogram_figure(result: dict) -> Figure:
 @styled
 def variance_vs_impact_figure(result: dict) -> Figure:
     """Step 1: each measured neuron's delta variance on the Pile against its impact."""
-    records = _measured(result)
-    fig, (ax,) = _new(9, 5)
     tokens = result.get("delta_statistics_tokens")
-    _title(fig, f"Step 1: delta variance vs ablation impact, {_model(result)}, layer {result['layer']}",
-           _step1_details(result) + (f"; Δ statistics over {tokens} Pile tokens" if tokens else ""))
-    ax.set(xlabel="variance of Δ = softplus(dt_pre) over Pile tokens (unitless)",
-           ylabel=IMPACT_LABEL)
+    fig, ax, records = _step1_figure(result, (9, 5), "delta variance vs ablation impact",
+                                     "variance of Δ = softplus(dt_pre) over Pile tokens (unitless)", IMPACT_LABEL,
+                                     f"; Δ statistics over {tokens} Pile tokens" if tokens else "")
     if not records:
-        _empty(ax, "no neuron was measured")
         return fig
     variance = np.array([r["delta_variance"] for r in records], dtype=float)
     _impact_points(ax, variance, records)
@@ -380,8 +391,8 @@ def step1_vs_heldout_figure(result: dict) -> Figure:
         return fig
     x = np.array([r["step1_impact"] for r in rows], dtype=float)
     y = np.array([r["impact"] for r in rows], dtype=float)
-    ci = np.array([r.get("ci95") or [r["impact"]] * 2 for r in rows], dtype=float)
-    ax.errorbar(x, y, yerr=np.clip([y - ci[:, 0], ci[:, 1] - y], 0, None), fmt="o", color=PLAIN, ms=5,
+    ci = _cis(rows, "impact")
+    ax.errorbar(x, y, yerr=_error_bars(y, ci), fmt="o", color=PLAIN, ms=5,
                 ecolor="0.6", elinewidth=0.8, label="neuron (held-out 95% CI)")
     cut = _cut(result)
     low, high = min(x.min(), ci.min(), 0), max(x.max(), ci.max(), cut)
@@ -480,7 +491,7 @@ def _accuracy_bars(ax, result: dict, entries: list[dict], base: float) -> None:
     x = np.arange(len(entries))
     acc = np.array([e["accuracy"] for e in entries], dtype=float)
     ci = np.array([e["ci95"] if e["name"] != "baseline" and e.get("ci95") else [0, 0] for e in entries], dtype=float)
-    error = np.clip([acc - (base + ci[:, 0]), base + ci[:, 1] - acc], 0, None)
+    error = _error_bars(acc, ci, base)
     colors = [BASELINE if e["name"] == "baseline" else PLAIN for e in entries]
     ax.bar(x, acc, yerr=error, color=colors, capsize=4, error_kw={"elinewidth": 1, "ecolor": "k"})
     ax.axhline(base, color=BASELINE, ls="--", lw=1, label=f"baseline ({base:.1f}%)")
@@ -541,9 +552,8 @@ def layer_ablation_vs_layer_figure(result: dict) -> Figure:
     _title(fig, *_step3_header(result, "layer_ablation"))
     layers = np.array([e["layer"] for e in steered])
     acc = np.array([e["accuracy"] for e in steered], dtype=float)
-    ci = np.array([e.get("ci95") or [e["delta"]] * 2 for e in steered], dtype=float).reshape(-1, 2)
     base = base_entry["accuracy"]
-    acc_ax.errorbar(layers, acc, yerr=np.clip([acc - base - ci[:, 0], base + ci[:, 1] - acc], 0, None), fmt="o-",
+    acc_ax.errorbar(layers, acc, yerr=_error_bars(acc, _cis(steered, "delta"), base), fmt="o-",
                     color=PLAIN, capsize=4, label="steered" + _times(result.get("factor")))
     acc_ax.axhline(base, color=BASELINE, ls="--", lw=1, label=f"baseline ({base:.1f}%)")
     acc_ax.set(ylabel=_fill(_metric_label(result), 24))
@@ -636,9 +646,9 @@ def atlas_figure(result: dict) -> Figure:
         _empty(bottom, "no verified neuron has a finite impact")
         return fig
     impact = np.array([largest[k]["impact"] for k in shown], dtype=float)
-    ci = np.array([largest[k]["ci95"] or [largest[k]["impact"]] * 2 for k in shown], dtype=float)
+    ci = _cis([largest[k] for k in shown], "impact")
     x = np.array([layers[k] for k in shown])
-    bottom.errorbar(x, impact, yerr=np.clip([impact - ci[:, 0], ci[:, 1] - impact], 0, None), fmt="o",
+    bottom.errorbar(x, impact, yerr=_error_bars(impact, ci), fmt="o",
                     color=PLAIN, ecolor="0.5", capsize=3, label="largest verified impact, 95% CI (bootstrap)")
     for xi, yi, k in zip(x, ci[:, 1], shown):
         bottom.annotate(f"n{largest[k]['neuron']}, {len(entries[k]['significant_neurons'])} sig.", (xi, yi),

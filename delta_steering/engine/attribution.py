@@ -22,12 +22,12 @@ from torch import Tensor
 from ..analysis.estimates import Attribution, estimated_impacts
 from ..analysis.impacts import estimate_records, top_estimated
 from ..data.tasks import Example
-from ..intervention import Intervention
-from ..model.mamba1 import block_input, block_output, gated_scan, mixer_pieces
+from ..intervention import Intervention, with_bias
+from ..model.mamba1 import block_input, block_output, gated_scan, mixer_pieces, written_out_block
 from ..model.placement import execution_device, input_device, weight
 from ..model.sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from ..progress import tqdm
-from .batching import Encoded, gather_targets, pad_batch, request_batches, target_ids, target_mask, token_budget
+from .batching import Encoded, gather_targets, pad_batch, request_batches, target_logits, token_budget
 
 FAMILIES = ("mamba", "falcon_mamba")  # the Mamba-1 models: block L's channel-wise mixer written out
 
@@ -40,9 +40,8 @@ def covers(model) -> bool:
 def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengths: list[int],
                    kinds: list[str]) -> Tensor:
     """Each request's score (see Attribution), differentiable; the LM head runs on target positions only."""
-    compact = gather_targets(hidden, items, lengths)
-    logits = head(compact[target_mask(items, hidden.device)]).float()
-    targets = target_ids(items, logits.device)[:, None]
+    logits, targets = target_logits(head, gather_targets(hidden, items, lengths), items)
+    targets = targets[:, None]
     logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets)[:, 0]
     margin = logits.gather(-1, targets)[:, 0] - logits.scatter(-1, targets, -torch.inf).amax(-1)
     sizes = [e.n_target for e in items]
@@ -51,13 +50,13 @@ def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengt
     return torch.stack(scores)
 
 
-SCREENS = ("mixer", "gradient")  # see batch_gradients; measured against exact: benchmarks/bench_screen.py
+SCREENS = ("mixer", "gradient")  # see screened_block; measured against exact: benchmarks/bench_screen.py
 
 
-def written_out_block(block, hidden: Tensor, intervention: Intervention, screen: str) -> tuple[Tensor, Tensor, Tensor]:
-    """A Mamba-1 block's output with its mixer written out (the fast engine's pieces), the leaf that
-    the scores are differentiated by, and the change of that leaf's quantity that each neuron's
-    intervention alone makes (batch x channels x tokens).
+def screened_block(block, hidden: Tensor, intervention: Intervention, screen: str) -> tuple[Tensor, Tensor, Tensor]:
+    """A Mamba-1 block's output with its mixer written out (`mamba1.written_out_block`'s pieces), the
+    leaf that the scores are differentiated by, and the change of that leaf's quantity that each
+    neuron's intervention alone makes (batch x channels x tokens).
 
     "gradient": the leaf is an offset on dt_pre; the change is dt_pre' - dt_pre (first order in
     dt_pre: softplus and the scan's exp(Delta A) saturate under ablation, so large changes shrink).
@@ -66,21 +65,21 @@ def written_out_block(block, hidden: Tensor, intervention: Intervention, screen:
     channel i's output with neuron i alone intervened on: the block is exact, only the blocks after
     it are linearised (the analogue of AtP*'s exact recomputation of the saturating attention)."""
     mixer = block.mixer
+    leaf = torch.zeros(hidden.shape[0], mixer.intermediate_size, hidden.shape[1], device=execution_device(block),
+                       requires_grad=True)
+    if screen == "gradient":
+        output, dt_pre = written_out_block(block, hidden, offset=leaf)
+        return output, leaf, intervened(dt_pre.float(), intervention) - dt_pre.float()
     x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
-    dt_pre = dt_lin + weight(mixer.dt_proj, "bias").float().to(dt_lin.dtype)[:, None]
+    dt_pre = with_bias(dt_lin, weight(mixer.dt_proj, "bias"), dim=1)
     A = -torch.exp(weight(mixer, "A_log").detach().float())
-    D = weight(mixer, "D").detach()
-    leaf = torch.zeros(dt_pre.shape, device=dt_pre.device, requires_grad=True)
-    changed = intervened(dt_pre.detach().float(), intervention)
 
     def scan(dt: Tensor) -> Tensor:
-        return gated_scan(x, dt, A, B[:, None], C[:, None], D, gate)
+        return gated_scan(x, dt, A, B[:, None], C[:, None], weight(mixer, "D").detach(), gate)
 
-    if screen == "gradient":
-        return block_output(block, hidden, scan(dt_pre + leaf)), leaf, changed - dt_pre.detach().float()
     y = scan(dt_pre)  # in the graph: the gradients of earlier written-out blocks pass through it
     with torch.no_grad():
-        change = scan(changed) - y
+        change = scan(intervened(dt_pre.detach().float(), intervention)) - y
     return block_output(block, hidden, y + leaf), leaf, change
 
 
@@ -88,7 +87,7 @@ def batch_gradients(model, interventions: dict[int, Intervention], ids: Tensor, 
                     lengths: list[int], kinds: list[str], screen: str = "mixer") -> tuple[Tensor, dict[int, Tensor]]:
     """Scores of one example batch and, per layer of `interventions`, every neuron's first-order
     estimate of each request's score change (neurons x batch): one forward and one backward pass.
-    The blocks of those layers have their mixers written out (`written_out_block`); the blocks
+    The blocks of those layers have their mixers written out (`screened_block`); the blocks
     before the first run without a graph, the other blocks after it are the real MambaBlocks. Rows
     of the batch are independent, so the gradient of the summed scores holds each request's own
     gradient in its row."""
@@ -101,8 +100,7 @@ def batch_gradients(model, interventions: dict[int, Intervention], ids: Tensor, 
             if index not in interventions:
                 hidden = blocks[index](hidden)
                 continue
-            hidden, leaves[index], changes[index] = written_out_block(blocks[index], hidden, interventions[index],
-                                                                      screen)
+            hidden, leaves[index], changes[index] = screened_block(blocks[index], hidden, interventions[index], screen)
         scores = request_scores(OutputHead(model), model.backbone.norm_f(hidden), items, lengths, kinds)
         grads = torch.autograd.grad(scores.sum(), [leaves[i] for i in layers])
     valid = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]

@@ -114,3 +114,10 @@ def target_mask(encoded: list[Encoded], device) -> torch.Tensor:
 def target_ids(encoded: list[Encoded], device) -> torch.Tensor:
     """Every request's target tokens, request after request (the order of compact[mask])."""
     return torch.tensor([t for e in encoded for t in e.tokens[-e.n_target:]], device=device)
+
+
+def target_logits(head, compact: torch.Tensor, encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits at the requests' target positions (float32, the LM head run on those alone, on its
+    device) and the target token ids, from final hidden states in the layout of `gather_targets`."""
+    logits = head(compact[target_mask(encoded, compact.device)]).float()
+    return logits, target_ids(encoded, logits.device)

@@ -37,8 +37,8 @@ from torch import Tensor
 
 from ..intervention import Intervention
 from ..model import mamba2
-from ..model.continuation import continuation_hidden, continues_exactly
-from ..model.mamba1 import LayerState, blocks, gated_scan, layer_state, suffix
+from ..model.continuation import blocks_from, continuation_hidden, continues_exactly
+from ..model.mamba1 import LayerState, blocks, gated_scan, layer_state
 from ..model.mamba2 import short_chunks
 from ..model.placement import input_device, weight
 from ..model.sites import SSM_ONLY_FAMILIES, OutputHead, check_layer, check_neurons, decoder_layers, family_of
@@ -163,7 +163,7 @@ class FastSweep:
         """The same, every (neuron, member) pair read whole from block L's steered output
         (neurons x members x tokens x hidden)."""
         n_neurons = steered.shape[0]
-        hidden = suffix(self.model, self.layer, steered[:, :, :max(lengths)].flatten(0, 1))
+        hidden = blocks_from(self.model, self.layer + 1, steered[:, :, :max(lengths)].flatten(0, 1))
         return gather_targets(hidden, items * n_neurons, lengths * n_neurons)
 
     def batch(self, state: LayerState, items: list[Encoded], lengths: list[int], columns: list[int],

@@ -30,7 +30,7 @@ from ..model.placement import input_device
 from ..model.sites import OutputHead, decoder_layers
 from ..progress import tqdm
 from .batching import (Encoded, batches, context_groups, gather_targets, head_rows, memory_items, pad_batch,
-                       request_batches, target_ids, target_mask, token_budget)
+                       request_batches, target_logits, token_budget)
 from .reading import choice_for, shape_of
 
 RACE_GROUPS = 8  # context groups of a new shape read both ways, to measure which is faster
@@ -56,13 +56,12 @@ def encode_examples(tokenizer, examples: list[Example]) -> list[Encoded]:
 def target_scores(head: OutputHead, compact: torch.Tensor, encoded: list[Encoded]):
     """Summed log-prob (NaN where a logit is not finite) and all-greedy flag of each request's
     targets, from their final hidden states in the compact layout of `batching.gather_targets`."""
-    mask = target_mask(encoded, compact.device)
-    logits = head(compact[mask]).float()  # on the LM head's device
-    targets = target_ids(encoded, logits.device)
+    logits, targets = target_logits(head, compact, encoded)
     token_logprob = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
     token_ok = torch.isfinite(logits).all(-1)
     token_greedy = (logits.argmax(-1) == targets) & token_ok
-    owner = torch.arange(len(encoded), device=logits.device).repeat_interleave(mask.sum(1).to(logits.device))
+    owner = torch.arange(len(encoded), device=logits.device).repeat_interleave(
+        torch.tensor([e.n_target for e in encoded], device=logits.device))
 
     def per_request(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(len(encoded), dtype=torch.float64, device=logits.device).index_add_(0, owner, values.double())

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..intervention import with_bias
 from .placement import weight
 from .sites import decoder_layers
 
@@ -116,16 +117,21 @@ def continued_block(block, hidden: Tensor, window: Tensor, state: Tensor) -> Ten
     """The block on tokens that continue a context, from the conv inputs (`window`) and SSM state
     (`state`, batch x channels x state) the context left in transformers' cache: the recurrence of
     the full-sequence scan, carried on (transformers' multi-token forward would restart it at zero)."""
+    return written_out_block(block, hidden, window, state)[0]
+
+
+def written_out_block(block, hidden: Tensor, window: Tensor | None = None, state: Tensor | None = None,
+                      offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The block's output and its mixer's dt_pre, the mixer written out from its pieces: from a zero
+    state, or continuing a context (`window`, `state`: see `continued_block`). `offset` (batch x
+    channels x tokens) is added to dt_pre: attribution's leaf, whose gradient is dt_pre's."""
     mixer = block.mixer
     x, gate, dt_lin, B, C = mixer_pieces(block, hidden, window)
-    dt_pre = dt_lin + weight(mixer.dt_proj, "bias").float().to(dt_lin.dtype)[:, None]
-    A = -torch.exp(weight(mixer, "A_log").float())
-    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], weight(mixer, "D"), gate, state)
-    return block_output(block, hidden, y)
+    dt_pre = with_bias(dt_lin, weight(mixer.dt_proj, "bias"), dim=1)
+    if offset is not None:
+        dt_pre = dt_pre + offset
+    A = -torch.exp(weight(mixer, "A_log").detach().float())
+    y = gated_scan(x, dt_pre, A, B[:, None], C[:, None], weight(mixer, "D").detach(), gate, state)
+    return block_output(block, hidden, y), dt_pre.detach()
 
 
-def suffix(model, layer: int, hidden: Tensor, cache=None) -> Tensor:
-    """Blocks layer+1..end (the real MambaBlocks) and the final norm."""
-    for block in decoder_layers(model)[layer + 1:]:
-        hidden = block(hidden, cache=cache) if cache is not None else block(hidden)
-    return model.backbone.norm_f(hidden)

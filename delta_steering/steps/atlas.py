@@ -30,7 +30,7 @@ from ..model.sites import check_layer, family_of, num_delta_neurons
 from ..model.steering import verify_steering_effect
 from ..options import AtlasOptions
 from ..results_io import write_json
-from .driver import Step, run_step, timed
+from .driver import Step, run_step, save_figures, timed
 
 
 @dataclass(frozen=True)
@@ -175,9 +175,7 @@ def save(atlas: Atlas, args: argparse.Namespace) -> None:
         step1 = replace(atlas.step1, report={**atlas.step1.report, "atlas": str(args.save_path)})
         write_json(args.save_step1, step1.to_json())
         print(f"step-1 file for layer {args.step1_layer}: {args.save_step1}")
-    if not args.no_plots:
-        for path in plot_atlas(result, args.output_dir):
-            print(f"plot: {path}")
+    save_figures(plot_atlas, result, args)
     print(f"results: {args.save_path}")
 
 

@@ -32,7 +32,7 @@ from ..model.sites import check_layer, num_delta_neurons
 from ..model.steering import steer, verify_steering_effect
 from ..options import FactorOptions
 from ..results_io import write_json
-from .driver import Step, run_step
+from .driver import Step, run_step, save_figures
 
 
 @dataclass(frozen=True)
@@ -225,9 +225,7 @@ def save(factors: Factors, args: argparse.Namespace) -> None:
     """The step-2 file and the figures in --output_dir."""
     result = factors.to_json()
     path = write_json(Path(args.output_dir) / STEP2_NAME, result)
-    if not args.no_plots:
-        for plot in plot_factors(result, args.output_dir):
-            print(f"plot: {plot}")
+    save_figures(plot_factors, result, args)
     print(f"results: {path}")
 
 

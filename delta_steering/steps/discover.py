@@ -28,7 +28,7 @@ from ..model.sites import check_layer, check_neurons, num_delta_neurons
 from ..model.steering import verify_steering_effect
 from ..options import DiscoverOptions
 from ..results_io import write_json
-from .driver import Step, run_step, timed
+from .driver import Step, run_step, save_figures, timed
 
 
 @dataclass(frozen=True)
@@ -190,9 +190,7 @@ def save(discovery: Discovery, args: argparse.Namespace) -> None:
     """The step-1 file at --save_path, the figures in --output_dir."""
     result = discovery.to_json()
     write_json(args.save_path, result)
-    if not args.no_plots:
-        for path in plot_discovery(result, args.output_dir):
-            print(f"plot: {path}")
+    save_figures(plot_discovery, result, args)
     print(f"results: {args.save_path}")
 
 

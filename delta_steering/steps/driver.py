@@ -99,6 +99,13 @@ def run_script(step: Step, args: argparse.Namespace, options: Options) -> None:
     run.close()
 
 
+def save_figures(plot: Callable[[dict, str], list], result: dict, args: argparse.Namespace) -> None:
+    """The step's figures in --output_dir, each path printed; none with --no_plots."""
+    if not args.no_plots:
+        for path in plot(result, args.output_dir):
+            print(f"plot: {path}")
+
+
 def record(command: str, arguments: dict, context, started: float) -> dict:
     """The run record of a step's file: the command, its arguments, the model, versions and timings."""
     return run_record(command, arguments, context.model_info, started, timings=context.timings)

@@ -25,7 +25,7 @@ from ..model.sites import Shape, check_layer, shape_of
 from ..model.steering import apply, verify_steering_effect
 from ..options import VerifyOptions
 from ..results_io import read_jsonl, write_json, write_jsonl
-from .driver import Step, run_step
+from .driver import Step, run_step, save_figures
 
 
 @dataclass(frozen=True)
@@ -197,9 +197,7 @@ def save(verification: Verification, args: argparse.Namespace) -> None:
         for entry in record["configurations"]:
             write_jsonl(output_dir / f"responses_{entry['name']}.jsonl", verification.responses[entry["name"]])
         print(f"results: {write_json(output_dir / STEP3_FILES[mode], record)}")
-    if not args.no_plots:
-        for plot in plot_verification(records, output_dir):
-            print(f"plot: {plot}")
+    save_figures(plot_verification, records, args)
 
 
 STEP = Step("step3", VerifyOptions, plan, measure, Context, report, save)
