@@ -45,7 +45,6 @@ DEMO_COMMON := --model $(DEMO_MODEL) --device cpu --pile_path $(DEMO_DATA)/text.
 demo: install
 	$(PY) -m delta_steering.data.ifeval
 	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(DEMO_TASK_FILES) --validation_size 200 \
-	  --method attribution --verify_top 24 \
 	  --save_path $(DEMO_OUT)/discovered_neurons.json --output_dir $(DEMO_OUT)/step1 --overwrite
 	$(PY) step2_steering_factor_determination.py $(DEMO_COMMON) \
 	  --num_examples 100 --factors 0.5,2,5,10 --neurons_file $(DEMO_OUT)/discovered_neurons.json \

@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", default=None, help="SSM layers, ids and ranges, e.g. 16-23 (default: all)")
     parser.add_argument("--verify_top", type=int, default=AtlasOptions.verify_top,
                         help="neurons of each layer re-measured exactly")
+    parser.add_argument("--recall_sample", type=int, default=AtlasOptions.recall_sample,
+                        help="neurons the screen left out (of all layers) measured exactly at random (seeded by "
+                             "--seed): the screen's estimated recall")
     parser.add_argument("--threshold", type=float, default=AtlasOptions.threshold,
                         help="beneficial neurons of the --save_step1 file: impact >= threshold (points)")
     parser.add_argument("--step1_layer", type=int, default=None, help="the layer --save_step1 writes")

@@ -40,10 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--neurons", default=None, help="ids and ranges, e.g. 0-127 (default: all)")
     add_sweep_args(parser)
     parser.add_argument("--method", default=DiscoverOptions.method, choices=list(METHODS),
-                        help="attribution: first-order estimates of every neuron, then --verify_top re-measured "
-                             "exactly")
+                        help="exact: every neuron ablated exactly; attribution: first-order estimates of every "
+                             "neuron, then --verify_top re-measured exactly, and --recall_sample of the rest at "
+                             "random to measure the screen's recall; auto (default): exact when the fast engine's "
+                             "projected time is within --exact_budget, attribution otherwise")
+    parser.add_argument("--exact_budget", type=float, default=DiscoverOptions.exact_budget, metavar="SECONDS",
+                        help="--method auto: the longest projected exact sweep that runs exact")
     parser.add_argument("--verify_top", type=int, default=DiscoverOptions.verify_top,
                         help="neurons re-measured exactly after attribution")
+    parser.add_argument("--recall_sample", type=int, default=DiscoverOptions.recall_sample,
+                        help="screened-out neurons measured exactly at random (seeded by --seed): the screen's "
+                             "estimated recall")
     add_pile_args(parser)
     add_run_args(parser)
     return parser

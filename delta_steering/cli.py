@@ -165,28 +165,43 @@ def parse_names(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+def check_output_dir(path: str | os.PathLike, flag: str) -> list[Path]:
     """A folder the run can write to, checked before any work by creating it (if absent) and a file
-    in it: permissions, read-only or pseudo file systems all answer here, not after the work."""
+    in it: permissions, read-only or pseudo file systems all answer here, not after the work.
+    Returns the folders it created, outermost first (`remove_empty` takes them back)."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UsageError(f"{flag} {path}: {existing} is a file, not a folder")
+    created = [p for p in (path, *path.parents) if not p.exists()][::-1]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write_test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        remove_empty(created)
         raise UsageError(f"{flag} {path} is not writable ({e.strerror or e})") from None
+    return created
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> None:
-    """A file the run can write (its folder created if absent), checked before any work."""
+def check_output_file(path: str | os.PathLike, flag: str) -> list[Path]:
+    """A file the run can write (its folder created if absent), checked before any work; the
+    folders created."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a folder; give a file name")
-    check_output_dir(path.parent, flag)
+    return check_output_dir(path.parent, flag)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (outermost first) that are empty, innermost first: what a refused
+    run created and left unused."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone
+            pass
 
 
 def add_source_args(parser: argparse.ArgumentParser) -> None:
@@ -250,17 +265,20 @@ def add_discovery_args(parser: argparse.ArgumentParser, defaults: type[Options],
                         help="zero: dt_pre set to 0 (factor 0); mean: set to its mean over the statistics documents")
 
 
-def check_run_args(args: argparse.Namespace) -> None:
+def check_run_args(args: argparse.Namespace) -> list[Path]:
     """What every step's script checks before any work: the device, and that the files and folders
-    it writes (those of --save_path, --save_step1, --output_dir, --out it has) can be written."""
+    it writes (those of --save_path, --save_step1, --output_dir, --out it has) can be written.
+    Returns the folders created for them, for a refused run to remove (`remove_empty`)."""
     if hasattr(args, "device"):
         check_device(args.device)
+    created = []
     for flag in ("save_path", "save_step1"):
         if getattr(args, flag, None) is not None:
-            check_output_file(getattr(args, flag), f"--{flag}")
+            created += check_output_file(getattr(args, flag), f"--{flag}")
     for flag in ("output_dir", "out"):
         if getattr(args, flag, None) is not None:
-            check_output_dir(getattr(args, flag), f"--{flag}")
+            created += check_output_dir(getattr(args, flag), f"--{flag}")
+    return created
 
 
 def add_step1_file_args(parser: argparse.ArgumentParser, files: str) -> None:

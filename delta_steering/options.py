@@ -15,7 +15,7 @@ from .intervention import ABLATIONS, Steering, check_factor
 DEFAULT_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
 DEFAULT_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.5, 2.0, 3.0, 5.0, 7.0, 9.0, 10.0, 20.0, 50.0, 100.0)
 ENGINES = ("fast", "naive")  # engine.sweep's engines: the exact fast one, the whole model per neuron
-METHODS = ("exact", "attribution")
+METHODS = ("auto", "exact", "attribution")  # auto: exact when its projected time is within exact_budget
 MODES = ("combined", "cluster_ablation", "layer_ablation")  # step 3, the original study's names
 IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc",
                   "inst_level_loose_acc")
@@ -93,7 +93,7 @@ class SweepOptions(PileOptions):
 class DiscoverOptions(SweepOptions):
     """Step 1: each delta neuron of `layer` ablated alone on the discovery examples."""
 
-    SIZES = SweepOptions.SIZES + ("validation_size", "verify_top")
+    SIZES = SweepOptions.SIZES + ("validation_size", "verify_top", "recall_sample")
     tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS
     data_dir: str | None = None
     layer: int = 20
@@ -102,12 +102,16 @@ class DiscoverOptions(SweepOptions):
     threshold: float = -2.0
     high_impact_cut: float = 2.0
     ablation: str = "zero"
-    method: str = "exact"
+    method: str = "auto"
+    exact_budget: float = 900.0  # seconds: --method auto measures exactly when the projected time is within it
     verify_top: int = 50
+    recall_sample: int = 32  # screened-out neurons measured exactly, at random, to estimate the screen's recall
 
     def check(self) -> "DiscoverOptions":
         if not self.high_impact_cut >= 0:
             raise UsageError(f"--high_impact_cut must be 0 or more points, got {self.high_impact_cut}")
+        if not self.exact_budget >= 0:
+            raise UsageError(f"--exact_budget must be 0 or more seconds, got {self.exact_budget}")
         check_choice(self.method, METHODS, "--method")
         return super().check()
 
@@ -116,12 +120,13 @@ class DiscoverOptions(SweepOptions):
 class AtlasOptions(SweepOptions):
     """The atlas: every delta neuron of every SSM layer (or of `layers`) screened, the top verified."""
 
-    SIZES = SweepOptions.SIZES + ("validation_size", "verify_top")
+    SIZES = SweepOptions.SIZES + ("validation_size", "verify_top", "recall_sample")
     tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS
     data_dir: str | None = None
     layers: list[int] | None = None  # default: every SSM layer
     validation_size: int = 200
     verify_top: int = 20
+    recall_sample: int = 32  # screened-out neurons (of all layers) measured exactly, at random: the screen's recall
     threshold: float = -2.0
     step1_layer: int | None = None
     ablation: str = "zero"

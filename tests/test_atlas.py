@@ -17,6 +17,7 @@ from delta_steering.model.delta_stats import delta_statistics, layer_delta_stati
 from delta_steering.intervention import Intervention
 from delta_steering.engine.scoring import encode_examples, encode_pair, loglikelihoods, score_examples
 from delta_steering.analysis.metrics import summarize
+from delta_steering.analysis.atlas import layer_entry, print_atlas
 from delta_steering.analysis.stats import benjamini_hochberg, is_significant
 from delta_steering.model.steering import steer
 from delta_steering.data.tasks import load_examples
@@ -119,7 +120,7 @@ def atlas_run(planted, out, *extra):
 @pytest.fixture(scope="module")
 def atlas(planted):
     out = planted["root"] / "out"
-    assert atlas_run(planted, out, "--verify_top", "2", "--step1_layer", str(PLANTED_LAYER),
+    assert atlas_run(planted, out, "--verify_top", "2", "--recall_sample", "8", "--step1_layer", str(PLANTED_LAYER),
                      "--save_step1", out / "step1.json") == 0
     return {"out": out, "result": json.loads((out / "atlas.json").read_text()),
             "step1": out / "step1.json"}
@@ -146,14 +147,42 @@ def test_exact_remeasurements_equal_whole_model_ablation(atlas, planted, tokeniz
     baseline = summarize(examples, score_examples(model, tokenizer, examples))["accuracy"]
     assert atlas["result"]["baseline_accuracy"] == baseline
     checked = 0
-    for entry in atlas["result"]["layers"]:
-        assert len(entry["verified"]) == 2
+    for entry in atlas["result"]["layers"]:  # the screen's 2 and the recall sample's, all measured exactly
+        assert sum(not r["recall_sample"] for r in entry["verified"]) == 2
         for record in entry["verified"]:
             with steer(model, entry["layer"], [record["neuron"]], 0.0):
                 accuracy = summarize(examples, score_examples(model, tokenizer, examples))["accuracy"]
             assert record["accuracy"] == accuracy and record["impact"] == pytest.approx(baseline - accuracy, abs=1e-3)
             checked += 1
-    assert checked == 2 * LAYERS
+    assert checked == 2 * LAYERS + 8
+
+
+def test_the_recall_sample_is_drawn_from_the_screened_out_neurons_of_every_layer(atlas, capsys):
+    result = atlas["result"]
+    sample = [[e["layer"], r["neuron"]] for e in result["layers"] for r in e["verified"] if r["recall_sample"]]
+    assert len(sample) == 8 and result["recall"]["sample_size"] == 8
+    assert result["recall"]["screened_out"] == (result["neurons_per_layer"] - 2) * LAYERS
+    significant = [pair for pair in result["significant"] if pair in sample]
+    assert result["recall"]["sample_significant"] == significant
+    picks = sum(pair not in sample for pair in result["significant"])
+    assert result["recall"]["verified_significant"] == picks
+    for entry in result["layers"]:  # the screen's picks: its top 2 by estimate; the sample: none of them
+        ranked = sorted(range(result["neurons_per_layer"]), key=lambda n: (-entry["estimated_impact"][n],
+                                                                          -entry["estimated_margin_loss"][n], n))
+        assert {r["neuron"] for r in entry["verified"] if not r["recall_sample"]} == set(ranked[:2])
+        assert not {n for layer, n in sample if layer == entry["layer"]} & set(ranked[:2])
+    print_atlas(result)
+    out = capsys.readouterr().out
+    measured = 2 * LAYERS + 8
+    assert f"{measured} of {result['neurons_per_layer'] * LAYERS} neurons measured exactly (8 of them at random" in out
+    assert "recall of the screen: a random sample of 8 of the" in out
+
+
+def test_no_largest_neuron_when_every_impact_is_zero(atlas):
+    entry = atlas["result"]["layers"][0]
+    records = [{**r, "impact": 0.0, "q_value": 1.0} for r in entry["verified"]]
+    zero = layer_entry(0, records, [1.0] * len(records), {}, {"delta_variance": [0.0], "dt_pre_mean": [0.0]})
+    assert zero["largest_verified"] is None
 
 
 def test_benjamini_hochberg_runs_over_every_neuron_of_every_layer(atlas):
@@ -179,6 +208,10 @@ def test_the_step1_file_of_a_layer_feeds_step_2(atlas, planted):
     assert all(measured[r["neuron"]]["impact"] == r["impact"] and
                measured[r["neuron"]]["q_value"] == r["q_value_layer"] for r in entry["verified"])
     assert PLANTED_NEURON in discovery.groups["high_impact"]
+    report = discovery.report
+    assert report["minimum_detectable_effect"]["points"] > 0 and report["method"] == "attribution"
+    assert "only 2 neurons it picked and" in report["screen"] and report["recall"]["scope"].startswith("the atlas")
+    assert report["recall_sample_neurons"] == sorted(r["neuron"] for r in entry["verified"] if r["recall_sample"])
     assert len(discovery.records) == 32 and discovery.dt_pre_mean == entry["dt_pre_mean"]
     out = atlas["out"] / "step2"
     argv = ["--model", planted["dir"], "--device", "cpu", "--output_dir", out, "--factors", "0.5",
@@ -186,6 +219,7 @@ def test_the_step1_file_of_a_layer_feeds_step_2(atlas, planted):
     assert run_main("step2_steering_factor_determination", argv) == 0
     step2 = json.loads((out / "cluster9_ablation_results_all_neurons.json").read_text())
     assert step2["layer"] == PLANTED_LAYER
+    assert step2["step1_screen"].startswith("the step-1 file comes from an attribution screen: only 2 neurons")
 
 
 def test_the_figure_is_written_as_png_and_svg(atlas):

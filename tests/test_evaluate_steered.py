@@ -1,6 +1,7 @@
 """evaluate_steered.py end to end on a tiny model with local task files: lm-eval's results for both
 runs, the comparison with the steering specification, a generative benchmark, and bad input."""
 
+import copy
 import json
 
 import pytest
@@ -79,3 +80,16 @@ def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, capsys, extra
     assert evaluate(tiny_model_dir, tmp_path, *extra) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_a_tokenizer_without_bos_or_eos_exits_2_with_one_line(tiny_model_dir, tokenizer, tmp_path, capsys):
+    """lm-eval would fail deep inside with a TypeError (None as a token id); the run says why at once."""
+    bare = tmp_path / "bare_tokenizer"
+    plain = copy.deepcopy(tokenizer)
+    plain.bos_token = plain.eos_token = None
+    plain.save_pretrained(bare)
+    data = write_piqa(tmp_path / "data")
+    assert evaluate(tiny_model_dir, tmp_path / "out", "--tokenizer", bare, "--tasks", "piqa", "--data_dir", data,
+                    "--limit", "2", "--steer", "20:1:2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the tokenizer has neither a BOS nor an EOS token" in err[0], err

@@ -252,6 +252,25 @@ def test_attribution_ranks_small_steering_effects(tiny_model, tokenizer, example
     assert spearman(estimate, exact) > 0.9
 
 
+@pytest.mark.parametrize("layer", [20, 23])
+def test_the_mixer_screen_is_closer_to_exact_ablation_than_the_dt_pre_gradient(tiny_model, tokenizer, examples, layer):
+    """Zero ablation saturates softplus and the scan's decay: linearising in dt_pre shrinks large
+    effects; the mixer screen computes the block exactly and linearises only the blocks after it."""
+    examples = mc_only(examples)
+    encoded = encode_examples(tokenizer, examples)
+    base, _ = loglikelihoods(tiny_model, tokenizer, encoded)
+    exact = fast_loglikelihoods(tiny_model, tokenizer, encoded, layer, Intervention.scale(ALL, 0.0))[0] - base
+    error = {screen: np.linalg.norm(attribution(tiny_model, tokenizer, examples, encoded, layer,
+                                                Intervention.scale(ALL, 0.0), screen=screen).delta - exact)
+             for screen in ("mixer", "gradient")}
+    assert error["mixer"] < 0.5 * error["gradient"], error
+
+
+def test_an_unknown_screen_is_refused(tiny_model, tokenizer, examples, encoded):
+    with pytest.raises(ValueError, match="unknown screen 'exactish'"):
+        attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention.scale(ALL, 0.0), screen="exactish")
+
+
 def test_mean_ablation_estimate_is_the_zero_ablation_one_for_zero_means(tiny_model, tokenizer, examples, encoded):
     zero = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention.scale(ALL, 0.0))
     mean = attribution(tiny_model, tokenizer, examples, encoded, 20, Intervention.ablation("mean", ALL, [0.0] * 32))

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.container import BarContainer
 
 from delta_steering.analysis import plots
@@ -357,3 +358,45 @@ def test_figure_functions_do_not_modify_the_result():
         before = copy.deepcopy(result)
         build(result)
         assert result == before
+
+
+# --- atlas ---------------------------------------------------------------------------------------
+
+def atlas_result():
+    """Two layers of four neurons: two measured per layer (one from the recall sample), the rest estimated."""
+    def measured(neuron, impact, q, sample=False):
+        return {"neuron": neuron, "impact": impact, "ci95": [impact - 1, impact + 1], "q_value": q,
+                "recall_sample": sample}
+
+    layers = [{"layer": 3, "estimated_impact": [0.5, -0.2, 0.0, 0.1], "significant_neurons": [1],
+               "verified": [measured(0, 1.0, 0.5), measured(1, 6.0, 0.01, sample=True)],
+               "largest_verified": {"neuron": 1, "impact": 6.0, "ci95": [5.0, 7.0], "q_value": 0.01}},
+              {"layer": 4, "estimated_impact": [0.0, 0.3, -0.4, 0.2], "significant_neurons": [],
+               "verified": [measured(2, -2.0, 0.9), measured(3, 0.5, 0.9)],
+               "largest_verified": {"neuron": 3, "impact": 0.5, "ci95": [-0.5, 1.5], "q_value": 0.9}}]
+    return {"model": MODEL, "layers": layers, "neurons_per_layer": 4, "verify_top": 1, "ablation": "zero",
+            "num_examples": {"t": 10}, "recall": {"sample_size": 1}}
+
+
+def test_atlas_shows_exact_impacts_where_measured_and_fades_the_estimates():
+    fig = plots.atlas_figure(atlas_result())
+    top = fig.axes[0]
+    faded, solid = top.get_images()
+    assert faded.get_alpha() == plots.ESTIMATE_ALPHA < 1 and solid.get_alpha() in (None, 1)
+    np.testing.assert_array_equal(faded.get_array(), [[0.5, -0.2, 0.0, 0.1], [0.0, 0.3, -0.4, 0.2]])
+    exact = solid.get_array()
+    assert exact[0, 1] == 6.0 and exact[1, 2] == -2.0 and exact.mask.tolist() == [[False, False, True, True],
+                                                                                   [True, True, False, False]]
+    assert "faded: estimated by attribution only" in legend_texts(top)
+    assert "measured exactly: the recall sample (random)" in legend_texts(top)
+    assert "estimated (faded)" in words(fig.axes[-1].get_ylabel())  # the colour bar says which is which
+
+
+def test_atlas_legends_lie_off_the_data():
+    fig = plots.atlas_figure(atlas_result())
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert not legend.overlaps(ax.get_window_extent(renderer)), ax.get_ylabel()

@@ -215,20 +215,22 @@ def test_all_six_builtin_tasks_from_shared_data(shared_data, two_layer_model_dir
     assert (tmp_path / "impact_ranked_L1.png").is_file()
 
 
-def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, task_file, pile_file, tmp_path):
+def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, task_file, pile_file, tmp_path, capsys):
     assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-19", "--layer", "23",
-                 "--method", "attribution", "--verify_top", "5") == 0
+                 "--method", "attribution", "--verify_top", "5", "--recall_sample", "6") == 0
     result = json.loads((tmp_path / "out.json").read_text())
     assert len(result["attribution_estimates"]) == 20 and len(result["verified_neurons"]) == 5
     ranked = sorted(result["attribution_estimates"],
                     key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
     assert result["verified_neurons"] == sorted(e["neuron"] for e in ranked[:5])  # the screen's top 5
+    sample = result["recall_sample_neurons"]  # 6 of the 15 screened out, measured exactly too
+    assert len(sample) == 6 and not set(sample) & set(result["verified_neurons"]) and sample == sorted(sample)
     estimates = {e["neuron"]: e for e in result["attribution_estimates"]}
     exact = {r["neuron"]: r for r in naive_run["all_neuron_impacts"]}
     records = result["all_neuron_impacts"]
-    assert sorted(r["neuron"] for r in records) == list(range(20)) and result["measured_neurons"] == 5
+    assert sorted(r["neuron"] for r in records) == list(range(20)) and result["measured_neurons"] == 11
     for record in records:
-        assert record["measured"] == (record["neuron"] in result["verified_neurons"])
+        assert record["measured"] == (record["neuron"] in result["verified_neurons"] + sample)
         if record["measured"]:
             assert record["impact"] == exact[record["neuron"]]["impact"]  # verified values are the exact ones
             assert record["estimated_impact"] == estimates[record["neuron"]]["estimated_impact"]
@@ -242,6 +244,12 @@ def test_attribution_screens_then_verifies_exactly(naive_run, tiny_model_dir, ta
     unmeasured = {r["neuron"] for r in records if not r["measured"]}
     assert not unmeasured & set(result["beneficial_neurons"] + result["groups"]["neutral"] + result["groups"]["high_impact"])
     assert "spearman_margin_loss" in result
+    # the recall: the sample's neurons that test significant (the same q-values) against the verified ones
+    significant = set(result["significant_neurons"])
+    recall = result["recall"]
+    assert recall["sample_significant"] == sorted(significant & set(sample)) and recall["screened_out"] == 15
+    assert recall["verified_significant"] == len(significant & set(result["verified_neurons"]))
+    assert "recall of the screen: a random sample of 6 of the 15 neurons" in capsys.readouterr().out
 
 
 def test_a_neuron_whose_p_value_underflows_to_zero_is_significant():
@@ -266,3 +274,45 @@ def test_discovery_examples_are_recorded(naive_run, task_file):
     heldout = {e.doc_id for e in load_examples([str(task_file)], None, "heldout", 200)}
     assert not heldout & {e["index"] for e in naive_run["discovery_examples"]}
     assert naive_run["delta_statistics_documents"]["role"] == "statistics"
+
+
+def test_the_screens_recall_and_its_clopper_pearson_interval():
+    from scipy import stats
+
+    from delta_steering.analysis.impacts import recall_sample, screen_recall
+
+    recall = screen_recall(3, [7], 10, 50)  # 3 significant picks; 1 of 10 sampled of 50 screened out
+    low, high = stats.beta.ppf(0.025, 1, 10), stats.beta.ppf(0.975, 2, 9)  # Clopper-Pearson for 1 of 10
+    assert recall["estimated_missed"] == 5.0 and recall["estimated_recall"] == 0.375  # 1 + 40 x 0.1 missed
+    assert recall["recall_ci95"] == pytest.approx([3 / (3 + 1 + 40 * high), 3 / (3 + 1 + 40 * low)], abs=1e-4)
+    assert screen_recall(4, [], 20, 20)["recall_ci95"] == [1.0, 1.0]  # every screened-out neuron measured
+    assert screen_recall(0, [], 10, 50)["estimated_recall"] is None  # nothing significant: undefined
+    sample = recall_sample(list(range(100)), 10, seed=3)
+    assert sample == recall_sample(list(range(100)), 10, seed=3) != recall_sample(list(range(100)), 10, seed=4)
+    assert len(set(sample)) == 10 and sample == sorted(sample) and recall_sample([5, 9], 10, 0) == [5, 9]
+
+
+@pytest.mark.parametrize("budget, method", [("0", "attribution"), ("100000", "exact")])
+def test_method_auto_measures_exactly_within_the_budget(tiny_model_dir, task_file, pile_file, tmp_path, capsys,
+                                                        budget, method):
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-9", "--layer", "23",
+                 "--exact_budget", budget, "--verify_top", "3", "--recall_sample", "2") == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["method"] == method and result["measured_neurons"] == (5 if method == "attribution" else 10)
+    assert f"--method auto: {method}: the exact sweep of 10 neurons is projected at" in capsys.readouterr().out
+
+
+def test_method_auto_is_refused_in_a_split_run_leaving_no_folder(tiny_model_dir, task_file, pile_file, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "new" / "out"  # refused after the model loaded, the folder locked
+    assert step1(tiny_model_dir, task_file, pile_file, out, "--neurons", "0-9", "--shard", "0/2") == 2
+    assert "must name --method exact or --method attribution" in one_line(capsys)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_refused_run_leaves_no_empty_folder_it_made(tiny_model_dir, task_file, pile_file, tmp_path, capsys):
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "a" / "b"  # refused before the model loads
+    assert step1(tiny_model_dir, task_file, pile_file, out, "--layer", "99") == 2
+    assert "--layer 99 out of range" in one_line(capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())

@@ -10,19 +10,21 @@ verified ones; a layer's records make a step-1 file (`step1_result`) that step 2
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 
 from ..artifacts import Discovery, Provenance, Results
 from ..data.tasks import Example, example_ids
-from .impacts import attach_estimates, discovery_result, neuron_impacts
+from .impacts import attach_estimates, discovery_result, neuron_impacts, print_recall, screen_note, screen_recall
 from .metrics import chance_correctness, summarize
 from .stats import SIGNIFICANCE, benjamini_hochberg, is_significant
 
 DESCRIPTION = (
     "Delta atlas: every delta neuron of every listed SSM layer ablated alone, estimated to first order "
     "(attribution: one forward and one backward pass per batch for all layers), the verify_top neurons of each "
-    "layer with the largest estimated impact re-measured exactly. Accuracies in percent (mean over tasks); impact = "
+    "layer with the largest estimated impact re-measured exactly, and recall_sample of the other neurons (of all "
+    "layers) at random, marked recall_sample, to measure the screen's recall (`recall`). Accuracies in percent (mean over tasks); impact = "
     "baseline - ablated accuracy in points (positive: the neuron helps); estimated_impact: the first-order "
     "estimate of it; ci95 = paired bootstrap 95% CI; p_value = exact sign test; q_value = Benjamini-Hochberg over "
     "every neuron of every layer (unmeasured neurons count as p = 1); q_value_layer = the same within the layer, "
@@ -30,14 +32,18 @@ DESCRIPTION = (
 
 
 def layer_records(examples: list[Example], baseline: np.ndarray, rows: dict[int, np.ndarray],
-                  estimates: list[dict], delta_variance: list[float], seed: int) -> tuple[list[dict], dict]:
-    """A layer's step-1 records: the measured neurons (`rows`: neuron -> correctness) exactly, the
-    others unmeasured; BH within the layer, as step 1 computes it; and the Spearman correlations of
-    the estimates with the exact impacts."""
-    verified = sorted(rows)
-    unmeasured = sorted({e["neuron"] for e in estimates} - set(verified))
-    ablated = np.array([rows[n] for n in verified], dtype=float).reshape(len(verified), len(examples))
-    records = neuron_impacts(examples, baseline, ablated, verified, delta_variance, seed, unmeasured)
+                  estimates: list[dict], delta_variance: list[float], seed: int,
+                  sampled: list[int] = ()) -> tuple[list[dict], dict]:
+    """A layer's step-1 records: the measured neurons (`rows`: neuron -> correctness) exactly, those
+    of the recall sample (`sampled`) marked `"recall_sample": true`, the others unmeasured; BH within
+    the layer, as step 1 computes it; and the Spearman correlations of the estimates with the exact
+    impacts."""
+    measured = sorted(rows)
+    unmeasured = sorted({e["neuron"] for e in estimates} - set(measured))
+    ablated = np.array([rows[n] for n in measured], dtype=float).reshape(len(measured), len(examples))
+    records = neuron_impacts(examples, baseline, ablated, measured, delta_variance, seed, unmeasured)
+    for record in records:
+        record["recall_sample"] = record["neuron"] in sampled
     return records, attach_estimates(records, estimates)
 
 
@@ -61,7 +67,7 @@ def layer_entry(layer: int, records: list[dict], q_values: list[float], spearman
     for record, q in zip(records, q_values):
         if record["measured"]:
             verified.append({**copy.deepcopy(record), "q_value_layer": record["q_value"], "q_value": q})
-    finite = [r for r in verified if r["impact"] is not None]
+    finite = [r for r in verified if r["impact"] is not None and r["impact"] != 0]  # an impact of 0 is no "largest"
     largest = max(finite, key=lambda r: (r["impact"], -r["neuron"]), default=None)
     return {
         "layer": layer,
@@ -75,6 +81,16 @@ def layer_entry(layer: int, records: list[dict], q_values: list[float], spearman
                                                                                     "q_value")},
         **spearman,
     }
+
+
+def atlas_recall(entries: list[dict], total: int) -> dict:
+    """The screen's recall over the whole atlas, from its recall sample: significance atlas-wide."""
+    measured = [(e["layer"], r) for e in entries for r in e["verified"]]
+    picks = [r for _, r in measured if not r["recall_sample"]]
+    sample = [(layer, r) for layer, r in measured if r["recall_sample"]]
+    return screen_recall(sum(is_significant(r["q_value"]) for r in picks),
+                         [[layer, r["neuron"]] for layer, r in sample if is_significant(r["q_value"])], len(sample),
+                         total - len(picks))
 
 
 def atlas_result(examples: list[Example], baseline: np.ndarray, layers: list[dict], provenance: Provenance,
@@ -103,22 +119,29 @@ def step1_result(examples: list[Example], baseline: np.ndarray, records: list[di
                  validation_size: int, threshold: float, **extra) -> Discovery:
     """One layer of the atlas (`provenance.layer`) as a step-1 file: the fields step 1 with --method
     attribution writes (q-values within the layer), for step 2 to read."""
-    verified = sorted(r["neuron"] for r in records if r["measured"])
-    return discovery_result(examples, baseline, records, threshold, provenance, tasks, validation_size, stats,
-                            method="attribution", neurons_tested=len(records), attribution_estimates=estimates,
-                            verified_neurons=verified, **spearman, **extra)
+    verified = sorted(r["neuron"] for r in records if r["measured"] and not r["recall_sample"])
+    sampled = sorted(r["neuron"] for r in records if r["recall_sample"])
+    discovery = discovery_result(examples, baseline, records, threshold, provenance, tasks, validation_size, stats,
+                                 method="attribution", neurons_tested=len(records), attribution_estimates=estimates,
+                                 verified_neurons=verified, recall_sample_neurons=sampled, **spearman, **extra)
+    return replace(discovery, report={**discovery.report, "screen": screen_note(discovery.report)})
 
 
 def print_atlas(result: dict) -> None:
-    """Per layer: how many neurons verified and significant, the largest verified impact with its CI."""
+    """Per layer: how many neurons verified and significant, the largest verified impact with its CI;
+    how many neurons were measured at all, and the screen's recall."""
     print(f"\nAtlas of {result['model']}: {len(result['layers'])} layers x {result['neurons_per_layer']} delta "
           f"neurons; baseline accuracy {result['baseline_accuracy']:.2f}%")
     print(f"{'layer':>5}  {'verified':>8}  {'significant':>11}  largest verified impact (points, 95% CI, atlas q)")
     for entry in result["layers"]:
         largest = entry["largest_verified"]
-        shown = "none finite" if largest is None else (
+        shown = "none finite and non-zero" if largest is None else (
             f"neuron {largest['neuron']:>5}  {largest['impact']:+7.2f}  "
             f"[{largest['ci95'][0]:+6.2f}, {largest['ci95'][1]:+6.2f}]  q {largest['q_value']:.3g}")
         print(f"{entry['layer']:>5}  {len(entry['verified']):>8}  {len(entry['significant_neurons']):>11}  {shown}")
     total = result["neurons_per_layer"] * len(result["layers"])
+    measured = sum(len(e["verified"]) for e in result["layers"])
+    print(f"{measured} of {total} neurons measured exactly ({result['recall']['sample_size']} of them at random, the "
+          "recall sample); the rest have no impact and count as p = 1 in BH")
     print(f"{len(result['significant'])} significant (BH q < {SIGNIFICANCE:g} over all {total} neurons)")
+    print_recall(result["recall"])

@@ -11,7 +11,7 @@ from ..artifacts import HIGH_IMPACT, Discovery, Provenance, delta_sensitive, imp
 from ..data.tasks import example_ids
 from .metrics import Comparison, chance_correctness, summarize
 from .stats import (SIGNIFICANCE, below_detection, benjamini_hochberg, describe_detection_limit, is_significant,
-                    rounded, spearman)
+                    proportion_ci, rounded, spearman)
 
 DESCRIPTION = (
     "Step 1, delta neuron discovery: each neuron of `layer` ablated alone on the discovery examples. "
@@ -23,7 +23,10 @@ DESCRIPTION = (
     "original study's list). minimum_detectable_effect: the smallest impact (points) a single-neuron ablation on "
     "these examples detects with 80% power at alpha 0.05, from the observed share of examples that changed. "
     "delta_variance: per neuron, the variance of Delta = softplus(dt_pre) over the tokens of the statistics Pile "
-    "documents; delta_variance_ranking orders every neuron by it.")
+    "documents; delta_variance_ranking orders every neuron by it. method: exact, or attribution (a screen: "
+    "attribution_estimates of every neuron, verified_neurons its top measured exactly, recall_sample_neurons a seeded "
+    "random sample of the rest measured exactly, recall the screen's estimated recall from that sample, screen what "
+    "was measured).")
 
 
 def neuron_chunks(neurons: list[int], size: int) -> list[list[int]]:
@@ -123,12 +126,13 @@ def print_summary(result: dict, top: int = 10) -> None:
                  "from no effect" if below else ""))
 
 
-def print_spearman(screened: dict, verified: int) -> None:
-    """How the screen's estimates rank the verified neurons against their exact impacts."""
+def print_spearman(screened: dict, measured: int) -> None:
+    """How the screen's estimates rank the measured neurons (its picks and its recall sample)
+    against their exact impacts."""
     shown = ["n/a" if screened[k] is None else f"{screened[k]:.3f}"
              for k in ("spearman_estimated_impact", "spearman_margin_loss")]
-    print(f"attribution vs exact impact on {verified} verified neurons: Spearman {shown[0]} (estimated impact), "
-          f"{shown[1]} (estimated margin loss)")
+    print(f"attribution vs exact impact on the {measured} neurons measured exactly (the screen's top and its recall "
+          f"sample): Spearman {shown[0]} (estimated impact), {shown[1]} (estimated margin loss)")
 
 
 def estimate_records(neurons: list[int], impact: np.ndarray, margin_loss: np.ndarray) -> list[dict]:
@@ -141,6 +145,67 @@ def top_estimated(estimates: list[dict], top: int) -> list[int]:
     """The `top` neurons to re-measure exactly, sorted by id: largest estimated impact, then margin loss."""
     ranked = sorted(estimates, key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
     return sorted(e["neuron"] for e in ranked[:top])
+
+
+def recall_sample(screened_out: list, size: int, seed: int) -> list:
+    """A seeded uniform sample, without replacement, of the neurons a screen did not pick (any
+    hashable ids, such as (layer, neuron)), in their given order: measured exactly, it bounds how
+    many significant neurons the screen missed."""
+    picked = np.random.default_rng(seed).choice(len(screened_out), min(size, len(screened_out)), replace=False)
+    return [screened_out[k] for k in sorted(picked)]
+
+
+def screen_recall(verified_significant: int, sample_significant: list, sample_size: int, screened_out: int) -> dict:
+    """The screen's recall estimated from its recall sample: of the neurons that would test
+    significant, the share it picked. Missed = the sample's significant neurons plus the rest of the
+    screened-out neurons times the sample's share (Clopper-Pearson 95% CI); recall = verified /
+    (verified + missed), its CI from the CI of missed. None where no neuron tested significant."""
+    hits, rest = len(sample_significant), screened_out - sample_size
+    share = hits / sample_size if sample_size else 0.0
+    low, high = proportion_ci(hits, sample_size) if sample_size else (0.0, 0.0)
+    missed = [hits + rest * p for p in (share, high, low)]  # estimate, then the bounds that give recall's CI
+
+    def recall(m: float) -> float | None:
+        total = verified_significant + m
+        return round(verified_significant / total, 4) if total > 0 else None
+
+    estimate, lower, upper = (recall(m) for m in missed)
+    return {"screened_out": screened_out, "sample_size": sample_size, "sample_significant": sample_significant,
+            "verified_significant": verified_significant, "estimated_missed": round(missed[0], 2),
+            "missed_ci95": [round(missed[2], 2), round(missed[1], 2)], "estimated_recall": estimate,
+            "recall_ci95": None if estimate is None else [lower, upper],
+            "description": "recall: of the neurons that test significant (the same BH q < 0.05 as the verified ones), "
+                           "the share the screen picked; missed = the significant neurons of a seeded random sample "
+                           "of the screened-out neurons (measured exactly) plus the rest of them times the sample's "
+                           "share (Clopper-Pearson 95% CI)"}
+
+
+def screen_note(report: dict) -> str | None:
+    """What a step-1 file from an attribution screen measured, in a sentence (None for an exact run):
+    the screen's picks and its recall sample measured exactly, the others not at all."""
+    if report.get("method") != "attribution":
+        return None
+    verified, sampled = report.get("verified_neurons") or [], report.get("recall_sample_neurons") or []
+    recall = report.get("recall") or {}
+    shown = "not measured" if recall.get("estimated_recall") is None else (
+        "{:.0%} (95% CI {:.0%}-{:.0%})".format(recall["estimated_recall"], *recall["recall_ci95"]))
+    return (f"an attribution screen: only {len(verified)} neurons it picked and {len(sampled)} at random (its recall "
+            f"sample) of {report.get('neurons_tested')} were measured exactly; the others have no impact, count as "
+            f"p = 1 and belong to no group; the screen's estimated recall: {shown}")
+
+
+def print_recall(recall: dict) -> None:
+    """The screen's measured recall, in one paragraph."""
+    found = ", ".join(str(n) for n in recall["sample_significant"]) or "none"
+    print(f"recall of the screen: a random sample of {recall['sample_size']} of the {recall['screened_out']} neurons "
+          f"it screened out, measured exactly, holds {len(recall['sample_significant'])} significant ({found})")
+    if recall["estimated_recall"] is None:
+        print("  no neuron tested significant: recall undefined")
+        return
+    low, high = recall["recall_ci95"]
+    print(f"  estimated recall {recall['estimated_recall']:.0%} (95% CI {low:.0%}-{high:.0%}): "
+          f"{recall['verified_significant']} significant among the picked, about {recall['estimated_missed']:g} missed "
+          f"(95% CI {recall['missed_ci95'][0]:g}-{recall['missed_ci95'][1]:g})")
 
 
 def attach_estimates(records: list[dict], estimates: list[dict]) -> dict:

@@ -29,6 +29,7 @@ STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "figure.ti
 # tab10 colours (colour-blind-safe pairs), told apart by marker or line style as well
 PLAIN, SIGNIFICANT, BASELINE, GRID = "C0", "C1", "0.35", "0.85"
 HIGH_LINE = {"color": "C2", "ls": "--", "lw": 1.3}
+ESTIMATE_ALPHA = 0.35  # an estimate, drawn faded under the exact impacts
 THRESHOLD_LINE = {"color": "C4", "ls": ":", "lw": 1.6}
 IMPACT_LABEL = "impact = baseline − ablated accuracy (points)"
 PERPLEXITY_LABEL = "Pile perplexity: change from baseline (%)"
@@ -585,37 +586,58 @@ def plot_verification(results: dict, output_dir: str | Path) -> list[Path]:
 def _atlas_details(result: dict) -> str:
     counts = result.get("num_examples") or {}
     total = result["neurons_per_layer"] * len(result["layers"])
+    sample = (result.get("recall") or {}).get("sample_size", 0)
     return (f"{result.get('ablation', 'zero')} ablation, {sum(counts.values())} discovery examples "
             f"({len(counts)} tasks); all {total} neurons estimated by attribution, the top {result['verify_top']} "
-            f"of each layer re-measured exactly; BH over all {total}")
+            f"of each layer and {sample} at random (the recall sample) measured exactly; BH over all {total}")
+
+
+def atlas_impacts(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(layers x neurons) the estimated impacts, and the exact impacts where measured (NaN elsewhere)."""
+    entries = result["layers"]
+    estimated = np.array([e["estimated_impact"] for e in entries], dtype=float)
+    exact = np.full_like(estimated, np.nan)
+    for k, entry in enumerate(entries):
+        for record in entry["verified"]:
+            if record["impact"] is not None:
+                exact[k, record["neuron"]] = record["impact"]
+    return estimated, exact
 
 
 @styled
 def atlas_figure(result: dict) -> Figure:
-    """The atlas: estimated impact of every neuron by layer, verified and significant neurons marked;
-    below, each layer's largest verified impact with its 95% CI and its count of significant neurons."""
+    """The atlas: every neuron's impact by layer, the exact one where measured (solid), the estimate
+    elsewhere (faded, marked as an estimate), measured and significant neurons marked; below, each
+    layer's largest verified impact with its 95% CI and its count of significant neurons."""
     entries = result["layers"]
     layers = [e["layer"] for e in entries]
     fig, (top, bottom) = _new(11, 8.5, nrows=2, height_ratios=[3, 2])
     _title(fig, f"Delta atlas: single-neuron ablation across layers, {_model(result)}", _atlas_details(result))
-    estimated = np.array([e["estimated_impact"] for e in entries], dtype=float)
-    limit = max(float(np.nanmax(np.abs(estimated))), 1e-9)
-    image = top.imshow(estimated, aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest",
-                       extent=(-0.5, estimated.shape[1] - 0.5, len(layers) - 0.5, -0.5))
+    estimated, exact = atlas_impacts(result)
+    limit = max(float(np.nanmax(np.abs(np.concatenate([estimated.ravel(), exact.ravel()])))), 1e-9)
+    shown = dict(aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest",
+                 extent=(-0.5, estimated.shape[1] - 0.5, len(layers) - 0.5, -0.5))
+    top.imshow(estimated, alpha=ESTIMATE_ALPHA, **shown)
+    image = top.imshow(np.ma.masked_invalid(exact), **shown)
     top.grid(False)
-    fig.colorbar(image, ax=top, label="estimated impact (points)")
+    fig.colorbar(image, ax=top, label="impact (points): measured exactly (solid), estimated (faded)")
     rows = {layer: k for k, layer in enumerate(layers)}
-    verified = [(r["neuron"], rows[e["layer"]], is_significant(r["q_value"])) for e in entries for r in e["verified"]]
-    for significant, style in ((False, dict(s=10, marker="o", facecolor="none", edgecolor="k", linewidth=0.6,
-                                            label="re-measured exactly")),
-                               (True, dict(s=36, marker="D", color=SIGNIFICANT, edgecolor="k", linewidth=0.5,
-                                           label=f"significant, BH q < {SIGNIFICANCE:g}"))):
-        points = np.array([(n, k) for n, k, s in verified if s == significant], dtype=float).reshape(-1, 2)
-        top.scatter(points[:, 0], points[:, 1], zorder=3, **style)
+    measured = [(r["neuron"], rows[e["layer"]], r.get("recall_sample", False), is_significant(r["q_value"]))
+                for e in entries for r in e["verified"]]
+    styles = ((lambda sample, sig: sig, dict(s=36, marker="D", color=SIGNIFICANT, edgecolor="k", linewidth=0.5,
+                                             label=f"significant, BH q < {SIGNIFICANCE:g}")),
+              (lambda sample, sig: not sample, dict(s=14, marker="s", facecolor="none", edgecolor="k", linewidth=0.6,
+                                                    label="measured exactly: the screen's top")),
+              (lambda sample, sig: sample, dict(s=70, marker="o", facecolor="none", edgecolor="k", linewidth=0.8,
+                                                label="measured exactly: the recall sample (random)")))  # drawn last: rings
+    for chosen, style in styles:
+        points = np.array([(n, k) for n, k, sample, sig in measured if chosen(sample, sig)], dtype=float)
+        top.scatter(*points.reshape(-1, 2).T, zorder=3, **style)
+    top.scatter([], [], marker="s", color="C0", alpha=ESTIMATE_ALPHA, label="faded: estimated by attribution only")
     top.set_yticks(range(len(layers)), [str(layer) for layer in layers])
     top.set_xlabel("delta neuron")
     top.set_ylabel("layer")
-    _legend(top, loc="upper left", bbox_to_anchor=(1.12, 1.0))
+    _legend(top, loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=2, borderaxespad=0.0)  # above the map
 
     largest = [e["largest_verified"] for e in entries]
     shown = [k for k, v in enumerate(largest) if v is not None]
@@ -634,7 +656,7 @@ def atlas_figure(result: dict) -> Figure:
     bottom.set_xlabel("layer")
     bottom.set_ylabel(IMPACT_LABEL)
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _legend(bottom, loc="lower right")
+    _legend(bottom, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, borderaxespad=0.0)  # under the axis
     return fig
 
 

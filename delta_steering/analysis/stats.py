@@ -146,6 +146,12 @@ def benjamini_hochberg(p_values: list[float | None]) -> list[float | None]:
     return q
 
 
+def proportion_ci(hits: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson (exact binomial) CI of a proportion seen as `hits` of `n` draws."""
+    ci = scipy_stats.binomtest(hits, n).proportion_ci(level, method="exact")
+    return float(ci.low), float(ci.high)
+
+
 def is_significant(q_value: float | None) -> bool:
     """q < 0.05, q = 0 (a p-value that underflowed) included."""
     return q_value is not None and q_value < SIGNIFICANCE

@@ -1,10 +1,16 @@
-"""Attribution: a first-order estimate of every delta neuron's effect at once.
+"""Attribution: an estimate of every delta neuron's effect at once, a screen before exact measurement.
 
-One forward and one backward pass per example batch give d(score)/d(dt_pre) at layer L (or at every
-layer of a set, from the same pass) for every neuron and token; the estimated change of a request's score when neuron i alone is intervened on is
-`sum_t grad[i, t] * (dt_pre'[i, t] - dt_pre[i, t])`. Exact to first order in the change of dt_pre:
-good for factors near 1, a ranking heuristic for ablation, which is why step 1 re-measures the
-neurons it ranks first with the exact engine.
+One forward and one backward pass per example batch estimate, for every neuron of layer L (or of
+every layer of a set, from the same pass) intervened on alone, the change of each request's score.
+The "mixer" screen (the default) computes block L's scan exactly with every channel intervened on
+(the scan is channel-wise, so each channel is its neuron's own intervention) and linearises only the
+blocks after it: `sum_t grad_y[i, t] * (y'[i, t] - y[i, t])`, the analogue of AtP*'s exact
+recomputation of a saturating nonlinearity. The "gradient" screen linearises in dt_pre itself,
+`sum_t grad[i, t] * (dt_pre'[i, t] - dt_pre[i, t])`: exact to first order for factors near 1, but an
+ablation saturates softplus and the scan's decay, and it ranks strong neurons last
+(benchmarks/bench_screen.py measures both against exact ablation). Either is a screen: step 1 and
+the atlas re-measure the neurons it ranks first with the exact engine, and a random sample of the
+rest to measure its recall.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from torch import Tensor
 from ..analysis.estimates import Attribution, estimated_impacts
 from ..analysis.impacts import estimate_records, top_estimated
 from ..data.tasks import Example
-from ..intervention import Intervention
-from ..model.mamba1 import block_input, written_out_block
-from ..model.placement import execution_device, input_device
+from ..intervention import Intervention, with_bias
+from ..model.mamba1 import block_input, block_output, gated_scan, mixer_pieces, written_out_block
+from ..model.placement import execution_device, input_device, weight
 from ..model.sites import OutputHead, check_layer, decoder_layers, family_of, num_delta_neurons
 from ..progress import tqdm
 from .batching import Encoded, gather_targets, pad_batch, request_batches, target_logits, token_budget
@@ -44,37 +50,72 @@ def request_scores(head: OutputHead, hidden: Tensor, items: list[Encoded], lengt
     return torch.stack(scores)
 
 
-def batch_gradients(model, layers: list[int], ids: Tensor, items: list[Encoded], lengths: list[int],
-                    kinds: list[str]) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
-    """Scores of one example batch, and per layer of `layers` their gradient with respect to that
-    layer's `dt_pre` and dt_pre itself (batch x channels x tokens): one forward and one backward pass.
-    The blocks of `layers` have their mixers written out (the fast engine's pieces) with a zero
-    offset on dt_pre as the leaf; the blocks before the first run without a graph, the other blocks
-    after it are the real MambaBlocks. Rows of the batch are independent, so the gradient of the
-    summed scores holds each request's own gradient in its row."""
-    first, blocks = min(layers), decoder_layers(model)
+SCREENS = ("mixer", "gradient")  # see screened_block; measured against exact: benchmarks/bench_screen.py
+
+
+def screened_block(block, hidden: Tensor, intervention: Intervention, screen: str) -> tuple[Tensor, Tensor, Tensor]:
+    """A Mamba-1 block's output with its mixer written out (`mamba1.written_out_block`'s pieces), the
+    leaf that the scores are differentiated by, and the change of that leaf's quantity that each
+    neuron's intervention alone makes (batch x channels x tokens).
+
+    "gradient": the leaf is an offset on dt_pre; the change is dt_pre' - dt_pre (first order in
+    dt_pre: softplus and the scan's exp(Delta A) saturate under ablation, so large changes shrink).
+    "mixer": the leaf is an offset on the gated scan output y; the change is y' - y with every
+    channel intervened on in one scan. The scan is channel-wise, so channel i of that scan is exactly
+    channel i's output with neuron i alone intervened on: the block is exact, only the blocks after
+    it are linearised (the analogue of AtP*'s exact recomputation of the saturating attention)."""
+    mixer = block.mixer
+    leaf = torch.zeros(hidden.shape[0], mixer.intermediate_size, hidden.shape[1], device=execution_device(block),
+                       requires_grad=True)
+    if screen == "gradient":
+        output, dt_pre = written_out_block(block, hidden, offset=leaf)
+        return output, leaf, intervened(dt_pre.float(), intervention) - dt_pre.float()
+    x, gate, dt_lin, B, C = mixer_pieces(block, hidden)
+    dt_pre = with_bias(dt_lin, weight(mixer.dt_proj, "bias"), dim=1)
+    A = -torch.exp(weight(mixer, "A_log").detach().float())
+
+    def scan(dt: Tensor) -> Tensor:
+        return gated_scan(x, dt, A, B[:, None], C[:, None], weight(mixer, "D").detach(), gate)
+
+    y = scan(dt_pre)  # in the graph: the gradients of earlier written-out blocks pass through it
     with torch.no_grad():
-        hidden = block_input(model, ids, first)
-    offsets, dt_pre = {}, {}
+        change = scan(intervened(dt_pre.detach().float(), intervention)) - y
+    return block_output(block, hidden, y + leaf), leaf, change
+
+
+def batch_gradients(model, interventions: dict[int, Intervention], ids: Tensor, items: list[Encoded],
+                    lengths: list[int], kinds: list[str], screen: str = "mixer") -> tuple[Tensor, dict[int, Tensor]]:
+    """Scores of one example batch and, per layer of `interventions`, every neuron's first-order
+    estimate of each request's score change (neurons x batch): one forward and one backward pass.
+    The blocks of those layers have their mixers written out (`screened_block`); the blocks
+    before the first run without a graph, the other blocks after it are the real MambaBlocks. Rows
+    of the batch are independent, so the gradient of the summed scores holds each request's own
+    gradient in its row."""
+    layers, blocks = sorted(interventions), decoder_layers(model)
+    with torch.no_grad():
+        hidden = block_input(model, ids, layers[0])
+    leaves, changes = {}, {}
     with torch.enable_grad():
-        for index in range(first, len(blocks)):
-            if index not in layers:
+        for index in range(layers[0], len(blocks)):
+            if index not in interventions:
                 hidden = blocks[index](hidden)
                 continue
-            channels = blocks[index].mixer.intermediate_size
-            offsets[index] = torch.zeros(ids.shape[0], channels, ids.shape[1], device=execution_device(blocks[index]),
-                                         requires_grad=True)
-            hidden, dt_pre[index] = written_out_block(blocks[index], hidden, offset=offsets[index])
+            hidden, leaves[index], changes[index] = screened_block(blocks[index], hidden, interventions[index], screen)
         scores = request_scores(OutputHead(model), model.backbone.norm_f(hidden), items, lengths, kinds)
-        grads = torch.autograd.grad(scores.sum(), [offsets[i] for i in layers])
-    return scores.detach(), dict(zip(layers, grads)), dt_pre
+        grads = torch.autograd.grad(scores.sum(), [leaves[i] for i in layers])
+    valid = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+    estimates = {}
+    for layer, grad in zip(layers, grads):  # each on its block's device
+        mask = valid.to(grad.device)[:, None, :]
+        estimates[layer] = (grad.float() * changes[layer].float() * mask).sum(-1).T
+    return scores.detach(), estimates
 
 
-def dt_pre_change(dt_pre: Tensor, intervention: Intervention) -> Tensor:
-    """dt_pre' - dt_pre of every channel (batch x channels x tokens), each intervened on as
-    `intervention` says (it must cover every delta neuron of the layer, in order)."""
+def intervened(dt_pre: Tensor, intervention: Intervention) -> Tensor:
+    """dt_pre' of every channel (batch x channels x tokens), each intervened on as `intervention`
+    says (it must cover every delta neuron of the layer, in order)."""
     lin, bias = intervention.edit(dt_pre.transpose(0, 1), torch.zeros(dt_pre.shape[1], device=dt_pre.device))
-    return (lin + bias[:, None, None]).transpose(0, 1) - dt_pre
+    return (lin + bias[:, None, None]).transpose(0, 1)
 
 
 def check_covered(model, interventions: dict[int, Intervention]) -> None:
@@ -91,11 +132,14 @@ def check_covered(model, interventions: dict[int, Intervention]) -> None:
 
 def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[Encoded],
                        interventions: dict[int, Intervention], batch_size: int | None = None,
-                       progress: bool = False) -> dict[int, Attribution]:
-    """First-order estimates at several layers from one forward and one backward pass per batch:
+                       progress: bool = False, screen: str = "mixer") -> dict[int, Attribution]:
+    """Estimates at several layers from one forward and one backward pass per batch:
     for every layer of `interventions` and every delta neuron of it intervened on alone (as that
-    layer's intervention says; it covers all delta neurons of the layer), every request's score change."""
+    layer's intervention says; it covers all delta neurons of the layer), every request's score change.
+    `screen`: what is linearised (`written_out_block`)."""
     check_covered(model, interventions)
+    if screen not in SCREENS:
+        raise ValueError(f"unknown screen {screen!r}: use one of {', '.join(SCREENS)}")
     layers = sorted(interventions)
     kinds = [("margin" if e.metric == "greedy" else "logprob") for e in examples for _ in e.requests]
     if len(kinds) != len(encoded):
@@ -111,29 +155,28 @@ def layer_attributions(model, tokenizer, examples: list[Example], encoded: list[
                       disable=not progress, leave=False):
         items = [encoded[i] for i in batch]
         ids, lengths = pad_batch(items, tokenizer.pad_token_id or 0, device)
-        scores, grads, dt_pre = batch_gradients(model, layers, ids, items, lengths, [kinds[i] for i in batch])
-        valid = torch.arange(ids.shape[1])[None, :] < torch.tensor(lengths)[:, None]
+        scores, estimates = batch_gradients(model, interventions, ids, items, lengths, [kinds[i] for i in batch],
+                                            screen)
         base[batch] = scores.cpu().numpy()
-        for layer in layers:  # each on its block's device
-            mask = valid.to(dt_pre[layer].device)[:, None, :]
-            change = dt_pre_change(dt_pre[layer].float(), interventions[layer]) * mask
-            delta[layer][:, batch] = (grads[layer].float() * change).sum(-1).T.double().cpu().numpy()
+        for layer in layers:
+            delta[layer][:, batch] = estimates[layer].double().cpu().numpy()
     return {layer: Attribution(base, delta[layer], tuple(kinds)) for layer in layers}
 
 
 def attribution(model, tokenizer, examples: list[Example], encoded: list[Encoded], layer: int,
-                intervention: Intervention, batch_size: int | None = None, progress: bool = False) -> Attribution:
+                intervention: Intervention, batch_size: int | None = None, progress: bool = False,
+                screen: str = "mixer") -> Attribution:
     """First-order estimate, for every delta neuron of `layer` intervened on alone, of every request's
     score change. `intervention` names what is done to each neuron: all delta neurons of the layer.
     The one-layer case of `layer_attributions`."""
     return layer_attributions(model, tokenizer, examples, encoded, {layer: intervention}, batch_size,
-                              progress)[layer]
+                              progress, screen)[layer]
 
 
 def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons: list[int],
                        ablation: Intervention, batch_size: int | None, top: int) -> tuple[list[dict], list[int]]:
-    """First-order estimates of every neuron's ablation effect (one forward and backward pass per
-    batch), and the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
+    """Estimates of every neuron's ablation effect (one forward and backward pass per batch), and
+    the `top` neurons to re-measure exactly: largest estimated impact, then margin loss."""
     att = attribution(model, tokenizer, examples, encoded, layer, ablation, batch_size, progress=True)
     estimates = estimate_records(neurons, *estimated_impacts(examples, att))
     return estimates, top_estimated(estimates, top)
@@ -142,7 +185,7 @@ def attribution_screen(model, tokenizer, examples, encoded, layer: int, neurons:
 def atlas_estimates(model, tokenizer, examples: list[Example], encoded: list[Encoded],
                     ablations: dict[int, Intervention], batch_size: int | None = None,
                     progress: bool = False) -> dict[int, list[dict]]:
-    """Per layer, every neuron's first-order estimates (estimated impact and margin loss, see
+    """Per layer, every neuron's estimates (estimated impact and margin loss, see
     attribution.estimated_impacts) from one forward and one backward pass per batch."""
     attributions = layer_attributions(model, tokenizer, examples, encoded, ablations, batch_size, progress)
     return {layer: estimate_records(range(att.delta.shape[0]), *estimated_impacts(examples, att))

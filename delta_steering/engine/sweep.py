@@ -6,6 +6,8 @@ computes the same numbers from a shared prefix and a low-rank correction per neu
 
 from __future__ import annotations
 
+import math
+import time
 from functools import partial
 from typing import Callable
 
@@ -82,6 +84,28 @@ def sweep_correctness_layers(model, tokenizer, examples: list[Example], interven
         scores = {layer: sweep_loglikelihoods(model, tokenizer, encoded, layer, intervention, engine, batch_size,
                                               progress) for layer, intervention in interventions.items()}
     return {layer: np.stack([correctness(examples, lp, g) for lp, g in zip(*scores[layer])]) for layer in scores}
+
+
+def projected_sweep_seconds(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
+                            engine: str, chunk_neurons: int, batch_size: int | None = None,
+                            pilot_requests: int = 64) -> float:
+    """Seconds that sweeping every neuron of `intervention` would take, as step 1 runs it (one sweep
+    per chunk of `chunk_neurons`), projected from a pilot on an even spread of `pilot_requests`
+    requests: one neuron and three neurons, whose difference separates the per-neuron cost from
+    what a sweep pays once (the fast engine's shared prefix)."""
+    pilot = encoded[::max(1, len(encoded) // pilot_requests)]
+    neurons, seconds = len(intervention.neurons), []
+    counts = (1, min(3, neurons))
+    for count in counts:
+        start = time.perf_counter()
+        sweep_loglikelihoods(model, tokenizer, pilot, layer, intervention.only(intervention.neurons[:count]), engine,
+                             batch_size)
+        seconds.append(time.perf_counter() - start)
+    # timing noise can make three neurons no dearer than one: then each neuron costs its share of the pilot
+    extra = counts[1] - counts[0]
+    per_neuron = (seconds[1] - seconds[0]) / extra if extra and seconds[1] > seconds[0] else seconds[1] / counts[1]
+    once = max(seconds[0] - per_neuron, 0.0)
+    return (once * math.ceil(neurons / chunk_neurons) + per_neuron * neurons) * len(encoded) / len(pilot)
 
 
 def layer_sweeps(model, tokenizer, examples: list[Example], neurons: dict[int, list[int]],

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..analysis import atlas as logic
-from ..analysis.impacts import top_estimated
-from ..analysis.metrics import summarize
+from ..analysis.impacts import recall_sample, top_estimated
+from ..analysis.metrics import example_weights, summarize
 from ..analysis.plots import plot_atlas
+from ..analysis.stats import detection_limit
 from ..artifacts import Discovery, Provenance, Results
 from ..data.pile import load_pile_texts, local_files, pile_record
 from ..data.tasks import Example, load_examples
@@ -60,7 +61,8 @@ class Context:
     """What every process computes alike: the delta statistics, the baseline, the attribution pass."""
 
     layers: list[int]
-    verified: dict[str, list[int]]  # layer -> its verified neurons
+    verified: dict[str, list[int]]  # layer -> the screen's picks
+    sampled: dict[str, list[int]]  # layer -> its neurons in the recall sample (screened out, measured exactly)
     baseline: list[float]
     estimates: dict[str, list[dict]]  # layer -> every neuron's estimates
     engine: str
@@ -108,15 +110,21 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
     with timed(timings, "attribution"):
         estimates = atlas_estimates(model, tokenizer, examples, encoded, ablations, options.batch_size, progress=True)
     verified = {layer: top_estimated(estimates[layer], options.verify_top) for layer in layers}
+    screened_out = [(layer, neuron) for layer in layers for neuron in range(n) if neuron not in verified[layer]]
+    picked = recall_sample(screened_out, options.recall_sample, options.seed)
+    sampled = {layer: [n for at, n in picked if at == layer] for layer in layers}
     engine = engine_for(model, options.engine)
 
-    work = layer_sweeps(model, tokenizer, examples, verified, ablations, options.chunk_neurons, engine,
+    measured = {layer: sorted(verified[layer] + sampled[layer]) for layer in layers}
+    work = layer_sweeps(model, tokenizer, examples, measured, ablations, options.chunk_neurons, engine,
                         options.batch_size, encoded)
     with timed(timings, "sweep"):
-        results = run.map(work, f"verifying the top {options.verify_top} of {len(layers)} layers", unit="chunk")
+        results = run.map(work, f"verifying the top {options.verify_top} of {len(layers)} layers and a recall sample "
+                                f"of {len(picked)}", unit="chunk")
     statistics = {str(layer): {"delta_variance": s["delta_variance"].tolist(), "dt_pre_mean": s["dt_pre_mean"].tolist(),
                                "num_tokens": int(s["num_tokens"])} for layer, s in stats.items()}
-    return Context(layers, {str(k): v for k, v in verified.items()}, baseline.tolist(),
+    return Context(layers, {str(k): v for k, v in verified.items()}, {str(k): v for k, v in sampled.items()},
+                   baseline.tolist(),
                    {str(k): v for k, v in estimates.items()}, engine, statistics, pile_record(texts, "statistics"),
                    plan.provenance.to_json(), describe(model), timings), results
 
@@ -126,21 +134,24 @@ def report(plan: Plan, context: Context, results: dict, run: dict) -> Atlas:
     options, examples = plan.options, plan.examples
     baseline = np.array(context.baseline, dtype=float)
     rows = {(r["layer"], r["neuron"]): r["correct"] for chunk in results.values() for r in chunk}
-    records, spearman = {}, {}
+    records, spearman, limits = {}, {}, {}
     for layer in context.layers:
-        stats = context.delta_statistics[str(layer)]
-        layer_rows = {n: np.array(rows[(layer, n)], dtype=float) for n in context.verified[str(layer)]}
+        stats, sampled = context.delta_statistics[str(layer)], context.sampled[str(layer)]
+        layer_rows = {n: np.array(rows[(layer, n)], dtype=float) for n in context.verified[str(layer)] + sampled}
         records[layer], spearman[layer] = logic.layer_records(examples, baseline, layer_rows,
                                                               context.estimates[str(layer)], stats["delta_variance"],
-                                                              options.seed)
+                                                              options.seed, sampled)
+        limits[layer] = detection_limit(baseline, list(layer_rows.values()), example_weights(examples),
+                                        "a neuron ablated vs the baseline")
     q_values = logic.atlas_q_values(records)
     entries = [logic.layer_entry(layer, records[layer], q_values[layer], spearman[layer],
                                  context.delta_statistics[str(layer)]) for layer in context.layers]
     common = {"data_dir": options.data_dir, "ablation": options.ablation, "engine": context.engine}
     provenance = Provenance(**context.provenance)
+    total = sum(len(e["estimated_impact"]) for e in entries)
     atlas = logic.atlas_result(examples, baseline, entries, provenance, list(options.tasks), options.validation_size,
-                               verify_top=options.verify_top, delta_statistics_documents=context.documents, **common,
-                               run=run)
+                               verify_top=options.verify_top, recall=logic.atlas_recall(entries, total),
+                               delta_statistics_documents=context.documents, **common, run=run)
     logic.print_atlas(atlas.to_json())
     step1 = None
     if options.step1_layer is not None:
@@ -148,7 +159,11 @@ def report(plan: Plan, context: Context, results: dict, run: dict) -> Atlas:
         stats = {**context.delta_statistics[str(layer)], "documents": context.documents}
         step1 = logic.step1_result(examples, baseline, records[layer], spearman[layer], context.estimates[str(layer)],
                                    stats, replace(provenance, layer=layer), list(options.tasks),
-                                   options.validation_size, options.threshold, atlas=None, **common, run=run)
+                                   options.validation_size, options.threshold, atlas=None,
+                                   minimum_detectable_effect=limits[layer], **common,
+                                   recall={**atlas.report["recall"], "scope": "the atlas's: a sample of every layer's "
+                                           "screened-out neurons, significance atlas-wide"},
+                                   run=run)
     return Atlas(atlas, step1)
 
 

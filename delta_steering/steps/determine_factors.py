@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..analysis import factors as logic
-from ..analysis.impacts import neuron_chunks
+from ..analysis.impacts import neuron_chunks, screen_note
 from ..analysis.metrics import Comparison, chance_correctness, summarize
 from ..analysis.plots import plot_factors
 from ..analysis.stats import describe_detection_limit
@@ -212,6 +212,10 @@ def report(plan: Plan, context: Context, results: dict, run: dict) -> Factors:
     elif options.perplexity_ablation:
         print("perplexity ablation skipped: the High Impact group is empty")
     result["engine"] = context.engine
+    note = screen_note(plan.step1.report)
+    if note:
+        result["step1_screen"] = f"the step-1 file comes from {note}"
+        print(f"\nnote: {result['step1_screen']}")
     result["run"] = run
     groups, optimal = result.pop("groups"), result.pop("optimal_factors")
     return Factors(Provenance(**context.provenance), groups=groups, optimal=optimal, report=result)

@@ -5,7 +5,7 @@ an exact sign test and Benjamini-Hochberg q-values. `discover` returns the step-
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import numpy as np
@@ -13,13 +13,13 @@ import numpy as np
 from ..analysis import impacts
 from ..analysis.metrics import chance_correctness, example_weights, summarize
 from ..analysis.plots import plot_discovery
-from ..analysis.stats import detection_limit
+from ..analysis.stats import detection_limit, is_significant
 from ..artifacts import Discovery, Provenance
 from ..data.pile import load_pile_texts, local_files, pile_record
 from ..data.tasks import Example, load_examples
 from ..engine import attribution
 from ..engine.scoring import encode_examples, score_examples
-from ..engine.sweep import engine_for, sweep_correctness
+from ..engine.sweep import engine_for, projected_sweep_seconds, sweep_correctness
 from ..errors import UsageError
 from ..intervention import Intervention, Steering
 from ..model.delta_stats import delta_statistics
@@ -47,11 +47,14 @@ class Plan:
 class Context:
     """What every process computes alike: the baseline, the delta statistics, the attribution screen."""
 
-    neurons: list[int]  # measured exactly (all requested ones, or the screen's top)
+    neurons: list[int]  # measured exactly: all requested ones, or the screen's top and its recall sample
     requested: list[int]
+    verified: list[int] | None  # the screen's top (None: no screen)
+    sampled: list[int] | None  # the recall sample: screened-out neurons measured exactly
     baseline: list[float]
     delta_statistics: dict  # delta_variance, dt_pre_mean, num_tokens, documents
     estimates: list[dict] | None  # the attribution screen's, per requested neuron
+    method: str  # exact or attribution (what --method auto chose)
     engine: str
     provenance: dict
     model_info: dict
@@ -87,14 +90,18 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
         baseline = score_examples(model, tokenizer, examples, options.batch_size, progress=True, encoded=encoded)
     print_baseline(examples, baseline, layer)
 
-    engine, neurons, estimates = engine_for(model, options.engine), plan.neurons, None
-    if options.method == "attribution" and not attribution.covers(model):
+    engine, neurons, estimates, verified, sampled = engine_for(model, options.engine), plan.neurons, None, None, None
+    method = choose_method(model, tokenizer, encoded, plan, ablation, engine, run)
+    if method == "attribution" and not attribution.covers(model):
+        method = "exact"
         print(f"note: attribution covers {', '.join(attribution.FAMILIES)} models; every neuron of --neurons is "
               "measured exactly instead")
-    elif options.method == "attribution":
+    elif method == "attribution":
         with timed(timings, "attribution"):
-            estimates, neurons = attribution.attribution_screen(model, tokenizer, examples, encoded, layer, neurons,
-                                                                ablation, options.batch_size, options.verify_top)
+            estimates, verified = attribution.attribution_screen(model, tokenizer, examples, encoded, layer, neurons,
+                                                                 ablation, options.batch_size, options.verify_top)
+        sampled = impacts.recall_sample([n for n in neurons if n not in verified], options.recall_sample, options.seed)
+        neurons = sorted(verified + sampled)
 
     def ablate_each(chunk: list[int]) -> list[dict]:
         rows = sweep_correctness(model, tokenizer, examples, layer, ablation.only(chunk), engine, options.batch_size,
@@ -107,8 +114,25 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
         results = run.map(work, f"ablating layer {layer}, {options.chunk_neurons} neurons a chunk", unit="chunk")
     statistics = {"delta_variance": stats["delta_variance"].tolist(), "dt_pre_mean": means,
                   "num_tokens": int(stats["num_tokens"]), "documents": pile_record(texts, "statistics")}
-    return Context(neurons, plan.neurons, baseline.tolist(), statistics, estimates, engine,
+    return Context(neurons, plan.neurons, verified, sampled, baseline.tolist(), statistics, estimates, method, engine,
                    plan.provenance.to_json(), describe(model), timings), results
+
+
+def choose_method(model, tokenizer, encoded, plan: Plan, ablation: Intervention, engine: str, run) -> str:
+    """--method as asked, or for auto: exact when the sweep's projected time (a pilot of the engine,
+    `projected_sweep_seconds`) is within --exact_budget, attribution otherwise, saying which and why."""
+    options = plan.options
+    if options.method != "auto":
+        return options.method
+    if run.workers.world > 1:
+        raise UsageError("--method auto decides by this machine's timing; a run split over processes (--shard, "
+                         "torchrun) must name --method exact or --method attribution so that every process agrees")
+    seconds = projected_sweep_seconds(model, tokenizer, encoded, options.layer, ablation.only(plan.neurons), engine,
+                                      options.chunk_neurons, options.batch_size)
+    method = "exact" if seconds <= options.exact_budget else "attribution"
+    print(f"--method auto: {method}: the exact sweep of {len(plan.neurons)} neurons is projected at {seconds / 60:.1f} "
+          f"min, {'within' if method == 'exact' else 'over'} --exact_budget {options.exact_budget / 60:g} min")
+    return method
 
 
 def print_baseline(examples: list[Example], baseline: np.ndarray, layer: int) -> None:
@@ -133,19 +157,33 @@ def report(plan: Plan, context: Context, results: dict, run: dict) -> Discovery:
     records = impacts.neuron_impacts(examples, baseline, ablated, context.neurons,
                                      context.delta_statistics["delta_variance"], options.seed, unmeasured)
     screened = {} if context.estimates is None else {"attribution_estimates": context.estimates,
-                                                     "verified_neurons": context.neurons}
+                                                     "verified_neurons": context.verified,
+                                                     "recall_sample_neurons": context.sampled}
     screened["minimum_detectable_effect"] = detection_limit(baseline, list(ablated), example_weights(examples),
                                                             "a neuron ablated vs the baseline")
     if context.estimates is not None:
         screened.update(impacts.attach_estimates(records, context.estimates))
         impacts.print_spearman(screened, len(context.neurons))
+        screened["recall"] = impacts.screen_recall(
+            *significant_in(records, context.verified, context.sampled), len(context.sampled),
+            len(context.requested) - len(context.verified))
     discovery = impacts.discovery_result(
         examples, baseline, records, options.threshold, Provenance(**context.provenance), list(options.tasks),
         options.validation_size, context.delta_statistics, data_dir=options.data_dir, ablation=options.ablation,
-        high_impact_cut=options.high_impact_cut, engine=context.engine, method=options.method,
+        high_impact_cut=options.high_impact_cut, engine=context.engine, method=context.method,
         neurons_tested=len(context.requested), **screened, run=run)
+    if context.estimates is not None:
+        discovery = replace(discovery, report={**discovery.report, "screen": impacts.screen_note(discovery.report)})
     impacts.print_summary(discovery.to_json())
+    if context.estimates is not None:
+        impacts.print_recall(screened["recall"])
     return discovery
+
+
+def significant_in(records: list[dict], verified: list[int], sampled: list[int]) -> tuple[int, list[int]]:
+    """How many of the screen's picks test significant, and which neurons of its recall sample do."""
+    significant = {r["neuron"] for r in records if is_significant(r["q_value"])}
+    return len(significant & set(verified)), sorted(significant & set(sampled))
 
 
 def save(discovery: Discovery, args: argparse.Namespace) -> None:

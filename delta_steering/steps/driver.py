@@ -79,17 +79,23 @@ def run_script(step: Step, args: argparse.Namespace, options: Options) -> None:
     run = StepRun(step.name, fingerprint(arguments, **plan.inputs), getattr(args, "output_dir", None),
                   overwrite=getattr(args, "overwrite", False), shard=getattr(args, "shard", None), merge=merge,
                   device=device)
-    if merge is not None:
-        measured, results = run.merged()
-        context = step.context(**measured)
-    else:
-        model, tokenizer = (step.load or loading.load_model)(source, run.device, dtype, getattr(args, "max_memory", None),
-                                                             getattr(args, "offload_folder", None))
-        context, results = step.measure(model, tokenizer, plan, run)
-    if run.publish(asdict(context), results):
-        contract = step.report(plan, context, results, record(command_line(), vars(args), context, started))
-        with run.saving():
-            step.save(contract, args)
+    try:
+        if merge is not None:
+            measured, results = run.merged()
+            context = step.context(**measured)
+        else:
+            model, tokenizer = (step.load or loading.load_model)(source, run.device, dtype,
+                                                                 getattr(args, "max_memory", None),
+                                                                 getattr(args, "offload_folder", None))
+            context, results = step.measure(model, tokenizer, plan, run)
+        if run.publish(asdict(context), results):
+            contract = step.report(plan, context, results, record(command_line(), vars(args), context, started))
+            with run.saving():
+                step.save(contract, args)
+    except BaseException:  # the checkpoint stays for a rerun; the lock goes now, so a refused run leaves no file
+        if run.lock is not None:
+            run.lock.release()
+        raise
     run.close()
 
 

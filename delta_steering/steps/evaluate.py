@@ -14,6 +14,7 @@ import numpy as np
 from ..analysis.stats import bootstrap_indices, compare
 from ..artifacts import Provenance, Results, step2_steering
 from ..data import harness
+from ..errors import UsageError
 from ..intervention import Steering
 from ..model.loading import ModelSource, describe
 from ..model.sites import check_layer, check_neurons
@@ -96,6 +97,9 @@ def run_harness(model, tokenizer, options: EvaluateOptions, steerings: list[Stee
 
 def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
     """lm-eval's results unsteered and steered."""
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+        raise UsageError("the tokenizer has neither a BOS nor an EOS token, which lm-eval needs (to prefix an empty "
+                         "context and to end generation): give one with an eos_token (--tokenizer)")
     verify_steering_effect(model, plan.steerings)
     print("unsteered:")
     plain = run_harness(model, tokenizer, plan.options, [])

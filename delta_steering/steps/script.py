@@ -8,7 +8,7 @@ import argparse
 import importlib
 from typing import Callable
 
-from ..cli import check_run_args, main_guard, options_of
+from ..cli import check_run_args, main_guard, options_of, remove_empty
 from ..options import Options
 
 
@@ -25,9 +25,13 @@ def step_main(build_parser: Callable[[], argparse.ArgumentParser], options: type
         args = build_parser().parse_args()
         check(args)
         checked = options_of(options, args, **values(args))
-        check_run_args(args)
-        if not instead(args):
-            run_step(step, args, checked)
+        created = check_run_args(args)
+        try:
+            if not instead(args):
+                run_step(step, args, checked)
+        except BaseException:  # a refused or failed run leaves no folder it made and left empty
+            remove_empty(created)
+            raise
 
     return main
 

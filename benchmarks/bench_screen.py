@@ -1,0 +1,105 @@
+"""How many of the neurons that exact ablation finds significant does each attribution screen pick?
+
+    python benchmarks/bench_screen.py                        # the demo model, layer 20, its 4 tasks
+    python benchmarks/bench_screen.py --top 12,24,48         # recall at several --verify_top
+    python benchmarks/bench_screen.py --model 130m --data_dir ../shared/data/tasks_hf --docs 50 --device cuda
+
+Every delta neuron of the layer is zero-ablated exactly by the fast engine (step 1's `--method
+exact`: impacts, sign tests, Benjamini-Hochberg over the layer) and estimated by each screen of
+`engine.attribution` ("gradient": first order in dt_pre; "mixer": the ablated block exact, first
+order after it). For each screen and each K it prints the recall: the share of the exactly
+significant neurons (q < 0.05) among the screen's top K (step 1's choice of neurons to re-measure),
+then each significant neuron's rank under each screen, and the Spearman correlation of the estimated
+margin loss with the exact impact over all neurons. `--model 130m` is a random-weight model of mamba-130m's shape
+(benchmarks/workload.py) with the GPT-NeoX tokenizer, on the study's six tasks from `--data_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from workload import load_tokenizer, model_shaped
+
+from delta_steering.analysis.estimates import estimated_impacts
+from delta_steering.analysis.impacts import estimate_records, neuron_impacts, top_estimated
+from delta_steering.analysis.stats import is_significant, spearman
+from delta_steering.data.tasks import load_examples
+from delta_steering.engine.attribution import SCREENS, attribution
+from delta_steering.engine.scoring import encode_examples, score_examples
+from delta_steering.engine.sweep import sweep_correctness
+from delta_steering.intervention import Intervention
+from delta_steering.model.loading import load_mamba_model
+from delta_steering.model.sites import num_delta_neurons
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "mamba-tiny-demo"
+DEMO_TASKS = ",".join(str(DEMO / "demo_data" / f"{t}.jsonl") for t in ("ifeval_format", "copying", "counting",
+                                                                        "agreement"))
+SIX_TASKS = "lambada_openai,hellaswag,piqa,arc_easy,arc_challenge,winogrande"
+
+
+def load(args):
+    """(model, tokenizer, examples) of the run."""
+    if args.model == "130m":
+        model = model_shaped("mamba", torch.float32, args.device, args.seed)
+        tokenizer = load_tokenizer(args.tokenizer)
+        tasks = args.tasks or SIX_TASKS
+    else:
+        model, tokenizer = load_mamba_model(args.model, args.device)
+        tasks = args.tasks or DEMO_TASKS
+    return model, tokenizer, load_examples(tasks.split(","), args.data_dir, "discovery", args.docs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(DEMO), help="a model directory, or 130m (random weights)")
+    parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/tokenizers/gpt-neox-20b/tokenizer.json"))
+    parser.add_argument("--tasks", default=None, help="default: the demo's 4 tasks, or the six tasks for 130m")
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--docs", type=int, default=200, help="discovery examples per task")
+    parser.add_argument("--layer", type=int, default=20)
+    parser.add_argument("--top", default="12,24,48", help="the K of recall at K (step 1's --verify_top)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer, examples = load(args)
+    neurons = list(range(num_delta_neurons(model)))
+    encoded = encode_examples(tokenizer, examples)
+    ablation = Intervention.ablation("zero", neurons)
+    print(f"{args.model}, layer {args.layer}: {len(neurons)} neurons zero-ablated on {len(examples)} discovery "
+          f"examples ({len(encoded)} requests)")
+
+    start = time.perf_counter()
+    baseline = score_examples(model, tokenizer, examples, encoded=encoded)
+    ablated = sweep_correctness(model, tokenizer, examples, args.layer, ablation, "fast", encoded=encoded)
+    records = neuron_impacts(examples, baseline, ablated, neurons, [0.0] * len(neurons), args.seed)
+    exact = {r["neuron"]: r for r in records}
+    significant = sorted(n for n, r in exact.items() if is_significant(r["q_value"]))
+    print(f"exact (fast engine): {time.perf_counter() - start:.1f} s; {len(significant)} significant (BH q < 0.05): "
+          + ", ".join(f"{n} ({exact[n]['impact']:+.2f})" for n in significant))
+
+    tops = [int(k) for k in args.top.split(",")]
+    ranks = {}
+    print(f"{'screen':>9}  {'seconds':>7}  " + "  ".join(f"recall@{k:<4}" for k in tops) + "  Spearman(all)")
+    for screen in SCREENS:
+        start = time.perf_counter()
+        att = attribution(model, tokenizer, examples, encoded, args.layer, ablation, screen=screen)
+        seconds = time.perf_counter() - start
+        estimates = estimate_records(neurons, *estimated_impacts(examples, att))
+        ranked = sorted(estimates, key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
+        ranks[screen] = {e["neuron"]: k + 1 for k, e in enumerate(ranked)}
+        recalls = [len(set(top_estimated(estimates, k)) & set(significant)) for k in tops]
+        rho = spearman([e["estimated_margin_loss"] for e in estimates], [exact[n]["impact"] for n in neurons])
+        shown = "  ".join(f"{r:>2}/{len(significant):<2} {r / max(len(significant), 1):4.0%}" for r in recalls)
+        print(f"{screen:>9}  {seconds:7.1f}  {shown}  {rho:+.3f}")
+    print("rank of each significant neuron (of " + f"{len(neurons)}): " + "; ".join(
+        f"{n}: " + ", ".join(f"{s} {ranks[s][n]}" for s in SCREENS) for n in significant))
+
+
+if __name__ == "__main__":
+    main()
