@@ -164,9 +164,10 @@ def parse_names(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+def check_output_dir(path: str | os.PathLike, flag: str, keep: bool = True) -> None:
     """A folder the run can write to, checked before any work by creating it (if absent) and a file
-    in it: permissions, read-only or pseudo file systems all answer here, not after the work."""
+    in it: permissions, read-only or pseudo file systems all answer here, not after the work. With
+    `keep` False a folder this check created is removed again (the run creates it when it writes)."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -176,6 +177,8 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> None:
         probe = path / f".write_test.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        if not keep and existing != path:
+            path.rmdir()
     except OSError as e:
         raise UsageError(f"{flag} {path} is not writable ({e.strerror or e})") from None
 
@@ -257,9 +260,10 @@ def check_run_args(args: argparse.Namespace) -> None:
     for flag in ("save_path", "save_step1"):
         if getattr(args, flag, None) is not None:
             check_output_file(getattr(args, flag), f"--{flag}")
-    for flag in ("output_dir", "out"):
-        if getattr(args, flag, None) is not None:
-            check_output_dir(getattr(args, flag), f"--{flag}")
+    if getattr(args, "output_dir", None) is not None:
+        check_output_dir(args.output_dir, "--output_dir")
+    if getattr(args, "out", None) is not None:  # the export's new checkpoint: made only once it is written
+        check_output_dir(args.out, "--out", keep=False)
 
 
 def add_pile_args(parser: argparse.ArgumentParser) -> None:

@@ -266,3 +266,21 @@ def test_discovery_examples_are_recorded(naive_run, task_file):
     heldout = {e.doc_id for e in load_examples([str(task_file)], None, "heldout", 200)}
     assert not heldout & {e["index"] for e in naive_run["discovery_examples"]}
     assert naive_run["delta_statistics_documents"]["role"] == "statistics"
+
+
+def test_a_model_with_nan_weights_is_one_line_before_any_measurement(tiny_model_dir, task_file, pile_file, tmp_path,
+                                                                     capsys, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from delta_steering.steps import discover
+
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "nan-model")
+    weights = load_file(broken / "model.safetensors")
+    weights["backbone.layers.5.mixer.D"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(discover, "delta_statistics", lambda *a, **k: pytest.fail("measured before the check"))
+    assert step1(broken, task_file, pile_file, tmp_path / "o", "--neurons", "0-3") == 2
+    line = one_line(capsys)
+    assert "the baseline's outputs are not finite" in line and "backbone.layers.5.mixer.D" in line

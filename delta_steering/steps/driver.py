@@ -24,6 +24,7 @@ from ..distributed import StepRun, fingerprint
 from ..model import loading
 from ..model.loading import ModelSource, check_model_source, source_of
 from ..model.placement import input_device
+from ..model.steering import check_finite_outputs
 from ..options import Options
 from ..results_io import command_line, run_record
 
@@ -58,6 +59,7 @@ def run_step(step: Step, model, tokenizer, options: dict, output_dir=None, overw
     source = source_of(model)
     plan = step.plan(checked, source)
     device = str(input_device(model))
+    check_finite_outputs(model)
     arguments = {"model": source.name, **checked.to_json()}
     run = StepRun(step.name, fingerprint(arguments, **plan.inputs), output_dir, overwrite=overwrite, device=device)
     context, results = step.measure(model, tokenizer, plan, run)
@@ -85,6 +87,7 @@ def run_script(step: Step, args: argparse.Namespace, options: Options) -> None:
     else:
         model, tokenizer = (step.load or loading.load_model)(source, run.device, dtype, getattr(args, "max_memory", None),
                                                              getattr(args, "offload_folder", None))
+        check_finite_outputs(model)
         context, results = step.measure(model, tokenizer, plan, run)
     if run.publish(asdict(context), results):
         contract = step.report(plan, context, results, record(command_line(), vars(args), context, started))
