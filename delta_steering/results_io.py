@@ -149,20 +149,42 @@ def differing_keys(saved: Any, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
+def fingerprint_difference(saved: Any, current: dict, known_only: bool = False) -> str | None:
+    """How a saved run fingerprint (the arguments, and under "inputs" the digest of each input by
+    what it is: "task file F", "the model's weights") differs from this run's, in words: the first
+    input whose digest changed, else the arguments that differ; None when they agree. With
+    `known_only` the inputs this run lacks are not compared (a merge loads no model)."""
+    saved = saved if isinstance(saved, dict) else {}
+    ours = current.get("inputs") or {}
+    theirs = saved.get("inputs") if isinstance(saved.get("inputs"), dict) else {}
+    changed = [name for name in ours if name in theirs and theirs[name] != ours[name]]
+    if changed:
+        name = changed[0]
+        return f"another version of {name} (SHA-256 {str(theirs[name])[:12]}... then, {str(ours[name])[:12]}... now)"
+    differ = differing_keys({k: v for k, v in saved.items() if k != "inputs"},
+                            {k: v for k, v in current.items() if k != "inputs"})
+    other = sorted(set(ours) - set(theirs)) + ([] if known_only else sorted(set(theirs) - set(ours)))
+    if differ or other:
+        return "different " + " and ".join(part for part in (f"arguments ({', '.join(differ)})" * bool(differ),
+                                                              f"inputs ({', '.join(other)})" * bool(other)) if part)
+    return None
+
+
 class Checkpoint:
     """The results of the work items done so far, saved after each, so that rerunning the same
-    command resumes; a checkpoint written with other arguments is refused (or discarded with
-    `overwrite`)."""
+    command resumes; a checkpoint written with other arguments or from other inputs (a task file
+    edited since, other model weights) is refused (or discarded with `overwrite`)."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict, overwrite: bool = False):
         self.path, self.fingerprint = Path(path), fingerprint
         self.done: dict[str, dict] = {}
         if self.path.is_file() and not overwrite:
             saved = read_json(self.path, "checkpoint")
-            if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
-                differ = differing_keys(saved.get("fingerprint") if isinstance(saved, dict) else None, fingerprint)
-                raise UsageError(f"checkpoint {self.path} comes from a run with different arguments "
-                                 f"({', '.join(differ)}); pass --overwrite to discard it")
+            difference = fingerprint_difference(saved.get("fingerprint") if isinstance(saved, dict) else None,
+                                                fingerprint)
+            if difference is not None:
+                raise UsageError(f"checkpoint {self.path} comes from a run with {difference}; pass --overwrite to "
+                                 "discard it and start over")
             self.done = saved.get("done", {})
 
     def save(self) -> None:

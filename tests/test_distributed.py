@@ -77,6 +77,23 @@ def test_merge_refuses_other_arguments_and_incomplete_sets(tmp_path):
         read_shards([], tmp_path, "step8", fingerprint)
 
 
+def test_merge_checks_the_inputs_it_knows_and_that_the_shards_agree_on_the_rest(tmp_path):
+    """A merge loads no model: it compares the shards' task files with its own, and the shards' model
+    fingerprints with each other."""
+    ours = {"layer": 20, "inputs": {"task file t.jsonl": "a" * 64}}
+    shard = {**ours, "inputs": {**ours["inputs"], "the model's weights": "b" * 64}}
+    write_shard(tmp_path, "step9", Workers(0, 2, "shard"), shard, {}, {"x": 1})
+    write_shard(tmp_path, "step9", Workers(1, 2, "shard"), shard, {}, {"y": 2})
+    assert read_shards([], tmp_path, "step9", ours)[1] == {"x": 1, "y": 2}
+    other_model = {**shard, "inputs": {**shard["inputs"], "the model's weights": "c" * 64}}
+    write_shard(tmp_path, "step9", Workers(1, 2, "shard"), other_model, {}, {"y": 2})
+    with pytest.raises(UsageError, match="step9.shard1of2.json comes from a run with another version of the model's "
+                                         "weights .SHA-256 cccccccccccc... then, bbbbbbbbbbbb... now"):
+        read_shards([], tmp_path, "step9", ours)
+    with pytest.raises(UsageError, match="another version of task file t.jsonl"):
+        read_shards([], tmp_path, "step9", {**ours, "inputs": {"task file t.jsonl": "d" * 64}})
+
+
 @pytest.fixture(scope="module")
 def step1_setup(tiny_model_dir, tmp_path_factory):
     from mamba_model_loader import load_mamba_model

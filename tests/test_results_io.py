@@ -57,3 +57,19 @@ def test_checkpoint_refuses_other_arguments_unless_overwritten(tmp_path):
     with pytest.raises(UsageError, match=r"different arguments \(layer\)"):
         Checkpoint(tmp_path / "c.json", {"layer": 19})
     assert Checkpoint(tmp_path / "c.json", {"layer": 19}, overwrite=True).done == {}
+
+
+def test_checkpoint_refuses_a_changed_input_naming_it(tmp_path):
+    made = {"layer": 20, "inputs": {"task file f.jsonl": "a" * 64, "the model's weights": "b" * 64}}
+    first = Checkpoint(tmp_path / "c.json", made)
+    first.done["item"] = {"x": 1}
+    first.save()
+    edited = {**made, "inputs": {**made["inputs"], "task file f.jsonl": "c" * 64}}
+    with pytest.raises(UsageError, match=r"another version of task file f.jsonl \(SHA-256 aaaaaaaaaaaa... then, "
+                                         r"cccccccccccc... now\); pass --overwrite"):
+        Checkpoint(tmp_path / "c.json", edited)
+    with pytest.raises(UsageError, match="another version of the model's weights"):
+        Checkpoint(tmp_path / "c.json", {**made, "inputs": {**made["inputs"], "the model's weights": "d" * 64}})
+    with pytest.raises(UsageError, match=r"different inputs \(task file f.jsonl\)"):
+        Checkpoint(tmp_path / "c.json", {**made, "inputs": {"the model's weights": "b" * 64}})
+    assert Checkpoint(tmp_path / "c.json", edited, overwrite=True).done == {}

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..analysis import verification as logic
 from ..analysis.metrics import perplexity_of
 from ..analysis.plots import plot_verification
-from ..artifacts import STEP3_FILES, Discovery, Factors, Provenance, Results, Verification, discovery_of, factors_of
+from ..artifacts import IN_MEMORY, STEP3_FILES, Discovery, Factors, Provenance, Results, Verification, discovery_of, factors_of
 from ..data.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
 from ..data.pile import load_pile_texts, local_files, pile_record
 from ..engine.generation import generate_greedy
@@ -25,7 +25,7 @@ from ..model.sites import Shape, check_layer, shape_of
 from ..model.steering import apply, verify_steering_effect
 from ..options import VerifyOptions
 from ..results_io import read_jsonl, write_json, write_jsonl
-from .driver import Step, run_step
+from .driver import Step, data_inputs, run_step
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,10 @@ class Plan:
 
     @property
     def inputs(self) -> dict:
-        return {"step1_sha256": self.step1.digest, "step2_sha256": self.step2.digest if self.step2 else None}
+        files = {f"step-1 file {self.step1.path or IN_MEMORY}": self.step1.digest}
+        if self.step2 is not None:
+            files[f"step-2 file {self.step2.path or IN_MEMORY}"] = self.step2.digest
+        return {**files, **data_inputs(pile_path=self.options.pile_path, ifeval_path=self.options.ifeval_path)}
 
 
 @dataclass
