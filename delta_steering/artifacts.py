@@ -61,6 +61,8 @@ def locate(explicit: str | Path | None, defaults: tuple[str, ...], what: str, fl
     for candidate in tried:
         if Path(candidate).is_file():
             return Path(candidate)
+    if explicit and Path(explicit).is_dir():
+        raise UsageError(f"{flag} {explicit} is a directory, not a {what}")
     raise UsageError(f"{what} not found (tried {', '.join(tried)}); pass {flag} PATH")
 
 

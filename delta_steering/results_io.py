@@ -84,11 +84,19 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a JSON file, turning a missing or malformed file into a UsageError naming it."""
+def check_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path`, a file that exists; else a UsageError naming it as missing or as a directory."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a directory, not a file")
     if not path.is_file():
         raise UsageError(f"{what} not found: {path}")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a JSON file, turning a missing or malformed file into a UsageError naming it."""
+    path = check_file(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -112,9 +120,7 @@ def parse_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
 def read_jsonl_rows(path: str | os.PathLike, what: str = "file") -> list[tuple[int, dict]]:
     """(line number, object) of every non-blank line of a JSON-lines file, with one-line errors
     naming file and line (a missing file, bad JSON, bytes that are not UTF-8)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{what} not found: {path}")
+    path = check_file(path, what)
     try:
         with open(path, encoding="utf-8") as f:
             return list(parse_jsonl(f, f"{what} {path}"))

@@ -70,20 +70,13 @@ class Context:
     timings: dict
 
 
-def layer_ablation_layers(options: VerifyOptions, shape: Shape, layer: int, warn: bool = False) -> list[int]:
-    """`layers` filtered to the model's SSM layers (with a warning for the others when `warn`); by
-    default the SSM layers around `layer`: two before, itself, two after."""
+def layer_ablation_layers(options: VerifyOptions, shape: Shape, layer: int) -> list[int]:
+    """`layers`, each checked to be an SSM layer of the model; by default the SSM layers around
+    `layer`: two before, itself, two after."""
     if options.layers is None:
         at = shape.ssm_layers.index(layer)
         return list(shape.ssm_layers[max(0, at - 2): at + 3])
-    kept = [at for at in options.layers if at in shape.ssm_layers]
-    if not kept:
-        raise UsageError(f"--layers {','.join(map(str, options.layers))}: none is a layer of this model "
-                         f"(0-{shape.num_layers - 1})")
-    if warn and len(kept) < len(options.layers):
-        print(f"warning: --layers {sorted(set(options.layers) - set(kept))} are not layers of the model "
-              f"(0-{shape.num_layers - 1}) and are skipped")
-    return kept
+    return [check_layer(shape, at, "--layers") for at in options.layers]
 
 
 def steering_factor(options: VerifyOptions, step2: Factors | None) -> tuple[float, str, str]:
@@ -147,7 +140,7 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
     run once even when several modes use it (the baseline)."""
     options, shape = plan.options, shape_of(model)
     modes = list(options.modes)
-    layers = layer_ablation_layers(options, shape, plan.layer, warn=True) if "layer_ablation" in modes else []
+    layers = layer_ablation_layers(options, shape, plan.layer) if "layer_ablation" in modes else []
     sets, warnings = logic.neuron_sets(plan.step1, shape.delta_neurons, options.seed)
     for warning in warnings:
         print(f"warning: {warning}")
