@@ -196,7 +196,11 @@ class StepRun:
             results[name] = work[name]()
             if self.checkpoint is not None:
                 self.checkpoint.done[name] = results[name]
-                self.checkpoint.save()
+                try:
+                    self.checkpoint.save()
+                except WriteError as e:  # a full disk: what was saved before stays whole
+                    raise UsageError(f"{e}; the {unit}s saved before are kept, rerun the same command once it can "
+                                     "be written to resume") from None
         return self.workers.gather(results)
 
     def publish(self, context: dict, results: dict) -> bool:

@@ -198,13 +198,17 @@ class Checkpoint:
 
 
 class RunLock:
-    """A lock file held while a run uses an output folder (`path`: host and process id). A second
-    run is refused with one line; a lock left by a process that no longer exists on this host, or
-    by this very process (an earlier run in the same interpreter), is taken over."""
+    """A lock file held while a run uses an output folder (host, process id and the process's start
+    time). A second run is refused with one line. A stale lock is taken over with a note: one that
+    names no process or cannot be read (a crash while it was written), or names a process of this
+    host that no longer exists, that started after the lock was written (its id reused), or this
+    very process (an earlier run in the same interpreter). A lock a live process holds that is no
+    step run (not Python) is refused with the hint that it can be deleted. A lock that cannot be
+    written (a full disk) is one line and leaves nothing behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.owner = f"{platform.node()} {os.getpid()}"
+        self.owner = f"{platform.node()} {os.getpid()} {_started(os.getpid())}"
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
@@ -213,23 +217,52 @@ class RunLock:
                 continue
             except OSError as e:
                 raise WriteError(f"could not write {self.path} ({e.strerror or e})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(self.owner)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.owner)
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                raise WriteError(f"could not write the lock {self.path} ({e.strerror or e}); nothing was left "
+                                 "behind, rerun once it can be written") from None
             return
         raise UsageError(f"could not take the lock {self.path}; another run is starting in the same folder")
 
     def _take_over_or_refuse(self) -> None:
         try:
-            host, _, pid = self.path.read_text().strip().partition(" ")
-        except OSError:  # released between our attempt and this read
+            fields = self.path.read_text().split()
+        except FileNotFoundError:  # released between our attempt and this read
             return
-        same_host = host == platform.node()
-        if same_host and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        except (OSError, UnicodeDecodeError) as e:
+            return self._take_over(f"it cannot be read ({getattr(e, 'strerror', None) or e})")
+        host, pid, started = (fields + ["", "", ""])[:3]
+        if not host or not pid.isdigit():
+            return self._take_over("it names no process")
+        if host != platform.node():
+            raise UsageError(f"{self.path.parent} is in use by another run (process {pid} on {host}; lock "
+                             f"{self.path}); wait for it to finish or use another output folder (delete the lock "
+                             "if that run is gone)")
+        if int(pid) == os.getpid():
             self.path.unlink(missing_ok=True)
             return
+        if not _alive(int(pid)):
+            return self._take_over(f"process {pid} no longer exists")
+        if started and started != _started(int(pid)):
+            return self._take_over(f"process {pid} started after it was written")
+        program = _program(int(pid))
+        if program is not None and "python" not in program.lower():
+            raise UsageError(f"{self.path.parent} is locked by process {pid} ({program}), which is no step run; if "
+                             f"no run uses this folder, delete {self.path} and rerun")
         raise UsageError(f"{self.path.parent} is in use by another run (process {pid} on {host}; lock {self.path}); "
-                         "wait for it to finish or use another output folder"
-                         + ("" if same_host else " (delete the lock if that run is gone)"))
+                         "wait for it to finish or use another output folder")
+
+    def _take_over(self, reason: str) -> None:
+        """Remove a stale lock, saying why; one line when it cannot be removed."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as e:
+            raise UsageError(f"the lock {self.path} is stale ({reason}) but cannot be removed ({e.strerror or e}); "
+                             "delete it and rerun") from None
+        print(f"note: taking over the stale lock {self.path}: {reason}")
 
     def release(self) -> None:
         try:
@@ -247,6 +280,27 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (seconds since the epoch, as the system reports it), "" if unknown."""
+    import psutil
+
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return ""
+
+
+def _program(pid: int) -> str | None:
+    """The program process `pid` runs (its command's first word), None if it cannot be told."""
+    import psutil
+
+    try:
+        command = psutil.Process(pid).cmdline()
+        return Path(command[0]).name if command else psutil.Process(pid).name()
+    except psutil.Error:
+        return None
 
 
 def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "numpy", "scipy")) -> dict:

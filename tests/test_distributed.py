@@ -152,6 +152,35 @@ def test_step1_shard_resumes_from_its_own_checkpoint(step1_setup, step1_single, 
     assert without_run(tmp_path / "out.json") == step1_single
 
 
+def test_a_full_disk_mid_run_is_one_line_and_the_rerun_resumes(step1_setup, step1_single, tmp_path, monkeypatch,
+                                                                capsys):
+    """The checkpoint cannot be saved after the second chunk: one line; once it can, the same command
+    resumes from the first chunk and gives the uninterrupted result."""
+    import errno
+
+    from delta_steering import results_io
+
+    root, common = step1_setup
+    real, saves = os.replace, []
+
+    def full_after_one(src, dst):
+        if str(dst).endswith("step1_checkpoint.json"):
+            saves.append(dst)
+            if len(saves) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+
+    monkeypatch.setattr(results_io.os, "replace", full_after_one)
+    assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device" in line and "rerun the same command" in line and "Traceback" not in line
+    assert not list(tmp_path.glob(".*.tmp"))  # the lock is released at exit (in a test, taken over by the rerun)
+    monkeypatch.setattr(results_io.os, "replace", real)
+    assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path)) == 0
+    assert "resuming: 1 of 4 chunks done" in capsys.readouterr().out
+    assert without_run(tmp_path / "out.json") == step1_single
+
+
 def test_step1_merge_refuses_shards_of_other_arguments(step1_setup, tmp_path, capsys):
     root, common = step1_setup
     assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", "0/2")) == 0
