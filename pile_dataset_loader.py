@@ -16,6 +16,7 @@ import argparse
 
 import delta_steering as ds
 from delta_steering.cli import main_guard
+from delta_steering.options import check_positive
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,6 +31,8 @@ def parse_args() -> argparse.Namespace:
 @main_guard
 def main() -> None:
     args = parse_args()
+    check_positive(args.num_samples, "--num_samples")
+    check_positive(args.seed, "--seed", least=0)
     texts = ds.data.pile.load_pile_texts(args.num_samples, args.seed, args.pile_path, args.split)
     print(f"{len(texts)} documents, {sum(len(t) for t in texts)} characters")
     for i, text in enumerate(texts):

@@ -2,11 +2,11 @@
 read here (`to_json` / `from_json`), the grouping rule written once, and the checks every boundary
 runs.
 
-Every file records its provenance (`Provenance`): the model as named, a digest of its configuration
-and parameter shapes, its family, the layer, and the SHA-256 of each file it was made from. A step
-reading another step's file checks the model, the layer and those digests against its own run
-before the model loads, and refuses a mismatch with one line naming the file, the field and both
-values; `--allow_model_mismatch` and `--transfer_layer` make a deliberate transfer, which the new
+Every file records its provenance (`Provenance`): the model as named, the fingerprint of its
+configuration and weights, its family, the layer, and the SHA-256 of each file it was made from. A
+step reading another step's file checks the model's fingerprint (not its path: the same weights
+elsewhere are a note), the layer and those digests against its own run before the model loads, and
+refuses a mismatch with one line naming the file, the field and both values; `--allow_model_mismatch` and `--transfer_layer` make a deliberate transfer, which the new
 file records under `transferred`.
 """
 
@@ -23,7 +23,7 @@ from .errors import UsageError
 from .intervention import ABLATIONS, Intervention, Steering, check_factor
 from .results_io import file_digest, finite, json_digest, read_json
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: model_digest is the weights' fingerprint (2: the configuration's digest)
 HIGH_IMPACT = 2.0  # points, the default cut: High Impact is impact > cut, Neutral |impact| <= cut (measured only)
 FALLBACK_SENSITIVE = 20  # the delta-sensitive set when no neuron is High Impact: the top 20 by impact
 STEP1_DEFAULTS = ("discovered_neurons.json", "ablation_3_results/discovered_neurons.json")
@@ -65,6 +65,8 @@ def locate(explicit: str | Path | None, defaults: tuple[str, ...], what: str, fl
     for candidate in tried:
         if Path(candidate).is_file():
             return Path(candidate)
+    if explicit and Path(explicit).is_dir():
+        raise UsageError(f"{flag} {explicit} is a directory, not a {what}")
     raise UsageError(f"{what} not found (tried {', '.join(tried)}); pass {flag} PATH")
 
 
@@ -143,9 +145,9 @@ class _Reader:
 
 @dataclass(frozen=True)
 class Provenance:
-    """Where a step file came from: the model as named and its digest (configuration and parameter
-    shapes, `models.config_digest`), its family, the layer, the SHA-256 of each input file by role,
-    and any deliberate transfer (another model, another layer) the run was told to make."""
+    """Where a step file came from: the model as named and its fingerprint (configuration and
+    weights, `loading.weights_fingerprint`), its family, the layer, the SHA-256 of each input file by
+    role, and any deliberate transfer (another model, another layer) the run was told to make."""
 
     model: str
     model_digest: str
@@ -215,21 +217,23 @@ class StepFile:
     def model(self) -> str:
         return self.provenance.model
 
-    def check_model(self, source, allow_mismatch: bool) -> dict:
-        """Refuse a file made with another model (by name, or same name and another configuration)
-        unless `allow_mismatch`; returns the transfer to record ({} when the models agree)."""
+    def check_model(self, source, allow_mismatch: bool, escape: str = "pass --allow_model_mismatch to use it "
+                    "anyway") -> dict:
+        """Refuse a file made with another model (another fingerprint of configuration and weights)
+        unless `allow_mismatch`, saying `escape` (the way out the run offers); the same weights under
+        another name or path are a printed note. Returns the transfer to record ({} when they agree)."""
         theirs, ours = self.provenance, (source.name, source.digest)
-        if same_model(theirs.model, ours[0]) and theirs.model_digest == ours[1]:
+        if theirs.model_digest == ours[1]:
+            if not same_model(theirs.model, ours[0]):
+                print(f"note: {self.what} names the model {theirs.model!r}, this run's is {ours[0]!r}: the same "
+                      f"weights (fingerprint {ours[1][:12]}...)")
             return {}
         if allow_mismatch:
             return {"model": {"from": theirs.model, "from_digest": theirs.model_digest, "to": ours[0],
                               "to_digest": ours[1]}}
-        if not same_model(theirs.model, ours[0]):
-            raise UsageError(f"{self.what}: field model is {theirs.model!r}, this run's is {ours[0]!r}; pass "
-                             "--allow_model_mismatch to use it anyway")
-        raise UsageError(f"{self.what}: field model_digest is {theirs.model_digest[:12]}..., this run's model "
-                         f"{ours[0]} has {ours[1][:12]}... (same name, another configuration); pass "
-                         "--allow_model_mismatch to use it anyway")
+        other = "another model" if not same_model(theirs.model, ours[0]) else "other weights under the same name"
+        raise UsageError(f"{self.what}: field model_digest is {theirs.model_digest[:12]}... (model "
+                         f"{theirs.model!r}), this run's model {ours[0]!r} has {ours[1][:12]}... ({other}); {escape}")
 
     def check_layer(self, layer: int, transfer: bool) -> dict:
         """Refuse a file made at another layer unless `transfer`; returns the transfer to record."""
@@ -476,11 +480,14 @@ class Step2Steering:
     notes: tuple[str, ...]
 
 
-def step2_steering(path: str | Path, source, allow_mismatch: bool = False) -> Step2Steering:
+def step2_steering(path: str | Path, source, allow_mismatch: bool | None = False) -> Step2Steering:
     """The High Impact neurons of a step-2 file at its layer by its factor, the file checked against
-    the run's model (`source`, a models.ModelSource) and the step-1 file it names."""
+    the run's model (`source`, a models.ModelSource) and the step-1 file it names. `allow_mismatch`
+    None: the run has no --allow_model_mismatch (the export), so a mismatch says how to steer instead."""
     factors = read_factors(path)
-    transferred = factors.check_model(source, allow_mismatch)
+    escape = "pass --allow_model_mismatch to use it anyway" if allow_mismatch is not None else \
+        "give --model the model it was made with, or steer this one with --steer LAYER:NEURONS:FACTOR"
+    transferred = factors.check_model(source, bool(allow_mismatch), escape)
     notes = [factors.check_named_input("step1_file")]
     steering, factor_source = factors.steering("high_impact")
     if factor_source == "step2-unconfirmed":

@@ -12,8 +12,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from .errors import UsageError
 from .artifacts import STEP1_DEFAULTS
+from .errors import UsageError
 from .intervention import Intervention, Steering, check_factor
 from .options import ENGINES, DiscoverOptions, Options, PileOptions, SweepOptions
 
@@ -165,10 +165,11 @@ def parse_names(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
-def check_output_dir(path: str | os.PathLike, flag: str) -> list[Path]:
+def check_output_dir(path: str | os.PathLike, flag: str, keep: bool = True) -> list[Path]:
     """A folder the run can write to, checked before any work by creating it (if absent) and a file
     in it: permissions, read-only or pseudo file systems all answer here, not after the work.
-    Returns the folders it created, outermost first (`remove_empty` takes them back)."""
+    Returns the folders it created, outermost first (`remove_empty` takes them back); with `keep`
+    False they are removed again at once (the run creates its folder when it writes)."""
     path = Path(path)
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
@@ -182,6 +183,9 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> list[Path]:
     except OSError as e:
         remove_empty(created)
         raise UsageError(f"{flag} {path} is not writable ({e.strerror or e})") from None
+    if not keep:
+        remove_empty(created)
+        return []
     return created
 
 
@@ -275,9 +279,10 @@ def check_run_args(args: argparse.Namespace) -> list[Path]:
     for flag in ("save_path", "save_step1"):
         if getattr(args, flag, None) is not None:
             created += check_output_file(getattr(args, flag), f"--{flag}")
-    for flag in ("output_dir", "out"):
-        if getattr(args, flag, None) is not None:
-            created += check_output_dir(getattr(args, flag), f"--{flag}")
+    if getattr(args, "output_dir", None) is not None:
+        created += check_output_dir(args.output_dir, "--output_dir")
+    if getattr(args, "out", None) is not None:  # the export's new checkpoint: made only once it is written
+        check_output_dir(args.out, "--out", keep=False)
     return created
 
 

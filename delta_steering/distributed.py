@@ -23,18 +23,20 @@ import torch.distributed as dist
 
 from .errors import UsageError
 from .progress import tqdm
-from .results_io import Checkpoint, RunLock, WriteError, differing_keys, read_json, write_json
+from .results_io import Checkpoint, RunLock, WriteError, fingerprint_difference, read_json, write_json
 
 SHARD_DIR = "shards"
-# arguments that change neither what a step measures nor how it is split into items
-NOT_MEASURED = ("device", "max_memory", "offload_folder", "batch_size", "engine", "chunk_neurons", "output_dir",
+# arguments that change neither what a step measures nor how it is split into items (the model
+# is there by its weights' fingerprint, among the inputs, not by its path)
+NOT_MEASURED = ("model", "device", "max_memory", "offload_folder", "batch_size", "engine", "chunk_neurons", "output_dir",
                 "save_path", "no_plots", "overwrite", "shard", "merge", "threshold", "ifeval_metric", "score_responses")
 
 
-def fingerprint(arguments: dict, **inputs: str | None) -> dict:
+def fingerprint(arguments: dict, inputs: dict[str, str]) -> dict:
     """What must agree for a checkpoint to be resumed or shards to be merged: the arguments (less
-    NOT_MEASURED) and the digests of the input files (`inputs`)."""
-    return {**{k: v for k, v in arguments.items() if k not in NOT_MEASURED}, **inputs}
+    NOT_MEASURED) and the digest of every input by what it is (`inputs`: "task file F" -> SHA-256,
+    "the model's weights" -> its fingerprint)."""
+    return {**{k: v for k, v in arguments.items() if k not in NOT_MEASURED}, "inputs": dict(inputs)}
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,11 @@ def read_shards(paths: list[str], output_dir, step: str, fingerprint: dict) -> t
         if not isinstance(shard, dict) or shard.get("step") != step or not _is_slice(shard.get("shard")) or \
                 not all(k in shard for k in ("fingerprint", "context", "results")):
             raise UsageError(f"{path} is not a {step} shard file")
-        if shard["fingerprint"] != fingerprint:
-            differ = ", ".join(differing_keys(shard["fingerprint"], fingerprint))
-            raise UsageError(f"shard {path} comes from a run with different arguments ({differ})")
+        # this run's inputs (the model's weights are not known to a merge), and each other's in full
+        difference = fingerprint_difference(shard["fingerprint"], fingerprint, known_only=True) or \
+            fingerprint_difference(shard["fingerprint"], shards[0][1]["fingerprint"])
+        if difference is not None:
+            raise UsageError(f"shard {path} comes from a run with {difference}")
     counts = {shard["shard"][1] for _, shard in shards}
     indices = sorted(shard["shard"][0] for _, shard in shards)
     if len(counts) > 1 or indices != list(range(counts.pop())):
@@ -192,7 +196,11 @@ class StepRun:
             results[name] = work[name]()
             if self.checkpoint is not None:
                 self.checkpoint.done[name] = results[name]
-                self.checkpoint.save()
+                try:
+                    self.checkpoint.save()
+                except WriteError as e:  # a full disk: what was saved before stays whole
+                    raise UsageError(f"{e}; the {unit}s saved before are kept, rerun the same command once it can "
+                                     "be written to resume") from None
         return self.workers.gather(results)
 
     def publish(self, context: dict, results: dict) -> bool:

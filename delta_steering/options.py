@@ -5,6 +5,7 @@ the library's step functions take these fields as keyword arguments."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,10 +22,26 @@ IFEVAL_METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_le
                   "inst_level_loose_acc")
 
 
-def check_positive(value: int | None, flag: str) -> None:
-    """A size or count: None (not given) or at least 1."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise UsageError(f"{flag} must be at least 1, got {value}")
+def check_positive(value: int | None, flag: str, least: int = 1) -> None:
+    """A size or count: None (not given) or an integer of at least `least` (1; 0 for a count that may be none)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise UsageError(f"{flag} must be at least {least}, got {value}")
+
+
+def check_tasks(tasks, flag: str = "--tasks") -> None:
+    """A task list that names at least one task and none twice (a task file by its real path, a task
+    by its name whatever metric follows it): a task counted twice doubles the sample every CI rests on."""
+    if tasks is None:
+        return
+    if not tasks:
+        raise UsageError(f"{flag} names no task")
+    seen: dict[str, str] = {}
+    for spec in map(str, tasks):
+        key = os.path.realpath(spec) if spec.endswith(".jsonl") else spec.partition(":")[0]
+        if key in seen:
+            also = "" if seen[key] == spec else f" (as {seen[key]} and {spec})"
+            raise UsageError(f"{flag} names task {spec} twice{also}: its examples would count twice")
+        seen[key] = spec
 
 
 def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:
@@ -37,6 +54,7 @@ class Options:
     """What every step's options share: how the work is batched and seeded."""
 
     SIZES: ClassVar[tuple[str, ...]] = ("batch_size",)  # sizes and counts: None (not given) or at least 1
+    COUNTS: ClassVar[tuple[str, ...]] = ("seed",)  # None (not given) or at least 0
 
     batch_size: int | None = None  # sequences per forward (default: as many as fit); results do not depend on it
     seed: int = 0  # seeds Pile sampling, random sets and bootstrap CIs
@@ -45,6 +63,9 @@ class Options:
         """The options, checked; a UsageError names the first bad one as its command-line flag."""
         for name in self.SIZES:
             check_positive(getattr(self, name), f"--{name}")
+        for name in self.COUNTS:
+            check_positive(getattr(self, name), f"--{name}", least=0)
+        check_tasks(getattr(self, "tasks", None))
         if hasattr(self, "ablation"):
             check_choice(self.ablation, ABLATIONS, "--ablation")
         return self
@@ -160,6 +181,9 @@ class FactorOptions(SweepOptions):
             check_factor(factor, "--factors")
         if not self.steering_factors:
             raise UsageError("--factors names no steering factor other than 1 (the baseline)")
+        if self.max_neurons is not None and self.sample_neurons is not None:
+            raise UsageError("--max_neurons and --sample_neurons exclude each other: --max_neurons N ranks the N "
+                             "neurons of largest step-1 |impact|, --sample_neurons N draws N at random; give one")
         return super().check()
 
     @property
@@ -200,6 +224,7 @@ class EvaluateOptions(Options):
     """lm-eval benchmarks, unsteered and with every steering applied together."""
 
     SIZES = Options.SIZES + ("limit",)
+    COUNTS = Options.COUNTS + ("num_fewshot",)
     tasks: list[str] = ()
     steer: list[Steering] = ()
     from_step2: Any = None  # a step-2 file's path: its High Impact steering instead of `steer`

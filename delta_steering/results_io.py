@@ -84,11 +84,19 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return Path(path)
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> Any:
-    """Read a JSON file, turning a missing or malformed file into a UsageError naming it."""
+def check_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """`path`, a file that exists; else a UsageError naming it as missing or as a directory."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a directory, not a file")
     if not path.is_file():
         raise UsageError(f"{what} not found: {path}")
+    return path
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read a JSON file, turning a missing or malformed file into a UsageError naming it."""
+    path = check_file(path, what)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -112,9 +120,7 @@ def parse_jsonl(lines: Iterable[str], where: str) -> Iterator[tuple[int, dict]]:
 def read_jsonl_rows(path: str | os.PathLike, what: str = "file") -> list[tuple[int, dict]]:
     """(line number, object) of every non-blank line of a JSON-lines file, with one-line errors
     naming file and line (a missing file, bad JSON, bytes that are not UTF-8)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{what} not found: {path}")
+    path = check_file(path, what)
     try:
         with open(path, encoding="utf-8") as f:
             return list(parse_jsonl(f, f"{what} {path}"))
@@ -149,20 +155,42 @@ def differing_keys(saved: Any, current: dict) -> list[str]:
     return sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
 
 
+def fingerprint_difference(saved: Any, current: dict, known_only: bool = False) -> str | None:
+    """How a saved run fingerprint (the arguments, and under "inputs" the digest of each input by
+    what it is: "task file F", "the model's weights") differs from this run's, in words: the first
+    input whose digest changed, else the arguments that differ; None when they agree. With
+    `known_only` the inputs this run lacks are not compared (a merge loads no model)."""
+    saved = saved if isinstance(saved, dict) else {}
+    ours = current.get("inputs") or {}
+    theirs = saved.get("inputs") if isinstance(saved.get("inputs"), dict) else {}
+    changed = [name for name in ours if name in theirs and theirs[name] != ours[name]]
+    if changed:
+        name = changed[0]
+        return f"another version of {name} (SHA-256 {str(theirs[name])[:12]}... then, {str(ours[name])[:12]}... now)"
+    differ = differing_keys({k: v for k, v in saved.items() if k != "inputs"},
+                            {k: v for k, v in current.items() if k != "inputs"})
+    other = sorted(set(ours) - set(theirs)) + ([] if known_only else sorted(set(theirs) - set(ours)))
+    if differ or other:
+        return "different " + " and ".join(part for part in (f"arguments ({', '.join(differ)})" * bool(differ),
+                                                              f"inputs ({', '.join(other)})" * bool(other)) if part)
+    return None
+
+
 class Checkpoint:
     """The results of the work items done so far, saved after each, so that rerunning the same
-    command resumes; a checkpoint written with other arguments is refused (or discarded with
-    `overwrite`)."""
+    command resumes; a checkpoint written with other arguments or from other inputs (a task file
+    edited since, other model weights) is refused (or discarded with `overwrite`)."""
 
     def __init__(self, path: str | os.PathLike, fingerprint: dict, overwrite: bool = False):
         self.path, self.fingerprint = Path(path), fingerprint
         self.done: dict[str, dict] = {}
         if self.path.is_file() and not overwrite:
             saved = read_json(self.path, "checkpoint")
-            if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
-                differ = differing_keys(saved.get("fingerprint") if isinstance(saved, dict) else None, fingerprint)
-                raise UsageError(f"checkpoint {self.path} comes from a run with different arguments "
-                                 f"({', '.join(differ)}); pass --overwrite to discard it")
+            difference = fingerprint_difference(saved.get("fingerprint") if isinstance(saved, dict) else None,
+                                                fingerprint)
+            if difference is not None:
+                raise UsageError(f"checkpoint {self.path} comes from a run with {difference}; pass --overwrite to "
+                                 "discard it and start over")
             self.done = saved.get("done", {})
 
     def save(self) -> None:
@@ -170,13 +198,17 @@ class Checkpoint:
 
 
 class RunLock:
-    """A lock file held while a run uses an output folder (`path`: host and process id). A second
-    run is refused with one line; a lock left by a process that no longer exists on this host, or
-    by this very process (an earlier run in the same interpreter), is taken over."""
+    """A lock file held while a run uses an output folder (host, process id and the process's start
+    time). A second run is refused with one line. A stale lock is taken over with a note: one that
+    names no process or cannot be read (a crash while it was written), or names a process of this
+    host that no longer exists, that started after the lock was written (its id reused), or this
+    very process (an earlier run in the same interpreter). A lock a live process holds that is no
+    step run (not Python) is refused with the hint that it can be deleted. A lock that cannot be
+    written (a full disk) is one line and leaves nothing behind."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.owner = f"{platform.node()} {os.getpid()}"
+        self.owner = f"{platform.node()} {os.getpid()} {_started(os.getpid())}"
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
@@ -185,23 +217,52 @@ class RunLock:
                 continue
             except OSError as e:
                 raise WriteError(f"could not write {self.path} ({e.strerror or e})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(self.owner)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.owner)
+            except OSError as e:
+                self.path.unlink(missing_ok=True)
+                raise WriteError(f"could not write the lock {self.path} ({e.strerror or e}); nothing was left "
+                                 "behind, rerun once it can be written") from None
             return
         raise UsageError(f"could not take the lock {self.path}; another run is starting in the same folder")
 
     def _take_over_or_refuse(self) -> None:
         try:
-            host, _, pid = self.path.read_text().strip().partition(" ")
-        except OSError:  # released between our attempt and this read
+            fields = self.path.read_text().split()
+        except FileNotFoundError:  # released between our attempt and this read
             return
-        same_host = host == platform.node()
-        if same_host and pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
+        except (OSError, UnicodeDecodeError) as e:
+            return self._take_over(f"it cannot be read ({getattr(e, 'strerror', None) or e})")
+        host, pid, started = (fields + ["", "", ""])[:3]
+        if not host or not pid.isdigit():
+            return self._take_over("it names no process")
+        if host != platform.node():
+            raise UsageError(f"{self.path.parent} is in use by another run (process {pid} on {host}; lock "
+                             f"{self.path}); wait for it to finish or use another output folder (delete the lock "
+                             "if that run is gone)")
+        if int(pid) == os.getpid():
             self.path.unlink(missing_ok=True)
             return
+        if not _alive(int(pid)):
+            return self._take_over(f"process {pid} no longer exists")
+        if started and started != _started(int(pid)):
+            return self._take_over(f"process {pid} started after it was written")
+        program = _program(int(pid))
+        if program is not None and "python" not in program.lower():
+            raise UsageError(f"{self.path.parent} is locked by process {pid} ({program}), which is no step run; if "
+                             f"no run uses this folder, delete {self.path} and rerun")
         raise UsageError(f"{self.path.parent} is in use by another run (process {pid} on {host}; lock {self.path}); "
-                         "wait for it to finish or use another output folder"
-                         + ("" if same_host else " (delete the lock if that run is gone)"))
+                         "wait for it to finish or use another output folder")
+
+    def _take_over(self, reason: str) -> None:
+        """Remove a stale lock, saying why; one line when it cannot be removed."""
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError as e:
+            raise UsageError(f"the lock {self.path} is stale ({reason}) but cannot be removed ({e.strerror or e}); "
+                             "delete it and rerun") from None
+        print(f"note: taking over the stale lock {self.path}: {reason}")
 
     def release(self) -> None:
         try:
@@ -219,6 +280,27 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _started(pid: int) -> str:
+    """When process `pid` started (seconds since the epoch, as the system reports it), "" if unknown."""
+    import psutil
+
+    try:
+        return f"{psutil.Process(pid).create_time():.2f}"
+    except psutil.Error:
+        return ""
+
+
+def _program(pid: int) -> str | None:
+    """The program process `pid` runs (its command's first word), None if it cannot be told."""
+    import psutil
+
+    try:
+        command = psutil.Process(pid).cmdline()
+        return Path(command[0]).name if command else psutil.Process(pid).name()
+    except psutil.Error:
+        return None
 
 
 def package_versions(names=("torch", "transformers", "datasets", "lm_eval", "numpy", "scipy")) -> dict:

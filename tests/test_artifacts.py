@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 from delta_steering.artifacts import Provenance, content_digest, read_discovery, read_factors, seal
@@ -68,17 +69,53 @@ def test_step_files_round_trip_with_their_provenance(files):
     assert json.loads(files["step2"].read_text()) == step2.to_json()
 
 
-def test_model_digest_names_the_configuration_not_the_folder_or_dtype(tiny_model_dir, tmp_path):
+def perturbed_copy(model_dir, out):
+    """A copy of a model directory with one weight changed by a small amount (its config unchanged)."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(model_dir, out)
+    weights = load_file(copy / "model.safetensors")
+    weights["backbone.layers.3.mixer.out_proj.weight"][0, 0] += 1e-3
+    save_file(weights, copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+def test_the_model_digest_is_a_fingerprint_of_the_weights_not_the_folder(tiny_model_dir, tmp_path):
+    import shutil
+
+    digest = check_model_source(str(tiny_model_dir)).digest
     copy = shutil.copytree(tiny_model_dir, tmp_path / "copy")
     config = json.loads((copy / "config.json").read_text())
-    config["torch_dtype"] = "bfloat16"
+    config["torch_dtype"] = "bfloat16"  # where or how it was saved, not what it is
     (copy / "config.json").write_text(json.dumps(config))
-    assert check_model_source(str(copy)).digest == check_model_source(str(tiny_model_dir)).digest
-    config["state_size"] += 1
+    assert check_model_source(str(copy)).digest == digest
+    config["layer_norm_epsilon"] = 1e-3  # the same weights in another model
     (copy / "config.json").write_text(json.dumps(config))
-    assert check_model_source(str(copy)).digest != check_model_source(str(tiny_model_dir)).digest
+    assert check_model_source(str(copy)).digest != digest
+    assert check_model_source(str(perturbed_copy(tiny_model_dir, tmp_path / "perturbed"))).digest != digest
+
+
+def test_the_fingerprint_of_a_loaded_model_is_its_files_and_samples_large_checkpoints(tiny_model_dir, monkeypatch):
+    """In memory (a model loaded some other way) as from the files, whole or by sampled blocks; a
+    sampled block that changes changes it."""
+    from transformers import AutoModelForCausalLM
+
+    from delta_steering.model import loading
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert loading.source_of(model).digest == check_model_source(str(tiny_model_dir)).digest
+    monkeypatch.setattr(loading, "WHOLE_BYTES", 0)  # as for a checkpoint of several GiB
+    monkeypatch.setattr(loading, "BLOCK_BYTES", 64)
+    sampled = check_model_source(str(tiny_model_dir)).digest
+    assert loading.source_of(model).digest == sampled
+    weight = model.backbone.layers[3].mixer.in_proj.weight
+    spans = loading.fingerprint_spans(weight.nbytes, whole=False)
+    assert len(spans) == loading.SAMPLE_BLOCKS and spans[-1][0] + spans[-1][1] == weight.nbytes
+    with torch.no_grad():
+        weight.view(-1)[spans[5][0] // weight.element_size()] += 1.0
+    assert loading.source_of(model).digest != sampled
 
 
 @pytest.mark.parametrize("change,message", [
@@ -134,13 +171,35 @@ def test_step2_refuses_a_step1_file_from_another_layer(files, capsys):
 
 @pytest.mark.usefixtures("no_model_load")
 @pytest.mark.parametrize("change,message", [
-    (lambda d: d.update(model="state-spaces/mamba-2.8b-hf"), "field model is 'state-spaces/mamba-2.8b-hf'"),
-    (lambda d: d.update(model_digest="f" * 64), "field model_digest is ffffffffffff..."),
+    (lambda d: d.update(model="state-spaces/mamba-2.8b-hf", model_digest="f" * 64),
+     "field model_digest is ffffffffffff... (model 'state-spaces/mamba-2.8b-hf')"),
+    (lambda d: d.update(model_digest="f" * 64), "(other weights under the same name)"),
 ])
 def test_step2_refuses_a_step1_file_from_another_model(files, capsys, change, message):
     assert step2(files, files["dir"] / "o", step1=edited(files["step1"], change)) == 2
     line = one_line(capsys)
     assert message in line and "--allow_model_mismatch" in line
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_step2_file_from_other_weights_with_the_same_config_is_refused(files, capsys, tmp_path):
+    """A perturbed copy has the same config and parameter shapes: only the weights tell them apart."""
+    perturbed = perturbed_copy(files["model"], tmp_path / "perturbed")
+    assert step3(files, files["dir"] / "o", "--model", perturbed) == 2
+    line = one_line(capsys)
+    assert "field model_digest" in line and "another model" in line and "--allow_model_mismatch" in line
+
+
+def test_the_same_weights_at_another_path_are_a_note_not_a_mismatch(files, capsys, tmp_path, monkeypatch):
+    import shutil
+
+    copy = shutil.copytree(files["model"], tmp_path / "elsewhere")
+    monkeypatch.chdir(files["model"].parent)  # the same folder named relatively: the same model
+    assert step2(files, files["dir"] / "o", "--model", files["model"].name) == 0
+    assert "the same weights" not in capsys.readouterr().out
+    assert step2(files, files["dir"] / "o-copy", "--model", copy) == 0  # a copy: a note
+    assert f"names the model {str(files['model'])!r}, this run's is {str(copy)!r}: the same weights" in \
+        capsys.readouterr().out
 
 
 def test_a_deliberate_layer_transfer_runs_and_is_recorded(files):
@@ -154,7 +213,8 @@ def test_a_deliberate_layer_transfer_runs_and_is_recorded(files):
 
 @pytest.mark.usefixtures("no_model_load")
 @pytest.mark.parametrize("make,message", [
-    (lambda f: edited(f["step2"], lambda d: d.update(model="state-spaces/mamba-2.8b-hf")), "field model is"),
+    (lambda f: edited(f["step2"], lambda d: d.update(model="state-spaces/mamba-2.8b-hf", model_digest="f" * 64)),
+     "field model_digest is"),
     (lambda f: edited(f["step2"], lambda d: d.update(layer=5)), "field layer is 5, this run's --layer is 20"),
     (lambda f: edited(f["step2"], lambda d: d["optimal_factors"]["high_impact"].update(factor=7.0), reseal=False),
      "was changed after its step wrote it"),
@@ -197,7 +257,7 @@ def test_evaluate_steered_checks_the_step2_file_and_names_custom_task_files(file
     hand_edited = edited(files["step2"], lambda d: d.update(layer=5), reseal=False)
     assert run_main("evaluate_steered", [*argv, "--from_step2", hand_edited]) == 2
     assert "was changed after its step wrote it" in one_line(capsys)
-    other = edited(files["step2"], lambda d: d.update(model="state-spaces/mamba-2.8b-hf"))
+    other = edited(files["step2"], lambda d: d.update(model="state-spaces/mamba-2.8b-hf", model_digest="f" * 64))
     assert run_main("evaluate_steered", [*argv, "--from_step2", other]) == 2
     assert "--allow_model_mismatch" in one_line(capsys)
     files["step1"].write_text(files["step1"].read_text() + "\n")  # the step-1 file it names changed since

@@ -111,6 +111,11 @@ def test_output_paths_are_checked_before_any_work(inputs, tmp_path, capsys, monk
     (["--neurons", "0-40"], "neuron 32 out of range"),
     (["--pile_path", "/no/such/pile.txt"], "Pile path not found"),
     (["--tasks", "lambada_openai", "--model", "./models/mamba_trained_on_pile"], "local model directory not found"),
+    (["--tasks", ""], "--tasks names no task"),
+    (["--tasks", ","], "--tasks names no task"),
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--batch_size", "-4"], "--batch_size must be at least 1, got -4"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
 ])
 def test_step1_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, capsys, extra, message):
     assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), *extra]) == 2
@@ -122,12 +127,35 @@ def test_step1_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, ca
     (["--layer", "30"], "--layer 30 out of range"),
     (["--perplexity_ablation", "--perplexity_layers", "40"], "--perplexity_layers 40 out of range"),
     (["--factors", "0,2"], "--factors: factor 0.0 must be > 0"),
+    (["--sample_neurons", "5", "--max_neurons", "5"], "--max_neurons and --sample_neurons exclude each other"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
 ])
 def test_step2_mistakes_are_reported_before_the_model_loads(inputs, tmp_path, capsys, extra, message):
     args = ["--model", inputs["model"], "--device", "cpu", "--neurons_file", inputs["step1"], "--tasks", inputs["task"],
             "--output_dir", tmp_path, "--no_plots", *extra]
     assert run_main(SCRIPTS[1], args) == 2
     assert message in one_line(capsys)
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_task_twice_or_a_directory_as_a_file_is_one_line(inputs, tmp_path, capsys):
+    task = inputs["task"]
+    assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), "--tasks", f"{task},{task}"]) == 2
+    assert f"--tasks names task {task} twice" in one_line(capsys)
+    folder = tmp_path / "folder.jsonl"
+    folder.mkdir()
+    assert run_main(SCRIPTS[0], [*step1(inputs, tmp_path), "--tasks", folder]) == 2
+    assert f"task file {folder} is a directory" in one_line(capsys)
+    args = ["--model", inputs["model"], "--device", "cpu", "--output_dir", tmp_path / "o", "--no_plots"]
+    assert run_main(SCRIPTS[1], [*args, "--neurons_file", tmp_path]) == 2
+    assert f"--neurons_file {tmp_path} is a directory, not a step-1 file" in one_line(capsys)
+    assert run_main(SCRIPTS[2], [*args, "--neurons_file", inputs["step1"], "--factors_file", tmp_path]) == 2
+    assert f"{tmp_path} is a directory, not a step-2 file" in one_line(capsys)
+    assert run_main(SCRIPTS[2], [*args, "--neurons_file", inputs["step1"], "--factor", "2", "--layer_ablation",
+                                 "--layers", "20-30"]) == 2
+    assert "--layers 24 out of range: the model has layers 0-23" in one_line(capsys)
+    assert run_main("pile_dataset_loader", ["--num_samples", "0", "--pile_path", inputs["pile"]]) == 2
+    assert "--num_samples must be at least 1, got 0" in one_line(capsys)
 
 
 @pytest.mark.usefixtures("no_model_load")

@@ -77,6 +77,23 @@ def test_merge_refuses_other_arguments_and_incomplete_sets(tmp_path):
         read_shards([], tmp_path, "step8", fingerprint)
 
 
+def test_merge_checks_the_inputs_it_knows_and_that_the_shards_agree_on_the_rest(tmp_path):
+    """A merge loads no model: it compares the shards' task files with its own, and the shards' model
+    fingerprints with each other."""
+    ours = {"layer": 20, "inputs": {"task file t.jsonl": "a" * 64}}
+    shard = {**ours, "inputs": {**ours["inputs"], "the model's weights": "b" * 64}}
+    write_shard(tmp_path, "step9", Workers(0, 2, "shard"), shard, {}, {"x": 1})
+    write_shard(tmp_path, "step9", Workers(1, 2, "shard"), shard, {}, {"y": 2})
+    assert read_shards([], tmp_path, "step9", ours)[1] == {"x": 1, "y": 2}
+    other_model = {**shard, "inputs": {**shard["inputs"], "the model's weights": "c" * 64}}
+    write_shard(tmp_path, "step9", Workers(1, 2, "shard"), other_model, {}, {"y": 2})
+    with pytest.raises(UsageError, match="step9.shard1of2.json comes from a run with another version of the model's "
+                                         "weights .SHA-256 cccccccccccc... then, bbbbbbbbbbbb... now"):
+        read_shards([], tmp_path, "step9", ours)
+    with pytest.raises(UsageError, match="another version of task file t.jsonl"):
+        read_shards([], tmp_path, "step9", {**ours, "inputs": {"task file t.jsonl": "d" * 64}})
+
+
 @pytest.fixture(scope="module")
 def step1_setup(tiny_model_dir, tmp_path_factory):
     from mamba_model_loader import load_mamba_model
@@ -132,6 +149,35 @@ def test_step1_shard_resumes_from_its_own_checkpoint(step1_setup, step1_single, 
         assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--shard", shard)) == 0
     assert not list(tmp_path.glob("step1_checkpoint*"))
     assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path, "--merge")) == 0
+    assert without_run(tmp_path / "out.json") == step1_single
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_rerun_resumes(step1_setup, step1_single, tmp_path, monkeypatch,
+                                                                capsys):
+    """The checkpoint cannot be saved after the second chunk: one line; once it can, the same command
+    resumes from the first chunk and gives the uninterrupted result."""
+    import errno
+
+    from delta_steering import results_io
+
+    root, common = step1_setup
+    real, saves = os.replace, []
+
+    def full_after_one(src, dst):
+        if str(dst).endswith("step1_checkpoint.json"):
+            saves.append(dst)
+            if len(saves) > 1:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst)
+
+    monkeypatch.setattr(results_io.os, "replace", full_after_one)
+    assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path)) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "No space left on device" in line and "rerun the same command" in line and "Traceback" not in line
+    assert not list(tmp_path.glob(".*.tmp"))  # the lock is released at exit (in a test, taken over by the rerun)
+    monkeypatch.setattr(results_io.os, "replace", real)
+    assert run_main("step1_neuron_discovery", step1_argv(common, tmp_path)) == 0
+    assert "resuming: 1 of 4 chunks done" in capsys.readouterr().out
     assert without_run(tmp_path / "out.json") == step1_single
 
 

@@ -109,7 +109,7 @@ def test_unsteered_tensors_are_byte_identical_and_undo_is_exact(exported, name):
         assert undo["rows"]  # something was edited
         rows[undo["rows"]] = torch.tensor(undo["original"], dtype=rows.dtype)
         assert torch.equal(restored.view(torch.uint8), source[key].view(torch.uint8)), key
-    assert record["source"]["model"] == str(case["source"]) and len(record["source"]["weights_sha256"]) == 64
+    assert record["source"]["model"] == str(case["source"]) and record["source"]["fingerprint"] == record["provenance"]["model_digest"]
     assert [Steering.from_json(s, "steering.json") for s in record["steering"]] == case["steerings"]
     assert record["provenance"]["family"] == record["source"]["family"]
 
@@ -193,3 +193,21 @@ def test_an_existing_output_folder_is_refused(exported, tmp_path, capsys):
     (tmp_path / "out" / "x").write_text("")
     assert export(exported["mamba-24"]["source"], tmp_path / "out", "--steer", "20:1:2") == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_a_step2_file_of_another_model_is_refused_without_naming_an_option_it_lacks(exported, tmp_path, capsys):
+    case = exported["mamba-24"]
+    step1 = step1_file(tmp_path / "step1.json", {1: 3.0, 2: 2.5}, 21, exported["mamba2"]["source"], 32)
+    step2 = step2_file(tmp_path / "step2.json", step1, [1, 2], {"high_impact": {
+        "factor": 4.0, "beats_baseline": True, "selection_best_factor": 4.0, "confirmed": True}})
+    assert export(case["source"], tmp_path / "out", "--from_step2", step2) == 2
+    line = one_line(capsys)
+    assert "field model_digest" in line and "--steer" in line and "--allow_model_mismatch" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_factor_driving_the_outputs_to_non_finite_values_is_one_line_and_leaves_no_folder(exported, tmp_path,
+                                                                                          capsys):
+    assert export(exported["mamba-24"]["source"], tmp_path / "out", "--steer", "20:1:1e300") == 2
+    assert "drives the model's outputs to non-finite values" in one_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -52,3 +52,41 @@ def test_every_engine_named_in_the_options_is_one_the_sweep_runs():
     from delta_steering.engine.sweep import LOGLIKELIHOODS
 
     assert tuple(LOGLIKELIHOODS) == ENGINES
+
+
+@pytest.mark.parametrize("cls", SCRIPTS.values())
+@pytest.mark.parametrize("value", [0, -4])
+def test_every_script_refuses_a_batch_size_below_1_the_same_way(cls, value):
+    required = {"tasks": ["piqa"], "steer": [parse_steer(STEER)]} if cls is EvaluateOptions else \
+        {"out": "new-folder", "steer": [parse_steer(STEER)]} if cls is ExportOptions else {}
+    with pytest.raises(UsageError, match=f"--batch_size must be at least 1, got {value}"):
+        cls.of({**required, "batch_size": value})
+    with pytest.raises(UsageError, match="--seed must be at least 0, got -1"):
+        cls.of({**required, "seed": -1})
+
+
+@pytest.mark.parametrize("cls, values, message", [
+    (DiscoverOptions, {"tasks": []}, "--tasks names no task"),
+    (DiscoverOptions, {"tasks": ["a.jsonl", "piqa", "a.jsonl"]}, "--tasks names task a.jsonl twice"),
+    (DiscoverOptions, {"tasks": ["a.jsonl", "./a.jsonl"]}, "names task ./a.jsonl twice (as a.jsonl and ./a.jsonl)"),
+    (AtlasOptions, {"tasks": ["piqa", "piqa:acc_norm"]}, "names task piqa:acc_norm twice"),
+    (FactorOptions, {"tasks": ["piqa", "piqa"]}, "names task piqa twice"),
+    (EvaluateOptions, {"tasks": ["piqa", "piqa"], "steer": [parse_steer(STEER)]}, "names task piqa twice"),
+    (FactorOptions, {"max_neurons": 5, "sample_neurons": 5}, "--max_neurons and --sample_neurons exclude each other"),
+    (FactorOptions, {"sample_neurons": 0}, "--sample_neurons must be at least 1"),
+    (EvaluateOptions, {"tasks": ["piqa"], "steer": [parse_steer(STEER)], "num_fewshot": -1},
+     "--num_fewshot must be at least 0"),
+])
+def test_repeated_or_missing_tasks_and_conflicting_counts_are_refused(cls, values, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cls.of(values)
+
+
+def test_a_task_brought_twice_by_a_group_or_two_files_of_one_name_is_refused(tmp_path):
+    from delta_steering.data.tasks import load_examples
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "t.jsonl").write_text('{"context": "x", "choices": ["a", "b"], "label": 0}\n')
+    with pytest.raises(UsageError, match="gives task t twice"):
+        load_examples([str(tmp_path / "a" / "t.jsonl"), str(tmp_path / "b" / "t.jsonl")], None, "discovery", 1)

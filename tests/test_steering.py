@@ -167,6 +167,25 @@ def test_probe_accepts_real_steering_and_catches_a_no_op(tiny_model):
         verify_steering_effect(tiny_model, Steering(20, Intervention.scale([0, 1, 2], 1.0)))
 
 
+def test_a_factor_that_makes_the_outputs_non_finite_is_a_usage_error_naming_the_factor(tiny_model):
+    with pytest.raises(UsageError, match="the factor drives the model's outputs to non-finite values"):
+        verify_steering_effect(tiny_model, Steering(20, Intervention.scale([0, 1], 1e300)))
+    assert verify_steering_effect(tiny_model, Steering(20, Intervention.scale([0, 1], 5.0))) > 0  # restored
+
+
+def test_a_model_with_non_finite_weights_is_refused_before_any_steering(tokenizer):
+    from delta_steering.model.steering import check_finite_outputs
+    from tiny import make_model
+
+    model = make_model(tokenizer, num_hidden_layers=4)
+    check_finite_outputs(model)
+    with torch.no_grad():
+        model.backbone.layers[2].mixer.D[3] = float("nan")
+    for check in (check_finite_outputs, lambda m: verify_steering_effect(m, Steering(3, Intervention.scale([0], 2.0)))):
+        with pytest.raises(UsageError, match="the baseline's outputs are not finite.*backbone.layers.2.mixer.D holds NaN"):
+            check(model)
+
+
 def test_apply_installs_several_steerings_and_removes_them_all(tiny_model, probe_ids):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     with steer(tiny_model, 2, [1], 3.0), steer(tiny_model, 9, [0, 5], 0.5):

@@ -166,6 +166,45 @@ def test_interrupted_run_resumes_to_the_same_result(naive_run, tiny_model_dir, t
     assert not (tmp_path / "step1_checkpoint.json").exists()
 
 
+def test_a_resume_with_a_changed_input_is_refused_naming_it(tiny_model_dir, task_file, pile_file, tmp_path,
+                                                             monkeypatch, capsys):
+    """Half the chunks done, then a line of the task file changes (or the Pile file, or the weights): the
+    rerun must not mix the two."""
+    import shutil
+
+    from delta_steering.steps import discover
+
+    task, pile = shutil.copy(task_file, tmp_path / "task.jsonl"), shutil.copy(pile_file, tmp_path / "pile.txt")
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    real = discover.sweep_correctness
+    monkeypatch.setattr(discover, "sweep_correctness", interrupting(real, on_call=2))
+    run = ("--neurons", "0-7", "--engine", "naive", "--chunk_neurons", "4")
+    assert step1(model, task, pile, tmp_path, *run) == 130
+    monkeypatch.setattr(discover, "sweep_correctness", real)
+    original = task.read_text()
+    rows = original.splitlines()
+    row = json.loads(rows[1])
+    row["label"] = 1 - row["label"]
+    task.write_text("\n".join([rows[0], json.dumps(row), *rows[2:]]) + "\n")
+    capsys.readouterr()
+    assert step1(model, task, pile, tmp_path, *run) == 2
+    assert f"another version of task file {task} (SHA-256" in one_line(capsys)
+    task.write_text(original)
+    pile.write_text(pile.read_text() + "\nOne more document.\n")
+    assert step1(model, task, pile, tmp_path, *run) == 2
+    assert f"another version of Pile file {pile} (SHA-256" in one_line(capsys)
+    pile.write_text(pile_file.read_text())
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model / "model.safetensors")
+    weights["backbone.layers.0.mixer.D"][0] += 1.0  # other weights, the same config and path
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert step1(model, task, pile, tmp_path, *run) == 2
+    assert "another version of the model's weights" in one_line(capsys)
+    assert step1(model, task, pile, tmp_path, *run, "--overwrite") == 0
+    assert "resuming" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--layer", "24"], "--layer 24 out of range: the model has layers 0-23"),
     (["--neurons", "0-40"], "neuron 32 out of range"),
@@ -316,3 +355,21 @@ def test_a_refused_run_leaves_no_empty_folder_it_made(tiny_model_dir, task_file,
     assert step1(tiny_model_dir, task_file, pile_file, out, "--layer", "99") == 2
     assert "--layer 99 out of range" in one_line(capsys)
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_model_with_nan_weights_is_one_line_before_any_measurement(tiny_model_dir, task_file, pile_file, tmp_path,
+                                                                     capsys, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from delta_steering.steps import discover
+
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "nan-model")
+    weights = load_file(broken / "model.safetensors")
+    weights["backbone.layers.5.mixer.D"][0] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.setattr(discover, "delta_statistics", lambda *a, **k: pytest.fail("measured before the check"))
+    assert step1(broken, task_file, pile_file, tmp_path / "o", "--neurons", "0-3") == 2
+    line = one_line(capsys)
+    assert "the baseline's outputs are not finite" in line and "backbone.layers.5.mixer.D" in line

@@ -281,7 +281,7 @@ def test_step1_file_lookup_order(setup, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("change,message", [
     (lambda d: d.pop("all_neuron_impacts"), "malformed"),
     (lambda d: d["all_neuron_impacts"].append({"neuron": 128, "impact": 1.0}), "neuron 128 does not fit this model"),
-    (lambda d: d.update(model="state-spaces/mamba-130m-hf"), "--allow_model_mismatch"),
+    (lambda d: d.update(model="state-spaces/mamba-130m-hf", model_digest="0" * 64), "--allow_model_mismatch"),
     (lambda d: d.update(layer=30), "layer 30 out of range"),
 ])
 def test_bad_step1_files_exit_2(setup, tmp_path, capsys, change, message):

@@ -48,7 +48,7 @@ def step3(tiny_model_dir, files, out, *extra, **replace):
 @pytest.fixture(scope="module")
 def both(tiny_model_dir, files):
     out = files / "both"
-    assert step3(tiny_model_dir, files, out, "--both", "--layers", "19,21,30") == 0
+    assert step3(tiny_model_dir, files, out, "--both", "--layers", "19,21") == 0
     return out
 
 
@@ -128,11 +128,11 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_model_dir, files, both,
 
     real = verify.run_configuration
     monkeypatch.setattr(verify, "run_configuration", interrupting(real, on_call=2))
-    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 130
+    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21") == 130
     saved = json.loads((tmp_path / "step3_checkpoint.json").read_text())
     assert list(saved["done"]) == ["baseline"] and len(saved["done"]["baseline"]["responses"]) == 5
     monkeypatch.setattr(verify, "run_configuration", real)
-    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30") == 0
+    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21") == 0
     for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
         resumed, whole = (json.loads((d / name).read_text()) for d in (tmp_path, both))
         for result in (resumed, whole):
@@ -157,7 +157,7 @@ def approx_perplexities(result: dict) -> dict:
 def test_a_model_split_between_cpu_and_disk_gives_the_responses_of_the_model_in_memory(tiny_model_dir, files, both,
                                                                                        tmp_path):
     """220 KB of CPU memory holds all but blocks 19-23 (the steered layers), read from disk at each forward."""
-    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21,30", "--max_memory", "cpu=220KB",
+    assert step3(tiny_model_dir, files, tmp_path, "--both", "--layers", "19,21", "--max_memory", "cpu=220KB",
                  "--offload_folder", tmp_path / "offload", **{"--device": "auto"}) == 0
     for name in ("cluster_ablation_ifeval_results.json", "layer_ablation_ifeval_results.json"):
         offloaded, in_memory = (json.loads((d / name).read_text()) for d in (tmp_path, both))

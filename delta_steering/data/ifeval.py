@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ..errors import UsageError
-from ..results_io import read_jsonl_rows, warn
+from ..results_io import check_file, read_jsonl_rows, warn
 
 HUB_DATASET = "google/IFEval"
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -116,8 +116,8 @@ def load_ifeval_prompts(path: str | None = None, num_samples: int | None = None)
     instruction registry so that a bad file fails before any generation."""
     if num_samples is not None and num_samples < 1:
         raise UsageError(f"the number of IFEval samples must be positive, not {num_samples}")
-    if path and not Path(path).expanduser().is_file():  # the user's mistake before NLTK's
-        raise UsageError(f"IFEval file not found: {path}")
+    if path:  # the user's mistake before NLTK's
+        check_file(Path(path).expanduser(), "IFEval file")
     _, registry = _checkers()
     rows = _read_file(Path(path).expanduser(), registry) if path else _read_hub(registry)
     if not rows:

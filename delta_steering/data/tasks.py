@@ -131,6 +131,8 @@ def _custom_task(path: Path) -> Task:
 def load_tasks(spec: str, data_dir: str | None = None) -> list[Task]:
     """A custom task file by path, or the leaf tasks of an lm-eval task, tag or group name."""
     if spec.endswith(".jsonl"):
+        if Path(spec).is_dir():
+            raise UsageError(f"task file {spec} is a directory, not a .jsonl file")
         if not Path(spec).is_file():
             raise UsageError(f"task file not found: {spec}")
         return [_custom_task(Path(spec))]
@@ -169,7 +171,14 @@ def load_examples(tasks: list[str], data_dir: str | None, which: str, n: int) ->
     """The first `n` examples of partition `which` of each task, concatenated task by task."""
     if n < 1:
         raise UsageError(f"the number of examples per task must be at least 1, got {n}")
-    return [e for spec in tasks for task in load_tasks(spec, data_dir) for e in partition(task, which, n)]
+    named: dict[str, str] = {}  # task name -> the spec that brought it: a group and its member, two files' stems
+    loaded = [(spec, task) for spec in tasks for task in load_tasks(spec, data_dir)]
+    for spec, task in loaded:
+        if task.name in named:
+            raise UsageError(f"--tasks gives task {task.name} twice ({named[task.name]} and {spec}): its examples "
+                             "would count twice")
+        named[task.name] = spec
+    return [e for _, task in loaded for e in partition(task, which, n)]
 
 
 def task_names(examples: list[Example]) -> list[str]:

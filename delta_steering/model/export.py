@@ -9,7 +9,6 @@ tensor copied byte for byte in its own dtype, plus the config, generation config
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -133,13 +132,6 @@ def undo_record(original: torch.Tensor, steered: torch.Tensor) -> dict:
             "original": before[changed].double().tolist()}
 
 
-def source_digest(files: list[Path]) -> tuple[str, dict[str, str]]:
-    """SHA-256 of the weight files (one digest over their names and digests, and each file's)."""
-    digests = {f.name: file_digest(f) for f in files}
-    combined = hashlib.sha256("".join(f"{n}:{d}\n" for n, d in sorted(digests.items())).encode()).hexdigest()
-    return combined, digests
-
-
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal bit for bit (dtype, shape and bytes)."""
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
@@ -188,9 +180,10 @@ def write_weights(files: list[Path], steered: dict[str, torch.Tensor], out: Path
         save_file(tensors, out / path.name, metadata=metadata)
 
 
-def export_steered(model: nn.Module, tokenizer, source_dir: Path, source_name: str,
+def export_steered(model: nn.Module, tokenizer, source_dir: Path, source_name: str, fingerprint: str,
                    steerings: list[Steering], out: Path, **provenance) -> dict:
-    """Write the steered checkpoint to `out`; return steering.json's contents (also written there)."""
+    """Write the steered checkpoint to `out`; return steering.json's contents (also written there):
+    the source by name, fingerprint (`loading.weights_fingerprint`) and each weight file's SHA-256."""
     files = weight_files(source_dir)
     original, steered = steered_values(model, steerings)
     keys = stored_keys(files, original)
@@ -205,14 +198,13 @@ def export_steered(model: nn.Module, tokenizer, source_dir: Path, source_name: s
     if not (out / "generation_config.json").is_file() and model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    digest, digests = source_digest(files)
     record = {
         "format_version": FORMAT_VERSION,
         "description": ("A steered checkpoint: the source's weights with the rows that make dt_pre edited as `steering` "
                         "says (scale: rows and bias times the factor; set: rows 0, bias the value), every other tensor "
                         "byte-identical. To undo: write each tensor's `original` rows back (exact)."),
-        "source": {"model": source_name, "family": family_of(model).name, "weights_sha256": digest,
-                   "weight_files": digests},
+        "source": {"model": source_name, "family": family_of(model).name, "fingerprint": fingerprint,
+                   "weight_files": {f.name: file_digest(f) for f in files}},
         "steering": [s.to_json() for s in steerings],
         "undo": {name: undo_record(original[name], steered[name]) for name in sorted(steered)},
         **provenance,

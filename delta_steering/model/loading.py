@@ -17,9 +17,11 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import psutil
 import torch
 import transformers
@@ -55,6 +57,8 @@ class ModelSource:
     original: bool
     tokenizer: str | None
     revision: str | None = None
+    # the weights as (name, tensor) pairs, for a model held in memory (default: the checkpoint's files)
+    tensors: Callable[[], list[tuple[str, StoredTensor]]] | None = field(default=None, compare=False, repr=False)
 
     @functools.cached_property
     def model_config(self):
@@ -75,9 +79,10 @@ class ModelSource:
 
     @functools.cached_property
     def digest(self) -> str:
-        """The model's identity before its weights load: SHA-256 of its configuration and of every
-        parameter's name and shape (see config_digest)."""
-        return config_digest(self.model_config, self.structure)
+        """The model's identity, known before its weights load: the fingerprint of its configuration
+        and of its stored weights (see weights_fingerprint)."""
+        tensors = self.tensors() if self.tensors is not None else checkpoint_tensors(self)
+        return weights_fingerprint(config_digest(self.model_config, self.structure), tensors)
 
     @property
     def family(self) -> str:
@@ -97,6 +102,111 @@ def config_digest(config, structure: torch.nn.Module) -> str:
     shapes = [(name, list(p.shape)) for name, p in structure.named_parameters()]
     text = json.dumps({"config": fields, "parameters": shapes}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# The weights' fingerprint: each stored tensor's name, dtype and shape and its bytes, all of them
+# when the weights total at most WHOLE_BYTES, else SAMPLE_BLOCKS evenly spaced blocks of BLOCK_BYTES
+# of each tensor (its first and last included; a tensor smaller than the blocks whole).
+WHOLE_BYTES = 64 * 2**20
+SAMPLE_BLOCKS, BLOCK_BYTES = 16, 4096
+STORED_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}  # safetensors' dtype names
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A weight as the fingerprint reads it: its dtype (safetensors' name), shape, size in bytes, and
+    `read(offset, length)` giving those of its bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    read: Callable[[int, int], bytes]
+
+
+def fingerprint_spans(nbytes: int, whole: bool) -> list[tuple[int, int]]:
+    """The (offset, length) byte ranges of a tensor of `nbytes` that the fingerprint hashes."""
+    if whole or nbytes <= SAMPLE_BLOCKS * BLOCK_BYTES:
+        return [(0, nbytes)]
+    step = (nbytes - BLOCK_BYTES) // (SAMPLE_BLOCKS - 1)
+    return [(i * step, BLOCK_BYTES) for i in range(SAMPLE_BLOCKS - 1)] + [(nbytes - BLOCK_BYTES, BLOCK_BYTES)]
+
+
+def weights_fingerprint(config: str, tensors: list[tuple[str, StoredTensor]]) -> str:
+    """SHA-256 of the config digest and, tensor by tensor in name order, its name, dtype, shape and
+    the bytes `fingerprint_spans` picks: equal for the same weights in any folder or file layout."""
+    whole = sum(t.nbytes for _, t in tensors) <= WHOLE_BYTES
+    digest = hashlib.sha256(config.encode())
+    for name, tensor in sorted(tensors, key=lambda item: item[0]):
+        digest.update(json.dumps([name, tensor.dtype, list(tensor.shape)]).encode())
+        for offset, length in fingerprint_spans(tensor.nbytes, whole):
+            digest.update(tensor.read(offset, length))
+    return digest.hexdigest()
+
+
+def safetensors_tensors(path: Path) -> list[tuple[str, StoredTensor]]:
+    """The tensors of a safetensors file, from its header, their bytes read from the file on demand."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size > 8 + size else np.zeros(0, np.uint8)
+    start = 8 + size
+
+    def reader(begin: int) -> Callable[[int, int], bytes]:
+        return lambda offset, length: data[start + begin + offset: start + begin + offset + length].tobytes()
+
+    return [(name, StoredTensor(entry["dtype"], tuple(entry["shape"]), entry["data_offsets"][1] -
+                                entry["data_offsets"][0], reader(entry["data_offsets"][0])))
+            for name, entry in header.items() if name != "__metadata__"]
+
+
+def memory_tensors(state: dict[str, torch.Tensor]) -> list[tuple[str, StoredTensor]]:
+    """The tensors of a state dict, each storage once (a tied weight under its first name in order,
+    as safetensors stores it); a tensor without data (on the meta device) by its name, dtype and shape."""
+    seen, tensors = set(), []
+    for name in sorted(state):
+        tensor = state[name].detach()
+        key = (tensor.device, tensor.data_ptr(), tensor.nbytes) if tensor.device.type != "meta" else None
+        if key is not None and key in seen:
+            continue
+        seen.add(key)
+        flat = tensor.reshape(-1).view(torch.uint8) if tensor.device.type != "meta" else None
+        read = (lambda offset, length, flat=flat: flat[offset: offset + length].cpu().numpy().tobytes()) \
+            if flat is not None else (lambda offset, length: b"")
+        tensors.append((name, StoredTensor(STORED_NAMES.get(tensor.dtype, str(tensor.dtype)), tuple(tensor.shape),
+                                           tensor.numel() * tensor.element_size(), read)))
+    return tensors
+
+
+def checkpoint_tensors(source: "ModelSource") -> list[tuple[str, StoredTensor]]:
+    """The tensors of the checkpoint's weight files (safetensors where it has them, as transformers
+    loads them), read on demand."""
+    files = weight_paths(source)
+    if files[0].suffix == ".safetensors":
+        return [tensor for path in files for tensor in safetensors_tensors(path)]
+    state = {}
+    for path in files:
+        state.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+    return memory_tensors(state)
+
+
+def weight_paths(source: "ModelSource") -> list[Path]:
+    """The weight files that load: the safetensors files if there are any, else the .bin files (for
+    a Hub id, fetched into the cache, where loading finds them)."""
+    if source.local:
+        files = _weight_files(Path(source.path))
+        return [f for f in files if f.suffix == ".safetensors"] or files
+    from huggingface_hub import list_repo_files
+
+    try:
+        names = list_repo_files(source.path, revision=source.revision)
+        chosen = sorted(n for n in names if n.startswith("model") and n.endswith(".safetensors")) or \
+            sorted(n for n in names if n.startswith("pytorch_model") and n.endswith(".bin"))
+        return [Path(hf_hub_download(source.path, name, revision=source.revision)) for name in chosen]
+    except Exception as e:  # offline, unknown repo, gated
+        raise UsageError(f"cannot fetch the weights of {source.name!r} from the Hugging Face Hub "
+                         f"({type(e).__name__}); pass a local model directory instead") from None
 
 
 def looks_like_path(name: str) -> bool:
@@ -421,13 +531,14 @@ def load_model(source: ModelSource | str, device: str = "cuda", dtype: str = "fl
 
 def source_of(model) -> ModelSource:
     """Where a loaded model came from: as `load_model` recorded it, or, for a model loaded some other
-    way, its config's name (a local directory, a Hub id) with its config and structure taken from the
-    model itself, so that a step run on it checks and records it as the scripts do."""
+    way, its config's name (a local directory, a Hub id) with its config, structure and weights taken
+    from the model itself, so that a step run on it checks and records it as the scripts do."""
     recorded = getattr(model, "_delta_steering_source", None)
     if recorded is not None:
         return recorded
     name = getattr(model.config, "_name_or_path", "") or "in-memory model"
-    source = ModelSource(name, name, Path(name).is_dir(), model.config.to_dict(), False, None)
+    source = ModelSource(name, name, Path(name).is_dir(), model.config.to_dict(), False, None,
+                         tensors=lambda: memory_tensors(model.state_dict()))
     source.__dict__.update(model_config=model.config, structure=model)  # the cached properties, from the model
     return source
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import SteeringError
+from ..errors import SteeringError, UsageError
 from ..intervention import Intervention, Steering
 from . import placement
 from .sites import check_layer, check_neurons, decoder_layers, delta_site, num_delta_neurons
@@ -158,11 +158,31 @@ def verify_steering_effect(model: nn.Module, steerings: Steering | Sequence[Stee
     layer = max(s.layer for s in steerings)
     probe = _probe_input(model)
     before = layer_output(model, layer, probe)
+    if not torch.isfinite(before).all():
+        check_finite_outputs(model)
     with apply(model, steerings):
         after = layer_output(model, layer, probe)
     change = (after - before).abs().max().item()
-    if not change > 0 or not math.isfinite(change):
-        described = "; ".join(s.describe() for s in steerings)
+    described = "; ".join(s.describe() for s in steerings)
+    if not math.isfinite(change):
+        raise UsageError(f"the factor drives the model's outputs to non-finite values: steering ({described}) makes "
+                         f"layer {layer}'s output on a probe input NaN or inf; use a smaller factor")
+    if not change > 0:
         raise SteeringError(f"steering ({described}) did not change the model's output on a probe input (max "
                             f"change {change}); the intervention is not reaching the model")
     return change
+
+
+@torch.no_grad()
+def check_finite_outputs(model: nn.Module) -> None:
+    """Before any measurement: refuse (one line) a model whose own, unsteered outputs on a probe input
+    are not finite, naming the first parameter that holds NaN or inf (else the dtype is to blame)."""
+    hidden = model(input_ids=_probe_input(model).to(placement.input_device(model)), output_hidden_states=True,
+                   use_cache=False).hidden_states
+    if all(torch.isfinite(h).all() for h in hidden):
+        return
+    bad = next((name for name, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()),
+               None)
+    cause = f"its parameter {bad} holds NaN or inf" if bad else "every weight is finite: try --dtype float32"
+    raise UsageError(f"the baseline's outputs are not finite: the unsteered model's hidden states on a probe input "
+                     f"hold NaN or inf ({cause})")

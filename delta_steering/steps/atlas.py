@@ -30,7 +30,7 @@ from ..model.sites import check_layer, family_of, num_delta_neurons
 from ..model.steering import verify_steering_effect
 from ..options import AtlasOptions
 from ..results_io import write_json
-from .driver import Step, run_step, save_figures, timed
+from .driver import Step, data_inputs, run_step, save_figures, timed
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def plan(options: AtlasOptions, source: ModelSource | None) -> Plan:
     if options.pile_path:
         local_files(options.pile_path)
     examples = load_examples(list(options.tasks), options.data_dir, "discovery", options.validation_size)
-    return Plan(options, examples, layers, provenance)
+    return Plan(options, examples, layers, provenance, data_inputs(options.tasks, examples, options.pile_path))
 
 
 def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:

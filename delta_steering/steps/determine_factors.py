@@ -19,7 +19,7 @@ from ..analysis.impacts import neuron_chunks, screen_note
 from ..analysis.metrics import Comparison, chance_correctness, summarize
 from ..analysis.plots import plot_factors
 from ..analysis.stats import describe_detection_limit
-from ..artifacts import STEP2_NAME, Discovery, Factors, Provenance, discovery_of, factor_to_steer
+from ..artifacts import IN_MEMORY, STEP2_NAME, Discovery, Factors, Provenance, discovery_of, factor_to_steer
 from ..data.pile import load_pile_texts, local_files, pile_record
 from ..data.tasks import Example, example_ids, load_examples
 from ..engine.perplexity import document_losses
@@ -32,7 +32,7 @@ from ..model.sites import check_layer, num_delta_neurons
 from ..model.steering import steer, verify_steering_effect
 from ..options import FactorOptions
 from ..results_io import write_json
-from .driver import Step, run_step, save_figures
+from .driver import Step, data_inputs, run_step, save_figures
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,9 @@ class Plan:
 
     @property
     def inputs(self) -> dict:
-        return {"step1_sha256": self.step1.digest}
+        pile = self.options.pile_path if self.options.perplexity_ablation else None
+        return {f"step-1 file {self.step1.path or IN_MEMORY}": self.step1.digest,
+                **data_inputs(self.tasks, self.examples, pile)}
 
 
 @dataclass

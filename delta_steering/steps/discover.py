@@ -28,7 +28,7 @@ from ..model.sites import check_layer, check_neurons, num_delta_neurons
 from ..model.steering import verify_steering_effect
 from ..options import DiscoverOptions
 from ..results_io import write_json
-from .driver import Step, run_step, save_figures, timed
+from .driver import Step, data_inputs, run_step, save_figures, timed
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def plan(options: DiscoverOptions, source: ModelSource | None) -> Plan:
     if options.pile_path:
         local_files(options.pile_path)
     examples = load_examples(list(options.tasks), options.data_dir, "discovery", options.validation_size)
-    return Plan(options, examples, neurons, provenance)
+    return Plan(options, examples, neurons, provenance, data_inputs(options.tasks, examples, options.pile_path))
 
 
 def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:

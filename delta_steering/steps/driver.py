@@ -18,14 +18,18 @@ import argparse
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..data.pile import local_files
+from ..data.tasks import Example
 from ..distributed import StepRun, fingerprint
 from ..model import loading
 from ..model.loading import ModelSource, check_model_source, source_of
 from ..model.placement import input_device
+from ..model.steering import check_finite_outputs
 from ..options import Options
-from ..results_io import command_line, run_record
+from ..results_io import command_line, file_digest, json_digest, run_record
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,28 @@ class Step:
     report: Callable[[Any, Any, dict, dict], Any]  # (plan, context, results, run record) -> the contract
     save: Callable[[Any, argparse.Namespace], None]  # (contract, arguments): the script's files and figures
     load: Callable[[Any, str, str], tuple] | None = None  # (source, device, dtype) -> model, tokenizer
+
+
+MODEL_INPUT = "the model's weights"  # the model's fingerprint among a run's inputs
+
+
+def data_inputs(tasks=(), examples: list[Example] = (), pile_path: str | None = None,
+                ifeval_path: str | None = None) -> dict[str, str]:
+    """The digests of what a step reads besides its arguments, by what it is: each .jsonl task file,
+    Pile file and IFEval file (SHA-256 of its bytes), and the examples of every other task (lm-eval
+    builds them, from the Hub or --data_dir), so that a resume refuses a changed input by name."""
+    files = [str(spec) for spec in tasks if str(spec).endswith(".jsonl")]
+    inputs = {f"task file {spec}": file_digest(spec) for spec in files}
+    built: dict[str, list] = {}
+    for example in examples:
+        if example.task not in {Path(spec).stem for spec in files}:
+            built.setdefault(example.task, []).append(asdict(example))
+    inputs.update({f"the examples of task {name}": json_digest(rows) for name, rows in built.items()})
+    if pile_path:
+        inputs.update({f"Pile file {path}": file_digest(path) for path in local_files(pile_path)})
+    if ifeval_path:
+        inputs[f"IFEval file {ifeval_path}"] = file_digest(Path(ifeval_path).expanduser())
+    return inputs
 
 
 @contextmanager
@@ -58,8 +84,10 @@ def run_step(step: Step, model, tokenizer, options: dict, output_dir=None, overw
     source = source_of(model)
     plan = step.plan(checked, source)
     device = str(input_device(model))
+    check_finite_outputs(model)
     arguments = {"model": source.name, **checked.to_json()}
-    run = StepRun(step.name, fingerprint(arguments, **plan.inputs), output_dir, overwrite=overwrite, device=device)
+    run = StepRun(step.name, fingerprint(arguments, {**plan.inputs, MODEL_INPUT: source.digest}), output_dir,
+                  overwrite=overwrite, device=device)
     context, results = step.measure(model, tokenizer, plan, run)
     command = f"delta_steering.{step.name}({', '.join(f'{k}={v!r}' for k, v in options.items())})"
     contract = step.report(plan, context, results, record(command, arguments, context, started))
@@ -76,7 +104,8 @@ def run_script(step: Step, args: argparse.Namespace, options: Options) -> None:
     plan = step.plan(options, source)
     device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
     arguments = {"model": args.model, "tokenizer": args.tokenizer, "dtype": dtype, **options.to_json()}
-    run = StepRun(step.name, fingerprint(arguments, **plan.inputs), getattr(args, "output_dir", None),
+    inputs = {**plan.inputs, **({MODEL_INPUT: source.digest} if source is not None else {})}  # a merge loads none
+    run = StepRun(step.name, fingerprint(arguments, inputs), getattr(args, "output_dir", None),
                   overwrite=getattr(args, "overwrite", False), shard=getattr(args, "shard", None), merge=merge,
                   device=device)
     try:
@@ -87,6 +116,7 @@ def run_script(step: Step, args: argparse.Namespace, options: Options) -> None:
             model, tokenizer = (step.load or loading.load_model)(source, run.device, dtype,
                                                                  getattr(args, "max_memory", None),
                                                                  getattr(args, "offload_folder", None))
+            check_finite_outputs(model)
             context, results = step.measure(model, tokenizer, plan, run)
         if run.publish(asdict(context), results):
             contract = step.report(plan, context, results, record(command_line(), vars(args), context, started))

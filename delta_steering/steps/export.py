@@ -77,7 +77,7 @@ def load_stored(source: ModelSource, device: str, dtype: str, max_memory: str | 
 def plan(options: ExportOptions, source: ModelSource) -> Plan:
     steerings, inputs, extra = list(options.steer), {}, {}
     if options.from_step2:
-        step2 = step2_steering(options.from_step2, source)
+        step2 = step2_steering(options.from_step2, source, allow_mismatch=None)
         print("\n".join(step2.notes))
         steerings, inputs["step2_file"], extra["factor_source"] = [step2.steering], step2.factors, step2.factor_source
     for steering in steerings:
@@ -116,7 +116,8 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
     if plan.options.ablation == "mean":
         steerings, extra["mean_ablation"] = mean_ablated(model, tokenizer, plan.options, steerings)
     verify_steering_effect(model, steerings)
-    record = checkpoint.export_steered(model, tokenizer, plan.directory, plan.provenance.model, steerings,
+    record = checkpoint.export_steered(model, tokenizer, plan.directory, plan.provenance.model,
+                                       plan.provenance.model_digest, steerings,
                                        Path(plan.options.out), provenance=plan.provenance.to_json(), **extra)
     print(f"steered checkpoint: {plan.options.out} ({'; '.join(s.describe() for s in steerings)}); "
           f"undo and provenance in {Path(plan.options.out) / checkpoint.STEERING_FILE}")

@@ -13,7 +13,8 @@ from pathlib import Path
 from ..analysis import verification as logic
 from ..analysis.metrics import perplexity_of
 from ..analysis.plots import plot_verification
-from ..artifacts import STEP3_FILES, Discovery, Factors, Provenance, Results, Verification, discovery_of, factors_of
+from ..artifacts import (IN_MEMORY, STEP3_FILES, Discovery, Factors, Provenance, Results, Verification, discovery_of,
+                         factors_of)
 from ..data.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
 from ..data.pile import load_pile_texts, local_files, pile_record
 from ..engine.generation import generate_greedy
@@ -25,7 +26,7 @@ from ..model.sites import Shape, check_layer, shape_of
 from ..model.steering import apply, verify_steering_effect
 from ..options import VerifyOptions
 from ..results_io import read_jsonl, write_json, write_jsonl
-from .driver import Step, run_step, save_figures
+from .driver import Step, data_inputs, run_step, save_figures
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,10 @@ class Plan:
 
     @property
     def inputs(self) -> dict:
-        return {"step1_sha256": self.step1.digest, "step2_sha256": self.step2.digest if self.step2 else None}
+        files = {f"step-1 file {self.step1.path or IN_MEMORY}": self.step1.digest}
+        if self.step2 is not None:
+            files[f"step-2 file {self.step2.path or IN_MEMORY}"] = self.step2.digest
+        return {**files, **data_inputs(pile_path=self.options.pile_path, ifeval_path=self.options.ifeval_path)}
 
 
 @dataclass
@@ -67,20 +71,13 @@ class Context:
     timings: dict
 
 
-def layer_ablation_layers(options: VerifyOptions, shape: Shape, layer: int, warn: bool = False) -> list[int]:
-    """`layers` filtered to the model's SSM layers (with a warning for the others when `warn`); by
-    default the SSM layers around `layer`: two before, itself, two after."""
+def layer_ablation_layers(options: VerifyOptions, shape: Shape, layer: int) -> list[int]:
+    """`layers`, each checked to be an SSM layer of the model; by default the SSM layers around
+    `layer`: two before, itself, two after."""
     if options.layers is None:
         at = shape.ssm_layers.index(layer)
         return list(shape.ssm_layers[max(0, at - 2): at + 3])
-    kept = [at for at in options.layers if at in shape.ssm_layers]
-    if not kept:
-        raise UsageError(f"--layers {','.join(map(str, options.layers))}: none is a layer of this model "
-                         f"(0-{shape.num_layers - 1})")
-    if warn and len(kept) < len(options.layers):
-        print(f"warning: --layers {sorted(set(options.layers) - set(kept))} are not layers of the model "
-              f"(0-{shape.num_layers - 1}) and are skipped")
-    return kept
+    return [check_layer(shape, at, "--layers") for at in options.layers]
 
 
 def chosen_factor(options: VerifyOptions, step2: Factors | None) -> tuple[float, str, str]:
@@ -144,7 +141,7 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
     run once even when several modes use it (the baseline)."""
     options, shape = plan.options, shape_of(model)
     modes = list(options.modes)
-    layers = layer_ablation_layers(options, shape, plan.layer, warn=True) if "layer_ablation" in modes else []
+    layers = layer_ablation_layers(options, shape, plan.layer) if "layer_ablation" in modes else []
     sets, warnings = logic.neuron_sets(plan.step1, shape.delta_neurons, options.seed)
     for warning in warnings:
         print(f"warning: {warning}")
