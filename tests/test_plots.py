@@ -114,9 +114,9 @@ def change(delta, base=10.0):
             "relative_ci95": [relative - 0.5, relative + 0.5]}
 
 
-def configuration(name, layer, factor, accuracy, ci, perplexity):
+def configuration(name, layer, factor, accuracy, ci, perplexity, neuron_set=None, ablated=False):
     moved = {} if perplexity is None or name == "baseline" else change(perplexity - 10.0)
-    return {"name": name, "layer": layer, "factor": factor, "accuracy": accuracy, "delta": accuracy - 40.0,
+    return {"name": name, "neuron_set": neuron_set, "ablated": ablated, "layer": layer, "factor": factor, "accuracy": accuracy, "delta": accuracy - 40.0,
             "ci95": ci, "p_value": 0.5, "perplexity": perplexity,
             "perplexity_delta": None if perplexity is None else perplexity - 10.0,
             "perplexity_ci95": moved.get("ci95"), "perplexity_relative": moved.get("relative"),
@@ -130,14 +130,16 @@ def step3_result(mode, factor_source="step2-unconfirmed", perplexity=True):
 
     baseline = configuration("baseline", None, None, 40.0, [0.0, 0.0], ppl(10.0))
     if mode == "layer_ablation":
-        entries = [configuration(f"delta_sensitive_L{l}", l, 2.0, 40.0 + d, [d - 5, d + 5], ppl(10.0 + 0.001 * d))
+        entries = [configuration(f"delta_sensitive_L{l}", l, 2.0, 40.0 + d, [d - 5, d + 5], ppl(10.0 + 0.001 * d),
+                                 "delta_sensitive")
                    for l, d in ((18, 0.0), (19, 3.0), (20, 5.0))]
     elif mode == "cluster_ablation":
-        entries = [configuration("ablate_delta_sensitive_L20", LAYER, 0.0, 35.0, [-9.0, -1.0], ppl(10.2)),
-                   configuration("ablate_random_L20", LAYER, 0.0, 40.0, [-3.0, 3.0], None)]
+        entries = [configuration("ablate_delta_sensitive_L20", LAYER, 0.0, 35.0, [-9.0, -1.0], ppl(10.2),
+                                 "delta_sensitive", ablated=True),
+                   configuration("ablate_random_L20", LAYER, 0.0, 40.0, [-3.0, 3.0], None, "random", ablated=True)]
     else:
-        entries = [configuration("delta_sensitive_L20", LAYER, 2.0, 45.0, [1.0, 9.0], ppl(10.2)),
-                   configuration("random_L20", LAYER, 2.0, 38.0, [-6.0, 2.0], None)]
+        entries = [configuration("delta_sensitive_L20", LAYER, 2.0, 45.0, [1.0, 9.0], ppl(10.2), "delta_sensitive"),
+                   configuration("random_L20", LAYER, 2.0, 38.0, [-6.0, 2.0], None, "random")]
     return {"model": MODEL, "layer": LAYER, "factor": 2.0, "factor_source": factor_source, "mode": mode,
             "ifeval_metric": "prompt_level_strict_acc", "num_prompts": 30,
             "pile_documents": {"count": 20} if perplexity else None, "configurations": [baseline, *entries]}

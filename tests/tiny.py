@@ -8,6 +8,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MambaConfig, MambaForCausalLM, PreTrainedTokenizerFast
 
+from delta_steering.data.tasks import Example
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "Question: What is the capital of France?\nAnswer: Paris",
@@ -103,3 +105,20 @@ def near_tie_task(model, tokenizer, path: Path, n: int = 24, seed: int = 0) -> P
             label = preferred if k % 3 else 1 - preferred
             f.write(json.dumps({"context": candidates[i][0], "choices": list(candidates[i][1:]), "label": label}) + "\n")
     return Path(path)
+
+
+def make_examples() -> list[Example]:
+    """Multiple-choice examples whose choices share a context (and differ in length), acc_norm, and
+    single-request greedy examples, as the built-in tasks produce them."""
+    examples = [Example("mc", i, tuple((f"Question: what is {i} plus one?\nAnswer:", c) for c in choices),
+                        tuple(c.strip() for c in choices), i % 3, "acc")
+                for i, choices in enumerate([(" 1", " apples and oranges", " the fox"),
+                                             (" 2", " two", " the lazy dog jumps"),
+                                             (" three", " 3", " Paris")])]
+    examples.append(Example("norm", 0, (("Pick one:", " a"), ("Pick one:", " a much longer choice")),
+                            ("a", "a much longer choice"), 1, "acc_norm"))
+    examples.append(Example("lambada", 0, (("The quick brown fox jumps over the lazy", " dog."),), ("dog.",), 0,
+                            "greedy"))
+    examples.append(Example("lambada", 1, (("In the beginning the state space", " model"),), ("model",), 0,
+                            "greedy"))
+    return examples

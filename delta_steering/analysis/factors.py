@@ -18,7 +18,7 @@ import numpy as np
 from ..artifacts import GROUP_TITLES, factor_to_steer, measured_finite
 from .metrics import Comparison, describe_change, example_weights, perplexity_change, perplexity_of
 from .stats import SIGNIFICANCE, below_detection, benjamini_hochberg, detection_limit, is_significant, spearman
-from .verification import FACTOR_SOURCES
+from .verification import factor_source_text
 
 DESCRIPTION = (
     "Step 2, steering factors: step 1's High Impact and Neutral groups, each amplified as a whole at `layer`. "
@@ -221,5 +221,5 @@ def perplexity_table(neurons: list[int], layers: list[int], documents: dict, los
         print(f"  layer {layer:>3}: " + "; ".join(
             describe_change(f"{kind} x{k:g}", entry[kind], entry[f"{kind}_change"]) for kind, k in kinds.items()))
     if factor is not None:
-        print(f"  amplified by x{factor:g}: {FACTOR_SOURCES[source]}")
+        print(f"  amplified by x{factor:g}: {factor_source_text(source)}")
     return table

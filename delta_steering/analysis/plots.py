@@ -9,7 +9,6 @@ for PNG), leave the global backend alone, hold no pyplot state and need no closi
 
 from __future__ import annotations
 
-import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from matplotlib.ticker import MaxNLocator, NullLocator, ScalarFormatter
 
 from ..artifacts import GROUP_TITLES, HIGH_IMPACT, measured_finite
 from ..results_io import WriteError
+from .verification import factor_source_text, layer_span
 from .stats import SIGNIFICANCE, is_significant
 
 STYLE = {"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "figure.titlesize": 11,
@@ -40,8 +40,6 @@ METRIC_NAMES = {"prompt_level_strict_acc": "IFEval prompt-level strict accuracy"
                 "inst_level_loose_acc": "IFEval instruction-level loose accuracy"}
 MODE_TITLES = {"combined": "combined steering", "cluster_ablation": "cluster ablation",
                "layer_ablation": "layer ablation (amplification at each layer)"}  # results without mode_title
-FACTOR_SOURCES = {"command-line": "given with --factor", "step2-confirmed": "confirmed in step 2",
-                  "step2-unconfirmed": "unconfirmed in step 2"}
 
 
 # --- shared helpers -----------------------------------------------------------------------------
@@ -414,7 +412,7 @@ def perplexity_vs_layer_figure(result: dict) -> Figure:
     entries, base = ppl["layers"], ppl["baseline"]
     layers = np.array([e["layer"] for e in entries])
     fig, (ax,) = _new(7.5, 4.8)
-    source = FACTOR_SOURCES.get(ppl.get("factor_source"), ppl.get("factor_source"))
+    source = factor_source_text(ppl.get("factor_source"), short=True)
     _title(fig, f"Step 2: Pile perplexity with layer {result['layer']}'s High Impact neurons steered at each "
                 f"layer, {_model(result)}",
            f"{len(ppl.get('neurons', []))} neurons; {(ppl.get('documents') or {}).get('count', '?')} evaluation "
@@ -455,23 +453,21 @@ def _metric_label(result: dict) -> str:
     return METRIC_NAMES.get(metric, "IFEval " + metric.replace("_", " ")) + " (%)"
 
 
-def _configuration_label(name: str) -> str:
-    """A configuration name for people: 'ablate_delta_sensitive_L20' -> 'ablate delta-sensitive, L20'."""
-    match = re.fullmatch(r"(.*)_L(\d+)", name)
-    words, layer = (match.group(1), match.group(2)) if match else (name, None)
-    words = words.replace("delta_sensitive", "delta-sensitive").replace("high_variance", "high-variance")
-    return words.replace("_", " ") + ("" if layer is None else f", L{layer}")
+def _configuration_label(entry: dict) -> str:
+    """A configuration for people: 'baseline', 'ablate delta-sensitive, L20', 'random, L20'."""
+    if entry.get("neuron_set") is None:
+        return entry["name"]
+    words = entry["neuron_set"].replace("_", "-")
+    return f"{'ablate ' if entry['ablated'] else ''}{words}, L{entry['layer']}"
 
 
 def _step3_header(result: dict, mode: str) -> tuple[str, str]:
     """Step 3's title: mode, model, layer and factor (with its source), then the data details."""
     steered = [e for e in result["configurations"] if e.get("factor") not in (None, 0)]
     layers = sorted({e["layer"] for e in result["configurations"] if e.get("layer") is not None})
-    span = f"{layers[0]}–{layers[-1]}" if layers and layers == list(range(layers[0], layers[-1] + 1)) else (
-        ", ".join(map(str, layers)))
     where = (f"layer {result['layer']}" if layers in ([], [result["layer"]]) else
-             f"layer {result['layer']}'s neurons at layers {span}")
-    source = FACTOR_SOURCES.get(result.get("factor_source"), result.get("factor_source"))
+             f"layer {result['layer']}'s neurons at {layer_span(layers)}")
+    source = factor_source_text(result.get("factor_source"), short=True)
     factor = (f", factor\u00a0×{result['factor']:g} ({source})" if steered and result.get("factor") is not None
               else ", neuron sets ablated")
     documents = (result.get("pile_documents") or {}).get("count")
@@ -533,7 +529,7 @@ def configurations_figure(result: dict, mode: str | None = None) -> Figure:
     _title(fig, *_step3_header(result, mode or result.get("mode", "")))
     _accuracy_bars(axes[0], result, entries, base)
     _perplexity_bars(axes[1], entries)
-    labels = [_configuration_label(e["name"]) for e in entries]
+    labels = [_configuration_label(e) for e in entries]
     for ax in axes:
         ax.set_xticks(np.arange(len(entries)), labels=labels, rotation=25, ha="right")
         ax.set(xlabel="configuration", xlim=(-0.6, len(entries) - 0.4))

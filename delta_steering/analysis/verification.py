@@ -15,7 +15,7 @@ from .stats import below_detection, bootstrap_indices, compare, describe_detecti
 
 MODES = ("combined", "cluster_ablation", "layer_ablation")
 DESCRIPTION = (
-    "Step 3, verification: each configuration (a neuron set steered by `factor` or ablated, at a layer) and the "
+    "Step 3, verification: each configuration (a neuron_set steered by `factor`, or ablated, at a layer) and the "
     "baseline on the same IFEval prompts (greedy generation) and Pile documents. IFEval metrics in percent; "
     "accuracy = the ifeval_metric; delta = accuracy - baseline (points), ci95 = paired bootstrap 95% CI of delta "
     "over prompts, p_value = exact sign test over the prompts whose score changed; perplexity = exp(mean token "
@@ -26,10 +26,16 @@ DESCRIPTION = (
     "step2-unconfirmed (step 2's selection-best factor, not confirmed); factor_standing says it in words.")
 MODE_NAMES = {"combined": "Combined steering", "cluster_ablation": "Cluster ablation",
               "layer_ablation": "Layer ablation"}  # the original study's names (and its file names)
-FACTOR_SOURCES = {"command-line": "given with --factor",
-                  "step2-confirmed": "step 2's High Impact factor, confirmed on its confirmation half",
-                  "step2-unconfirmed": "step 2's selection-best High Impact factor, NOT confirmed on its "
-                                       "confirmation half"}
+FACTOR_SOURCES = {  # where a steering factor came from: (a few words for figures, the console's sentence)
+    "command-line": ("given with --factor", "given with --factor"),
+    "step2-confirmed": ("confirmed in step 2", "step 2's High Impact factor, confirmed on its confirmation half"),
+    "step2-unconfirmed": ("unconfirmed in step 2", "step 2's selection-best High Impact factor, NOT confirmed on "
+                                                   "its confirmation half")}
+
+
+def factor_source_text(source: str | None, short: bool = False) -> str | None:
+    """A factor's source in words: a few (`short`, for figures) or the console's sentence."""
+    return FACTOR_SOURCES[source][0 if short else 1] if source in FACTOR_SOURCES else source
 
 
 def steering_words(factor: float) -> str:
@@ -77,18 +83,34 @@ def factor_standing(factor: float, source: str, optimal: dict | None) -> str:
             "choose")
 
 
-def configuration_description(name: str, steering: Steering) -> str:
-    """What a configuration ran, in words: 'delta_sensitive set, ×2 amplification at layer 20',
-    'random set, zero ablation at layer 20'."""
-    if not steering.neurons:
-        return "no steering"
-    iv = steering.intervention
-    what = "mean ablation" if iv.kind == "set" else "zero ablation" if iv.factors[0] == 0 else \
-        steering_words(iv.factors[0])
-    return f"{name.removeprefix('ablate_').rsplit('_L', 1)[0]} set, {what} at layer {steering.layer}"
+@dataclass(frozen=True)
+class Configuration:
+    """One configuration step 3 runs: the neuron set it steers (None: the baseline), the steering,
+    and whether it ablates the set (cluster ablation) rather than scaling it."""
+
+    neuron_set: str | None
+    steering: Steering
+    ablated: bool = False
+
+    @property
+    def name(self) -> str:
+        """The original study's name (and its files'): 'baseline', 'delta_sensitive_L20', 'ablate_random_L20'."""
+        if self.neuron_set is None:
+            return "baseline"
+        return f"{'ablate_' if self.ablated else ''}{self.neuron_set}_L{self.steering.layer}"
+
+    def describe(self) -> str:
+        """What it runs, in words: 'delta_sensitive set, ×2 amplification at layer 20', 'random set,
+        zero ablation at layer 20'."""
+        if self.neuron_set is None:
+            return "no steering"
+        iv = self.steering.intervention
+        what = "mean ablation" if iv.kind == "set" else "zero ablation" if iv.factors[0] == 0 else \
+            steering_words(iv.factors[0])
+        return f"{self.neuron_set} set, {what} at layer {self.steering.layer}"
 
 
-BASELINE = Steering()  # no steering
+BASELINE = Configuration(None, Steering())  # no steering
 
 
 def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict[str, list[int]], list[str]]:
@@ -108,20 +130,20 @@ def neuron_sets(step1: Discovery, n_delta_neurons: int, seed: int) -> tuple[dict
 
 
 def configurations(mode: str, sets: dict[str, list[int]], layer: int, layers: list[int], factor: float,
-                   ablation: str, dt_pre_mean: list[float]) -> dict[str, Steering]:
+                   ablation: str, dt_pre_mean: list[float]) -> dict[str, Configuration]:
     """The configurations a mode runs, by name, baseline first. Cluster ablation removes each set as
     step 1 removed single neurons (zero or mean ablation)."""
     if mode == "combined":
-        steered = {f"{k}_L{layer}": Steering(layer, Intervention.scale(v, factor)) for k, v in sets.items()}
+        steered = [Configuration(k, Steering(layer, Intervention.scale(v, factor))) for k, v in sets.items()]
     elif mode == "cluster_ablation":
-        steered = {f"ablate_{k}_L{layer}": Steering(layer, Intervention.ablation(ablation, v, dt_pre_mean))
-                   for k, v in sets.items()}
+        steered = [Configuration(k, Steering(layer, Intervention.ablation(ablation, v, dt_pre_mean)), ablated=True)
+                   for k, v in sets.items()]
     elif mode == "layer_ablation":
-        steered = {f"delta_sensitive_L{at}": Steering(at, Intervention.scale(sets["delta_sensitive"], factor))
-                   for at in layers}
+        steered = [Configuration("delta_sensitive", Steering(at, Intervention.scale(sets["delta_sensitive"], factor)))
+                   for at in layers]
     else:
         raise ValueError(f"unknown mode {mode!r}")
-    return {"baseline": BASELINE, **steered}
+    return {c.name: c for c in [BASELINE, *steered]}
 
 
 @dataclass
@@ -145,7 +167,7 @@ def per_prompt_counts(scores: dict, metric: str) -> tuple[np.ndarray, np.ndarray
     return np.array([float(sum(r[kind])) for r in rows]), np.array([float(len(r[kind])) for r in rows])
 
 
-def entry(name: str, steering: Steering, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
+def entry(configuration: Configuration, outcome: Outcome, baseline: Outcome, metric: str, seed: int) -> dict:
     """One configuration of the results JSON: the four metrics, accuracy, Δ with paired bootstrap CI
     (over prompts) and sign test, perplexity."""
     metrics = {m: round(outcome.scores["metrics"][m], 4) for m in METRICS}
@@ -153,11 +175,12 @@ def entry(name: str, steering: Steering, outcome: Outcome, baseline: Outcome, me
     counts, _ = per_prompt_counts(outcome.scores, metric)
     indices = bootstrap_indices(np.zeros(len(totals)), seed=seed)
     change = compare(base_counts, counts, indices, totals=totals)
-    ppl, base_ppl = outcome.perplexity, baseline.perplexity
+    steering, ppl, base_ppl = configuration.steering, outcome.perplexity, baseline.perplexity
     ppl_change = (perplexity_change(baseline.document_losses, outcome.document_losses, seed)
                   if outcome.document_losses and baseline.document_losses else {})
     return {
-        "name": name, "description": configuration_description(name, steering), "layer": steering.layer,
+        "name": configuration.name, "description": configuration.describe(), "neuron_set": configuration.neuron_set,
+        "ablated": configuration.ablated, "layer": steering.layer,
         "factor": steering.intervention.factors[0] if steering.intervention.kind == "scale" else None,
         "neurons": steering.neurons, **metrics, "accuracy": metrics[metric], **change,
         "perplexity": ppl, "perplexity_delta": None if ppl is None or base_ppl is None else ppl - base_ppl,
@@ -216,7 +239,7 @@ def print_summary(title: str, entries: list[dict], metric: str, factor: float, f
               + (f"\n  * {len(below)} of {len(entries) - 1} Δ are below it: this run could not have told them "
                  "from no effect" if below else ""))
     if any(e["factor"] not in (None, 0) for e in entries):
-        print(f"  factor ×{factor:g}: {FACTOR_SOURCES.get(factor_source, factor_source)}")
+        print(f"  factor ×{factor:g}: {factor_source_text(factor_source)}")
 
 
 def perplexity_cell(e: dict) -> str:

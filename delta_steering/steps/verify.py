@@ -117,7 +117,7 @@ def plan(options: VerifyOptions, source: ModelSource | None) -> Plan:
     return Plan(options, step1, step2, layer, factor, factor_source, standing, prompts, provenance)
 
 
-def planned(context: Context, dt_pre_mean: list[float], mode: str | None = None) -> dict[str, Steering]:
+def planned(context: Context, dt_pre_mean: list[float], mode: str | None = None) -> dict[str, logic.Configuration]:
     """The configurations of one mode, or of all the run's modes, by name, baseline first."""
     return {name: c for m in ([mode] if mode else context.modes)
             for name, c in logic.configurations(m, context.sets, context.layer, context.layers, context.factor,
@@ -152,14 +152,14 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
                       sets, len(plan.prompts), pile_record(texts, "evaluation"), plan.provenance.to_json(),
                       describe(model), {})
     configurations = planned(context, plan.step1.dt_pre_mean)
-    verify_steering_effect(model, [c for c in configurations.values() if c.neurons][:1])
+    verify_steering_effect(model, [c.steering for c in configurations.values() if c.steering.neurons][:1])
 
-    def outcome(name: str, steering: Steering) -> dict:
-        print(f"\n[{name}] {logic.configuration_description(name, steering)}")
-        return asdict(run_configuration(model, tokenizer, steering, plan.prompts, texts, options.max_new_tokens,
-                                        options.batch_size))
+    def outcome(configuration: logic.Configuration) -> dict:
+        print(f"\n[{configuration.name}] {configuration.describe()}")
+        return asdict(run_configuration(model, tokenizer, configuration.steering, plan.prompts, texts,
+                                        options.max_new_tokens, options.batch_size))
 
-    work = {name: partial(outcome, name, c) for name, c in configurations.items()}
+    work = {name: partial(outcome, c) for name, c in configurations.items()}
     return context, run.map(work, "configurations", unit="configuration")
 
 
@@ -175,8 +175,7 @@ def report(plan: Plan, context: Context, results: dict, run: dict) -> Verificati
     print(f"\n{context.factor_standing}")
     for mode in context.modes:
         chosen = planned(context, plan.step1.dt_pre_mean, mode)
-        entries = [logic.entry(name, c, outcomes[name], outcomes["baseline"], metric, seed)
-                   for name, c in chosen.items()]
+        entries = [logic.entry(c, outcomes[name], outcomes["baseline"], metric, seed) for name, c in chosen.items()]
         limit = logic.prompt_limit([outcomes[name] for name in chosen if name != "baseline"], outcomes["baseline"],
                                    metric)
         title = logic.mode_title(mode, context.factor, context.layer, context.layers, context.ablation)
