@@ -9,6 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
 import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()  # the "falling back to the reference kernel" notices
@@ -71,3 +72,13 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the tiny models' ops are too small to gain from threads, and on
+    a shared machine a second thread waiting for a busy core makes every op slow."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,16 +25,7 @@ def torchrun(script: str, argv: list, nltk_data=None) -> subprocess.CompletedPro
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """torchrun starts its CPU workers with OMP_NUM_THREADS=1; float sums depend on the thread count,
-    so the in-process runs use one thread too (results are identical for the same numerics)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def without_run(path) -> dict:

@@ -25,14 +25,7 @@ PROMPTS = [
 MAX_NEW_TOKENS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' ops are too small to gain from threads, and on a shared machine a second
-    thread waiting for a busy core makes every op slow."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @torch.no_grad()
