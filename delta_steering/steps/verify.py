@@ -13,7 +13,8 @@ from pathlib import Path
 from ..analysis import verification as logic
 from ..analysis.metrics import perplexity_of
 from ..analysis.plots import plot_verification
-from ..artifacts import IN_MEMORY, STEP3_FILES, Discovery, Factors, Provenance, Results, Verification, discovery_of, factors_of
+from ..artifacts import (IN_MEMORY, STEP3_FILES, Discovery, Factors, Provenance, Results, Verification,
+                         discovery_of, factors_of)
 from ..data.ifeval import METRICS, load_ifeval_prompts, match_responses, score_responses
 from ..data.pile import load_pile_texts, local_files, pile_record
 from ..engine.generation import generate_greedy
