@@ -6,8 +6,8 @@ Every file records its provenance (`Provenance`): the model as named, the finger
 configuration and weights, its family, the layer, and the SHA-256 of each file it was made from. A
 step reading another step's file checks the model's fingerprint (not its path: the same weights
 elsewhere are a note), the layer and those digests against its own run before the model loads, and
-refuses a mismatch with one line naming the file, the field and both values; `--allow_model_mismatch` and `--transfer_layer` make a deliberate transfer, which the new
-file records under `transferred`.
+refuses a mismatch with one line naming the file, the field and both values; `--allow_model_mismatch`
+and `--transfer_layer` make a deliberate transfer, which the new file records under `transferred`.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ from .results_io import Checkpoint, RunLock, WriteError, fingerprint_difference,
 SHARD_DIR = "shards"
 # arguments that change neither what a step measures nor how it is split into items (the model
 # is there by its weights' fingerprint, among the inputs, not by its path)
-NOT_MEASURED = ("model", "device", "max_memory", "offload_folder", "batch_size", "engine", "chunk_neurons", "output_dir",
-                "save_path", "no_plots", "overwrite", "shard", "merge", "threshold", "ifeval_metric", "score_responses")
+NOT_MEASURED = ("model", "device", "max_memory", "offload_folder", "batch_size", "engine", "chunk_neurons",
+                "output_dir", "save_path", "no_plots", "overwrite", "shard", "merge", "threshold", "ifeval_metric",
+                "score_responses")
 
 
 def fingerprint(arguments: dict, inputs: dict[str, str]) -> dict:

@@ -251,7 +251,7 @@ def test_interrupted_run_resumes_to_the_same_result(setup, result, tmp_path, mon
     step1_file.write_text(setup["step1"].read_text() + "\n")
     capsys.readouterr()
     assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 2  # another version of the step-1 file
-    assert "different arguments (step1_sha256)" in capsys.readouterr().err
+    assert f"another version of step-1 file {step1_file}" in capsys.readouterr().err
     step1_file.write_text(setup["step1"].read_text())
     assert step2(setup, tmp_path, *run, neurons_file=step1_file) == 0
     resumed = json.loads((tmp_path / "cluster9_ablation_results_all_neurons.json").read_text())

@@ -3,8 +3,8 @@
 Steering is an exact edit of the rows that make `dt_pre` (steering.py), so a steered model *is* a
 checkpoint: the source's weight files with those rows replaced by the steered model's, every other
 tensor copied byte for byte in its own dtype, plus the config, generation config and tokenizer, and
-`steering.json`: what was applied, to which source (id and weight-file digests) and how to undo it
-(the original values of every edited row).
+`steering.json`: what was applied, to which source (name, fingerprint and weight-file digests) and
+how to undo it (the original values of every edited row).
 """
 
 from __future__ import annotations

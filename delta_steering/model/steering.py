@@ -181,8 +181,8 @@ def check_finite_outputs(model: nn.Module) -> None:
                    use_cache=False).hidden_states
     if all(torch.isfinite(h).all() for h in hidden):
         return
-    bad = next((name for name, p in model.named_parameters() if p.device.type != "meta" and not torch.isfinite(p).all()),
-               None)
+    bad = next((name for name, p in model.named_parameters()
+                if p.device.type != "meta" and not torch.isfinite(p).all()), None)
     cause = f"its parameter {bad} holds NaN or inf" if bad else "every weight is finite: try --dtype float32"
     raise UsageError(f"the baseline's outputs are not finite: the unsteered model's hidden states on a probe input "
                      f"hold NaN or inf ({cause})")
