@@ -30,6 +30,8 @@ test: install
 
 # The demo: the bundled 24-layer model and its data, offline, on CPU. Each multiple-choice file is
 # split into a fixed-seed discovery half (step 1) and held-out half (step 2), as the built-in tasks are.
+# Step 1 measures all 128 neurons exactly, named rather than left to --method auto (which times the
+# machine), so that every run gives the same files.
 DEMO_MODEL := models/mamba-tiny-demo
 DEMO_DATA := $(DEMO_MODEL)/demo_data
 DEMO_OUT ?= demo_results
@@ -44,7 +46,7 @@ DEMO_COMMON := --model $(DEMO_MODEL) --device cpu --pile_path $(DEMO_DATA)/text.
 # at once (saying where NLTK looked and how to get it) rather than after steps 1 and 2.
 demo: install
 	$(PY) -m delta_steering.data.ifeval
-	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(DEMO_TASK_FILES) --validation_size 200 \
+	$(PY) step1_neuron_discovery.py $(DEMO_COMMON) --tasks $(DEMO_TASK_FILES) --validation_size 200 --method exact \
 	  --save_path $(DEMO_OUT)/discovered_neurons.json --output_dir $(DEMO_OUT)/step1 --overwrite
 	$(PY) step2_steering_factor_determination.py $(DEMO_COMMON) \
 	  --num_examples 100 --factors 0.5,2,5,10 --neurons_file $(DEMO_OUT)/discovered_neurons.json \

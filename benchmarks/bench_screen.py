@@ -95,8 +95,9 @@ def main() -> None:
         ranks[screen] = {e["neuron"]: k + 1 for k, e in enumerate(ranked)}
         recalls = [len(set(top_estimated(estimates, k)) & set(significant)) for k in tops]
         rho = spearman([e["estimated_margin_loss"] for e in estimates], [exact[n]["impact"] for n in neurons])
-        shown = "  ".join(f"{r:>2}/{len(significant):<2} {r / max(len(significant), 1):4.0%}" for r in recalls)
-        print(f"{screen:>9}  {seconds:7.1f}  {shown}  {rho:+.3f}")
+        shown = "  ".join(f"{r:>2}/{len(significant):<2} {r / len(significant):4.0%}" if significant
+                          else "  undefined" for r in recalls)  # no significant neuron: nothing to recall
+        print(f"{screen:>9}  {seconds:7.1f}  {shown}  {'n/a' if rho is None else f'{rho:+.3f}'}")
     print("rank of each significant neuron (of " + f"{len(neurons)}): " + "; ".join(
         f"{n}: " + ", ".join(f"{s} {ranks[s][n]}" for s in SCREENS) for n in significant))
 

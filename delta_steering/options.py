@@ -124,7 +124,7 @@ class DiscoverOptions(SweepOptions):
     high_impact_cut: float = 2.0
     ablation: str = "zero"
     method: str = "auto"
-    exact_budget: float = 900.0  # seconds: --method auto measures exactly when the projected time is within it
+    exact_budget: float = 1800.0  # seconds: --method auto measures exactly when the projected time is within it
     verify_top: int = 50
     recall_sample: int = 32  # screened-out neurons measured exactly, at random, to estimate the screen's recall
 

@@ -93,3 +93,4 @@ def test_a_tokenizer_without_bos_or_eos_exits_2_with_one_line(tiny_model_dir, to
                     "--limit", "2", "--steer", "20:1:2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the tokenizer has neither a BOS nor an EOS token" in err[0], err
+    assert not (tmp_path / "out").exists()  # refused after the folder was locked: the folder goes too

@@ -35,7 +35,7 @@ def test_a_script_without_options_runs_the_steps_defaults(script):
     (DiscoverOptions, {"validation_size": 0}, "--validation_size must be at least 1"),
     (DiscoverOptions, {"batch_size": -4}, "--batch_size must be at least 1"),
     (DiscoverOptions, {"high_impact_cut": -1.0}, "--high_impact_cut must be 0 or more"),
-    (DiscoverOptions, {"method": "guess"}, "--method 'guess': use one of exact, attribution"),
+    (DiscoverOptions, {"method": "guess"}, "--method 'guess': use one of auto, exact, attribution"),
     (AtlasOptions, {"engine": "slow"}, "--engine 'slow': use one of fast, naive"),
     (FactorOptions, {"factors": [1.0]}, "names no steering factor other than 1"),
     (FactorOptions, {"num_examples": 1}, "--num_examples must be at least 2"),

@@ -341,12 +341,11 @@ def test_method_auto_measures_exactly_within_the_budget(tiny_model_dir, task_fil
     assert f"--method auto: {method}: the exact sweep of 10 neurons is projected at" in capsys.readouterr().out
 
 
-def test_method_auto_is_refused_in_a_split_run_leaving_no_folder(tiny_model_dir, task_file, pile_file, tmp_path,
-                                                                  capsys):
-    out = tmp_path / "new" / "out"  # refused after the model loaded, the folder locked
-    assert step1(tiny_model_dir, task_file, pile_file, out, "--neurons", "0-9", "--shard", "0/2") == 2
-    assert "must name --method exact or --method attribution" in one_line(capsys)
-    assert not (tmp_path / "new").exists()
+def test_method_auto_is_exact_in_a_split_run(tiny_model_dir, task_file, pile_file, tmp_path, capsys):
+    assert step1(tiny_model_dir, task_file, pile_file, tmp_path, "--neurons", "0-9", "--shard", "0/2") == 0
+    assert "--method auto: exact: a run split over processes" in capsys.readouterr().out
+    shard = json.loads(next((tmp_path / "shards").glob("step1.shard0of2.json")).read_text())
+    assert shard["context"]["method"] == "exact" and shard["context"]["verified"] is None
 
 
 def test_a_refused_run_leaves_no_empty_folder_it_made(tiny_model_dir, task_file, pile_file, tmp_path, capsys):

@@ -86,26 +86,44 @@ def sweep_correctness_layers(model, tokenizer, examples: list[Example], interven
     return {layer: np.stack([correctness(examples, lp, g) for lp, g in zip(*scores[layer])]) for layer in scores}
 
 
+def spread(encoded: list[Encoded], count: int, runs: int = 8) -> list[Encoded]:
+    """About `count` requests in `runs` runs of consecutive ones spread over the list (a context's
+    requests stay together, as the engines group them)."""
+    width = max(1, count // runs)
+    stride = max(width, len(encoded) // runs)
+    return [e for start in range(0, len(encoded), stride) for e in encoded[start: start + width]][:count]
+
+
 def projected_sweep_seconds(model, tokenizer, encoded: list[Encoded], layer: int, intervention: Intervention,
                             engine: str, chunk_neurons: int, batch_size: int | None = None,
-                            pilot_requests: int = 64) -> float:
+                            pilot_requests: int = 96, pilot_neurons: int = 4) -> float:
     """Seconds that sweeping every neuron of `intervention` would take, as step 1 runs it (one sweep
-    per chunk of `chunk_neurons`), projected from a pilot on an even spread of `pilot_requests`
-    requests: one neuron and three neurons, whose difference separates the per-neuron cost from
-    what a sweep pays once (the fast engine's shared prefix)."""
-    pilot = encoded[::max(1, len(encoded) // pilot_requests)]
-    neurons, seconds = len(intervention.neurons), []
-    counts = (1, min(3, neurons))
-    for count in counts:
-        start = time.perf_counter()
-        sweep_loglikelihoods(model, tokenizer, pilot, layer, intervention.only(intervention.neurons[:count]), engine,
-                             batch_size)
-        seconds.append(time.perf_counter() - start)
-    # timing noise can make three neurons no dearer than one: then each neuron costs its share of the pilot
-    extra = counts[1] - counts[0]
-    per_neuron = (seconds[1] - seconds[0]) / extra if extra and seconds[1] > seconds[0] else seconds[1] / counts[1]
-    once = max(seconds[0] - per_neuron, 0.0)
-    return (once * math.ceil(neurons / chunk_neurons) + per_neuron * neurons) * len(encoded) / len(pilot)
+    per chunk of `chunk_neurons`), projected from two pilots of `pilot_neurons` neurons, on about
+    `pilot_requests` requests and on twice as many (`spread`), after a warm-up. Their difference
+    gives what grows with the requests' tokens, per neuron and per sweep (the fast engine reports its
+    shared prefix apart); the rest of the larger pilot is what a sweep pays whatever its size."""
+    pilots = [spread(encoded, pilot_requests), spread(encoded, 2 * pilot_requests)]
+    tokens = [sum(len(e.tokens) for e in pilot) for pilot in pilots]
+    sample = intervention.only(intervention.neurons[:pilot_neurons])
+    sweep_loglikelihoods(model, tokenizer, pilots[0], layer, sample.only(sample.neurons[:1]), engine, batch_size)
+    measured = []  # per pilot: (seconds in all, of them per neuron)
+    for pilot in pilots:
+        start, parts = time.perf_counter(), {}
+        if engine == "fast":
+            fast_loglikelihoods(model, tokenizer, pilot, layer, sample, batch_size, timings=parts)
+        else:  # the naive engine: all its work is per neuron
+            sweep_loglikelihoods(model, tokenizer, pilot, layer, sample, engine, batch_size)
+        total = time.perf_counter() - start
+        measured.append((total, parts.get("neurons_s", total) / len(sample.neurons)))
+    extra = max(tokens[1] - tokens[0], 1)
+    # per token: each neuron's work, and the rest of a sweep; noise that makes either shrink counts it all
+    per_neuron = max(measured[1][1] - measured[0][1], 0.0) / extra or measured[1][1] / tokens[1]
+    rest = [total - each * len(sample.neurons) for total, each in measured]
+    per_sweep = max(rest[1] - rest[0], 0.0) / extra or rest[1] / tokens[1]
+    fixed = max(rest[1] - per_sweep * tokens[1], 0.0)
+    total_tokens = sum(len(e.tokens) for e in encoded)
+    return (math.ceil(len(intervention.neurons) / chunk_neurons) * (fixed + per_sweep * total_tokens)
+            + len(intervention.neurons) * per_neuron * total_tokens)
 
 
 def layer_sweeps(model, tokenizer, examples: list[Example], neurons: dict[int, list[int]],

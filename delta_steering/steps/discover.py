@@ -120,13 +120,15 @@ def measure(model, tokenizer, plan: Plan, run) -> tuple[Context, dict]:
 
 def choose_method(model, tokenizer, encoded, plan: Plan, ablation: Intervention, engine: str, run) -> str:
     """--method as asked, or for auto: exact when the sweep's projected time (a pilot of the engine,
-    `projected_sweep_seconds`) is within --exact_budget, attribution otherwise, saying which and why."""
+    `projected_sweep_seconds`) is within --exact_budget, attribution otherwise, saying which and why;
+    exact in a run split over processes, whose pilots could disagree."""
     options = plan.options
     if options.method != "auto":
         return options.method
-    if run.workers.world > 1:
-        raise UsageError("--method auto decides by this machine's timing; a run split over processes (--shard, "
-                         "torchrun) must name --method exact or --method attribution so that every process agrees")
+    if run.workers.world > 1:  # each process would time its own pilot, and they might disagree
+        print("--method auto: exact: a run split over processes (--shard, torchrun) does not time a pilot; "
+              "--method attribution screens")
+        return "exact"
     seconds = projected_sweep_seconds(model, tokenizer, encoded, options.layer, ablation.only(plan.neurons), engine,
                                       options.chunk_neurons, options.batch_size)
     method = "exact" if seconds <= options.exact_budget else "attribution"
