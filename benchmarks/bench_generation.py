@@ -18,8 +18,10 @@ default run (32 prompts, 1280 tokens) they came out as: Mamba-1 mean 331 tokens 
 
 Both sides read the same model and stop at EOS or --max_new_tokens, so both give the same texts.
 Ours (`generation.generate_tokens`, continuous batching, the rows' cache passed explicitly) runs at
---batch_size rows before and after lm-eval, once with `use_cache: false` in the model's config and
-generation config (as some Hub checkpoints say) and once with true; its time is their mean. lm-eval
+--batch_size rows four times, with `use_cache` in the model's config and generation config false
+(as some Hub checkpoints say), true, then lm-eval's runs, then true, false: its time is the mean of
+the four, and `use_cache false / true` compares the two of each, whose mean times a drift of the
+machine's speed (or a first run's cost) cannot favour. lm-eval
 runs at its default batch size 1 and at --batch_size (`generate_until` calls `model.generate` on
 static batches, longest prompts first, with `use_cache=True`). The run then times ours at the batch
 size it measures for itself, which step 3 uses by default.
@@ -47,7 +49,7 @@ import numpy as np
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-from workload import SHARED_DATA, load_tokenizer, model_130m_shaped, timed
+from workload import SHARED_DATA, load_tokenizer, model_shaped, timed
 
 from delta_steering.engine import generation
 from delta_steering.results_io import read_jsonl
@@ -171,7 +173,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.tokenizer)
-    model = model_130m_shaped(args.family, torch.float32, args.device, args.seed)
+    model = model_shaped(args.family, torch.float32, args.device, args.seed)
     rows = [row["prompt"] for row in read_jsonl(args.ifeval_path, "IFEval prompts")]
     prompts = rows[:args.prompts]
     mean = mean_tokens(tokenizer, args.responses_path)
@@ -186,29 +188,37 @@ def main() -> None:
     for b in (B, LM_EVAL_DEFAULT_BATCH):  # warm-up on every prompt: allocator, lazy imports, the shapes prefilled
         generation.generate_tokens(model, tokenizer, prompts, 2, batch_size=b)
         lm_eval_texts(model, tokenizer, prompts, 2, b)
-    first, first_s = timed(lambda: ours(model, tokenizer, prompts, args.max_new_tokens, B, False), args.device)
+
+    def run_ours(use_cache: bool) -> tuple[list[list[int]], float]:
+        return timed(lambda: ours(model, tokenizer, prompts, args.max_new_tokens, B, use_cache), args.device)
+
+    before = [run_ours(False), run_ours(True)]  # false, true | lm-eval | true, false: drift cancels in both means
     theirs = {b: timed(lambda: lm_eval_texts(model, tokenizer, prompts, args.max_new_tokens, b), args.device)
               for b in (B, LM_EVAL_DEFAULT_BATCH)}
-    second, second_s = timed(lambda: ours(model, tokenizer, prompts, args.max_new_tokens, B, True), args.device)
+    after = [run_ours(True), run_ours(False)]
     measured_rows = min(generation.batch_size_for(model), len(prompts))
     own, own_s = timed(lambda: ours(model, tokenizer, prompts, args.max_new_tokens, None, True), args.device)
 
-    produced = [len(ids) for ids in first]
+    runs = before + after
+    false_s, true_s = [[s for (_, s), flag in zip(runs, (False, True, True, False)) if flag == want]
+                       for want in (False, True)]
+    produced = [len(ids) for ids in runs[0][0]]
     tokens = sum(produced)
-    ours_s = (first_s + second_s) / 2
+    ours_s = float(np.mean([s for _, s in runs]))
     print(f"responses: {describe_lengths(produced, args.max_new_tokens)}")
-    print(f"ours at batch size {B}: {ours_s:.1f} s, {tokens / ours_s:.1f} tokens/s (continuous batching; "
-          f"{first_s:.1f} s with use_cache false in the config, {second_s:.1f} s with true)")
+    print(f"ours at batch size {B}: {ours_s:.1f} s, {tokens / ours_s:.1f} tokens/s (continuous batching; the mean of "
+          f"4 runs in the order false, true, lm-eval, true, false of use_cache in the config: "
+          + ", ".join(f"{s:.1f} s" for _, s in runs) + ")")
     print(f"ours at its measured batch size {measured_rows}: {own_s:.1f} s, {tokens / own_s:.1f} tokens/s")
     for b, (_, seconds) in theirs.items():
         print(f"lm-eval HFLM.generate_until at batch size {b}{' (its default)' if b == LM_EVAL_DEFAULT_BATCH else ''}: "
               f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s; ours at batch size {B} is {seconds / ours_s:.2f}x faster")
 
-    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in run] for run in (first, second, own)]
+    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in run] for run in [r for r, _ in runs] + [own]]
     texts += [t for t, _ in theirs.values()]
     same = sum(len({run[i] for run in texts}) == 1 for i in range(len(prompts)))
     print(f"identical: {same}/{len(prompts)}")
-    print(f"use_cache false / true: {first_s / second_s:.2f}")
+    print(f"use_cache false / true: {sum(false_s) / sum(true_s):.2f}")
 
     step3_rows = min(generation.batch_size_for(model), STEP3_PROMPTS)
     costs = step_costs(model, max(step3_rows, B, measured_rows))

@@ -25,7 +25,7 @@ import argparse
 import math
 
 import torch
-from workload import SHARED_DATA, TASKS, load_tokenizer, model_130m_shaped, timed
+from workload import SHARED_DATA, TASKS, load_tokenizer, model_shaped, timed
 
 from delta_steering.data.pile import load_pile_texts
 from delta_steering.data.tasks import load_examples
@@ -63,7 +63,7 @@ def hours(seconds: float) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    model = model_130m_shaped(args.family, torch.float32, "cpu", 0)
+    model = model_shaped(args.family, torch.float32, "cpu", 0)
     tokenizer = load_tokenizer(args.tokenizer)
     examples = load_examples(list(TASKS), args.data_dir, "heldout", args.docs)
     encoded = encode_examples(tokenizer, examples)
