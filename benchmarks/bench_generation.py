@@ -35,7 +35,8 @@ run's own prompts is printed beside its measured time, to show how far to trust 
 3's other cost) is not included.
 
 The printout: each run's time and tokens per second; `identical: N/N`, the prompts whose responses
-are equal in every run; `use_cache false / true`; the projection; last `ratio: X` = lm-eval's time
+are equal in every run (when some are not, how many of each run's differ from lm-eval's at batch
+size 1, one prompt at a time); `use_cache false / true`; the projection; last `ratio: X` = lm-eval's time
 at --batch_size / ours at the same batch size. The run exits 1 if any response differs.
 """
 
@@ -212,12 +213,19 @@ def main() -> None:
     print(f"ours at its measured batch size {measured_rows}: {own_s:.1f} s, {tokens / own_s:.1f} tokens/s")
     for b, (_, seconds) in theirs.items():
         print(f"lm-eval HFLM.generate_until at batch size {b}{' (its default)' if b == LM_EVAL_DEFAULT_BATCH else ''}: "
-              f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s; ours at batch size {B} is {seconds / ours_s:.2f}x faster")
+              f"{seconds:.1f} s, {tokens / seconds:.1f} tokens/s; "
+              f"ours at batch size {B} is {seconds / ours_s:.2f}x faster")
 
-    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in run] for run in [r for r, _ in runs] + [own]]
-    texts += [t for t, _ in theirs.values()]
-    same = sum(len({run[i] for run in texts}) == 1 for i in range(len(prompts)))
+    named = {f"ours at batch size {B} (run {k + 1})": run for k, (run, _) in enumerate(runs)}
+    named[f"ours at batch size {measured_rows}"] = own
+    texts = {name: [tokenizer.decode(ids, skip_special_tokens=True) for ids in run] for name, run in named.items()}
+    texts |= {f"lm-eval at batch size {b}": t for b, (t, _) in theirs.items()}
+    same = sum(len({run[i] for run in texts.values()}) == 1 for i in range(len(prompts)))
     print(f"identical: {same}/{len(prompts)}")
+    if same < len(prompts):  # against one prompt at a time: no padding, no batched matrix products
+        reference = texts[f"lm-eval at batch size {LM_EVAL_DEFAULT_BATCH}"]
+        print("differing from lm-eval at batch size 1, prompt by prompt: " + ", ".join(
+            f"{name} {sum(a != b for a, b in zip(run, reference))}" for name, run in texts.items()))
     print(f"use_cache false / true: {sum(false_s) / sum(true_s):.2f}")
 
     step3_rows = min(generation.batch_size_for(model), STEP3_PROMPTS)
