@@ -14,7 +14,8 @@ import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()  # the "falling back to the reference kernel" notices
 
-from tiny import make_model, make_tokenizer, save_tiny  # noqa: E402
+from delta_steering.engine.scoring import encode_examples  # noqa: E402
+from tiny import make_examples, make_model, make_tokenizer, save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +83,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """Multiple-choice (shared contexts), acc_norm and greedy examples, as the built-in tasks make them."""
+    return make_examples()
+
+
+@pytest.fixture(scope="module")
+def encoded(tokenizer, examples):
+    return encode_examples(tokenizer, examples)

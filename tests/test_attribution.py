@@ -15,23 +15,12 @@ from delta_steering.engine.sweep import sweep_loglikelihoods
 from delta_steering.intervention import Intervention
 from delta_steering.model.sites import OutputHead
 from delta_steering.model.steering import steer
-from tiny import make_examples
 
 NEURONS = [0, 13, 31]
 ALL = list(range(32))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return make_examples()
-
-
-@pytest.fixture(scope="module")
-def encoded(tokenizer, examples):
-    return encode_examples(tokenizer, examples)
 
 
 def attribution_estimates(model, tokenizer, examples, encoded, layer, factor):

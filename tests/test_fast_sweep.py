@@ -13,26 +13,16 @@ from delta_steering.model.delta_stats import delta_statistics
 from delta_steering.engine.fast_sweep import fast_loglikelihoods, fast_loglikelihoods_layers
 from delta_steering.intervention import Intervention
 from delta_steering.analysis.metrics import correctness
-from delta_steering.engine.scoring import encode_examples, loglikelihoods
+from delta_steering.engine.scoring import loglikelihoods
 from delta_steering.model.steering import install
 from delta_steering.engine.sweep import layer_sweeps, sweep_correctness, sweep_correctness_layers, sweep_loglikelihoods
-from tiny import make_examples, make_model
+from tiny import make_model
 
 NEURONS = [0, 13, 31]
 LAYERS = [0, 10, 20, 23]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
-
-@pytest.fixture(scope="module")
-def examples():
-    return make_examples()
-
-
-@pytest.fixture(scope="module")
-def encoded(tokenizer, examples):
-    return encode_examples(tokenizer, examples)
 
 
 @pytest.fixture(scope="module")
