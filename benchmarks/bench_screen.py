@@ -3,6 +3,7 @@
     python benchmarks/bench_screen.py                        # the demo model, layer 20, its 4 tasks
     python benchmarks/bench_screen.py --top 12,24,48         # recall at several --verify_top
     python benchmarks/bench_screen.py --model 130m --data_dir ../shared/data/tasks_hf --docs 50 --device cuda
+    python benchmarks/bench_screen.py --model 130m --data_dir ../shared/data/tasks_hf --docs 20 --sample 128
 
 Every delta neuron of the layer is zero-ablated exactly by the fast engine (step 1's `--method
 exact`: impacts, sign tests, Benjamini-Hochberg over the layer) and estimated by each screen of
@@ -10,8 +11,11 @@ exact`: impacts, sign tests, Benjamini-Hochberg over the layer) and estimated by
 order after it). For each screen and each K it prints the recall: the share of the exactly
 significant neurons (q < 0.05) among the screen's top K (step 1's choice of neurons to re-measure),
 then each significant neuron's rank under each screen, and the Spearman correlation of the estimated
-margin loss with the exact impact over all neurons. `--model 130m` is a random-weight model of mamba-130m's shape
-(benchmarks/workload.py) with the GPT-NeoX tokenizer, on the study's six tasks from `--data_dir`.
+margin loss with the exact impact over the neurons measured. `--model 130m` is a random-weight model
+of mamba-130m's shape (benchmarks/workload.py) with the GPT-NeoX tokenizer, on the study's six tasks
+from `--data_dir`.
+`--sample N` measures exactly only a seeded random sample of N neurons (the screens still rank all):
+significance (Benjamini-Hochberg over the sample), recall and Spearman are then the sample's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from workload import load_tokenizer, model_shaped
 
 from delta_steering.analysis.estimates import estimated_impacts
-from delta_steering.analysis.impacts import estimate_records, neuron_impacts, top_estimated
+from delta_steering.analysis.impacts import estimate_records, neuron_impacts, recall_sample, top_estimated
 from delta_steering.analysis.stats import is_significant, spearman
 from delta_steering.data.tasks import load_examples
 from delta_steering.engine.attribution import SCREENS, attribution
@@ -65,14 +69,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample", type=int, default=None, help="measure exactly only N random neurons")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer, examples = load(args)
-    neurons = list(range(num_delta_neurons(model)))
+    every = list(range(num_delta_neurons(model)))
+    neurons = recall_sample(every, args.sample, args.seed) if args.sample else every
     encoded = encode_examples(tokenizer, examples)
     ablation = Intervention.ablation("zero", neurons)
-    print(f"{args.model}, layer {args.layer}: {len(neurons)} neurons zero-ablated on {len(examples)} discovery "
-          f"examples ({len(encoded)} requests)")
+    print(f"{args.model}, layer {args.layer}: {len(neurons)} of {len(every)} neurons zero-ablated on {len(examples)} "
+          f"discovery examples ({len(encoded)} requests)")
 
     start = time.perf_counter()
     baseline = score_examples(model, tokenizer, examples, encoded=encoded)
@@ -85,20 +91,21 @@ def main() -> None:
 
     tops = [int(k) for k in args.top.split(",")]
     ranks = {}
-    print(f"{'screen':>9}  {'seconds':>7}  " + "  ".join(f"recall@{k:<4}" for k in tops) + "  Spearman(all)")
+    print(f"{'screen':>9}  {'seconds':>7}  " + "  ".join(f"recall@{k:<4}" for k in tops) + "  Spearman(measured)")
     for screen in SCREENS:
         start = time.perf_counter()
-        att = attribution(model, tokenizer, examples, encoded, args.layer, ablation, screen=screen)
+        att = attribution(model, tokenizer, examples, encoded, args.layer, Intervention.ablation("zero", every),
+                          screen=screen)
         seconds = time.perf_counter() - start
-        estimates = estimate_records(neurons, *estimated_impacts(examples, att))
+        estimates = estimate_records(every, *estimated_impacts(examples, att))
         ranked = sorted(estimates, key=lambda e: (-e["estimated_impact"], -e["estimated_margin_loss"], e["neuron"]))
         ranks[screen] = {e["neuron"]: k + 1 for k, e in enumerate(ranked)}
         recalls = [len(set(top_estimated(estimates, k)) & set(significant)) for k in tops]
-        rho = spearman([e["estimated_margin_loss"] for e in estimates], [exact[n]["impact"] for n in neurons])
+        rho = spearman([estimates[n]["estimated_margin_loss"] for n in neurons], [exact[n]["impact"] for n in neurons])
         shown = "  ".join(f"{r:>2}/{len(significant):<2} {r / len(significant):4.0%}" if significant
                           else "  undefined" for r in recalls)  # no significant neuron: nothing to recall
         print(f"{screen:>9}  {seconds:7.1f}  {shown}  {'n/a' if rho is None else f'{rho:+.3f}'}")
-    print("rank of each significant neuron (of " + f"{len(neurons)}): " + "; ".join(
+    print("rank of each significant neuron (of " + f"{len(every)}): " + "; ".join(
         f"{n}: " + ", ".join(f"{s} {ranks[s][n]}" for s in SCREENS) for n in significant))
 
 
