@@ -62,6 +62,7 @@ from lm_eval.models.huggingface import HFLM
 from workload import SHARED_DATA, load_tokenizer, model_shaped, timed
 
 from delta_steering.engine import generation
+from delta_steering.engine.batching import token_budget
 from delta_steering.results_io import read_jsonl
 
 LM_EVAL_DEFAULT_BATCH = 1
@@ -189,10 +190,15 @@ def step_costs(model, most: int) -> dict[int, float]:
     return {rows: generation.step_seconds(model, rows) for rows in sizes}
 
 
-def prefill_seconds(model, tokenizer, prompts: list[str], batch_size: int) -> float:
-    """Seconds per prompt of reading prompts in batches of `batch_size`, shortest first."""
-    encoded = sorted((tokenizer(p, add_special_tokens=False).input_ids for p in prompts), key=len)
-    chunks = [encoded[k:k + batch_size] for k in range(0, len(encoded), batch_size)]
+def prefill_seconds(model, tokenizer, prompts: list[str], rows: int) -> float:
+    """Seconds per prompt of reading prompts as continuous batching on `rows` rows reads them
+    (`generation.next_prefill`: shortest first, padding bounded)."""
+    encoded = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    queue = deque(sorted(range(len(encoded)), key=lambda i: len(encoded[i])))
+    budget = token_budget(model, max(len(e) for e in encoded))
+    chunks = []
+    while queue:
+        chunks.append([encoded[i] for i in generation.next_prefill(queue, encoded, rows, budget)])
     _, seconds = timed(lambda: [generation.prefill(model, chunk, tokenizer.pad_token_id) for chunk in chunks], "cpu")
     return seconds / len(prompts)
 
@@ -274,15 +280,16 @@ def main() -> None:
     costs = step_costs(model, max(step3_rows, B, measured_rows))
     per_prompt = prefill_seconds(model, tokenizer, rows[:STEP3_PROMPTS], step3_rows)
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-    check = simulated_seconds(decode_steps([produced[i] for i in order], args.max_new_tokens), B, costs, per_prompt)
+    check = simulated_seconds(decode_steps([produced[i] for i in order], args.max_new_tokens), B, costs,
+                              prefill_seconds(model, tokenizer, prompts, B))  # read as the run reads them
     rng = np.random.default_rng(0)
     draws = [simulated_seconds(decode_steps(np.minimum(rng.geometric(1 / (mean + 1), STEP3_PROMPTS) - 1,
                                                        STEP3_MAX_NEW_TOKENS), STEP3_MAX_NEW_TOKENS),
                                step3_rows, costs, per_prompt) for _ in range(DRAWS)]
     longest = simulated_seconds([STEP3_MAX_NEW_TOKENS - 1] * STEP3_PROMPTS, step3_rows, costs, per_prompt)
     print("step costs measured: " + ", ".join(f"{r} rows {s * 1000:.0f} ms" for r, s in costs.items())
-          + f"; prefill {per_prompt * 1000:.0f} ms a prompt; this run's ours at batch size {B} simulated "
-          f"{check:.1f} s against {ours_s:.1f} s measured")
+          + f"; prefill {per_prompt * 1000:.0f} ms a prompt in batches of {step3_rows}; this run's ours at batch "
+          f"size {B} simulated {check:.1f} s against {ours_s:.1f} s measured")
     print(f"projected default step 3 generation on this CPU ({STEP3_BOTH} configurations of --both x "
           f"{STEP3_PROMPTS} prompts, up to {STEP3_MAX_NEW_TOKENS} new tokens, {step3_rows} rows): "
           f"{STEP3_BOTH * np.mean(draws) / 3600:.2f} h with lengths like GPT-4's (mean {mean:.0f} tokens), "

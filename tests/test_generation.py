@@ -4,6 +4,7 @@ batches; EOS stops a sequence; steering is active during prefill and cached deco
 used whatever the checkpoint's config says; the batch size is measured."""
 
 import copy
+from collections import deque
 
 import pytest
 import torch
@@ -108,7 +109,7 @@ def one_token_forwards(model) -> tuple[list, object]:
     return shapes, hook
 
 
-def test_finished_rows_are_refilled_from_the_queue(tiny_model, tokenizer):
+def test_finished_rows_are_refilled_from_the_queue(tiny_model, tokenizer, monkeypatch):
     """12 prompts on 3 rows with responses of varying length: each prompt's tokens are
     model.generate's alone, every step after a prefill reads one token per row, and there are
     fewer steps than static batches of 3 would take (each running to its longest response)."""
@@ -118,17 +119,51 @@ def test_finished_rows_are_refilled_from_the_queue(tiny_model, tokenizer):
     lengths = [len(ids) + (len(ids) < 12) for ids in alone]  # steps each prompt needs (its EOS included)
     assert len(set(lengths)) >= 4
     shapes, hook = one_token_forwards(model)
+    prefilled = []  # indices of the shapes recorded by prefills (a one-token prompt's is (rows, 1) too)
+    real_prefill = generation.prefill
+
+    def prefill(*args):
+        start = len(shapes)
+        out = real_prefill(*args)
+        prefilled.extend(range(start, len(shapes)))
+        return out
+
+    monkeypatch.setattr(generation, "prefill", prefill)
     try:
         out = generate_greedy(model, tokenizer, prompts, 12, batch_size=3)
     finally:
         hook.remove()
     assert out == [tokenizer.decode(ids, skip_special_tokens=True) for ids in alone]
-    steps = [s for s in shapes if s[1] == 1]
+    steps = [s for k, s in enumerate(shapes) if k not in set(prefilled)]
+    assert all(s[1] == 1 for s in steps)
     assert all(s[0] <= 3 for s in steps)
     by_length = sorted(range(12), key=lambda i: len(tokenizer(prompts[i]).input_ids))
     static_steps = sum(max(lengths[i] for i in by_length[k:k + 3]) - 1 for k in range(0, 12, 3))
     assert len(steps) < static_steps
     assert sum(s[0] for s in steps) == sum(n - 1 for n in lengths)  # no finished row keeps stepping
+
+
+def test_prefill_batches_keep_rows_budget_and_padding_bounds():
+    """Prompts are taken shortest first, at most `rows` and `budget` padded tokens a batch, padding at
+    most PAD_WASTE x their own tokens; every prompt is taken once, in order."""
+    lengths = [16, 18, 20, 21, 30, 31, 40, 41, 42, 107, 300]
+    encoded = [[0] * n for n in lengths]
+
+    def batches(rows: int, budget: int) -> list[list[int]]:
+        queue, out = deque(range(len(lengths))), []
+        while queue:
+            out.append(generation.next_prefill(queue, encoded, rows, budget))
+        assert [i for b in out for i in b] == list(range(len(lengths)))
+        for batch in out:
+            padded, own = len(batch) * lengths[batch[-1]], sum(lengths[i] for i in batch)
+            assert len(batch) <= rows
+            assert len(batch) == 1 or (padded <= budget and padded <= generation.PAD_WASTE * own)
+        return out
+
+    # rows bound the first two; 42 with 107 would pad 149 tokens to 214, 107 with 300 407 to 600
+    assert batches(rows=4, budget=1000) == [[0, 1, 2, 3], [4, 5, 6, 7], [8], [9], [10]]
+    # the budget alone: 16-21 would be 84 padded tokens (1.12x their own)
+    assert batches(rows=16, budget=80)[0] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("family", sorted(TINY))
