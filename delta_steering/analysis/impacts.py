@@ -203,9 +203,10 @@ def print_recall(recall: dict) -> None:
         print("  no neuron tested significant: recall undefined")
         return
     low, high = recall["recall_ci95"]
+    fewest, most = recall["missed_ci95"]
     print(f"  estimated recall {recall['estimated_recall']:.0%} (95% CI {low:.0%}-{high:.0%}): "
-          f"{recall['verified_significant']} significant among the picked, about {recall['estimated_missed']:g} missed "
-          f"(95% CI {recall['missed_ci95'][0]:g}-{recall['missed_ci95'][1]:g})")
+          f"{recall['verified_significant']} significant among the picked, about "
+          f"{recall['estimated_missed']:.0f} missed (95% CI {fewest:.0f}-{most:.0f})")
 
 
 def attach_estimates(records: list[dict], estimates: list[dict]) -> dict:
