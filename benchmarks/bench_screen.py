@@ -16,6 +16,13 @@ of mamba-130m's shape (benchmarks/workload.py) with the GPT-NeoX tokenizer, on t
 from `--data_dir`.
 `--sample N` measures exactly only a seeded random sample of N neurons (the screens still rank all):
 significance (Benjamini-Hochberg over the sample), recall and Spearman are then the sample's.
+
+A random-weight model answers at chance, and ablating one of its neurons rarely flips an answer, so
+significance may find nothing to recall. The run therefore also measures each neuron's exact margin
+loss (the screens' continuous score, `analysis.estimates`: the task-weighted mean drop of the label's
+lead over the best other choice) on the tasks without greedy examples (lambada's greedy margin needs
+the logits), and prints the Spearman correlation of each screen's estimate with it and the recall of
+the exact top decile by margin loss.
 """
 
 from __future__ import annotations
@@ -24,16 +31,18 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from workload import load_tokenizer, model_shaped
 
-from delta_steering.analysis.estimates import estimated_impacts
+from delta_steering.analysis.estimates import estimated_impacts, example_margins
+from delta_steering.analysis.metrics import CHOICE_SCORES, correctness, example_weights
 from delta_steering.analysis.impacts import estimate_records, neuron_impacts, recall_sample, top_estimated
 from delta_steering.analysis.stats import is_significant, spearman
 from delta_steering.data.tasks import load_examples
 from delta_steering.engine.attribution import SCREENS, attribution
-from delta_steering.engine.scoring import encode_examples, score_examples
-from delta_steering.engine.sweep import sweep_correctness
+from delta_steering.engine.scoring import encode_examples, loglikelihoods
+from delta_steering.engine.sweep import sweep_loglikelihoods
 from delta_steering.intervention import Intervention
 from delta_steering.model.loading import load_mamba_model
 from delta_steering.model.sites import num_delta_neurons
@@ -55,6 +64,16 @@ def load(args):
         model, tokenizer = load_mamba_model(args.model, args.device)
         tasks = args.tasks or DEMO_TASKS
     return model, tokenizer, load_examples(tasks.split(","), args.data_dir, "discovery", args.docs)
+
+
+def exact_margin_loss(examples, base_logprob: np.ndarray, ablated_logprob: np.ndarray) -> np.ndarray | None:
+    """Each measured neuron's exact margin loss (`estimated_impacts`' score, from exact log-probs);
+    None when some example is greedy (its margin needs the logits)."""
+    if any(CHOICE_SCORES[e.metric] is None for e in examples):
+        return None
+    weights = example_weights(examples)
+    base = example_margins(examples, base_logprob)
+    return (base[None, :] - example_margins(examples, ablated_logprob)) @ weights / 100.0
 
 
 def main() -> None:
@@ -81,17 +100,23 @@ def main() -> None:
           f"discovery examples ({len(encoded)} requests)")
 
     start = time.perf_counter()
-    baseline = score_examples(model, tokenizer, examples, encoded=encoded)
-    ablated = sweep_correctness(model, tokenizer, examples, args.layer, ablation, "fast", encoded=encoded)
+    base_scores = loglikelihoods(model, tokenizer, encoded)
+    baseline = correctness(examples, *base_scores)
+    swept = sweep_loglikelihoods(model, tokenizer, encoded, args.layer, ablation, "fast")
+    ablated = np.stack([correctness(examples, lp, g) for lp, g in zip(*swept)])
     records = neuron_impacts(examples, baseline, ablated, neurons, [0.0] * len(neurons), args.seed)
     exact = {r["neuron"]: r for r in records}
     significant = sorted(n for n, r in exact.items() if is_significant(r["q_value"]))
     print(f"exact (fast engine): {time.perf_counter() - start:.1f} s; {len(significant)} significant (BH q < 0.05): "
           + ", ".join(f"{n} ({exact[n]['impact']:+.2f})" for n in significant))
 
+    margin_loss = exact_margin_loss(examples, base_scores[0], swept[0])
+    top_decile = np.argsort(-margin_loss)[:max(1, len(neurons) // 10)] if margin_loss is not None else []
+    decile = {neurons[k] for k in top_decile}
     tops = [int(k) for k in args.top.split(",")]
     ranks = {}
-    print(f"{'screen':>9}  {'seconds':>7}  " + "  ".join(f"recall@{k:<4}" for k in tops) + "  Spearman(measured)")
+    print(f"{'screen':>9}  {'seconds':>7}  " + "  ".join(f"recall@{k:<4}" for k in tops) + "  Spearman(measured)"
+          + "  margin: Spearman, top-decile recall@" + ",".join(map(str, tops)))
     for screen in SCREENS:
         start = time.perf_counter()
         att = attribution(model, tokenizer, examples, encoded, args.layer, Intervention.ablation("zero", every),
@@ -104,7 +129,10 @@ def main() -> None:
         rho = spearman([estimates[n]["estimated_margin_loss"] for n in neurons], [exact[n]["impact"] for n in neurons])
         shown = "  ".join(f"{r:>2}/{len(significant):<2} {r / len(significant):4.0%}" if significant
                           else "  undefined" for r in recalls)  # no significant neuron: nothing to recall
-        print(f"{screen:>9}  {seconds:7.1f}  {shown}  {'n/a' if rho is None else f'{rho:+.3f}'}")
+        margin = "n/a (greedy examples)" if margin_loss is None else (
+            f"{spearman([estimates[n]['estimated_margin_loss'] for n in neurons], list(margin_loss)):+.3f}, "
+            + ", ".join(f"{len(set(top_estimated(estimates, k)) & decile)}/{len(decile)}" for k in tops))
+        print(f"{screen:>9}  {seconds:7.1f}  {shown}  {'n/a' if rho is None else f'{rho:+.3f}':>18}  {margin}")
     print("rank of each significant neuron (of " + f"{len(every)}): " + "; ".join(
         f"{n}: " + ", ".join(f"{s} {ranks[s][n]}" for s in SCREENS) for n in significant))
 
