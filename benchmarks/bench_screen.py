@@ -104,7 +104,7 @@ def main() -> None:
     baseline = correctness(examples, *base_scores)
     swept = sweep_loglikelihoods(model, tokenizer, encoded, args.layer, ablation, "fast")
     ablated = np.stack([correctness(examples, lp, g) for lp, g in zip(*swept)])
-    records = neuron_impacts(examples, baseline, ablated, neurons, [0.0] * len(neurons), args.seed)
+    records = neuron_impacts(examples, baseline, ablated, neurons, [0.0] * len(every), args.seed)
     exact = {r["neuron"]: r for r in records}
     significant = sorted(n for n, r in exact.items() if is_significant(r["q_value"]))
     print(f"exact (fast engine): {time.perf_counter() - start:.1f} s; {len(significant)} significant (BH q < 0.05): "
