@@ -3,7 +3,8 @@
     python benchmarks/bench_screen.py                        # the demo model, layer 20, its 4 tasks
     python benchmarks/bench_screen.py --top 12,24,48         # recall at several --verify_top
     python benchmarks/bench_screen.py --model 130m --data_dir ../shared/data/tasks_hf --docs 50 --device cuda
-    python benchmarks/bench_screen.py --model 130m --data_dir ../shared/data/tasks_hf --docs 20 --sample 128
+    python benchmarks/bench_screen.py --model 130m --data_dir ../shared/data/tasks_hf --docs 10 --sample 40 \\
+        --tasks hellaswag,piqa,arc_easy,arc_challenge,winogrande --top 50,100,200   # margins need no lambada
 
 Every delta neuron of the layer is zero-ablated exactly by the fast engine (step 1's `--method
 exact`: impacts, sign tests, Benjamini-Hochberg over the layer) and estimated by each screen of
@@ -36,8 +37,8 @@ import torch
 from workload import load_tokenizer, model_shaped
 
 from delta_steering.analysis.estimates import estimated_impacts, example_margins
-from delta_steering.analysis.metrics import CHOICE_SCORES, correctness, example_weights
 from delta_steering.analysis.impacts import estimate_records, neuron_impacts, recall_sample, top_estimated
+from delta_steering.analysis.metrics import CHOICE_SCORES, correctness, example_weights
 from delta_steering.analysis.stats import is_significant, spearman
 from delta_steering.data.tasks import load_examples
 from delta_steering.engine.attribution import SCREENS, attribution
