@@ -41,6 +41,38 @@ def shared_data():
 
 
 @pytest.fixture(scope="session")
+def builtin_examples():
+    """`load_task(name, shared tasks_hf).examples`, loaded once a session: hellaswag alone takes tens of
+    seconds through lm-eval, and several modules check the same tasks."""
+    import functools
+
+    from delta_steering.data.tasks import load_task
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (real data for checks lives there)")
+    return functools.cache(lambda name: load_task(name, str(SHARED_DATA / "tasks_hf")).examples)
+
+
+@pytest.fixture(scope="session")
+def lm_eval_docs():
+    """lm-eval's own task object for a built-in task and the documents it evaluates, once a session."""
+    import functools
+
+    from handwritten_tasks import BUILTIN_TASKS
+    from lm_eval_reference import lm_eval_task
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (real data for checks lives there)")
+
+    @functools.cache
+    def build(name):
+        task = lm_eval_task(name, str(SHARED_DATA / "tasks_hf" / name / f"{BUILTIN_TASKS[name].split}.jsonl"))
+        return task, list(task.test_docs() if task.has_test_docs() else task.validation_docs())
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def two_layer_model_dir(tmp_path_factory):
     """A 2-layer tiny model, for end-to-end runs on long real-data sequences."""
     return save_tiny(tmp_path_factory.mktemp("tiny-2-layer"), num_hidden_layers=2)

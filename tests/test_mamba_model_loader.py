@@ -12,6 +12,7 @@ import torch
 from delta_steering.cli import UsageError
 from conftest import ROOT
 from mamba_model_loader import describe, load_mamba_model
+from scripts import run_main
 
 
 def test_round_trip_of_a_saved_tiny_model(tiny_model_dir, tiny_model, tokenizer):
@@ -113,7 +114,7 @@ def test_cli_prints_the_summary_and_exits_2_on_bad_input(tiny_model_dir):
 
 @pytest.mark.parametrize("name", ["falcon_mamba", "jamba", "zamba", "mamba2", "bamba", "zamba2", "nemotron_h",
                                   "granitemoehybrid", "falcon_h1"])
-def test_every_family_loads_from_a_local_directory(name, tokenizer, tmp_path):
+def test_every_family_loads_from_a_local_directory(name, tokenizer, tmp_path, capsys):
     from families import TINY, make_tiny
 
     model = make_tiny(name, vocab_size=len(tokenizer))
@@ -126,9 +127,10 @@ def test_every_family_loads_from_a_local_directory(name, tokenizer, tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     info = describe(loaded)
     assert info["family"] == name and info["delta_neurons_per_layer"] == (4 if TINY[name][2] == "mamba2" else 32)
-    done = subprocess.run([sys.executable, "mamba_model_loader.py", str(tmp_path), "--device", "cpu"],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0 and f"family: {name}" in done.stdout and "ssm_layers:" in done.stdout
+    capsys.readouterr()
+    assert run_main("mamba_model_loader", [tmp_path, "--device", "cpu"]) == 0  # the script, in-process
+    printed = capsys.readouterr().out
+    assert f"family: {name}" in printed and "ssm_layers:" in printed
 
 
 def test_original_mamba2_checkpoint_is_converted(tokenizer, tmp_path):

@@ -279,13 +279,10 @@ def test_acc_norm_divides_by_characters_not_bytes():
 
 
 @pytest.mark.parametrize("doc_id", [6053, 9372])
-def test_acc_norm_equals_lm_evals_process_results_on_non_ascii_hellaswag(shared_data, doc_id):
-    from delta_steering.data.tasks import load_task
-    from lm_eval_reference import lm_eval_task
-
-    task = lm_eval_task("hellaswag", str(shared_data / "tasks_hf" / "hellaswag" / "validation.jsonl"))
-    doc = list(task.validation_docs())[doc_id]
-    example = load_task("hellaswag", str(shared_data / "tasks_hf")).examples[doc_id]
+def test_acc_norm_equals_lm_evals_process_results_on_non_ascii_hellaswag(builtin_examples, lm_eval_docs, doc_id):
+    task, docs = lm_eval_docs("hellaswag")
+    doc = docs[doc_id]
+    example = builtin_examples("hellaswag")[doc_id]
     assert list(example.choices) == task.doc_to_choice(doc)
     lls = disagreeing_loglikelihoods(list(example.choices), example.label)
     expected = task.process_results(doc, [(float(ll), False) for ll in lls])["acc_norm"]

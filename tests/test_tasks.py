@@ -11,13 +11,12 @@ from delta_steering.errors import UsageError
 from delta_steering.analysis.metrics import correctness
 from delta_steering.data.tasks import load_examples, load_task, load_tasks, partition
 from handwritten_tasks import BUILTIN_TASKS, handwritten_examples
-from lm_eval_reference import lm_eval_task
 
 
 @pytest.mark.parametrize("name", list(BUILTIN_TASKS))
-def test_the_six_tasks_equal_the_handwritten_reference_on_every_document(shared_data, name):
+def test_the_six_tasks_equal_the_handwritten_reference_on_every_document(shared_data, builtin_examples, name):
     data_file = shared_data / "tasks_hf" / name / f"{BUILTIN_TASKS[name].split}.jsonl"
-    ours = load_task(name, str(shared_data / "tasks_hf")).examples
+    ours = builtin_examples(name)
     reference = handwritten_examples(name, str(data_file))
     assert len(ours) == len(reference)
     for a, b in zip(ours, reference):
@@ -26,13 +25,11 @@ def test_the_six_tasks_equal_the_handwritten_reference_on_every_document(shared_
 
 
 @pytest.mark.parametrize("name", ["hellaswag", "piqa", "arc_challenge", "winogrande"])
-def test_per_document_metric_equals_lm_evals_process_results(shared_data, name):
+def test_per_document_metric_equals_lm_evals_process_results(builtin_examples, lm_eval_docs, name):
     """Random log-likelihoods scored by this project and by lm-eval's own task agree document by
     document (the first 300)."""
-    data_file = shared_data / "tasks_hf" / name / f"{BUILTIN_TASKS[name].split}.jsonl"
-    task = lm_eval_task(name, str(data_file))
-    docs = list(task.test_docs() if task.has_test_docs() else task.validation_docs())
-    ours = load_task(name, str(shared_data / "tasks_hf")).examples
+    task, docs = lm_eval_docs(name)
+    ours = builtin_examples(name)
     rng = np.random.default_rng(0)
     for example in ours[:300]:
         lls = -rng.uniform(1, 40, len(example.requests))
