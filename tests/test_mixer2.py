@@ -107,8 +107,13 @@ def test_lean_state_update_patches_mamba2_alone_and_restores_even_on_error():
     module = sys.modules[reference.__module__]
     with lean_state_update(make_tiny("bamba")):
         assert module.mamba2_selective_state_update is reference
+    model = make_tiny("mamba2", num_hidden_layers=2)
     with pytest.raises(RuntimeError):
-        with lean_state_update(make_tiny("mamba2", num_hidden_layers=2)):
-            assert module.mamba2_selective_state_update is not reference
+        with lean_state_update(model):
+            lean = module.mamba2_selective_state_update
+            assert lean is not reference
+            with lean_state_update(model):  # opened inside: unchanged, and left so on exit
+                assert module.mamba2_selective_state_update is lean
+            assert module.mamba2_selective_state_update is lean
             raise RuntimeError("interrupted")
     assert module.mamba2_selective_state_update is reference

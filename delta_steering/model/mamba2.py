@@ -99,6 +99,7 @@ def state_update(reference):
             out = out * F.silu(z)
         return out
 
+    update.lean = True  # `lean_state_update` opened inside another leaves it as it is
     return update
 
 
@@ -107,11 +108,11 @@ def lean_state_update(model):
     """While open, a Mamba-2 model's one-token cached steps on CPU update the SSM state with
     `state_update` (a generation step at mamba2-130m's shape in about 0.7x the time, the same
     numbers: tests/test_mixer2.py). Other families, and transformers versions without a module-level
-    `mamba2_selective_state_update`, are left as they are."""
+    `mamba2_selective_state_update`, are left as they are; opened inside another, it changes nothing."""
     blocks = decoder_layers(model) if family_of(model).name == "mamba2" else []
     module = sys.modules[type(blocks[0].mixer).__module__] if blocks else None
     reference = getattr(module, "mamba2_selective_state_update", None)
-    if reference is None:
+    if reference is None or getattr(reference, "lean", False):
         yield
         return
     module.mamba2_selective_state_update = state_update(reference)
