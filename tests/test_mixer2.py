@@ -60,7 +60,10 @@ def test_mixers_that_compute_on_a_gpu_keep_the_configured_chunk():
 def update_inputs(batch=3, heads=8, head_dim=16, size=32, groups=2, seed=0):
     """A one-token step's arguments, expanded as transformers' `mamba2_scan_forward` passes them."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
     A = -torch.rand(heads, generator=g) * 4
     return dict(state=r(batch, heads, head_dim, size), x=r(batch, heads, head_dim),
                 dt=r(batch, 1, heads).transpose(1, 2).expand(-1, -1, head_dim),
@@ -78,8 +81,10 @@ def test_the_lean_state_update_gives_transformers_numbers_bit_for_bit(groups):
     """Output and the state updated in place, against transformers' own reference on the same inputs."""
     reference = transformers_update()
     theirs, ours = update_inputs(groups=groups), update_inputs(groups=groups)
-    call = lambda update, a: update(*(a[k] for k in ("state", "x", "dt", "A", "B", "C", "D")),  # noqa: E731
-                                    dt_bias=a["dt_bias"], dt_softplus=True)  # as mamba2_scan_forward calls it
+
+    def call(update, a):  # as mamba2_scan_forward calls it
+        return update(*(a[k] for k in ("state", "x", "dt", "A", "B", "C", "D")), dt_bias=a["dt_bias"], dt_softplus=True)
+
     expected, got = call(reference, theirs), call(state_update(reference), ours)
     assert torch.equal(got, expected)
     assert torch.equal(ours["state"], theirs["state"])
