@@ -1,12 +1,14 @@
 """The chunk size Mamba-2's forwards scan at on CPU while requests are scored (`short_chunks`), and the
-one-token state update that generation uses there (`lean_state_update`)."""
+one-token cached step that generation uses there (`lean_state_update`: the state updated in place,
+with less arithmetic), against transformers' own functions."""
 
 import sys
 
 import pytest
 import torch
 
-from delta_steering.model.mamba2 import chunk_size_for, lean_state_update, short_chunks, state_update
+from delta_steering.model.mamba2 import (LEAN, chunk_size_for, in_place_scan, lean_state_update, short_chunks,
+                                         state_update)
 from delta_steering.model.sites import decoder_layers
 from families import make_tiny
 
@@ -107,18 +109,93 @@ def test_inputs_the_lean_update_does_not_cover_go_to_the_reference():
     assert calls == [torch.bfloat16, torch.float32]
 
 
+def transformers_functions() -> tuple:
+    module = sys.modules[transformers_update().__module__]
+    return module, tuple(getattr(module, name) for name in LEAN)
+
+
 def test_lean_state_update_patches_mamba2_alone_and_restores_even_on_error():
-    reference = transformers_update()
-    module = sys.modules[reference.__module__]
+    module, references = transformers_functions()
+
+    def current():
+        return tuple(getattr(module, name) for name in LEAN)
+
     with lean_state_update(make_tiny("bamba")):
-        assert module.mamba2_selective_state_update is reference
+        assert current() == references
     model = make_tiny("mamba2", num_hidden_layers=2)
     with pytest.raises(RuntimeError):
         with lean_state_update(model):
-            lean = module.mamba2_selective_state_update
-            assert lean is not reference
+            lean = current()
+            assert all(a is not b for a, b in zip(lean, references))
             with lean_state_update(model):  # opened inside: unchanged, and left so on exit
-                assert module.mamba2_selective_state_update is lean
-            assert module.mamba2_selective_state_update is lean
+                assert current() == lean
+            assert current() == lean
             raise RuntimeError("interrupted")
-    assert module.mamba2_selective_state_update is reference
+    assert current() == references
+
+
+def cached_steps(model, lean: bool, steps: int = 4, seed: int = 0):
+    """A prompt batch read, then `steps` one-token cached steps: each step's logits and the cache."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (3, 5), generator=g)
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+        cache, logits = out.past_key_values, []
+        for _ in range(steps):
+            token = torch.randint(0, model.config.vocab_size, (3, 1), generator=g)
+            if lean:
+                with lean_state_update(model):
+                    logits.append(model(input_ids=token, cache=cache, use_cache=True).logits)
+            else:
+                logits.append(model(input_ids=token, cache=cache, use_cache=True).logits)
+    return logits, cache
+
+
+def test_a_lean_model_steps_with_transformers_numbers_bit_for_bit(monkeypatch):
+    """Logits, SSM states and conv windows after cached steps, with and without `lean_state_update`,
+    on a float32 model of two groups; no step falls back to transformers' state update."""
+    module, (reference, _) = transformers_functions()
+    fallbacks = []
+
+    def counted(*args, **kwargs):
+        fallbacks.append(args[0].shape)
+        return reference(*args, **kwargs)
+
+    model = make_tiny("mamba2", num_hidden_layers=2)
+    theirs, their_cache = cached_steps(model, lean=False)
+    monkeypatch.setattr(module, LEAN[0], counted)
+    ours, our_cache = cached_steps(model, lean=True)
+    assert fallbacks == []
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    for layer in range(2):
+        assert torch.equal(our_cache.get_recurrent_state(layer), their_cache.get_recurrent_state(layer))
+        assert torch.equal(our_cache.get_conv_state(layer), their_cache.get_conv_state(layer))
+
+
+def test_the_in_place_scan_takes_one_token_cached_steps_alone_and_leaves_the_rest_to_transformers():
+    """A prompt read, a cache that records its past (for rolling back) and a step without a cache go
+    to transformers' scan; a one-token cached step updates the cache's state tensor itself."""
+    module, (update, reference) = transformers_functions()
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[1])  # the tokens scanned
+        return reference(*args, **kwargs)
+
+    model = make_tiny("mamba2", num_hidden_layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        state = cache.get_recurrent_state(0)
+        before = state.clone()
+        setattr(module, LEAN[1], in_place_scan(spy, state_update(update)))
+        try:
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+            assert calls == [] and cache.get_recurrent_state(0) is state and not torch.equal(state, before)
+            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=True)
+            cache.is_recording_past = lambda layer: True
+            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+        finally:
+            setattr(module, LEAN[1], reference)
+    assert calls == [5, 5, 1]

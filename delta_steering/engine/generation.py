@@ -10,7 +10,8 @@ of need, shortest first, a batch padding at most a quarter more tokens than its 
 convolution and before the SSM input (`apply_mask_to_padding_states`), so the state a prompt leaves
 does not depend on the padding. Each step is the model's own forward with its own cache, the
 one-token cached step that `model.generate` takes, without `generate`'s per-step machinery (and, for
-Mamba-2 on CPU, with less arithmetic for the same numbers: `mamba2.lean_state_update`); the
+Mamba-2, the state updated in place, on CPU with less arithmetic, for the same numbers:
+`mamba2.lean_state_update`); the
 responses are therefore `model.generate`'s for each prompt alone, up to the float rounding of
 batched arithmetic. The cache is passed explicitly, so a checkpoint whose config or generation
 config says `use_cache: false` generates exactly as fast.

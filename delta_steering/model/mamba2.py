@@ -12,7 +12,7 @@ r = rsqrt(var' + eps) / rsqrt(var + eps), so with P_g = W_out[:, g] @ normed_g (
 exact algebra, a group term and a head_dim-rank term per neuron.
 
 Also here: the chunk size a Mamba-2 model's forwards scan at on CPU while requests are scored
-(`short_chunks`), and a leaner one-token state update for generation on CPU (`lean_state_update`).
+(`short_chunks`), and a leaner one-token cached step for generation (`lean_state_update`).
 """
 
 from __future__ import annotations
@@ -103,23 +103,54 @@ def state_update(reference):
     return update
 
 
+def in_place_scan(reference, update):
+    """transformers' `mamba2_scan_forward` (`reference`) whose one-token cached step updates the
+    cache's SSM state in place with `update` (called as the reference calls its state update, on
+    the same inputs). The reference clones the state, updates the clone and copies it back into the
+    cache, so that a cache recording its past keeps the old state: two passes over every row's state
+    per layer and token that a cache not recording does not need. Other calls go to `reference`."""
+
+    def scan(module, hidden_states, B, C, dt, cache, **kwargs):
+        batch, tokens, _ = hidden_states.shape
+        state = cache.get_recurrent_state(module.layer_idx) if cache is not None else None
+        if state is None or tokens != 1 or cache.is_recording_past(module.layer_idx):
+            return reference(module, hidden_states, B, C, dt, cache, **kwargs)
+        head_dim, size, groups = module.head_dim, module.ssm_state_size, module.n_groups
+        out = update(state, hidden_states.view(batch, module.num_heads, head_dim),
+                     dt.transpose(1, 2).expand(-1, -1, head_dim),
+                     (-torch.exp(module.A_log.float()))[:, None, None].expand(-1, head_dim, size),
+                     B.view(batch, groups, size), C.view(batch, groups, size), module.D[:, None].expand(-1, head_dim),
+                     z=None, dt_bias=module.dt_bias[:, None].expand(-1, head_dim), dt_softplus=True, **kwargs)
+        return out.view(batch, 1, -1)
+
+    scan.lean = True
+    return scan
+
+
+LEAN = ("mamba2_selective_state_update", "mamba2_scan_forward")  # the module functions `lean_state_update` replaces
+
+
 @contextmanager
 def lean_state_update(model):
-    """While open, a Mamba-2 model's one-token cached steps on CPU update the SSM state with
-    `state_update` (a generation step at mamba2-130m's shape in about 0.7x the time, the same
-    numbers: tests/test_mixer2.py). Other families, and transformers versions without a module-level
-    `mamba2_selective_state_update`, are left as they are; opened inside another, it changes nothing."""
+    """While open, a Mamba-2 model's one-token cached steps update the SSM state in place
+    (`in_place_scan`), on CPU with `state_update`'s lesser arithmetic (a generation step at
+    mamba2-130m's shape in about 0.6x the time, the same numbers: tests/test_mixer2.py). Other
+    families, and transformers versions without these module-level functions, are left as they are;
+    opened inside another, it changes nothing."""
     blocks = decoder_layers(model) if family_of(model).name == "mamba2" else []
     module = sys.modules[type(blocks[0].mixer).__module__] if blocks else None
-    reference = getattr(module, "mamba2_selective_state_update", None)
-    if reference is None or getattr(reference, "lean", False):
+    references = [getattr(module, name, None) for name in LEAN]
+    if None in references or any(getattr(reference, "lean", False) for reference in references):
         yield
         return
-    module.mamba2_selective_state_update = state_update(reference)
+    update = state_update(references[0])
+    for name, lean in zip(LEAN, (update, in_place_scan(references[1], update))):
+        setattr(module, name, lean)
     try:
         yield
     finally:
-        module.mamba2_selective_state_update = reference
+        for name, reference in zip(LEAN, references):
+            setattr(module, name, reference)
 
 
 @dataclass
