@@ -14,8 +14,9 @@ first 32 prompts (128 new tokens each, the EOS row zeroed): at step t with EOS r
 largest other logit m_t, EOS wins at scale s when s e_t > m_t, so s is the quantile of m_t / e_t at
 that share. Were the steps independent, lengths would be geometric with mean m, capped at
 --max_new_tokens; the run prints how they came out (mean, median, longest, share capped). On the
-default run (32 prompts, 1280 tokens) they came out as: Mamba-1 mean 331 tokens (median 221, longest
-1280, 3 of 32 capped), Mamba-2 mean 268 (median 175, 1 capped): varying as real responses do.
+default run (32 prompts, 1280 tokens) they came out as: Mamba-1 mean 411 tokens (median 191, longest
+1280, 2 of 32 capped), Mamba-2 mean 245 (median 192, longest 876, none capped): varying as real
+responses do.
 
 Both sides read the same model and stop at EOS or --max_new_tokens, so both give the same texts.
 Ours (`generation.generate_tokens`, continuous batching, the rows' cache passed explicitly) runs at
