@@ -110,6 +110,7 @@ def test_inputs_the_lean_update_does_not_cover_go_to_the_reference():
 
 
 def transformers_functions() -> tuple:
+    """transformers' Mamba-2 module and the functions `lean_state_update` replaces in it."""
     module = sys.modules[transformers_update().__module__]
     return module, tuple(getattr(module, name) for name in LEAN)
 
@@ -172,7 +173,7 @@ def test_a_lean_model_steps_with_transformers_numbers_bit_for_bit(monkeypatch):
         assert torch.equal(our_cache.get_conv_state(layer), their_cache.get_conv_state(layer))
 
 
-def test_the_in_place_scan_takes_one_token_cached_steps_alone_and_leaves_the_rest_to_transformers():
+def test_the_in_place_scan_takes_one_token_cached_steps_alone_and_leaves_the_rest_to_transformers(monkeypatch):
     """A prompt read, a cache that records its past (for rolling back) and a step without a cache go
     to transformers' scan; a one-token cached step updates the cache's state tensor itself."""
     module, (update, reference) = transformers_functions()
@@ -188,14 +189,11 @@ def test_the_in_place_scan_takes_one_token_cached_steps_alone_and_leaves_the_res
         cache = model(input_ids=ids, use_cache=True).past_key_values
         state = cache.get_recurrent_state(0)
         before = state.clone()
-        setattr(module, LEAN[1], in_place_scan(spy, state_update(update)))
-        try:
-            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
-            assert calls == [] and cache.get_recurrent_state(0) is state and not torch.equal(state, before)
-            model(input_ids=ids, use_cache=False)
-            model(input_ids=ids, use_cache=True)
-            cache.is_recording_past = lambda layer: True
-            model(input_ids=ids[:, :1], cache=cache, use_cache=True)
-        finally:
-            setattr(module, LEAN[1], reference)
+        monkeypatch.setattr(module, LEAN[1], in_place_scan(spy, state_update(update)))
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
+        assert calls == [] and cache.get_recurrent_state(0) is state and not torch.equal(state, before)
+        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids, use_cache=True)
+        cache.is_recording_past = lambda layer: True
+        model(input_ids=ids[:, :1], cache=cache, use_cache=True)
     assert calls == [5, 5, 1]

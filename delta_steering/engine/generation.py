@@ -11,10 +11,9 @@ convolution and before the SSM input (`apply_mask_to_padding_states`), so the st
 does not depend on the padding. Each step is the model's own forward with its own cache, the
 one-token cached step that `model.generate` takes, without `generate`'s per-step machinery (and, for
 Mamba-2, the state updated in place, on CPU with less arithmetic, for the same numbers:
-`mamba2.lean_state_update`); the
-responses are therefore `model.generate`'s for each prompt alone, up to the float rounding of
-batched arithmetic. The cache is passed explicitly, so a checkpoint whose config or generation
-config says `use_cache: false` generates exactly as fast.
+`mamba2.lean_state_update`); the responses are therefore `model.generate`'s for each prompt alone,
+up to the float rounding of batched arithmetic. The cache is passed explicitly, so a checkpoint
+whose config or generation config says `use_cache: false` generates exactly as fast.
 
 The rows per step are measured (`batch_size_for`): a step costs little more for many rows than for
 a few until the matrix multiplies saturate the device, so the batch doubles while that pays, within

@@ -134,7 +134,8 @@ LEAN = ("mamba2_selective_state_update", "mamba2_scan_forward")  # the module fu
 def lean_state_update(model):
     """While open, a Mamba-2 model's one-token cached steps update the SSM state in place
     (`in_place_scan`), on CPU with `state_update`'s lesser arithmetic (a generation step at
-    mamba2-130m's shape in about 0.6x the time, the same numbers: tests/test_mixer2.py). Other
+    mamba2-130m's shape in 0.7x the time at 8 rows, 0.6x at 16: benchmarks/bench_step.py; the same
+    numbers: tests/test_mixer2.py). Other
     families, and transformers versions without these module-level functions, are left as they are;
     opened inside another, it changes nothing."""
     blocks = decoder_layers(model) if family_of(model).name == "mamba2" else []
