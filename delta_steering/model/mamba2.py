@@ -135,9 +135,8 @@ def lean_state_update(model):
     """While open, a Mamba-2 model's one-token cached steps update the SSM state in place
     (`in_place_scan`), on CPU with `state_update`'s lesser arithmetic (a generation step at
     mamba2-130m's shape in 0.7x the time at 8 rows, 0.6x at 16: benchmarks/bench_step.py; the same
-    numbers: tests/test_mixer2.py). Other
-    families, and transformers versions without these module-level functions, are left as they are;
-    opened inside another, it changes nothing."""
+    numbers: tests/test_mixer2.py). Other families, and transformers versions without these
+    module-level functions, are left as they are; opened inside another, it changes nothing."""
     blocks = decoder_layers(model) if family_of(model).name == "mamba2" else []
     module = sys.modules[type(blocks[0].mixer).__module__] if blocks else None
     references = [getattr(module, name, None) for name in LEAN]
